@@ -1,0 +1,31 @@
+//! happynet's actors, their typed messages, and the plain state machines
+//! inside them.
+//!
+//! # Topology
+//!
+//! ```text
+//!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► WsSessionActor …
+//!  app code ──Broadcast────────────────────────►      │
+//!                                                     └── heartbeat timer: Heartbeat to every
+//!                                                         session; evicts the silent and the slow
+//! ```
+//!
+//! Each actor is a thin shell around a state machine that takes `now` and does
+//! no I/O: [`rooms::RoomTable`] (who is in which room),
+//! [`liveness::EvictionPolicy`] (silent and slow sessions), and
+//! [`gcra::Gcra`] (message rates). Those are unit-tested directly; the actors
+//! are tested through real sockets in the `happynet` crate's `tests/`.
+//!
+//! The [`protocol`] module is the WebSocket wire protocol, parsed and encoded
+//! without I/O.
+
+pub mod gcra;
+pub mod hub;
+pub mod liveness;
+pub mod protocol;
+pub mod rooms;
+pub mod session;
+
+pub use hub::{Broadcast, BroadcastHub, GetStats, HubConfig, HubStats, Shutdown, Target};
+pub use rooms::{RoomName, SessionId};
+pub use session::{ConnectionGate, ConnectionSlot, SessionConfig, WsSessionActor};

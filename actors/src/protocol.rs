@@ -1,0 +1,280 @@
+//! The WebSocket wire protocol: what clients may send and what the server sends.
+//!
+//! A text frame whose first non-blank character is `{` is a JSON control
+//! frame; any other text frame is chat text, broadcast verbatim to the
+//! sender's rooms. Server frames other than verbatim text are JSON objects with
+//! a `type` field. Parsing is strict and total: every malformed input maps to a
+//! [`ProtocolError`] that the session turns into an error frame, never a panic.
+
+use crate::rooms::{RoomName, SessionId};
+use bytestring::ByteString;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// A frame a client sent, parsed.
+#[derive(Debug)]
+pub enum ClientFrame {
+    /// Plain text: broadcast verbatim to every room the sender is in.
+    Text(ByteString),
+    /// `{"type":"join","room":"r"}`
+    Join(RoomName),
+    /// `{"type":"leave","room":"r"}`
+    Leave(RoomName),
+    /// `{"type":"publish","room":"r","data":…}`: `data` is kept as the exact
+    /// JSON text the client sent, so it is never re-serialised.
+    Publish {
+        /// The room to publish to; the sender must be a member.
+        room: RoomName,
+        /// The JSON value, verbatim.
+        data: Box<RawValue>,
+    },
+}
+
+impl PartialEq for ClientFrame {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (ClientFrame::Text(a), ClientFrame::Text(b)) => a == b,
+            (ClientFrame::Join(a), ClientFrame::Join(b)) => a == b,
+            (ClientFrame::Leave(a), ClientFrame::Leave(b)) => a == b,
+            (
+                ClientFrame::Publish { room: ra, data: da },
+                ClientFrame::Publish { room: rb, data: db },
+            ) => ra == rb && da.get() == db.get(),
+            _ => false,
+        }
+    }
+}
+
+/// Why a client frame was refused. The session answers with an error frame
+/// and keeps the connection open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The control frame was not valid JSON of a known shape.
+    Malformed(String),
+    /// The room name was not acceptable.
+    BadRoom(String),
+}
+
+impl ProtocolError {
+    /// A short machine-readable code for the error frame.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProtocolError::Malformed(_) => "malformed",
+            ProtocolError::BadRoom(_) => "bad_room",
+        }
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::Malformed(why) => write!(f, "malformed control frame: {why}"),
+            ProtocolError::BadRoom(why) => write!(f, "bad room: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// The shape every control frame shares. A plain struct rather than a
+/// tagged enum: serde buffers tagged enums, and `RawValue` cannot be read from
+/// a buffer, so `data` would lose its verbatim text.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Control<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    room: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    data: Option<Box<RawValue>>,
+}
+
+fn room(name: &str) -> Result<RoomName, ProtocolError> {
+    RoomName::new(name).map_err(|e| ProtocolError::BadRoom(e.to_string()))
+}
+
+/// Parses one text frame from a client.
+pub fn parse_client_text(text: ByteString) -> Result<ClientFrame, ProtocolError> {
+    if !text.trim_start().starts_with('{') {
+        return Ok(ClientFrame::Text(text));
+    }
+    let control: Control<'_> =
+        serde_json::from_str(&text).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    let need_room = |room: Option<std::borrow::Cow<'_, str>>| match room {
+        Some(r) => self::room(&r),
+        None => Err(ProtocolError::Malformed("missing field `room`".into())),
+    };
+    match (&*control.kind, control.data) {
+        ("join", None) => Ok(ClientFrame::Join(need_room(control.room)?)),
+        ("leave", None) => Ok(ClientFrame::Leave(need_room(control.room)?)),
+        ("publish", Some(data)) => Ok(ClientFrame::Publish {
+            room: need_room(control.room)?,
+            data,
+        }),
+        ("publish", None) => Err(ProtocolError::Malformed("missing field `data`".into())),
+        ("join" | "leave", Some(_)) => Err(ProtocolError::Malformed(format!(
+            "`{}` takes no `data`",
+            control.kind
+        ))),
+        (other, _) => Err(ProtocolError::Malformed(format!(
+            "unknown type `{other}`; expected join, leave or publish"
+        ))),
+    }
+}
+
+fn json_string(s: &str) -> String {
+    // Serialising a &str cannot fail.
+    serde_json::to_string(s).unwrap_or_else(|_| String::from("\"\""))
+}
+
+/// `{"type":"message","room":…,"data":…}`: what room members receive for a
+/// publish. `room` is `null` for a message sent to everyone.
+pub fn message_frame(room: Option<&RoomName>, data: &RawValue) -> ByteString {
+    let room = room.map_or_else(|| "null".to_owned(), |r| json_string(r.as_str()));
+    format!(
+        r#"{{"type":"message","room":{room},"data":{}}}"#,
+        data.get()
+    )
+    .into()
+}
+
+/// `{"type":"welcome","session":…,"rooms":[…]}`: the first frame a session
+/// receives, once the hub has registered it. Clients may wait for it before
+/// relying on broadcasts reaching them.
+pub fn welcome_frame(session: SessionId, rooms: &[RoomName]) -> ByteString {
+    let rooms: Vec<String> = rooms.iter().map(|r| json_string(r.as_str())).collect();
+    format!(
+        r#"{{"type":"welcome","session":{session},"rooms":[{}]}}"#,
+        rooms.join(",")
+    )
+    .into()
+}
+
+/// `{"type":"joined","room":…,"members":n}`
+pub fn joined_frame(room: &RoomName, members: usize) -> ByteString {
+    format!(
+        r#"{{"type":"joined","room":{},"members":{members}}}"#,
+        json_string(room.as_str())
+    )
+    .into()
+}
+
+/// `{"type":"left","room":…}`
+pub fn left_frame(room: &RoomName) -> ByteString {
+    format!(r#"{{"type":"left","room":{}}}"#, json_string(room.as_str())).into()
+}
+
+/// `{"type":"error","code":…,"message":…}`
+pub fn error_frame(code: &str, message: &str) -> ByteString {
+    format!(
+        r#"{{"type":"error","code":{},"message":{}}}"#,
+        json_string(code),
+        json_string(message)
+    )
+    .into()
+}
+
+/// `{"type":"presence","clients":n,"rooms":{"lobby":n,…}}`, sent to sessions
+/// that asked for presence (`/ws?presence=1`).
+pub fn presence_frame<'a>(
+    clients: usize,
+    rooms: impl Iterator<Item = (&'a RoomName, usize)>,
+) -> ByteString {
+    let rooms: Vec<String> = rooms
+        .map(|(r, n)| format!("{}:{n}", json_string(r.as_str())))
+        .collect();
+    format!(
+        r#"{{"type":"presence","clients":{clients},"rooms":{{{}}}}}"#,
+        rooms.join(",")
+    )
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn parse(s: &str) -> Result<ClientFrame, ProtocolError> {
+        parse_client_text(ByteString::from(s.to_owned()))
+    }
+
+    #[test]
+    fn plain_text_is_text_verbatim() {
+        assert_eq!(
+            parse("  hello {not json"),
+            Ok(ClientFrame::Text("  hello {not json".into()))
+        );
+    }
+
+    #[test]
+    fn control_frames_parse() {
+        assert_eq!(
+            parse(r#"{"type":"join","room":"r1"}"#),
+            Ok(ClientFrame::Join(RoomName::new("r1").unwrap()))
+        );
+        assert_eq!(
+            parse(r#" {"room":"r1","type":"leave"}"#),
+            Ok(ClientFrame::Leave(RoomName::new("r1").unwrap()))
+        );
+        match parse(r#"{"type":"publish","room":"r","data":{"a":[1,2]}}"#) {
+            Ok(ClientFrame::Publish { room, data }) => {
+                assert_eq!(room.as_str(), "r");
+                assert_eq!(data.get(), r#"{"a":[1,2]}"#);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_control_frames_are_errors_not_panics() {
+        for bad in [
+            "{",
+            "{}",
+            r#"{"type":"dance"}"#,
+            r#"{"type":"join"}"#,
+            r#"{"type":"join","room":7}"#,
+            r#"{"type":"join","room":"r","extra":1}"#,
+            r#"{"type":"publish","room":"r"}"#,
+            "{\"type\":\"join\",\"room\":\"r\"} trailing",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ProtocolError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse(r#"{"type":"join","room":""}"#),
+            Err(ProtocolError::BadRoom(_))
+        ));
+    }
+
+    #[test]
+    fn server_frames_are_valid_json() {
+        let r = RoomName::new("r \"quoted\"").unwrap();
+        let data = RawValue::from_string("[1,\"two\"]".into()).unwrap();
+        let v: Value = serde_json::from_str(&message_frame(Some(&r), &data)).unwrap();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["room"], "r \"quoted\"");
+        assert_eq!(v["data"][1], "two");
+        let v: Value = serde_json::from_str(&message_frame(None, &data)).unwrap();
+        assert!(v["room"].is_null());
+
+        let v: Value = serde_json::from_str(&welcome_frame(7, &[r.clone()])).unwrap();
+        assert_eq!(v["session"], 7);
+        assert_eq!(v["rooms"][0], "r \"quoted\"");
+        let v: Value = serde_json::from_str(&error_frame("x", "a \"b\"\n")).unwrap();
+        assert_eq!(v["message"], "a \"b\"\n");
+        let v: Value = serde_json::from_str(&joined_frame(&r, 3)).unwrap();
+        assert_eq!(v["members"], 3);
+        let v: Value = serde_json::from_str(&left_frame(&r)).unwrap();
+        assert_eq!(v["type"], "left");
+        let v: Value =
+            serde_json::from_str(&presence_frame(5, [(&r, 2usize)].into_iter())).unwrap();
+        assert_eq!(v["clients"], 5);
+        assert_eq!(v["rooms"]["r \"quoted\""], 2);
+    }
+}

@@ -1,0 +1,48 @@
+//! happynet: the network layer of HappyOS, built on actix.
+//!
+//! An actix application embeds happynet to talk to the world: WebSocket
+//! clients receive typed `Broadcast`s fanned out by a `BroadcastHub`, and the
+//! hub keeps every client honest — heartbeats, a byte cap per client, message
+//! size and rate limits.
+//!
+//! # Layout
+//!
+//! - [`config`]: the `network` JSON object, with defaults and validation that
+//!   names the offending path;
+//! - [`network`]: [`Network`], the handle an app keeps — it starts the actors,
+//!   mounts the routes and shuts down gracefully;
+//! - the `happynet-actors` crate (re-exported as [`actors`]): `BroadcastHub`,
+//!   `WsSessionActor`, their messages and the plain state machines inside.
+//!
+//! ```text
+//!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► every WsSessionActor in the room
+//!  app code ──Broadcast─────────────────────────►      │
+//!  POST /broadcast ──Broadcast──────────────────►      └── heartbeat timer: pings, evicts the silent and the slow
+//! ```
+//!
+//! # Embedding
+//!
+//! ```no_run
+//! use actix_web::{App, HttpServer};
+//! use happynet::{Broadcast, Config, Network};
+//!
+//! #[actix_web::main]
+//! async fn main() -> std::io::Result<()> {
+//!     let net = Network::start(Config::embedded()).expect("valid config");
+//!     net.hub().do_send(Broadcast::text("Hello, clients!"));
+//!     let routes = net.configure();
+//!     HttpServer::new(move || App::new().configure(routes.clone()))
+//!         .on_connect(net.on_connect())
+//!         .bind(("127.0.0.1", 8080))?
+//!         .run()
+//!         .await
+//! }
+//! ```
+
+pub mod config;
+pub mod network;
+
+pub use config::{Config, ConfigError};
+pub use happynet_actors as actors;
+pub use happynet_actors::{Broadcast, BroadcastHub, RoomName, SessionId, Target};
+pub use network::Network;

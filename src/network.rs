@@ -1,0 +1,349 @@
+//! `Network`: what an actix application holds to use happynet.
+//!
+//! `Network::start` builds the actors from a [`Config`] and hands back a cheap,
+//! cloneable handle. From it app code gets the hub's address (to send
+//! `Broadcast`s), a `configure` function that mounts the routes into any
+//! actix-web `App`, an `on_connect` hook for `HttpServer` that tunes accepted
+//! sockets and lets the hub cut off clients that stop reading, and a graceful
+//! `shutdown`.
+//!
+//! Routes:
+//! - `GET /ws[?room=NAME][&presence=1]`: the WebSocket upgrade;
+//! - `POST /broadcast[?room=NAME]`: `text/plain` (verbatim) or JSON
+//!   `{"room": …, "data": …}`; answers `202 {"recipients": n}`;
+//! - `GET /health`: liveness with the hub's counters.
+
+use crate::config::{Config, ConfigError};
+use actix::prelude::*;
+use actix_web::dev::Extensions;
+use actix_web::http::header::{self, ContentType};
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use happynet_actors::{
+    Broadcast, BroadcastHub, ConnectionGate, GetStats, RoomName, SessionConfig, Shutdown,
+    WsSessionActor,
+};
+use serde::Deserialize;
+use serde_json::json;
+use socket2::{SockRef, Socket};
+use std::any::Any;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long an HTTP route waits for the hub before answering 503.
+const HUB_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The handle an application keeps. Cloning it is cheap; every clone refers
+/// to the same actors.
+#[derive(Clone)]
+pub struct Network {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    hub: Addr<BroadcastHub>,
+    hub_epoch: tokio::time::Instant,
+    session_config: Arc<SessionConfig>,
+    gate: Arc<ConnectionGate>,
+    next_session: AtomicU64,
+    shutting_down: AtomicBool,
+}
+
+/// A duplicate of an accepted connection's socket, stored by
+/// [`Network::on_connect`] in the connection's data for the upgrade route.
+#[derive(Clone)]
+struct PeerSocket(Arc<Socket>);
+
+impl Network {
+    /// Validates `config` and starts the actors on the current actix arbiter.
+    /// Call it inside a running actix `System` (e.g. in `#[actix_web::main]`).
+    pub fn start(config: Config) -> Result<Network, ConfigError> {
+        config.validate()?;
+        let ws = &config.network.websocket;
+        let hub = BroadcastHub::new(ws.hub_config());
+        let hub_epoch = hub.epoch();
+        let inner = Inner {
+            hub: hub.start(),
+            hub_epoch,
+            session_config: Arc::new(ws.session_config()),
+            gate: ConnectionGate::new(ws.max_connections),
+            next_session: AtomicU64::new(1),
+            shutting_down: AtomicBool::new(false),
+            config,
+        };
+        Ok(Network {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The hub's address: `net.hub().do_send(Broadcast::text("Hello, clients!"))`.
+    pub fn hub(&self) -> Addr<BroadcastHub> {
+        self.inner.hub.clone()
+    }
+
+    /// The configuration the network was started with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// WebSocket connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.inner.gate.open()
+    }
+
+    /// Mounts `/ws`, `POST /broadcast` and `GET /health`:
+    /// `App::new().configure(net.configure())`.
+    pub fn configure(&self) -> impl Fn(&mut web::ServiceConfig) + Clone + 'static {
+        let net = self.clone();
+        move |cfg: &mut web::ServiceConfig| {
+            let body_limit = net.inner.config.network.websocket.max_message_bytes;
+            cfg.app_data(web::Data::new(net.clone()))
+                .route("/ws", web::get().to(ws_route))
+                .service(
+                    web::resource("/broadcast")
+                        .app_data(web::PayloadConfig::new(body_limit))
+                        .route(web::post().to(broadcast_route)),
+                )
+                .route("/health", web::get().to(health_route));
+        }
+    }
+
+    /// A hook for `HttpServer::on_connect`. It sets `TCP_USER_TIMEOUT`,
+    /// `SO_SNDBUF` (when configured) and `TCP_NODELAY` on each accepted
+    /// socket, and keeps a duplicate of it so the hub can shut down a client
+    /// that stops reading even though its session actor is frozen. Without
+    /// it, happynet still works, but such a client's connection lingers until
+    /// the kernel gives up on it.
+    pub fn on_connect(&self) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
+        let ws = &self.inner.config.network.websocket;
+        let user_timeout = ws.tcp_user_timeout.0;
+        let send_buffer = ws.socket_send_buffer;
+        move |conn: &dyn Any, ext: &mut Extensions| {
+            let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+                return;
+            };
+            let sock = SockRef::from(tcp);
+            if !user_timeout.is_zero() {
+                if let Err(e) = sock.set_tcp_user_timeout(Some(user_timeout)) {
+                    log::debug!("TCP_USER_TIMEOUT not set: {e}");
+                }
+            }
+            if send_buffer > 0 {
+                if let Err(e) = sock.set_send_buffer_size(send_buffer) {
+                    log::debug!("SO_SNDBUF not set: {e}");
+                }
+            }
+            let _ = sock.set_nodelay(true);
+            match tcp.as_fd().try_clone_to_owned() {
+                Ok(fd) => {
+                    ext.insert(PeerSocket(Arc::new(Socket::from(fd))));
+                }
+                Err(e) => log::warn!("cannot duplicate an accepted socket: {e}"),
+            }
+        }
+    }
+
+    /// Closes every WebSocket with 1001 (going away), waits for them to close
+    /// (at most `websocket.shutdown_timeout`), and stops the hub. New
+    /// upgrades get 503 from the moment this is called. Returns how many
+    /// sessions were open.
+    pub async fn shutdown(&self) -> usize {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.hub.send(Shutdown).await.unwrap_or(0)
+    }
+
+    /// True once [`Network::shutdown`] has been called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+fn error_response(status: actix_web::http::StatusCode, error: &str, message: &str) -> HttpResponse {
+    HttpResponse::build(status).json(json!({ "error": error, "message": message }))
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    room: Option<String>,
+    presence: Option<String>,
+}
+
+fn truthy(v: Option<&str>) -> bool {
+    matches!(v, Some("1" | "true" | "yes" | "on"))
+}
+
+async fn ws_route(
+    req: HttpRequest,
+    stream: web::Payload,
+    net: web::Data<Network>,
+) -> actix_web::Result<HttpResponse> {
+    use actix_web::http::StatusCode;
+    let inner = &net.inner;
+    let query = match web::Query::<WsQuery>::from_query(req.query_string()) {
+        Ok(q) => q.into_inner(),
+        Err(e) => {
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                &e.to_string(),
+            ))
+        }
+    };
+    let room = match query.room.as_deref() {
+        None => inner.config.network.websocket.default_room(),
+        Some(name) => match RoomName::new(name) {
+            Ok(room) => room,
+            Err(e) => {
+                return Ok(error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad_room",
+                    &e.to_string(),
+                ))
+            }
+        },
+    };
+    if net.is_shutting_down() || !inner.hub.connected() {
+        return Ok(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
+    let Some(slot) = inner.gate.try_acquire() else {
+        log::warn!(
+            "websocket upgrade refused: {} connections open (max_connections)",
+            inner.gate.max()
+        );
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header((header::RETRY_AFTER, "5"))
+            .json(json!({
+                "error": "too_many_connections",
+                "message": format!("the server holds its maximum of {} WebSocket connections", inner.gate.max()),
+            })));
+    };
+    let socket = req.conn_data::<PeerSocket>().map(|p| p.0.clone());
+    let id = inner.next_session.fetch_add(1, Ordering::Relaxed);
+    let session = WsSessionActor::new(
+        id,
+        inner.hub.clone(),
+        inner.hub_epoch,
+        inner.session_config.clone(),
+        room,
+        truthy(query.presence.as_deref()),
+        socket,
+        Some(slot),
+    );
+    ws::WsResponseBuilder::new(session, &req, stream)
+        .frame_size(inner.session_config.max_message_bytes)
+        .start()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonBroadcast {
+    room: Option<String>,
+    data: Box<serde_json::value::RawValue>,
+}
+
+#[derive(Deserialize)]
+struct BroadcastQuery {
+    room: Option<String>,
+}
+
+async fn broadcast_route(
+    req: HttpRequest,
+    body: web::Bytes,
+    net: web::Data<Network>,
+) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let query = match web::Query::<BroadcastQuery>::from_query(req.query_string()) {
+        Ok(q) => q.into_inner(),
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_query", &e.to_string()),
+    };
+    let parse_room = |name: Option<String>| -> Result<Option<RoomName>, HttpResponse> {
+        name.map(|n| RoomName::new(&n))
+            .transpose()
+            .map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_room", &e.to_string()))
+    };
+    let mime = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok());
+    let msg = match mime.as_ref().map(|m| (m.type_(), m.subtype())) {
+        Some((mime::APPLICATION, mime::JSON)) => {
+            let parsed: JsonBroadcast = match serde_json::from_slice(&body) {
+                Ok(p) => p,
+                Err(e) => {
+                    return error_response(StatusCode::BAD_REQUEST, "bad_json", &e.to_string())
+                }
+            };
+            let room = match parse_room(parsed.room.or(query.room)) {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
+            Broadcast::message(room, &parsed.data)
+        }
+        Some((mime::TEXT, mime::PLAIN)) => {
+            let text = match bytestring::ByteString::try_from(body) {
+                Ok(t) => t,
+                Err(_) => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "bad_text",
+                        "the body is not UTF-8",
+                    )
+                }
+            };
+            match parse_room(query.room) {
+                Ok(Some(room)) => Broadcast::to_room(room, text),
+                Ok(None) => Broadcast::text(text),
+                Err(resp) => return resp,
+            }
+        }
+        _ => {
+            return error_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send text/plain or application/json",
+            )
+        }
+    };
+    match net.inner.hub.send(msg).timeout(HUB_REPLY_TIMEOUT).await {
+        Ok(recipients) => HttpResponse::Accepted().json(json!({ "recipients": recipients })),
+        Err(e) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "hub_unavailable",
+            &format!("the broadcast hub did not accept the message: {e}"),
+        ),
+    }
+}
+
+async fn health_route(net: web::Data<Network>) -> HttpResponse {
+    if net.is_shutting_down() {
+        return HttpResponse::ServiceUnavailable().json(json!({ "status": "shutting_down" }));
+    }
+    match net
+        .inner
+        .hub
+        .send(GetStats)
+        .timeout(HUB_REPLY_TIMEOUT)
+        .await
+    {
+        Ok(stats) => HttpResponse::Ok()
+            .content_type(ContentType::json())
+            .json(json!({
+                "status": "ok",
+                "connections": net.open_connections(),
+                "max_connections": net.inner.gate.max(),
+                "hub": stats,
+            })),
+        Err(e) => HttpResponse::ServiceUnavailable().json(json!({
+            "status": "unavailable",
+            "reason": format!("broadcast hub: {e}"),
+        })),
+    }
+}
