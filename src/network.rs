@@ -263,10 +263,9 @@ async fn broadcast_route(
         Ok(q) => q.into_inner(),
         Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_query", &e.to_string()),
     };
-    let parse_room = |name: Option<String>| -> Result<Option<RoomName>, HttpResponse> {
-        name.map(|n| RoomName::new(&n))
-            .transpose()
-            .map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_room", &e.to_string()))
+    let parse_room = |name: Option<String>| name.map(|n| RoomName::new(&n)).transpose();
+    let bad_room = |e: happynet_actors::rooms::RoomNameError| {
+        error_response(StatusCode::BAD_REQUEST, "bad_room", &e.to_string())
     };
     let mime = req
         .headers()
@@ -283,7 +282,7 @@ async fn broadcast_route(
             };
             let room = match parse_room(parsed.room.or(query.room)) {
                 Ok(r) => r,
-                Err(resp) => return resp,
+                Err(e) => return bad_room(e),
             };
             Broadcast::message(room, &parsed.data)
         }
@@ -301,7 +300,7 @@ async fn broadcast_route(
             match parse_room(query.room) {
                 Ok(Some(room)) => Broadcast::to_room(room, text),
                 Ok(None) => Broadcast::text(text),
-                Err(resp) => return resp,
+                Err(e) => return bad_room(e),
             }
         }
         _ => {

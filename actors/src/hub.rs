@@ -568,18 +568,18 @@ impl Handler<Connect> for BroadcastHub {
 impl Handler<Disconnect> for BroadcastHub {
     type Result = ();
 
-    fn handle(&mut self, msg: Disconnect, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Disconnect, _: &mut Self::Context) {
         self.closing.remove(&msg.id);
         if self.remove(msg.id).is_some() {
             self.stats.sessions_closed += 1;
         }
         if let Some(draining) = &mut self.shutting_down {
             draining.open.remove(&msg.id);
+            // The Shutdown handler's future stops the hub once told.
             if draining.open.is_empty() {
                 if let Some(done) = draining.done.take() {
                     let _ = done.send(());
                 }
-                ctx.stop();
             }
         }
     }

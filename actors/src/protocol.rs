@@ -263,7 +263,7 @@ mod tests {
         let v: Value = serde_json::from_str(&message_frame(None, &data)).unwrap();
         assert!(v["room"].is_null());
 
-        let v: Value = serde_json::from_str(&welcome_frame(7, &[r.clone()])).unwrap();
+        let v: Value = serde_json::from_str(&welcome_frame(7, std::slice::from_ref(&r))).unwrap();
         assert_eq!(v["session"], 7);
         assert_eq!(v["rooms"][0], "r \"quoted\"");
         let v: Value = serde_json::from_str(&error_frame("x", "a \"b\"\n")).unwrap();

@@ -1,0 +1,310 @@
+//! Shared helpers for the integration tests: a real happynet server on
+//! `127.0.0.1:0`, real WebSocket clients (awc), and a raw TCP WebSocket client
+//! for the cases awc cannot play (a client that stops reading).
+//!
+//! Every wait here is bounded by [`WAIT`]: a test that would hang fails with
+//! a message instead.
+
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use actix_web::dev::ServerHandle;
+use actix_web::{App, HttpServer};
+use awc::ws;
+use futures::{SinkExt, StreamExt};
+use happynet::{Config, Network};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The longest any single step of a test may take.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub net: Network,
+    pub handle: ServerHandle,
+}
+
+/// Parses `json` (a `network` object's contents, as in the config file).
+pub fn config(json: &str) -> Config {
+    Config::from_json_str(json).expect("test config is valid")
+}
+
+/// Starts happynet with `config` behind a real actix-web server on
+/// `127.0.0.1:0`. Must run inside an actix System (`#[actix_web::test]`).
+pub async fn start(config: Config) -> TestServer {
+    let net = Network::start(config).expect("network starts");
+    let routes = net.configure();
+    let server = HttpServer::new(move || App::new().configure(routes.clone()))
+        .workers(2)
+        .on_connect(net.on_connect())
+        .disable_signals()
+        .bind(("127.0.0.1", 0))
+        .expect("bind");
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    TestServer { addr, net, handle }
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://{}/ws{}", self.addr, query)
+    }
+
+    /// The hub's counters, via `/health`.
+    pub async fn health(&self) -> Value {
+        let mut resp = http_client()
+            .get(self.url("/health"))
+            .send()
+            .await
+            .expect("GET /health");
+        resp.json::<Value>().await.expect("health JSON")
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(false).await;
+    }
+}
+
+/// An awc client with no connection limit (awc's default is 100).
+pub fn http_client() -> awc::Client {
+    awc::Client::builder()
+        .connector(awc::Connector::new().limit(0))
+        .timeout(WAIT)
+        .finish()
+}
+
+type Framed = actix_codec::Framed<awc::BoxedSocket, ws::Codec>;
+
+/// A real WebSocket client (awc) connected to a test server.
+pub struct WsClient {
+    framed: Framed,
+    /// The session id from the welcome frame.
+    pub session: u64,
+    /// Whether to answer pings (a well-behaved client does).
+    pub answer_pings: bool,
+}
+
+/// What a client saw when it read.
+#[derive(Debug)]
+pub enum Received {
+    Text(String),
+    Closed(Option<ws::CloseReason>),
+}
+
+impl WsClient {
+    /// Connects with `query` (e.g. `"?room=a"`) and waits for the welcome
+    /// frame, i.e. until the hub has registered the session.
+    pub async fn connect(server: &TestServer, query: &str) -> WsClient {
+        Self::try_connect(server, query)
+            .await
+            .unwrap_or_else(|e| panic!("websocket connect {query}: {e}"))
+    }
+
+    pub async fn try_connect(server: &TestServer, query: &str) -> Result<WsClient, String> {
+        let (_, framed) = http_client()
+            .ws(server.ws_url(query))
+            .max_frame_size(1 << 20)
+            .connect()
+            .await
+            .map_err(|e| match e {
+                awc::error::WsClientError::InvalidResponseStatus(s) => format!("status {s}"),
+                other => other.to_string(),
+            })?;
+        let mut client = WsClient {
+            framed,
+            session: 0,
+            answer_pings: true,
+        };
+        let welcome = client.next_json().await;
+        assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
+        client.session = welcome["session"].as_u64().expect("session id");
+        Ok(client)
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.framed
+            .send(ws::Message::Text(text.to_owned().into()))
+            .await
+            .expect("send text");
+    }
+
+    pub async fn send(&mut self, msg: ws::Message) {
+        self.framed.send(msg).await.expect("send");
+    }
+
+    /// The next text frame or close, answering pings on the way (if
+    /// `answer_pings`). Panics after [`WAIT`].
+    pub async fn recv(&mut self) -> Received {
+        match self.recv_within(WAIT).await {
+            Some(r) => r,
+            None => panic!("session {}: nothing received within {WAIT:?}", self.session),
+        }
+    }
+
+    /// Like [`recv`](Self::recv) but returns `None` after `limit`.
+    pub async fn recv_within(&mut self, limit: Duration) -> Option<Received> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.framed.next())
+                .await
+                .ok()?;
+            match frame {
+                None => return Some(Received::Closed(None)),
+                Some(Err(e)) => panic!("session {}: protocol error {e}", self.session),
+                Some(Ok(ws::Frame::Text(bytes))) => {
+                    return Some(Received::Text(
+                        String::from_utf8(bytes.to_vec()).expect("utf-8 text"),
+                    ))
+                }
+                Some(Ok(ws::Frame::Close(reason))) => return Some(Received::Closed(reason)),
+                Some(Ok(ws::Frame::Ping(p))) => {
+                    if self.answer_pings {
+                        let _ = self.framed.send(ws::Message::Pong(p)).await;
+                    }
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// The next text frame; panics on close.
+    pub async fn next_text(&mut self) -> String {
+        match self.recv().await {
+            Received::Text(t) => t,
+            Received::Closed(r) => panic!("session {}: closed {r:?}", self.session),
+        }
+    }
+
+    pub async fn next_json(&mut self) -> Value {
+        let text = self.next_text().await;
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+    }
+
+    /// Skips frames until one whose `type` is `kind` (e.g. presence frames).
+    pub async fn next_of_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.next_json().await;
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// Waits for the server's close frame and returns it.
+    pub async fn expect_close(&mut self) -> ws::CloseReason {
+        loop {
+            match self.recv().await {
+                Received::Closed(Some(reason)) => return reason,
+                Received::Closed(None) => {
+                    panic!("session {}: closed without a close frame", self.session)
+                }
+                Received::Text(_) => {}
+            }
+        }
+    }
+
+    /// Asserts nothing but pings arrives within `quiet`.
+    pub async fn expect_silence(&mut self, quiet: Duration) {
+        if let Some(r) = self.recv_within(quiet).await {
+            panic!("session {}: expected nothing, got {r:?}", self.session);
+        }
+    }
+
+    pub async fn join(&mut self, room: &str) {
+        self.send_text(&format!(r#"{{"type":"join","room":"{room}"}}"#))
+            .await;
+        let v = self.next_of_type("joined").await;
+        assert_eq!(v["room"], room);
+    }
+}
+
+/// Polls `/health` until `pred` holds for the hub counters, or panics after
+/// [`WAIT`]. This synchronises on the server's own state, not on time.
+pub async fn wait_for_hub(server: &TestServer, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let health = server.health().await;
+        if pred(&health["hub"]) {
+            return health;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}; last health: {health}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Resident set size of this process, in bytes.
+pub fn rss_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A WebSocket client on a raw TCP socket, for behaviour awc will not
+/// produce: it can stop reading entirely, with a small receive buffer, so
+/// the server's writes back up.
+pub struct RawWsClient {
+    pub stream: tokio::net::TcpStream,
+}
+
+impl RawWsClient {
+    /// Connects with a receive buffer of `rcvbuf` bytes and completes the
+    /// upgrade handshake, reading nothing beyond the response headers.
+    pub async fn connect(addr: SocketAddr, query: &str, rcvbuf: u32) -> RawWsClient {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        let mut stream = socket.connect(addr).await.expect("connect");
+        let req = format!(
+            "GET /ws{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.expect("handshake");
+        // Read the response one byte at a time so no frame bytes are consumed.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
+                .await
+                .expect("handshake response in time")
+                .expect("read");
+            assert!(n == 1, "connection closed during handshake");
+            head.push(byte[0]);
+            assert!(head.len() < 4096, "oversized handshake response");
+        }
+        let head = String::from_utf8_lossy(&head);
+        assert!(
+            head.starts_with("HTTP/1.1 101"),
+            "handshake refused: {head}"
+        );
+        RawWsClient { stream }
+    }
+
+    /// Reads and discards everything until the server closes the connection.
+    /// Returns how many bytes were drained; panics if it stays open past
+    /// [`WAIT`].
+    pub async fn drain_until_closed(&mut self) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+                Err(_) => panic!("server did not close the connection within {WAIT:?}"),
+                Ok(Ok(0)) | Ok(Err(_)) => return total,
+                Ok(Ok(n)) => total += n,
+            }
+        }
+    }
+}
