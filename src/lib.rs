@@ -46,3 +46,8 @@ pub use config::{Config, ConfigError};
 pub use happynet_actors as actors;
 pub use happynet_actors::{Broadcast, BroadcastHub, RoomName, SessionId, Target};
 pub use network::Network;
+
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
