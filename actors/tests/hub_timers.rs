@@ -1,0 +1,235 @@
+//! The hub's heartbeat under paused tokio time, with real `WsSessionActor`s
+//! driven through their WebSocket contexts (frames in, frames out) instead of
+//! sockets. Pausing time makes the timer's behaviour exact: a session that
+//! answers is kept through any number of intervals, and a frozen session — one
+//! whose output nobody polls, exactly what actix-web-actors does when a client
+//! stops reading — is still evicted by the hub's timer at the right tick.
+
+use actix::prelude::*;
+use actix_codec::{Decoder, Encoder};
+use actix_http::ws::{Codec, Frame, Message};
+use actix_web::error::PayloadError;
+use actix_web::web::{Bytes, BytesMut};
+use actix_web_actors::ws::WebsocketContext;
+use futures::channel::mpsc;
+use futures::{FutureExt, Stream, StreamExt};
+use happynet_actors::gcra::Quota;
+use happynet_actors::liveness::EvictionPolicy;
+use happynet_actors::{
+    Broadcast, BroadcastHub, GetStats, HubConfig, RoomName, SessionConfig, WsSessionActor,
+};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+const HEARTBEAT: Duration = Duration::from_secs(30);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn hub_config() -> HubConfig {
+    HubConfig {
+        heartbeat_interval: HEARTBEAT,
+        eviction: EvictionPolicy {
+            client_timeout: CLIENT_TIMEOUT,
+            max_outbound_bytes: 1 << 20,
+        },
+        max_rooms_per_session: 4,
+        max_rooms: 100,
+        presence_interval: Duration::ZERO,
+        shutdown_timeout: Duration::from_secs(5),
+        mailbox_capacity: 1024,
+        default_room: RoomName::new("lobby").unwrap(),
+    }
+}
+
+/// A session with a client-side codec: `send` feeds it frames as a client
+/// would, `next_frame` reads what it wrote.
+struct DrivenSession {
+    input: mpsc::UnboundedSender<Result<Bytes, PayloadError>>,
+    output: Pin<Box<dyn Stream<Item = Result<Bytes, actix_web::Error>>>>,
+    codec: Codec,
+    buf: BytesMut,
+}
+
+impl DrivenSession {
+    fn start(id: u64, hub: &Addr<BroadcastHub>, epoch: tokio::time::Instant) -> Self {
+        let config = Arc::new(SessionConfig {
+            max_message_bytes: 65536,
+            inbound: Quota::per_second(100.0, 100).unwrap(),
+            mailbox_capacity: 1024,
+        });
+        let actor = WsSessionActor::new(
+            id,
+            hub.clone(),
+            epoch,
+            config,
+            RoomName::new("lobby").unwrap(),
+            false,
+            None,
+            None,
+        );
+        let (input, rx) = mpsc::unbounded();
+        DrivenSession {
+            input,
+            output: Box::pin(WebsocketContext::create(actor, rx)),
+            codec: Codec::new().client_mode(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    fn send(&mut self, msg: Message) {
+        let mut out = BytesMut::new();
+        self.codec.encode(msg, &mut out).unwrap();
+        self.input.unbounded_send(Ok(out.freeze())).unwrap();
+    }
+
+    /// The next frame the session wrote (polling its output, which also
+    /// drives the actor). It waits by yielding, never on a timer: under
+    /// paused time a timer wait would let tokio advance the clock.
+    async fn next_frame(&mut self) -> Frame {
+        for _ in 0..10_000 {
+            if let Some(frame) = self.codec.decode(&mut self.buf).unwrap() {
+                return frame;
+            }
+            let next =
+                futures::future::select(self.output.next(), Box::pin(tokio::task::yield_now()));
+            match next.await {
+                futures::future::Either::Left((Some(chunk), _)) => {
+                    self.buf.extend_from_slice(&chunk.unwrap())
+                }
+                futures::future::Either::Left((None, _)) => panic!("session output ended"),
+                futures::future::Either::Right(_) => {}
+            }
+        }
+        panic!("the session wrote nothing");
+    }
+
+    /// Lets the session handle what it has been sent, at the current time.
+    async fn drive(&mut self) {
+        for _ in 0..100 {
+            if let Some(Some(chunk)) = self.output.next().now_or_never() {
+                self.buf.extend_from_slice(&chunk.unwrap());
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn next_text(&mut self) -> String {
+        loop {
+            match self.next_frame().await {
+                Frame::Text(b) => return String::from_utf8(b.to_vec()).unwrap(),
+                Frame::Ping(_) => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+}
+
+/// Moves paused time to `t0 + n` heartbeats and a millisecond: tokio rounds
+/// timer deadlines up to the next millisecond, so landing exactly on a
+/// multiple of the interval could stop short of the timer.
+async fn advance_to_tick(t0: tokio::time::Instant, n: u32) {
+    let target = t0 + HEARTBEAT * n + Duration::from_millis(1);
+    tokio::time::advance(target - tokio::time::Instant::now()).await;
+}
+
+async fn stats(hub: &Addr<BroadcastHub>) -> happynet_actors::HubStats {
+    hub.send(GetStats).await.unwrap()
+}
+
+#[actix::test]
+async fn the_hub_timer_keeps_answering_sessions_and_evicts_a_frozen_one() {
+    tokio::time::pause();
+    let hub_actor = BroadcastHub::new(hub_config());
+    let epoch = hub_actor.epoch();
+    let hub = hub_actor.start();
+    let t0 = tokio::time::Instant::now();
+
+    let mut live = DrivenSession::start(1, &hub, epoch);
+    let mut frozen = DrivenSession::start(2, &hub, epoch);
+    assert!(live.next_text().await.contains("welcome"));
+    assert!(frozen.next_text().await.contains("welcome"));
+    // From here on nobody polls `frozen`: its actor never runs again.
+
+    // Ten heartbeats. The live session answers each ping with a pong.
+    for tick in 1..=10u32 {
+        advance_to_tick(t0, tick).await;
+        match live.next_frame().await {
+            Frame::Ping(_) => {
+                live.send(Message::Pong(Bytes::new()));
+                live.drive().await;
+            }
+            other => panic!("tick {tick}: expected a ping, got {other:?}"),
+        }
+        let s = stats(&hub).await;
+        // The frozen session was last heard at t=0 and is silent for more
+        // than 60 s from the second tick (60.001 s) on.
+        let expect_evicted = u64::from(tick >= 2);
+        assert_eq!(s.evicted_heartbeat, expect_evicted, "at tick {tick}");
+    }
+    let s = stats(&hub).await;
+    assert_eq!(s.sessions, 1);
+
+    // The live session still receives broadcasts.
+    assert_eq!(hub.send(Broadcast::text("hi")).await.unwrap(), 1);
+    assert_eq!(live.next_text().await, "hi");
+    drop(frozen);
+}
+
+#[actix::test]
+async fn a_session_that_stops_answering_is_evicted_after_client_timeout() {
+    tokio::time::pause();
+    let hub_actor = BroadcastHub::new(hub_config());
+    let epoch = hub_actor.epoch();
+    let hub = hub_actor.start();
+    let t0 = tokio::time::Instant::now();
+    let mut s = DrivenSession::start(1, &hub, epoch);
+    assert!(s.next_text().await.contains("welcome"));
+
+    // It answers once at tick 1 (30.001 s), then goes quiet but keeps reading.
+    advance_to_tick(t0, 1).await;
+    assert!(matches!(s.next_frame().await, Frame::Ping(_)));
+    s.send(Message::Pong(Bytes::new()));
+    s.drive().await;
+    advance_to_tick(t0, 2).await; // heard 30 s ago
+    assert!(matches!(s.next_frame().await, Frame::Ping(_)));
+    advance_to_tick(t0, 3).await; // heard 60 s ago: not more than the timeout
+    assert!(matches!(s.next_frame().await, Frame::Ping(_)));
+    assert_eq!(stats(&hub).await.evicted_heartbeat, 0);
+    advance_to_tick(t0, 4).await; // 90 s of silence
+    match s.next_frame().await {
+        Frame::Close(Some(reason)) => {
+            assert_eq!(reason.description.as_deref(), Some("heartbeat timeout"))
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    assert_eq!(stats(&hub).await.evicted_heartbeat, 1);
+}
+
+#[actix::test]
+async fn a_frozen_session_is_evicted_once_its_byte_budget_is_spent() {
+    const CAP: usize = 1 << 20;
+    let hub_actor = BroadcastHub::new(hub_config());
+    let epoch = hub_actor.epoch();
+    let hub = hub_actor.start();
+    let mut live = DrivenSession::start(1, &hub, epoch);
+    let mut frozen = DrivenSession::start(2, &hub, epoch);
+    assert!(live.next_text().await.contains("welcome"));
+    assert!(frozen.next_text().await.contains("welcome"));
+
+    // 1 KiB broadcasts: the frozen session can hold CAP / (1 KiB + 128 B)
+    // of them; the next one evicts it. The live one reads every one.
+    let payload = "x".repeat(1024);
+    let fits = CAP / EvictionPolicy::cost_of(payload.len());
+    for i in 0..fits + 10 {
+        let reached = hub.send(Broadcast::text(payload.clone())).await.unwrap();
+        let expected = if i < fits { 2 } else { 1 };
+        assert_eq!(reached, expected, "broadcast {i}");
+        assert_eq!(live.next_text().await.len(), 1024);
+    }
+    let s = stats(&hub).await;
+    assert_eq!(s.evicted_slow_consumer, 1);
+    assert_eq!(s.sessions, 1);
+    assert!(s.peak_session_queued_bytes <= CAP);
+    assert!(s.peak_session_queued_bytes > CAP - EvictionPolicy::cost_of(1024));
+    drop(frozen);
+}
