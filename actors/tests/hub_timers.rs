@@ -5,6 +5,8 @@
 //! whose output nobody polls, exactly what actix-web-actors does when a client
 //! stops reading — is still evicted by the hub's timer at the right tick.
 
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
 use actix::prelude::*;
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{Codec, Frame, Message};
