@@ -122,16 +122,51 @@ pub struct NetworkConfig {
     pub api_clients: BTreeMap<String, ApiClientConfig>,
 }
 
-/// `network.http`
+/// `network.http`: how upstream calls are made. These are the defaults for
+/// every `api_clients` entry and the settings of the plain `HttpClient`, which
+/// keeps one pool, breaker and limiter per origin.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Per-request timeout, seconds. Default 30.
+    /// Per-attempt timeout, seconds: connecting, sending and reading the
+    /// whole response. Default 30.
     pub timeout: Seconds,
-    /// Connections kept per upstream. Default 100.
+    /// Connections kept per endpoint. Default 100.
     pub max_connections: usize,
     /// Retries after the first attempt. Default 3.
     pub retry_attempts: u32,
+    /// Overall deadline of a call, every retry and wait included, seconds.
+    /// Default: `timeout × (retry_attempts + 1)`.
+    pub deadline: Option<Seconds>,
+    /// How long connecting (TCP and TLS) may take, seconds. Default 5.
+    pub connect_timeout: Seconds,
+    /// How long an idle keep-alive connection is kept, seconds. Default 30.
+    pub keep_alive: Seconds,
+    /// Requests per minute per origin (plain `HttpClient`). Default 6000.
+    pub rate_limit: f64,
+    /// Requests that may go at once before the rate applies. Default: ten
+    /// seconds' worth of `rate_limit`, at least 1.
+    pub rate_burst: Option<u32>,
+    /// Whether a call waits for the rate limiter when the wait fits in its
+    /// deadline (true), or fails at once with "rate limited" (false).
+    /// Default true.
+    pub wait_for_rate_limit: bool,
+    /// Distinct origins the plain `HttpClient` keeps state for; beyond it a
+    /// call to a new origin is refused. Default 64.
+    pub max_origins: usize,
+    /// The largest response body read into memory, bytes. Default 10 MiB.
+    pub max_response_bytes: usize,
+    /// Endpoint selection: `"peak_ewma"` (power of two choices on latency)
+    /// or `"round_robin"`. Default `"peak_ewma"`.
+    pub load_balancing: LoadBalancing,
+    /// Retry timing and budget.
+    pub retry: RetrySettings,
+    /// Circuit breaker.
+    pub breaker: BreakerSettings,
+    /// Concurrency limit.
+    pub bulkhead: BulkheadSettings,
+    /// Passive outlier ejection of failing endpoints.
+    pub ejection: EjectionSettings,
 }
 
 impl Default for HttpConfig {
@@ -140,6 +175,134 @@ impl Default for HttpConfig {
             timeout: Seconds::secs(30),
             max_connections: 100,
             retry_attempts: 3,
+            deadline: None,
+            connect_timeout: Seconds::secs(5),
+            keep_alive: Seconds::secs(30),
+            rate_limit: 6000.0,
+            rate_burst: None,
+            wait_for_rate_limit: true,
+            max_origins: 64,
+            max_response_bytes: 10 << 20,
+            load_balancing: LoadBalancing::PeakEwma,
+            retry: RetrySettings::default(),
+            breaker: BreakerSettings::default(),
+            bulkhead: BulkheadSettings::default(),
+            ejection: EjectionSettings::default(),
+        }
+    }
+}
+
+/// `load_balancing`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancing {
+    /// Each healthy endpoint in turn.
+    RoundRobin,
+    /// Power of two choices on peak-EWMA latency × load.
+    PeakEwma,
+}
+
+/// `retry`: when and how fast to retry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// First backoff ceiling, seconds; it doubles per retry. Default 0.1.
+    pub base_delay: Seconds,
+    /// Largest backoff ceiling, seconds. Default 10.
+    pub max_delay: Seconds,
+    /// Retries may be at most this fraction of recent requests (a retry
+    /// budget against retry storms). Default 0.2.
+    pub budget_ratio: f64,
+    /// Retries per second always allowed by the budget. Default 10.
+    pub budget_min_per_second: u32,
+    /// The window the budget counts over, seconds. Default 10.
+    pub budget_window: Seconds,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            base_delay: Seconds(Duration::from_millis(100)),
+            max_delay: Seconds::secs(10),
+            budget_ratio: 0.2,
+            budget_min_per_second: 10,
+            budget_window: Seconds::secs(10),
+        }
+    }
+}
+
+/// `breaker`: the circuit breaker over a count-based sliding window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Outcomes kept in the sliding window. Default 20.
+    pub window: usize,
+    /// Calls in the window before the breaker may open. Default 10.
+    pub minimum_calls: usize,
+    /// Failure rate (0–1) that opens it. Default 0.5.
+    pub failure_rate: f64,
+    /// Slow-call rate (0–1) that opens it; 1 turns it off. Default 1.
+    pub slow_call_rate: f64,
+    /// A call slower than this is slow, seconds. Default 5.
+    pub slow_call_duration: Seconds,
+    /// How long it stays open before probing, seconds. Default 30.
+    pub open_duration: Seconds,
+    /// Probe calls admitted while half-open. Default 3.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            window: 20,
+            minimum_calls: 10,
+            failure_rate: 0.5,
+            slow_call_rate: 1.0,
+            slow_call_duration: Seconds::secs(5),
+            open_duration: Seconds::secs(30),
+            half_open_probes: 3,
+        }
+    }
+}
+
+/// `bulkhead`: how many calls an upstream may have at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulkheadSettings {
+    /// Calls running at once. Default: `max_connections`.
+    pub max_in_flight: Option<usize>,
+    /// Calls waiting for a slot; beyond it calls fail at once with
+    /// "overloaded". Default 100.
+    pub max_queue: usize,
+}
+
+impl Default for BulkheadSettings {
+    fn default() -> Self {
+        BulkheadSettings {
+            max_in_flight: None,
+            max_queue: 100,
+        }
+    }
+}
+
+/// `ejection`: passive outlier ejection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EjectionSettings {
+    /// Consecutive failures that eject an endpoint. Default 5.
+    pub consecutive_failures: u32,
+    /// First ejection, seconds; doubles with each ejection. Default 30.
+    pub base_ejection: Seconds,
+    /// Longest ejection, seconds. Default 300.
+    pub max_ejection: Seconds,
+}
+
+impl Default for EjectionSettings {
+    fn default() -> Self {
+        EjectionSettings {
+            consecutive_failures: 5,
+            base_ejection: Seconds::secs(30),
+            max_ejection: Seconds::secs(300),
         }
     }
 }
@@ -262,22 +425,282 @@ impl WebSocketConfig {
     }
 }
 
-/// `network.api_clients.<name>`
+/// `network.api_clients.<name>`: a named upstream API. Every key but
+/// `base_url` is optional; the unset ones come from `network.http`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiClientConfig {
-    /// Where the API lives, `http://` or `https://`. Required.
+    /// Where the API lives: `http://` or `https://`, optionally with a path
+    /// prefix. Required.
     pub base_url: String,
+    /// More endpoints serving the same API, load balanced with `base_url`.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// Requests per minute. Default 60.
     #[serde(default = "default_rate_limit")]
     pub rate_limit: f64,
-    /// Per-request timeout, seconds. Default: `network.http.timeout`.
+    /// Requests that may go at once. Default: ten seconds' worth, at least 1.
+    #[serde(default)]
+    pub rate_burst: Option<u32>,
+    /// Per-attempt timeout, seconds. Default: `network.http.timeout`.
     #[serde(default)]
     pub timeout: Option<Seconds>,
+    /// Retries after the first attempt. Default: `network.http.retry_attempts`.
+    #[serde(default)]
+    pub retry_attempts: Option<u32>,
+    /// Overall deadline, seconds. Default: `timeout × (retry_attempts + 1)`.
+    #[serde(default)]
+    pub deadline: Option<Seconds>,
+    /// Default: `network.http.connect_timeout`.
+    #[serde(default)]
+    pub connect_timeout: Option<Seconds>,
+    /// Default: `network.http.max_connections`.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Default: `network.http.wait_for_rate_limit`.
+    #[serde(default)]
+    pub wait_for_rate_limit: Option<bool>,
+    /// Default: `network.http.max_response_bytes`.
+    #[serde(default)]
+    pub max_response_bytes: Option<usize>,
+    /// Default: `network.http.load_balancing`.
+    #[serde(default)]
+    pub load_balancing: Option<LoadBalancing>,
+    /// Default: `network.http.retry`.
+    #[serde(default)]
+    pub retry: Option<RetrySettings>,
+    /// Default: `network.http.breaker`.
+    #[serde(default)]
+    pub breaker: Option<BreakerSettings>,
+    /// Default: `network.http.bulkhead`.
+    #[serde(default)]
+    pub bulkhead: Option<BulkheadSettings>,
+    /// Default: `network.http.ejection`.
+    #[serde(default)]
+    pub ejection: Option<EjectionSettings>,
 }
 
 fn default_rate_limit() -> f64 {
     60.0
+}
+
+/// One upstream's settings with every default applied: what the client
+/// builds its pool, breaker and limiter from.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// The name used in errors, logs and metrics (the `api_clients` key, or
+    /// the origin for the plain `HttpClient`).
+    pub name: String,
+    /// Endpoint base URLs without a trailing slash.
+    pub endpoints: Vec<String>,
+    /// Requests per minute.
+    pub rate_per_minute: f64,
+    /// Requests that may go at once.
+    pub rate_burst: u32,
+    /// Whether calls wait for the limiter when the wait fits the deadline.
+    pub wait_for_rate_limit: bool,
+    /// Per-attempt timeout.
+    pub attempt_timeout: Duration,
+    /// Overall deadline of a call.
+    pub deadline: Duration,
+    /// Retries after the first attempt.
+    pub retry_attempts: u32,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Idle keep-alive.
+    pub keep_alive: Duration,
+    /// Connections per endpoint.
+    pub max_connections: usize,
+    /// Largest response body.
+    pub max_response_bytes: usize,
+    /// Endpoint selection.
+    pub load_balancing: LoadBalancing,
+    /// Retry timing and budget.
+    pub retry: RetrySettings,
+    /// Circuit breaker.
+    pub breaker: BreakerSettings,
+    /// Calls running at once.
+    pub max_in_flight: usize,
+    /// Calls waiting for a slot.
+    pub max_queue: usize,
+    /// Outlier ejection.
+    pub ejection: EjectionSettings,
+}
+
+fn default_burst(rate_per_minute: f64) -> u32 {
+    // Ten seconds' worth: a short burst passes, a sustained flood does not.
+    ((rate_per_minute / 6.0).round() as u32).max(1)
+}
+
+fn trim_base(url: &str) -> String {
+    url.trim_end_matches('/').to_owned()
+}
+
+impl NetworkConfig {
+    fn deadline_for(explicit: Option<Seconds>, attempt: Duration, retries: u32) -> Duration {
+        explicit.map_or(attempt * (retries + 1), |d| d.0)
+    }
+
+    /// The settings of `api_clients.<name>`, with `network.http` filling in
+    /// what it leaves out; `None` if there is no such client.
+    pub fn api_client(&self, name: &str) -> Option<UpstreamSettings> {
+        let c = self.api_clients.get(name)?;
+        let h = &self.http;
+        let attempt_timeout = c.timeout.unwrap_or(h.timeout).0;
+        let retry_attempts = c.retry_attempts.unwrap_or(h.retry_attempts);
+        let max_connections = c.max_connections.unwrap_or(h.max_connections);
+        let bulkhead = c.bulkhead.clone().unwrap_or_else(|| h.bulkhead.clone());
+        let mut endpoints = vec![trim_base(&c.base_url)];
+        for e in &c.endpoints {
+            let e = trim_base(e);
+            if !endpoints.contains(&e) {
+                endpoints.push(e);
+            }
+        }
+        Some(UpstreamSettings {
+            name: name.to_owned(),
+            endpoints,
+            rate_per_minute: c.rate_limit,
+            rate_burst: c.rate_burst.unwrap_or_else(|| default_burst(c.rate_limit)),
+            wait_for_rate_limit: c.wait_for_rate_limit.unwrap_or(h.wait_for_rate_limit),
+            attempt_timeout,
+            deadline: Self::deadline_for(
+                c.deadline.or(h.deadline),
+                attempt_timeout,
+                retry_attempts,
+            ),
+            retry_attempts,
+            connect_timeout: c.connect_timeout.unwrap_or(h.connect_timeout).0,
+            keep_alive: h.keep_alive.0,
+            max_connections,
+            max_response_bytes: c.max_response_bytes.unwrap_or(h.max_response_bytes),
+            load_balancing: c.load_balancing.unwrap_or(h.load_balancing),
+            retry: c.retry.clone().unwrap_or_else(|| h.retry.clone()),
+            breaker: c.breaker.clone().unwrap_or_else(|| h.breaker.clone()),
+            max_in_flight: bulkhead.max_in_flight.unwrap_or(max_connections),
+            max_queue: bulkhead.max_queue,
+            ejection: c.ejection.clone().unwrap_or_else(|| h.ejection.clone()),
+        })
+    }
+
+    /// The settings the plain `HttpClient` uses for `origin`
+    /// (`scheme://host:port`): all of `network.http`.
+    pub fn origin(&self, origin: &str) -> UpstreamSettings {
+        let h = &self.http;
+        UpstreamSettings {
+            name: origin.to_owned(),
+            endpoints: vec![trim_base(origin)],
+            rate_per_minute: h.rate_limit,
+            rate_burst: h.rate_burst.unwrap_or_else(|| default_burst(h.rate_limit)),
+            wait_for_rate_limit: h.wait_for_rate_limit,
+            attempt_timeout: h.timeout.0,
+            deadline: Self::deadline_for(h.deadline, h.timeout.0, h.retry_attempts),
+            retry_attempts: h.retry_attempts,
+            connect_timeout: h.connect_timeout.0,
+            keep_alive: h.keep_alive.0,
+            max_connections: h.max_connections,
+            max_response_bytes: h.max_response_bytes,
+            load_balancing: h.load_balancing,
+            retry: h.retry.clone(),
+            breaker: h.breaker.clone(),
+            max_in_flight: h.bulkhead.max_in_flight.unwrap_or(h.max_connections),
+            max_queue: h.bulkhead.max_queue,
+            ejection: h.ejection.clone(),
+        }
+    }
+}
+
+fn validate_url(path: &str, url: &str) -> Result<(), ConfigError> {
+    let uri: actix_web::http::Uri = url
+        .parse()
+        .map_err(|e| ConfigError::invalid(path, format!("is not a URL: {e}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(ConfigError::invalid(
+            path,
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    if uri.query().is_some() {
+        return Err(ConfigError::invalid(path, "must not have a query string"));
+    }
+    Ok(())
+}
+
+fn fraction(path: &str, value: f64) -> Result<(), ConfigError> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(path, "must be between 0 and 1"))
+    }
+}
+
+fn validate_rate(path: &str, value: f64) -> Result<(), ConfigError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(path, "must be > 0"))
+    }
+}
+
+impl RetrySettings {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        positive(&format!("{at}.base_delay"), self.base_delay)?;
+        if self.max_delay < self.base_delay {
+            return Err(ConfigError::invalid(
+                &format!("{at}.max_delay"),
+                "must be >= base_delay",
+            ));
+        }
+        fraction(&format!("{at}.budget_ratio"), self.budget_ratio)?;
+        positive(&format!("{at}.budget_window"), self.budget_window)
+    }
+}
+
+impl BreakerSettings {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        at_least_one(&format!("{at}.window"), self.window)?;
+        at_least_one(&format!("{at}.minimum_calls"), self.minimum_calls)?;
+        if self.minimum_calls > self.window {
+            return Err(ConfigError::invalid(
+                &format!("{at}.minimum_calls"),
+                "must be <= window",
+            ));
+        }
+        fraction(&format!("{at}.failure_rate"), self.failure_rate)?;
+        fraction(&format!("{at}.slow_call_rate"), self.slow_call_rate)?;
+        positive(&format!("{at}.slow_call_duration"), self.slow_call_duration)?;
+        positive(&format!("{at}.open_duration"), self.open_duration)?;
+        at_least_one(
+            &format!("{at}.half_open_probes"),
+            self.half_open_probes as usize,
+        )
+    }
+}
+
+impl BulkheadSettings {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if let Some(n) = self.max_in_flight {
+            at_least_one(&format!("{at}.max_in_flight"), n)?;
+        }
+        Ok(())
+    }
+}
+
+impl EjectionSettings {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        at_least_one(
+            &format!("{at}.consecutive_failures"),
+            self.consecutive_failures as usize,
+        )?;
+        positive(&format!("{at}.base_ejection"), self.base_ejection)?;
+        if self.max_ejection < self.base_ejection {
+            return Err(ConfigError::invalid(
+                &format!("{at}.max_ejection"),
+                "must be >= base_ejection",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -321,6 +744,20 @@ impl Config {
         let http = &self.network.http;
         positive("network.http.timeout", http.timeout)?;
         at_least_one("network.http.max_connections", http.max_connections)?;
+        if let Some(d) = http.deadline {
+            positive("network.http.deadline", d)?;
+        }
+        positive("network.http.connect_timeout", http.connect_timeout)?;
+        validate_rate("network.http.rate_limit", http.rate_limit)?;
+        if let Some(b) = http.rate_burst {
+            at_least_one("network.http.rate_burst", b as usize)?;
+        }
+        at_least_one("network.http.max_origins", http.max_origins)?;
+        at_least_one("network.http.max_response_bytes", http.max_response_bytes)?;
+        http.retry.validate("network.http.retry")?;
+        http.breaker.validate("network.http.breaker")?;
+        http.bulkhead.validate("network.http.bulkhead")?;
+        http.ejection.validate("network.http.ejection")?;
 
         let ws = &self.network.websocket;
         positive(
@@ -369,21 +806,42 @@ impl Config {
         )?;
 
         for (name, client) in &self.network.api_clients {
-            let path = |key: &str| format!("network.api_clients.{name}.{key}");
-            let uri: actix_web::http::Uri = client.base_url.parse().map_err(|e| {
-                ConfigError::invalid(&path("base_url"), format!("is not a URL: {e}"))
-            })?;
-            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-                return Err(ConfigError::invalid(
-                    &path("base_url"),
-                    "must be an http:// or https:// URL with a host",
-                ));
+            let at = format!("network.api_clients.{name}");
+            let path = |key: &str| format!("{at}.{key}");
+            validate_url(&path("base_url"), &client.base_url)?;
+            for (i, e) in client.endpoints.iter().enumerate() {
+                validate_url(&format!("{at}.endpoints[{i}]"), e)?;
             }
-            if !(client.rate_limit.is_finite() && client.rate_limit > 0.0) {
-                return Err(ConfigError::invalid(&path("rate_limit"), "must be > 0"));
+            validate_rate(&path("rate_limit"), client.rate_limit)?;
+            if let Some(b) = client.rate_burst {
+                at_least_one(&path("rate_burst"), b as usize)?;
             }
-            if let Some(t) = client.timeout {
-                positive(&path("timeout"), t)?;
+            for (key, value) in [
+                ("timeout", client.timeout),
+                ("deadline", client.deadline),
+                ("connect_timeout", client.connect_timeout),
+            ] {
+                if let Some(v) = value {
+                    positive(&path(key), v)?;
+                }
+            }
+            if let Some(n) = client.max_connections {
+                at_least_one(&path("max_connections"), n)?;
+            }
+            if let Some(n) = client.max_response_bytes {
+                at_least_one(&path("max_response_bytes"), n)?;
+            }
+            if let Some(r) = &client.retry {
+                r.validate(&path("retry"))?;
+            }
+            if let Some(b) = &client.breaker {
+                b.validate(&path("breaker"))?;
+            }
+            if let Some(b) = &client.bulkhead {
+                b.validate(&path("bulkhead"))?;
+            }
+            if let Some(e) = &client.ejection {
+                e.validate(&path("ejection"))?;
             }
         }
         Ok(())
