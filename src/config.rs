@@ -723,7 +723,7 @@ impl Config {
             };
             let inner = e.into_inner();
             // serde_json appends "at line L column C"; keep it, it helps.
-            ConfigError::invalid(&path, format!(": {inner}"))
+            ConfigError::invalid(&path, format!("is invalid: {inner}"))
         })?;
         config.validate()?;
         Ok(config)

@@ -39,13 +39,20 @@
 //! }
 //! ```
 
+pub mod client;
 pub mod config;
+pub mod error;
+pub mod gateway;
 pub mod network;
+pub mod upstream;
 
+pub use client::{ApiClient, HttpClient};
 pub use config::{Config, ConfigError};
+pub use error::HttpError;
 pub use happynet_actors as actors;
 pub use happynet_actors::{Broadcast, BroadcastHub, RoomName, SessionId, Target};
 pub use network::Network;
+pub use upstream::{RequestBuilder, Response};
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[doc = include_str!("../README.md")]

@@ -13,6 +13,7 @@
 //!   `{"room": …, "data": …}`; answers `202 {"recipients": n}`;
 //! - `GET /health`: liveness with the hub's counters.
 
+use crate::client::{ApiClient, HttpClient, Upstreams};
 use crate::config::{Config, ConfigError};
 use actix::prelude::*;
 use actix_web::dev::Extensions;
@@ -50,6 +51,7 @@ struct Inner {
     gate: Arc<ConnectionGate>,
     next_session: AtomicU64,
     shutting_down: AtomicBool,
+    upstreams: Arc<Upstreams>,
 }
 
 /// A duplicate of an accepted connection's socket, stored by
@@ -62,6 +64,11 @@ impl Network {
     /// Call it inside a running actix `System` (e.g. in `#[actix_web::main]`).
     pub fn start(config: Config) -> Result<Network, ConfigError> {
         config.validate()?;
+        let upstreams =
+            Upstreams::start(&config.network).map_err(|message| ConfigError::Invalid {
+                path: "network.api_clients".into(),
+                message,
+            })?;
         let ws = &config.network.websocket;
         let hub = BroadcastHub::new(ws.hub_config());
         let hub_epoch = hub.epoch();
@@ -72,6 +79,7 @@ impl Network {
             gate: ConnectionGate::new(ws.max_connections),
             next_session: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
+            upstreams,
             config,
         };
         Ok(Network {
@@ -82,6 +90,25 @@ impl Network {
     /// The hub's address: `net.hub().do_send(Broadcast::text("Hello, clients!"))`.
     pub fn hub(&self) -> Addr<BroadcastHub> {
         self.inner.hub.clone()
+    }
+
+    /// A client for any URL: pooled, retried, broken and limited per origin.
+    pub fn http(&self) -> HttpClient {
+        HttpClient::new(self.inner.upstreams.clone())
+    }
+
+    /// The client for `network.api_clients.<name>`, if configured.
+    pub fn api(&self, name: &str) -> Option<ApiClient> {
+        self.inner.upstreams.api_client(name).map(ApiClient::new)
+    }
+
+    /// Every configured API client.
+    pub fn api_clients(&self) -> Vec<ApiClient> {
+        self.inner
+            .upstreams
+            .api_clients()
+            .map(|(_, u)| ApiClient::new(u.clone()))
+            .collect()
     }
 
     /// The configuration the network was started with.

@@ -19,13 +19,23 @@
 //! The [`protocol`] module is the WebSocket wire protocol, parsed and encoded
 //! without I/O.
 
+pub mod backoff;
+pub mod balancer;
+pub mod breaker;
 pub mod gcra;
 pub mod hub;
+pub mod limiter;
 pub mod liveness;
+pub mod pool;
 pub mod protocol;
 pub mod rooms;
 pub mod session;
 
+pub use breaker::{
+    BreakerActor, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerStateKind, CallOutcome,
+    GetBreakerState, Outcome, Permit, Ticket,
+};
 pub use hub::{Broadcast, BroadcastHub, GetStats, HubConfig, HubStats, Shutdown, Target};
+pub use limiter::{Acquire, GetLimiterStats, LimiterStats, RateLimited, RateLimiterActor};
 pub use rooms::{RoomName, SessionId};
 pub use session::{ConnectionGate, ConnectionSlot, SessionConfig, WsSessionActor};

@@ -332,7 +332,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSessionActor {
                 self.close(ctx, CloseCode::Size, "message too big");
             }
             Err(e) => {
-                log::info!("session {}: closed on protocol error: {e}", self.id);
+                // A peer that vanishes without a close frame shows up here as
+                // an I/O error; that is routine, not worth an info line.
+                log::debug!("session {}: closed on protocol error: {e}", self.id);
                 let code = if e.to_string().contains("utf-8") {
                     CloseCode::Invalid
                 } else {

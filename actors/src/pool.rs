@@ -1,0 +1,416 @@
+//! `PoolActor`: one upstream API's connections, bulkhead and load balancer.
+//!
+//! The actor owns an `awc::Client`, which is `!Send`: it must be created on
+//! the thread that uses it, so a pool is started on its own arbiter with
+//! [`PoolActor::start_on`], and everyone else talks to it through [`Execute`]
+//! messages. The awc connector keeps up to `max_connections` keep-alive
+//! connections per endpoint.
+//!
+//! In front of the connections sits a bulkhead: at most `max_in_flight` calls
+//! run at once and at most `max_queue` wait for a slot; the next caller gets
+//! [`PoolError::Overloaded`] at once instead of queueing without bound, so a
+//! slow upstream cannot absorb the application's memory or tasks. Queued calls
+//! whose caller gave up, or whose deadline passed while they waited, are
+//! dropped without being sent.
+//!
+//! Each call goes to the endpoint the [`Balancer`] picks (round-robin or
+//! power-of-two-choices on peak-EWMA latency) and its outcome feeds back into
+//! the balancer's latency estimate and passive outlier ejection.
+
+use crate::backoff::Jitter;
+use crate::balancer::{Balancer, EjectionConfig, Strategy};
+use actix::prelude::*;
+use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::web::Bytes;
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// How a pool is set up, resolved from `network.api_clients.<name>` or
+/// `network.http` by the `happynet` crate.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The upstream's name, used in errors, logs and metrics.
+    pub name: String,
+    /// Base URLs of the endpoints (scheme, host, port and an optional path
+    /// prefix, without a trailing slash); requests append their path.
+    pub endpoints: Vec<String>,
+    /// Connections kept per endpoint.
+    pub max_connections: usize,
+    /// How long establishing a connection (including TLS) may take.
+    pub connect_timeout: Duration,
+    /// How long an idle keep-alive connection is kept.
+    pub keep_alive: Duration,
+    /// Calls running at once.
+    pub max_in_flight: usize,
+    /// Calls waiting for a slot; beyond it callers get `Overloaded`.
+    pub max_queue: usize,
+    /// The largest response body read into memory.
+    pub max_response_bytes: usize,
+    /// How endpoints are chosen.
+    pub strategy: Strategy,
+    /// When an endpoint is ejected for failing.
+    pub ejection: EjectionConfig,
+}
+
+/// One HTTP call for the pool to make.
+///
+/// Sent by `happynet::HttpClient` (once per attempt). The result is the whole
+/// response, or why there is none.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<UpstreamResponse, PoolError>")]
+pub struct Execute {
+    /// The method.
+    pub method: Method,
+    /// The path and query, starting with `/`, appended to the endpoint's base URL.
+    pub path_and_query: String,
+    /// Request headers.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The request body (empty for none).
+    pub body: Bytes,
+    /// When this attempt must be over, queueing included.
+    pub deadline: Instant,
+}
+
+/// A response read in full.
+#[derive(Debug, Clone)]
+pub struct UpstreamResponse {
+    /// The status code.
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: Bytes,
+    /// Which endpoint answered (index into the pool's endpoints).
+    pub endpoint: usize,
+    /// How long the call took, connection and body included.
+    pub latency: Duration,
+}
+
+/// Why the pool could not produce a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// The bulkhead is full: `max_in_flight` calls running and `max_queue`
+    /// waiting.
+    Overloaded {
+        /// The upstream.
+        upstream: String,
+    },
+    /// No connection could be made to the endpoint.
+    Connect {
+        /// The upstream.
+        upstream: String,
+        /// The endpoint's base URL.
+        endpoint: String,
+        /// The connector's error.
+        message: String,
+    },
+    /// The attempt's deadline passed (waiting in the queue, connecting,
+    /// or waiting for the response).
+    Timeout {
+        /// The upstream.
+        upstream: String,
+        /// The endpoint's base URL, if the call had left the queue.
+        endpoint: Option<String>,
+    },
+    /// The request failed after connecting (reset, malformed response, …).
+    Transport {
+        /// The upstream.
+        upstream: String,
+        /// The endpoint's base URL.
+        endpoint: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The response body was larger than `max_response_bytes`.
+    BodyTooLarge {
+        /// The upstream.
+        upstream: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The pool has stopped.
+    Closed {
+        /// The upstream.
+        upstream: String,
+    },
+}
+
+impl PoolError {
+    /// True when the failure says the endpoint is unhealthy (for the
+    /// breaker and the balancer), as opposed to local back-pressure.
+    pub fn is_upstream_failure(&self) -> bool {
+        matches!(
+            self,
+            PoolError::Connect { .. }
+                | PoolError::Timeout {
+                    endpoint: Some(_),
+                    ..
+                }
+                | PoolError::Transport { .. }
+        )
+    }
+}
+
+impl fmt::Display for PoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PoolError::Overloaded { upstream } => {
+                write!(f, "upstream {upstream}: overloaded (bulkhead full)")
+            }
+            PoolError::Connect {
+                upstream,
+                endpoint,
+                message,
+            } => write!(
+                f,
+                "upstream {upstream}: cannot connect to {endpoint}: {message}"
+            ),
+            PoolError::Timeout {
+                upstream,
+                endpoint: Some(endpoint),
+            } => write!(f, "upstream {upstream}: {endpoint} timed out"),
+            PoolError::Timeout {
+                upstream,
+                endpoint: None,
+            } => write!(
+                f,
+                "upstream {upstream}: timed out waiting for a connection slot"
+            ),
+            PoolError::Transport {
+                upstream,
+                endpoint,
+                message,
+            } => write!(
+                f,
+                "upstream {upstream}: request to {endpoint} failed: {message}"
+            ),
+            PoolError::BodyTooLarge { upstream, limit } => {
+                write!(f, "upstream {upstream}: response body over {limit} bytes")
+            }
+            PoolError::Closed { upstream } => write!(f, "upstream {upstream}: pool stopped"),
+        }
+    }
+}
+
+impl std::error::Error for PoolError {}
+
+/// Asks for the pool's counters.
+#[derive(Debug, Message)]
+#[rtype(result = "PoolStats")]
+pub struct GetPoolStats;
+
+/// What a pool has done, for metrics and tests.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PoolStats {
+    /// Calls running now.
+    pub in_flight: usize,
+    /// Calls waiting for a slot now.
+    pub queued: usize,
+    /// Calls refused because the bulkhead was full.
+    pub rejected_overloaded: u64,
+    /// Calls sent, per endpoint.
+    pub sent_per_endpoint: Vec<u64>,
+    /// Endpoint ejections so far.
+    pub ejections: u64,
+    /// Endpoints ejected now.
+    pub ejected_now: usize,
+}
+
+type Reply = oneshot::Sender<Result<UpstreamResponse, PoolError>>;
+
+/// One upstream's connection pool, bulkhead and load balancer. See the module
+/// docs.
+pub struct PoolActor {
+    config: PoolConfig,
+    client: awc::Client,
+    balancer: Balancer,
+    jitter: Jitter,
+    in_flight: usize,
+    queue: VecDeque<(Execute, Reply)>,
+    stats: PoolStats,
+}
+
+impl PoolActor {
+    /// Starts a pool on `arbiter` (the awc client is created there, since it
+    /// cannot move between threads).
+    pub fn start_on(arbiter: &actix::ArbiterHandle, config: PoolConfig) -> Addr<PoolActor> {
+        PoolActor::start_in_arbiter(arbiter, move |_| PoolActor::new(config))
+    }
+
+    /// A pool with `config`. Must be called on the thread that will run it.
+    pub fn new(config: PoolConfig) -> Self {
+        let connector = awc::Connector::new()
+            .limit(config.max_connections.max(1))
+            .timeout(config.connect_timeout)
+            .conn_keep_alive(config.keep_alive);
+        let client = awc::Client::builder()
+            .connector(connector)
+            // The pool enforces the whole attempt's deadline itself.
+            .disable_timeout()
+            .disable_redirects()
+            .finish();
+        let n = config.endpoints.len();
+        PoolActor {
+            balancer: Balancer::new(n, config.strategy, config.ejection),
+            jitter: Jitter::new(),
+            client,
+            in_flight: 0,
+            queue: VecDeque::new(),
+            stats: PoolStats {
+                sent_per_endpoint: vec![0; n],
+                ..PoolStats::default()
+            },
+            config,
+        }
+    }
+
+    fn launch(&mut self, msg: Execute, reply: Reply, ctx: &mut Context<Self>) {
+        let upstream = self.config.name.clone();
+        let now = Instant::now();
+        if now >= msg.deadline {
+            let _ = reply.send(Err(PoolError::Timeout {
+                upstream,
+                endpoint: None,
+            }));
+            return;
+        }
+        let Some(idx) = self.balancer.pick(now.into_std(), &mut self.jitter) else {
+            let _ = reply.send(Err(PoolError::Closed { upstream }));
+            return;
+        };
+        self.balancer.on_start(idx);
+        self.in_flight += 1;
+        self.stats.sent_per_endpoint[idx] += 1;
+        let endpoint = self.config.endpoints[idx].clone();
+        let url = format!("{endpoint}{}", msg.path_and_query);
+        let mut req = self.client.request(msg.method, url);
+        for (name, value) in msg.headers {
+            req = req.append_header((name, value));
+        }
+        let limit = self.config.max_response_bytes;
+        let deadline = msg.deadline;
+        let call = async move {
+            let started = Instant::now();
+            let result = tokio::time::timeout_at(deadline, async {
+                let mut resp = match req.send_body(msg.body).await {
+                    Ok(resp) => resp,
+                    Err(awc::error::SendRequestError::Connect(e)) => {
+                        return Err(PoolError::Connect {
+                            upstream: upstream.clone(),
+                            endpoint: endpoint.clone(),
+                            message: e.to_string(),
+                        })
+                    }
+                    Err(e) => {
+                        return Err(PoolError::Transport {
+                            upstream: upstream.clone(),
+                            endpoint: endpoint.clone(),
+                            message: e.to_string(),
+                        })
+                    }
+                };
+                let body = resp.body().limit(limit).await.map_err(|e| match e {
+                    awc::error::PayloadError::Overflow => PoolError::BodyTooLarge {
+                        upstream: upstream.clone(),
+                        limit,
+                    },
+                    other => PoolError::Transport {
+                        upstream: upstream.clone(),
+                        endpoint: endpoint.clone(),
+                        message: other.to_string(),
+                    },
+                })?;
+                Ok((resp.status(), resp.headers().clone(), body))
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(PoolError::Timeout {
+                    upstream: upstream.clone(),
+                    endpoint: Some(endpoint.clone()),
+                })
+            });
+            (result, started.elapsed())
+        };
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |(result, latency), pool, ctx| {
+                    pool.in_flight -= 1;
+                    let result = result.map(|(status, headers, body)| UpstreamResponse {
+                        status,
+                        headers,
+                        body,
+                        endpoint: idx,
+                        latency,
+                    });
+                    let healthy = match &result {
+                        Ok(resp) => !resp.status.is_server_error(),
+                        Err(e) => !e.is_upstream_failure(),
+                    };
+                    pool.balancer
+                        .on_end(idx, Instant::now().into_std(), latency, healthy);
+                    let _ = reply.send(result);
+                    pool.launch_queued(ctx);
+                }),
+        );
+    }
+
+    /// Fills free slots from the queue, skipping callers that gave up.
+    fn launch_queued(&mut self, ctx: &mut Context<Self>) {
+        while self.in_flight < self.config.max_in_flight {
+            let Some((msg, reply)) = self.queue.pop_front() else {
+                return;
+            };
+            if !reply.is_closed() {
+                self.launch(msg, reply, ctx);
+            }
+        }
+    }
+}
+
+impl Actor for PoolActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Callers use `send` (request/response), which waits for mailbox
+        // room; the bulkhead below is the real bound, so the mailbox only
+        // needs to absorb bursts.
+        ctx.set_mailbox_capacity(self.config.max_in_flight + self.config.max_queue);
+    }
+}
+
+impl Handler<Execute> for PoolActor {
+    type Result = ResponseFuture<Result<UpstreamResponse, PoolError>>;
+
+    fn handle(&mut self, msg: Execute, ctx: &mut Self::Context) -> Self::Result {
+        let upstream = self.config.name.clone();
+        let (reply, result) = oneshot::channel();
+        if self.in_flight < self.config.max_in_flight {
+            self.launch(msg, reply, ctx);
+        } else if self.queue.len() < self.config.max_queue {
+            self.queue.push_back((msg, reply));
+        } else {
+            self.stats.rejected_overloaded += 1;
+            log::debug!("upstream {upstream}: bulkhead full, call rejected");
+            return Box::pin(async move { Err(PoolError::Overloaded { upstream }) });
+        }
+        Box::pin(async move { result.await.unwrap_or(Err(PoolError::Closed { upstream })) })
+    }
+}
+
+impl Handler<GetPoolStats> for PoolActor {
+    type Result = MessageResult<GetPoolStats>;
+
+    fn handle(&mut self, _: GetPoolStats, _: &mut Self::Context) -> Self::Result {
+        let mut stats = self.stats.clone();
+        stats.in_flight = self.in_flight;
+        stats.queued = self.queue.len();
+        stats.ejections = self.balancer.ejections();
+        stats.ejected_now = self.balancer.ejected_count(Instant::now().into_std());
+        MessageResult(stats)
+    }
+}

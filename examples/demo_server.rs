@@ -1,0 +1,357 @@
+//! Run with: cargo run --release --example demo_server
+//!
+//! The happynet demo: one process that serves a chat-like page at `GET /`
+//! and mounts happynet's routes (`GET /ws`, `POST /broadcast`,
+//! `GET /health`) beside it. It needs nothing else running: with no flags it
+//! uses the embedded default configuration and listens on 127.0.0.1:8080.
+//! Open two browser tabs on the page to watch messages, rooms and presence
+//! move between them.
+//!
+//! ```text
+//! demo_server [--bind ADDR] [--config PATH]
+//!   --bind ADDR     where to listen (default 127.0.0.1:8080; port 0 picks one)
+//!   --config PATH   a JSON config file; when absent, $HAPPYNET_CONFIG if set,
+//!                   else the embedded default
+//! ```
+//!
+//! A bad flag or a bad configuration is reported on stderr (a config error
+//! names the file and the JSON path of the offending key) and the process
+//! exits with status 2; it never panics on input. An address already in
+//! use exits with status 1. Ctrl-C or SIGTERM shuts down gracefully: every
+//! WebSocket is closed with 1001 (going away) before the HTTP server stops.
+
+use actix_web::http::header::{self, ContentType};
+use actix_web::{middleware, web, App, HttpResponse, HttpServer};
+use happynet::{Config, ConfigError, Network};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+
+// The measurements in DESIGN.md found jemalloc kept idle-connection memory
+// lowest and flattest under reconnect churn. Choosing an allocator is the
+// application's call, so it lives here and not in the library.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// The page, compiled in so the binary serves it from anywhere.
+const INDEX_HTML: &str = include_str!("demo/index.html");
+
+/// Where the demo listens when `--bind` is not given.
+const DEFAULT_BIND: &str = "127.0.0.1:8080";
+
+/// The environment variable naming a config file when `--config` is absent.
+const CONFIG_ENV: &str = "HAPPYNET_CONFIG";
+
+/// How long `ServerHandle::stop(true)` lets in-flight HTTP requests finish.
+/// WebSockets are already closed by then (`Network::shutdown` waits up to
+/// `websocket.shutdown_timeout` for them), so this only bounds plain requests
+/// such as a slow `POST /broadcast`.
+const HTTP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The listen backlog: actix-web's own default, which a listener we bind
+/// ourselves would otherwise lose (std listens with a smaller one).
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Exit status for bad flags or a bad configuration: the caller's mistake.
+const EXIT_USAGE: u8 = 2;
+
+/// Exit status when the server cannot start or fails while running.
+const EXIT_FAILURE: u8 = 1;
+
+const USAGE: &str = "\
+usage: demo_server [--bind ADDR] [--config PATH]
+
+  --bind ADDR     address to listen on (default 127.0.0.1:8080)
+  --config PATH   JSON configuration file (default: $HAPPYNET_CONFIG if set,
+                  otherwise the embedded default)
+  -h, --help      print this help";
+
+/// What the command line asked for.
+#[derive(Debug)]
+struct Options {
+    bind: SocketAddr,
+    config: Option<String>,
+}
+
+/// Why the command line was refused.
+#[derive(Debug)]
+enum ArgsError {
+    /// `--help`: not an error, but the same early exit.
+    Help,
+    /// Anything else, with a message for the user.
+    Bad(String),
+}
+
+/// Parses the flags by hand: two options do not justify a parser crate.
+/// Both `--flag VALUE` and `--flag=VALUE` are accepted.
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsError> {
+    let mut bind: Option<String> = None;
+    let mut config: Option<String> = None;
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if flag.starts_with("--") => {
+                (flag.to_owned(), Some(value.to_owned()))
+            }
+            _ => (arg.clone(), None),
+        };
+        let slot = match flag.as_str() {
+            "-h" | "--help" => return Err(ArgsError::Help),
+            "--bind" => &mut bind,
+            "--config" => &mut config,
+            _ => return Err(ArgsError::Bad(format!("unknown argument `{arg}`"))),
+        };
+        let value = match inline.or_else(|| args.next()) {
+            Some(v) if !v.is_empty() => v,
+            _ => return Err(ArgsError::Bad(format!("{flag} needs a value"))),
+        };
+        if slot.replace(value).is_some() {
+            return Err(ArgsError::Bad(format!("{flag} given more than once")));
+        }
+    }
+    let bind_text = bind.as_deref().unwrap_or(DEFAULT_BIND);
+    let bind = bind_text.parse().map_err(|_| {
+        ArgsError::Bad(format!(
+            "--bind `{bind_text}` is not an IP:PORT address (e.g. 127.0.0.1:8080 or [::1]:8080)"
+        ))
+    })?;
+    Ok(Options { bind, config })
+}
+
+/// Loads the configuration the user chose: `--config`, then
+/// `$HAPPYNET_CONFIG`, then the embedded default. Returns it with a label
+/// for the start-up log. The error text names the file and, for a bad key,
+/// its JSON path.
+fn load_config(flag: Option<String>) -> Result<(Config, String), String> {
+    let path = flag.or_else(|| std::env::var(CONFIG_ENV).ok().filter(|p| !p.is_empty()));
+    let Some(path) = path else {
+        return Ok((Config::embedded(), "the embedded default".to_owned()));
+    };
+    Config::from_file(&path)
+        .map(|config| (config, path.clone()))
+        .map_err(|e| describe_config_error(&path, &e))
+}
+
+fn describe_config_error(file: &str, e: &ConfigError) -> String {
+    match e {
+        // Its Display already names the file.
+        ConfigError::Io { .. } => e.to_string(),
+        _ => format!("invalid config {file}: {e}"),
+    }
+}
+
+/// Binds the listening socket the way `HttpServer::bind` would
+/// (`SO_REUSEADDR`, actix's backlog), so the demo can bind before it starts
+/// any actor.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// Serves `GET /`: the demo page. `no-cache` so that a rebuilt demo is seen
+/// on the next reload rather than a stale copy.
+async fn index() -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header(ContentType::html())
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .body(INDEX_HTML)
+}
+
+/// The URL to print for a bound address. A wildcard address is not
+/// something a browser can open, so it is shown as loopback.
+fn page_url(addr: SocketAddr) -> String {
+    let mut shown = addr;
+    if addr.ip().is_unspecified() {
+        shown.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{shown}/")
+}
+
+/// Runs the server until a signal (or a server failure), then shuts down
+/// gracefully.
+async fn serve(options: Options, config: Config, config_label: String) -> ExitCode {
+    // Registered before binding so that a SIGTERM sent right after start-up
+    // is not lost, and so a failure to register is reported before anyone
+    // depends on graceful shutdown.
+    let mut sigterm = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("demo_server: cannot listen for SIGTERM: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+
+    // Bind before starting any actor: a port in use is then reported without
+    // a hub to tear down. (An actor that was started but never polled runs
+    // its `started` hook while the actix runtime is being dropped, and the
+    // hub's timers panic there for want of a reactor.)
+    let listener = match listen(options.bind) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("demo_server: cannot listen on {}: {e}", options.bind);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+
+    let net = match Network::start(config) {
+        Ok(net) => net,
+        Err(e) => {
+            eprintln!("demo_server: {}", describe_config_error(&config_label, &e));
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+
+    let routes = net.configure();
+    let server = HttpServer::new(move || {
+        App::new()
+            .wrap(middleware::Logger::new(r#"%a "%r" %s %Dms"#))
+            .configure(routes.clone())
+            .route("/", web::get().to(index))
+    })
+    .on_connect(net.on_connect())
+    // We handle signals ourselves: actix's own handler would stop the HTTP
+    // server before happynet could send its 1001 close frames.
+    .disable_signals()
+    .shutdown_timeout(HTTP_SHUTDOWN_TIMEOUT.as_secs());
+    let server = match server.listen(listener) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("demo_server: cannot serve on {}: {e}", options.bind);
+            // The hub has started; stop it inside the runtime, not in its
+            // teardown.
+            net.shutdown().await;
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let addrs = server.addrs();
+    let server = server.run();
+    let handle = server.handle();
+    let mut running = actix_web::rt::spawn(server);
+
+    log::info!("happynet demo using {config_label}");
+    for addr in addrs {
+        log::info!("open {}", page_url(addr));
+    }
+
+    let reason = tokio::select! {
+        r = tokio::signal::ctrl_c() => match r {
+            Ok(()) => "Ctrl-C",
+            Err(e) => {
+                // Without Ctrl-C handling SIGTERM still works; keep serving.
+                log::warn!("cannot listen for Ctrl-C ({e}); stop the demo with SIGTERM");
+                sigterm.recv().await;
+                "SIGTERM"
+            }
+        },
+        _ = sigterm.recv() => "SIGTERM",
+        result = &mut running => {
+            // The server stopped without being asked (a worker failed).
+            // Still close the WebSockets and stop the hub while the runtime
+            // is alive.
+            net.shutdown().await;
+            return match result {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => {
+                    eprintln!("demo_server: server failed: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+                Err(e) => {
+                    eprintln!("demo_server: server task failed: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+    };
+
+    log::info!("{reason}: closing WebSockets (1001), then stopping the HTTP server");
+    let closed = net.shutdown().await;
+    log::info!("closed {closed} WebSocket session(s)");
+    handle.stop(true).await;
+    match running.await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("demo_server: server failed while stopping: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+        Err(e) => {
+            eprintln!("demo_server: server task failed while stopping: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+
+    let options = match parse_args(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(ArgsError::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(ArgsError::Bad(why)) => {
+            eprintln!("demo_server: {why}\n\n{USAGE}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    // Load before starting the actix system: a bad file is reported without
+    // ever opening a socket.
+    let (config, label) = match load_config(options.config.clone()) {
+        Ok(c) => c,
+        Err(why) => {
+            eprintln!("demo_server: {why}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    actix_web::rt::System::new().block_on(serve(options, config, label))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Result<Options, ArgsError> {
+        parse_args(list.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn flags_parse_in_both_forms() {
+        let o = args(&[]).expect("defaults");
+        assert_eq!(o.bind.to_string(), DEFAULT_BIND);
+        assert!(o.config.is_none());
+        let o = args(&["--bind", "0.0.0.0:9000", "--config=x.json"]).expect("both");
+        assert_eq!(o.bind.to_string(), "0.0.0.0:9000");
+        assert_eq!(o.config.as_deref(), Some("x.json"));
+    }
+
+    #[test]
+    fn bad_flags_are_errors() {
+        for bad in [
+            &["--bind"][..],
+            &["--bind", "nowhere"],
+            &["--bind="],
+            &["--port", "1"],
+            &["--config", "a", "--config", "b"],
+            &["extra"],
+        ] {
+            assert!(matches!(args(bad), Err(ArgsError::Bad(_))), "{bad:?}");
+        }
+        assert!(matches!(args(&["-h"]), Err(ArgsError::Help)));
+    }
+
+    #[test]
+    fn wildcard_addresses_are_shown_as_loopback() {
+        let url = |s: &str| page_url(s.parse().expect("addr"));
+        assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080/");
+        assert_eq!(url("[::]:80"), "http://[::1]:80/");
+        assert_eq!(url("127.0.0.1:8080"), "http://127.0.0.1:8080/");
+    }
+}
