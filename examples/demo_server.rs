@@ -214,6 +214,8 @@ async fn serve(options: Options, config: Config, config_label: String) -> ExitCo
         App::new()
             .wrap(middleware::Logger::new(r#"%a "%r" %s %Dms"#))
             .configure(routes.clone())
+            // ANY /proxy/{client}/{tail…} → network.api_clients.<client>
+            .configure(happynet::gateway::configure)
             .route("/", web::get().to(index))
     })
     .on_connect(net.on_connect())

@@ -299,6 +299,18 @@ impl PoolActor {
             let result = tokio::time::timeout_at(deadline, async {
                 let mut resp = match req.send_body(msg.body).await {
                     Ok(resp) => resp,
+                    // awc reports a connection that closed before any
+                    // response as a connect error; the request may have
+                    // reached the upstream, so it is a transport failure.
+                    Err(awc::error::SendRequestError::Connect(
+                        awc::error::ConnectError::Disconnected,
+                    )) => {
+                        return Err(PoolError::Transport {
+                            upstream: upstream.clone(),
+                            endpoint: endpoint.clone(),
+                            message: "connection closed before a response".into(),
+                        })
+                    }
                     Err(awc::error::SendRequestError::Connect(e)) => {
                         return Err(PoolError::Connect {
                             upstream: upstream.clone(),

@@ -35,12 +35,16 @@ pub fn config(json: &str) -> Config {
 pub async fn start(config: Config) -> TestServer {
     let net = Network::start(config).expect("network starts");
     let routes = net.configure();
-    let server = HttpServer::new(move || App::new().configure(routes.clone()))
-        .workers(2)
-        .on_connect(net.on_connect())
-        .disable_signals()
-        .bind(("127.0.0.1", 0))
-        .expect("bind");
+    let server = HttpServer::new(move || {
+        App::new()
+            .configure(routes.clone())
+            .configure(happynet::gateway::configure)
+    })
+    .workers(2)
+    .on_connect(net.on_connect())
+    .disable_signals()
+    .bind(("127.0.0.1", 0))
+    .expect("bind");
     let addr = server.addrs()[0];
     let server = server.run();
     let handle = server.handle();
