@@ -634,11 +634,19 @@ fn fraction(path: &str, value: f64) -> Result<(), ConfigError> {
     }
 }
 
+/// The most requests per minute a limiter can express: one per nanosecond.
+const MAX_RATE_PER_MINUTE: f64 = 60e9;
+
 fn validate_rate(path: &str, value: f64) -> Result<(), ConfigError> {
-    if value.is_finite() && value > 0.0 {
-        Ok(())
-    } else {
+    if !(value.is_finite() && value > 0.0) {
         Err(ConfigError::invalid(path, "must be > 0"))
+    } else if value > MAX_RATE_PER_MINUTE {
+        Err(ConfigError::invalid(
+            path,
+            format!("must be <= {MAX_RATE_PER_MINUTE:e} (one request per nanosecond)"),
+        ))
+    } else {
+        Ok(())
     }
 }
 

@@ -43,6 +43,7 @@ const MAX_LIMITER_KEYS: usize = 100_000;
 /// One upstream's actors and policy. Shared by every request to it.
 pub struct Upstream {
     settings: UpstreamSettings,
+    arbiter: ArbiterHandle,
     pool: Addr<PoolActor>,
     breaker: Addr<BreakerActor>,
     limiter: Addr<RateLimiterActor>,
@@ -107,6 +108,7 @@ impl Upstream {
             }),
             backoff,
             budget: Mutex::new(budget),
+            arbiter: arbiter.clone(),
             settings,
         })
     }
@@ -144,19 +146,45 @@ impl Upstream {
     }
 
     /// Runs `req` through the pipeline (see the module docs).
+    ///
+    /// The pipeline itself runs on the upstream's arbiter, beside its three
+    /// actors: the caller pays one cross-thread round trip (this call and its
+    /// answer), and the hops limiter → breaker → pool are same-thread
+    /// messages, which cost a queue push rather than a thread wake-up.
     pub async fn call(self: &Arc<Self>, req: Request) -> Result<Response, HttpError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        let spawned = self.arbiter.spawn(async move {
+            let _ = reply.send(this.run(req).await);
+        });
+        let gone = || HttpError::Internal {
+            upstream: self.settings.name.clone(),
+            message: "the upstream arbiter has stopped".into(),
+        };
+        if !spawned {
+            return Err(gone());
+        }
+        answer.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    async fn run(&self, req: Request) -> Result<Response, HttpError> {
         let started = Instant::now();
         let deadline = started + req.deadline.unwrap_or(self.settings.deadline);
-        let fallback = req.fallback.clone();
         let result = match tokio::time::timeout_at(deadline, self.call_inner(&req, deadline)).await
         {
+            Ok(Err(HttpError::Timeout { upstream, after })) if after.is_zero() => {
+                Err(HttpError::Timeout {
+                    upstream,
+                    after: started.elapsed(),
+                })
+            }
             Ok(result) => result,
             Err(_) => Err(HttpError::Timeout {
                 upstream: self.settings.name.clone(),
                 after: started.elapsed(),
             }),
         };
-        match (result, fallback) {
+        match (result, &req.fallback) {
             (Err(e), Some(fallback)) => {
                 log::info!(
                     "upstream {}: using the fallback after: {e}",
