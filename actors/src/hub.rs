@@ -521,6 +521,13 @@ impl Actor for BroadcastHub {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.config.mailbox_capacity);
+        // An app that starts the network and then leaves its System before
+        // the hub ever ran (a bind error, say) drops the hub outside the
+        // runtime; actix still calls `started` then, and a timer there
+        // would panic. Nothing will run anyway, so start none.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
         ctx.run_interval(self.config.heartbeat_interval, |hub, _| hub.heartbeat());
         if !self.config.presence_interval.is_zero() {
             ctx.run_interval(self.config.presence_interval, |hub, _| {
