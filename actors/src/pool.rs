@@ -75,6 +75,42 @@ pub struct Execute {
     pub deadline: Instant,
 }
 
+/// One HTTP call whose response body is streamed to the caller as it
+/// arrives (server-sent events, large downloads).
+///
+/// Sent by `happynet`'s streaming calls. The result arrives with the
+/// response head; the body follows through [`StreamingResponse::body`]. The
+/// call keeps its bulkhead slot until the body ends or the receiver is
+/// dropped. The channel is bounded: a consumer that stops reading stops the
+/// pool reading from the upstream (TCP back-pressure), never a growing buffer.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<StreamingResponse, PoolError>")]
+pub struct ExecuteStream {
+    /// The request, as for [`Execute`]; its deadline bounds the time to the
+    /// response head.
+    pub request: Execute,
+    /// The longest wait for the next body chunk.
+    pub idle_timeout: Duration,
+}
+
+/// How many body chunks may wait between the pool and a streaming caller.
+pub const STREAM_CHUNK_BUFFER: usize = 16;
+
+/// A response head whose body is still arriving.
+#[derive(Debug)]
+pub struct StreamingResponse {
+    /// The status code.
+    pub status: StatusCode,
+    /// The response headers.
+    pub headers: HeaderMap,
+    /// Which endpoint answered.
+    pub endpoint: usize,
+    /// Time to the response head.
+    pub latency: Duration,
+    /// The body, chunk by chunk; an `Err` ends it.
+    pub body: tokio::sync::mpsc::Receiver<Result<Bytes, PoolError>>,
+}
+
 /// A response read in full.
 #[derive(Debug, Clone)]
 pub struct UpstreamResponse {
@@ -222,6 +258,22 @@ pub struct PoolStats {
 }
 
 type Reply = oneshot::Sender<Result<UpstreamResponse, PoolError>>;
+type StreamReply = oneshot::Sender<Result<StreamingResponse, PoolError>>;
+
+/// A call waiting in, or leaving, the bulkhead queue.
+enum Job {
+    Whole(Execute, Reply),
+    Stream(ExecuteStream, StreamReply),
+}
+
+impl Job {
+    fn caller_gone(&self) -> bool {
+        match self {
+            Job::Whole(_, reply) => reply.is_closed(),
+            Job::Stream(_, reply) => reply.is_closed(),
+        }
+    }
+}
 
 /// One upstream's connection pool, bulkhead and load balancer. See the module
 /// docs.
@@ -231,7 +283,7 @@ pub struct PoolActor {
     balancer: Balancer,
     jitter: Jitter,
     in_flight: usize,
-    queue: VecDeque<(Execute, Reply)>,
+    queue: VecDeque<Job>,
     stats: PoolStats,
 }
 
@@ -269,29 +321,60 @@ impl PoolActor {
         }
     }
 
-    fn launch(&mut self, msg: Execute, reply: Reply, ctx: &mut Context<Self>) {
+    /// Picks an endpoint and builds the request, taking a bulkhead slot; an
+    /// error (for the caller) when the deadline has passed or there is no
+    /// endpoint.
+    fn prepare(
+        &mut self,
+        msg: &mut Execute,
+    ) -> Result<(usize, String, awc::ClientRequest), PoolError> {
         let upstream = self.config.name.clone();
         let now = Instant::now();
         if now >= msg.deadline {
-            let _ = reply.send(Err(PoolError::Timeout {
+            return Err(PoolError::Timeout {
                 upstream,
                 endpoint: None,
-            }));
-            return;
+            });
         }
         let Some(idx) = self.balancer.pick(now.into_std(), &mut self.jitter) else {
-            let _ = reply.send(Err(PoolError::Closed { upstream }));
-            return;
+            return Err(PoolError::Closed { upstream });
         };
         self.balancer.on_start(idx);
         self.in_flight += 1;
         self.stats.sent_per_endpoint[idx] += 1;
         let endpoint = self.config.endpoints[idx].clone();
         let url = format!("{endpoint}{}", msg.path_and_query);
-        let mut req = self.client.request(msg.method, url);
-        for (name, value) in msg.headers {
+        let mut req = self.client.request(msg.method.clone(), url);
+        for (name, value) in std::mem::take(&mut msg.headers) {
             req = req.append_header((name, value));
         }
+        Ok((idx, endpoint, req))
+    }
+
+    /// Ends a call: frees its slot, feeds the balancer, starts a queued one.
+    fn finish(&mut self, idx: usize, latency: Duration, healthy: bool, ctx: &mut Context<Self>) {
+        self.in_flight -= 1;
+        self.balancer
+            .on_end(idx, Instant::now().into_std(), latency, healthy);
+        self.launch_queued(ctx);
+    }
+
+    fn launch(&mut self, job: Job, ctx: &mut Context<Self>) {
+        match job {
+            Job::Whole(msg, reply) => self.launch_whole(msg, reply, ctx),
+            Job::Stream(msg, reply) => self.launch_stream(msg, reply, ctx),
+        }
+    }
+
+    fn launch_whole(&mut self, mut msg: Execute, reply: Reply, ctx: &mut Context<Self>) {
+        let (idx, endpoint, req) = match self.prepare(&mut msg) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let upstream = self.config.name.clone();
         let limit = self.config.max_response_bytes;
         let deadline = msg.deadline;
         let call = async move {
@@ -351,7 +434,6 @@ impl PoolActor {
         ctx.spawn(
             call.into_actor(self)
                 .map(move |(result, latency), pool, ctx| {
-                    pool.in_flight -= 1;
                     let result = result.map(|(status, headers, body)| UpstreamResponse {
                         status,
                         headers,
@@ -363,10 +445,112 @@ impl PoolActor {
                         Ok(resp) => !resp.status.is_server_error(),
                         Err(e) => !e.is_upstream_failure(),
                     };
-                    pool.balancer
-                        .on_end(idx, Instant::now().into_std(), latency, healthy);
                     let _ = reply.send(result);
-                    pool.launch_queued(ctx);
+                    pool.finish(idx, latency, healthy, ctx);
+                }),
+        );
+    }
+
+    fn launch_stream(&mut self, msg: ExecuteStream, reply: StreamReply, ctx: &mut Context<Self>) {
+        let ExecuteStream {
+            request: mut msg,
+            idle_timeout,
+        } = msg;
+        let (idx, endpoint, req) = match self.prepare(&mut msg) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let upstream = self.config.name.clone();
+        let limit = self.config.max_response_bytes;
+        let deadline = msg.deadline;
+        let call = async move {
+            use futures::StreamExt;
+            let started = Instant::now();
+            let transport = |message: String| PoolError::Transport {
+                upstream: upstream.clone(),
+                endpoint: endpoint.clone(),
+                message,
+            };
+            let head = tokio::time::timeout_at(deadline, req.send_body(msg.body)).await;
+            let mut resp = match head {
+                Ok(Ok(resp)) => resp,
+                Ok(Err(awc::error::SendRequestError::Connect(
+                    awc::error::ConnectError::Disconnected,
+                ))) => {
+                    let _ =
+                        reply.send(Err(transport("connection closed before a response".into())));
+                    return (started.elapsed(), false);
+                }
+                Ok(Err(awc::error::SendRequestError::Connect(e))) => {
+                    let _ = reply.send(Err(PoolError::Connect {
+                        upstream: upstream.clone(),
+                        endpoint: endpoint.clone(),
+                        message: e.to_string(),
+                    }));
+                    return (started.elapsed(), false);
+                }
+                Ok(Err(e)) => {
+                    let _ = reply.send(Err(transport(e.to_string())));
+                    return (started.elapsed(), false);
+                }
+                Err(_) => {
+                    let _ = reply.send(Err(PoolError::Timeout {
+                        upstream: upstream.clone(),
+                        endpoint: Some(endpoint.clone()),
+                    }));
+                    return (started.elapsed(), false);
+                }
+            };
+            let latency = started.elapsed();
+            let status = resp.status();
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNK_BUFFER);
+            let head = StreamingResponse {
+                status,
+                headers: resp.headers().clone(),
+                endpoint: idx,
+                latency,
+                body: rx,
+            };
+            if reply.send(Ok(head)).is_err() {
+                return (latency, !status.is_server_error());
+            }
+            let mut total = 0usize;
+            let healthy = loop {
+                let chunk = match tokio::time::timeout(idle_timeout, resp.next()).await {
+                    Err(_) => Err(PoolError::Timeout {
+                        upstream: upstream.clone(),
+                        endpoint: Some(endpoint.clone()),
+                    }),
+                    Ok(None) => break !status.is_server_error(),
+                    Ok(Some(Err(e))) => Err(transport(e.to_string())),
+                    Ok(Some(Ok(chunk))) => {
+                        total += chunk.len();
+                        if total > limit {
+                            Err(PoolError::BodyTooLarge {
+                                upstream: upstream.clone(),
+                                limit,
+                            })
+                        } else {
+                            Ok(chunk)
+                        }
+                    }
+                };
+                let failed = chunk.is_err();
+                // A consumer that went away ends the call; a slow one holds
+                // this send, and so the upstream, back.
+                if tx.send(chunk).await.is_err() || failed {
+                    break !failed;
+                }
+            };
+            (latency, healthy)
+        };
+        ctx.spawn(
+            call.into_actor(self)
+                .map(move |(latency, healthy), pool, ctx| {
+                    pool.finish(idx, latency, healthy, ctx);
                 }),
         );
     }
@@ -374,11 +558,11 @@ impl PoolActor {
     /// Fills free slots from the queue, skipping callers that gave up.
     fn launch_queued(&mut self, ctx: &mut Context<Self>) {
         while self.in_flight < self.config.max_in_flight {
-            let Some((msg, reply)) = self.queue.pop_front() else {
+            let Some(job) = self.queue.pop_front() else {
                 return;
             };
-            if !reply.is_closed() {
-                self.launch(msg, reply, ctx);
+            if !job.caller_gone() {
+                self.launch(job, ctx);
             }
         }
     }
@@ -395,20 +579,49 @@ impl Actor for PoolActor {
     }
 }
 
+impl PoolActor {
+    /// Admits `job` through the bulkhead: run now, queue, or refuse.
+    fn admit(&mut self, job: Job, ctx: &mut Context<Self>) -> Result<(), PoolError> {
+        if self.in_flight < self.config.max_in_flight {
+            self.launch(job, ctx);
+            Ok(())
+        } else if self.queue.len() < self.config.max_queue {
+            self.queue.push_back(job);
+            Ok(())
+        } else {
+            self.stats.rejected_overloaded += 1;
+            log::debug!(
+                "upstream {}: bulkhead full, call rejected",
+                self.config.name
+            );
+            Err(PoolError::Overloaded {
+                upstream: self.config.name.clone(),
+            })
+        }
+    }
+}
+
 impl Handler<Execute> for PoolActor {
     type Result = ResponseFuture<Result<UpstreamResponse, PoolError>>;
 
     fn handle(&mut self, msg: Execute, ctx: &mut Self::Context) -> Self::Result {
         let upstream = self.config.name.clone();
         let (reply, result) = oneshot::channel();
-        if self.in_flight < self.config.max_in_flight {
-            self.launch(msg, reply, ctx);
-        } else if self.queue.len() < self.config.max_queue {
-            self.queue.push_back((msg, reply));
-        } else {
-            self.stats.rejected_overloaded += 1;
-            log::debug!("upstream {upstream}: bulkhead full, call rejected");
-            return Box::pin(async move { Err(PoolError::Overloaded { upstream }) });
+        if let Err(e) = self.admit(Job::Whole(msg, reply), ctx) {
+            return Box::pin(async move { Err(e) });
+        }
+        Box::pin(async move { result.await.unwrap_or(Err(PoolError::Closed { upstream })) })
+    }
+}
+
+impl Handler<ExecuteStream> for PoolActor {
+    type Result = ResponseFuture<Result<StreamingResponse, PoolError>>;
+
+    fn handle(&mut self, msg: ExecuteStream, ctx: &mut Self::Context) -> Self::Result {
+        let upstream = self.config.name.clone();
+        let (reply, result) = oneshot::channel();
+        if let Err(e) = self.admit(Job::Stream(msg, reply), ctx) {
+            return Box::pin(async move { Err(e) });
         }
         Box::pin(async move { result.await.unwrap_or(Err(PoolError::Closed { upstream })) })
     }
