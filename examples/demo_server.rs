@@ -210,12 +210,13 @@ async fn serve(options: Options, config: Config, config_label: String) -> ExitCo
     };
 
     let routes = net.configure();
+    let gateways = net.configure_gateways();
     let server = HttpServer::new(move || {
         App::new()
             .wrap(middleware::Logger::new(r#"%a "%r" %s %Dms"#))
             .configure(routes.clone())
             // ANY /proxy/{client}/{tail…} → network.api_clients.<client>
-            .configure(happynet::gateway::configure)
+            .configure(gateways.clone())
             .route("/", web::get().to(index))
     })
     .on_connect(net.on_connect())

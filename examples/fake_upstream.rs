@@ -2,15 +2,20 @@
 //!
 //! A fake upstream HTTP server with fault injection, as a program: point a
 //! demo or a benchmark at it to see how the client copes with a slow, flaky
-//! or dead upstream. The server itself lives in `support/fake_upstream.rs`,
-//! which tests and benchmark programs also start in-process; see that file
-//! for the routes, the per-request `x-fault-*` headers and the order in which
-//! faults are chosen.
+//! or dead upstream. Besides a JSON echo on every path it serves an
+//! OpenAI-compatible API (`POST /v1/chat/completions`, plain or streamed,
+//! and `GET /v1/models`), so an LLM demo runs offline, and versioned
+//! cacheable resources (`GET /cache/{id}` with `ETag`/`Last-Modified`). The
+//! server itself lives in `support/fake_upstream.rs`, which tests and
+//! benchmark programs also start in-process; see that file for the routes,
+//! the per-request `x-fault-*` headers and the order in which faults are
+//! chosen.
 //!
 //! ```text
-//! fake_upstream [--bind ADDR] [--name NAME] [--latency-ms N] [--error-rate R]
-//!               [--status S] [--retry-after V] [--fail-next N]
-//!               [--reset-rate R] [--hang-rate R]
+//! fake_upstream [--bind ADDR] [--name NAME] [--api-key KEY]
+//!               [--latency-ms N] [--error-rate R] [--status S]
+//!               [--retry-after V] [--fail-next N] [--reset-rate R]
+//!               [--hang-rate R] [--chunk-delay-ms N] [--insufficient-quota]
 //! ```
 //!
 //! A bad flag is reported on stderr and the process exits with status 2.
@@ -20,12 +25,16 @@
 //! ```text
 //! curl -X POST localhost:9000/__fault -d '{"error_rate":0.2,"retry_after":"1"}'
 //! curl localhost:9000/__stats
+//! curl localhost:9000/v1/chat/completions -H 'Authorization: Bearer sk-test' \
+//!      -d '{"model":"fake-gpt","stream":true,"messages":[{"role":"user","content":"hi there"}]}'
+//! curl -i localhost:9000/cache/a -H 'If-None-Match: "v1"'
+//! curl -X POST localhost:9000/cache/a/bump
 //! ```
 
 #[path = "support/fake_upstream.rs"]
 mod fake_upstream;
 
-use fake_upstream::{FakeUpstream, Faults};
+use fake_upstream::{FakeUpstream, Faults, StartOptions};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use tokio::signal::unix::{signal, SignalKind};
@@ -45,24 +54,38 @@ const EXIT_FAILURE: u8 = 1;
 const USAGE: &str = "\
 usage: fake_upstream [options]
 
-  --bind ADDR         address to listen on (default 127.0.0.1:9000)
-  --name NAME         sent in the x-upstream response header (default fake)
-  --latency-ms N      delay every answer by N ms (default 0, at most 120000)
-  --error-rate R      fraction 0..=1 of requests answered with --status
-  --status S          status of injected errors, 400..=599 (default 503)
-  --retry-after V     Retry-After sent with injected errors (e.g. 2)
-  --fail-next N       fail the first N requests with --status
-  --reset-rate R      fraction 0..=1 of connections aborted without a response
-  --hang-rate R       fraction 0..=1 of requests never answered (120 s cap)
-  -h, --help          print this help
+  --bind ADDR            address to listen on (default 127.0.0.1:9000)
+  --name NAME            sent in the x-upstream response header (default fake)
+  --api-key KEY          require KEY on /v1/* as `Authorization: Bearer KEY`,
+                         `x-api-key: KEY` or `?api_key=KEY` (default: none)
+  --latency-ms N         delay every answer by N ms (default 0, at most 120000)
+  --error-rate R         fraction 0..=1 of requests answered with --status
+  --status S             status of injected errors, 400..=599 (default 503)
+  --retry-after V        Retry-After sent with injected errors (e.g. 2)
+  --fail-next N          fail the first N requests with --status
+  --reset-rate R         fraction 0..=1 of connections aborted without a response
+  --hang-rate R          fraction 0..=1 of requests never answered (120 s cap)
+  --chunk-delay-ms N     pause N ms between streamed completion chunks
+                         (default 0, at most 10000)
+  --insufficient-quota   answer every request 429 insufficient_quota, without
+                         Retry-After (a client must not retry it)
+  -h, --help             print this help
 
-The three rates split one roll of the dice, so they must sum to at most 1.";
+The three rates split one roll of the dice, so they must sum to at most 1.
+
+Routes: POST /v1/chat/completions (\"stream\": true for server-sent events),
+GET /v1/models, GET /cache/{id}[?cc=CACHE-CONTROL] (ETag, If-None-Match,
+If-Modified-Since), POST /cache/{id}/bump, GET|POST /__fault, GET /__stats;
+any other path is a JSON echo. Per-request fault headers: x-fault-latency-ms,
+x-fault-status, x-fault-retry-after, x-fault-reset, x-fault-hang,
+x-fault-quota, x-fault-chunk-delay-ms.";
 
 /// What the command line asked for.
 #[derive(Debug)]
 struct Options {
     bind: SocketAddr,
     name: String,
+    api_key: Option<String>,
     faults: Faults,
 }
 
@@ -76,9 +99,10 @@ enum ArgsError {
 }
 
 /// The flags that take a value, in the order of the usage text.
-const FLAGS: [&str; 9] = [
+const FLAGS: [&str; 11] = [
     "--bind",
     "--name",
+    "--api-key",
     "--latency-ms",
     "--error-rate",
     "--status",
@@ -86,13 +110,18 @@ const FLAGS: [&str; 9] = [
     "--fail-next",
     "--reset-rate",
     "--hang-rate",
+    "--chunk-delay-ms",
 ];
+
+/// The flag that takes no value: present means on.
+const QUOTA_SWITCH: &str = "--insufficient-quota";
 
 /// Parses the flags by hand: a handful of options do not justify a parser
 /// crate. Both `--flag VALUE` and `--flag=VALUE` are accepted; a flag may be
 /// given once.
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsError> {
     let mut values: [Option<String>; FLAGS.len()] = Default::default();
+    let mut insufficient_quota = false;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -103,6 +132,15 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsErr
         };
         if flag == "-h" || flag == "--help" {
             return Err(ArgsError::Help);
+        }
+        if flag == QUOTA_SWITCH {
+            if inline.is_some() {
+                return Err(ArgsError::Bad(format!("{flag} takes no value")));
+            }
+            if std::mem::replace(&mut insufficient_quota, true) {
+                return Err(ArgsError::Bad(format!("{flag} given more than once")));
+            }
+            continue;
         }
         let Some(index) = FLAGS.iter().position(|known| *known == flag) else {
             return Err(ArgsError::Bad(format!("unknown argument `{arg}`")));
@@ -115,7 +153,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsErr
             return Err(ArgsError::Bad(format!("{flag} given more than once")));
         }
     }
-    let [bind, name, latency_ms, error_rate, status, retry_after, fail_next, reset_rate, hang_rate] =
+    let [bind, name, api_key, latency_ms, error_rate, status, retry_after, fail_next, reset_rate, hang_rate, chunk_delay_ms] =
         values;
 
     let bind_text = bind.as_deref().unwrap_or(DEFAULT_BIND);
@@ -132,6 +170,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsErr
         fail_next: parse_value("--fail-next", fail_next, "a whole number")?,
         reset_rate: parse_value("--reset-rate", reset_rate, "a fraction such as 0.05")?,
         hang_rate: parse_value("--hang-rate", hang_rate, "a fraction such as 0.01")?,
+        insufficient_quota,
+        stream_chunk_delay_ms: parse_value(
+            "--chunk-delay-ms",
+            chunk_delay_ms,
+            "a whole number of ms",
+        )?,
     };
     // The same checks as `POST /__fault`, so the message names the field.
     faults
@@ -140,6 +184,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsErr
     Ok(Options {
         bind,
         name: name.unwrap_or_else(|| DEFAULT_NAME.to_owned()),
+        api_key,
         faults,
     })
 }
@@ -170,7 +215,11 @@ async fn serve(options: Options) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let upstream = match FakeUpstream::start_on(&options.name, options.faults, options.bind).await {
+    let start = StartOptions {
+        bind: options.bind,
+        api_key: options.api_key,
+    };
+    let upstream = match FakeUpstream::start_with(&options.name, options.faults, start).await {
         Ok(u) => u,
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
             eprintln!("fake_upstream: {e}");
@@ -182,9 +231,14 @@ async fn serve(options: Options) -> ExitCode {
         }
     };
     log::info!(
-        "fake upstream {:?} listening on {} with {:?}",
+        "fake upstream {:?} listening on {} ({}) with {:?}",
         upstream.name(),
         upstream.url("/"),
+        if upstream.api_key().is_some() {
+            "API key required on /v1/*"
+        } else {
+            "no API key required"
+        },
         upstream.state.faults()
     );
 

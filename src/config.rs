@@ -120,6 +120,34 @@ pub struct NetworkConfig {
     /// `network.api_clients.<name>`: named upstream APIs.
     #[serde(default)]
     pub api_clients: BTreeMap<String, ApiClientConfig>,
+    /// `network.gateway`: the OpenAI-compatible gateway routes.
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+}
+
+/// `network.gateway`: `POST /v1/chat/completions` and `GET /v1/models`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// The API clients to forward to, in order: the first is used while it
+    /// answers; the next when it is open, limited, overloaded or failing.
+    /// Default `["openai"]`.
+    pub clients: Vec<String>,
+    /// Bearer tokens the gateway's own callers must present (separate from
+    /// any upstream key). Empty: no token is required (a warning says so).
+    pub tokens: Vec<String>,
+    /// The largest request body, bytes. Default 1 MiB.
+    pub max_body_bytes: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            clients: vec!["openai".to_owned()],
+            tokens: Vec::new(),
+            max_body_bytes: 1 << 20,
+        }
+    }
 }
 
 /// `network.http`: how upstream calls are made. These are the defaults for
@@ -478,6 +506,77 @@ pub struct ApiClientConfig {
     /// Default: `network.http.ejection`.
     #[serde(default)]
     pub ejection: Option<EjectionSettings>,
+    /// How the client authenticates; the secret comes from an environment
+    /// variable, never from this file.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// Shorthand for `"auth": {"type": "bearer", "key_env": …}`.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Headers sent with every request (e.g. an API version).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// A response cache for this client; none when absent.
+    #[serde(default)]
+    pub cache: Option<CacheSettings>,
+}
+
+/// `cache`: a bounded response cache in front of one API client. GET and
+/// HEAD requests without a caller's own `Authorization` are cacheable;
+/// callers may mark others cacheable with a key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Entries kept. Default 1024.
+    pub max_entries: usize,
+    /// Bytes kept (bodies, headers and overhead). Default 8 MiB.
+    pub max_bytes: usize,
+    /// Freshness of a response that gives no `max-age`, seconds. Default 0:
+    /// such responses are kept only to be revalidated.
+    pub default_ttl: Seconds,
+    /// How long past its expiry an entry may still be served when the
+    /// upstream fails, seconds. 0 never. Default 300.
+    pub stale_if_error: Seconds,
+    /// Larger responses are not kept, bytes. Default 1 MiB.
+    pub max_entry_bytes: usize,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            max_entries: 1024,
+            max_bytes: 8 << 20,
+            default_ttl: Seconds(Duration::ZERO),
+            stale_if_error: Seconds::secs(300),
+            max_entry_bytes: 1 << 20,
+        }
+    }
+}
+
+/// `auth`: where a client's credential goes. `key_env` names the environment
+/// variable that holds the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum AuthConfig {
+    /// `Authorization: Bearer <secret>`.
+    Bearer {
+        /// The variable holding the token.
+        key_env: String,
+    },
+    /// `<name>: <secret>`.
+    Header {
+        /// The header's name, e.g. `x-api-key`.
+        name: String,
+        /// The variable holding the key.
+        key_env: String,
+    },
+    /// `?<name>=<secret>` on every request.
+    Query {
+        /// The query parameter's name, e.g. `api_key`.
+        name: String,
+        /// The variable holding the key.
+        key_env: String,
+    },
 }
 
 fn default_rate_limit() -> f64 {
@@ -525,6 +624,12 @@ pub struct UpstreamSettings {
     pub max_queue: usize,
     /// Outlier ejection.
     pub ejection: EjectionSettings,
+    /// Credential, if any.
+    pub auth: Option<AuthConfig>,
+    /// Headers sent with every request.
+    pub headers: Vec<(String, String)>,
+    /// Response cache, if any.
+    pub cache: Option<CacheSettings>,
 }
 
 fn default_burst(rate_per_minute: f64) -> u32 {
@@ -580,6 +685,20 @@ impl NetworkConfig {
             max_in_flight: bulkhead.max_in_flight.unwrap_or(max_connections),
             max_queue: bulkhead.max_queue,
             ejection: c.ejection.clone().unwrap_or_else(|| h.ejection.clone()),
+            auth: c.auth.clone().or_else(|| {
+                c.api_key_env
+                    .clone()
+                    // The `openai` client reads OPENAI_API_KEY unless told
+                    // otherwise, as OpenAI's own SDKs do.
+                    .or_else(|| (name == "openai").then(|| "OPENAI_API_KEY".to_owned()))
+                    .map(|key_env| AuthConfig::Bearer { key_env })
+            }),
+            headers: c
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            cache: c.cache.clone(),
         })
     }
 
@@ -606,6 +725,9 @@ impl NetworkConfig {
             max_in_flight: h.bulkhead.max_in_flight.unwrap_or(h.max_connections),
             max_queue: h.bulkhead.max_queue,
             ejection: h.ejection.clone(),
+            auth: None,
+            headers: Vec::new(),
+            cache: None,
         }
     }
 }
@@ -850,6 +972,60 @@ impl Config {
             }
             if let Some(e) = &client.ejection {
                 e.validate(&path("ejection"))?;
+            }
+            if let Some(c) = &client.cache {
+                let config = happynet_actors::cache::CacheConfig {
+                    max_entries: c.max_entries,
+                    max_bytes: c.max_bytes,
+                    default_ttl: c.default_ttl.0,
+                    stale_if_error: c.stale_if_error.0,
+                    max_entry_bytes: c.max_entry_bytes,
+                };
+                // The cache's own check names the field; put it on its path.
+                config.validate().map_err(|e| {
+                    let (field, rest) = e.split_once(' ').unwrap_or((&e, ""));
+                    ConfigError::invalid(&format!("{at}.cache.{field}"), rest)
+                })?;
+            }
+            if client.auth.is_some() && client.api_key_env.is_some() {
+                return Err(ConfigError::invalid(
+                    &path("api_key_env"),
+                    "cannot be used together with auth",
+                ));
+            }
+            let key_env = match &client.auth {
+                Some(AuthConfig::Bearer { key_env })
+                | Some(AuthConfig::Header { key_env, .. })
+                | Some(AuthConfig::Query { key_env, .. }) => Some((path("auth.key_env"), key_env)),
+                None => client
+                    .api_key_env
+                    .as_ref()
+                    .map(|k| (path("api_key_env"), k)),
+            };
+            if let Some((at, var)) = key_env {
+                if var.is_empty() || var.contains('=') || var.contains('\0') {
+                    return Err(ConfigError::invalid(
+                        &at,
+                        "must name an environment variable",
+                    ));
+                }
+            }
+            if let Some(AuthConfig::Header { name: h, .. }) = &client.auth {
+                if actix_web::http::header::HeaderName::try_from(h.as_str()).is_err() {
+                    return Err(ConfigError::invalid(
+                        &path("auth.name"),
+                        "is not a header name",
+                    ));
+                }
+            }
+            for (k, v) in &client.headers {
+                let at = format!("{at}.headers.{k}");
+                if actix_web::http::header::HeaderName::try_from(k.as_str()).is_err() {
+                    return Err(ConfigError::invalid(&at, "is not a header name"));
+                }
+                if actix_web::http::header::HeaderValue::try_from(v.as_str()).is_err() {
+                    return Err(ConfigError::invalid(&at, "is not a valid header value"));
+                }
             }
         }
         Ok(())

@@ -78,6 +78,14 @@ pub enum HttpError {
         /// What is wrong.
         reason: String,
     },
+    /// The client's credential is missing: its environment variable was not
+    /// set when the network started.
+    MissingSecret {
+        /// The upstream.
+        upstream: String,
+        /// The environment variable that should hold the secret.
+        variable: String,
+    },
     /// An actor of the pipeline is gone (the system is shutting down).
     Internal {
         /// The upstream.
@@ -125,6 +133,7 @@ impl HttpError {
             | HttpError::Overloaded { upstream }
             | HttpError::Transport { upstream, .. }
             | HttpError::Decode { upstream, .. }
+            | HttpError::MissingSecret { upstream, .. }
             | HttpError::Internal { upstream, .. } => Some(upstream),
             HttpError::InvalidRequest { .. } => None,
         }
@@ -142,6 +151,7 @@ impl HttpError {
             HttpError::Transport { .. } => "transport",
             HttpError::Decode { .. } => "decode",
             HttpError::InvalidRequest { .. } => "invalid_request",
+            HttpError::MissingSecret { .. } => "missing_secret",
             HttpError::Internal { .. } => "internal",
         }
     }
@@ -204,6 +214,10 @@ impl fmt::Display for HttpError {
                 write!(f, "upstream {upstream}: {message}")
             }
             HttpError::InvalidRequest { reason } => write!(f, "invalid request: {reason}"),
+            HttpError::MissingSecret { upstream, variable } => write!(
+                f,
+                "upstream {upstream}: no credential: environment variable {variable} is not set"
+            ),
             HttpError::Internal { upstream, message } => {
                 write!(f, "upstream {upstream}: {message}")
             }

@@ -78,6 +78,9 @@ pub fn error_response(e: &HttpError) -> HttpResponse {
             StatusCode::BAD_GATEWAY
         }
         HttpError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+        // The gateway's own upstream credential is missing: a server-side
+        // misconfiguration, not the caller's fault.
+        HttpError::MissingSecret { .. } => StatusCode::BAD_GATEWAY,
         HttpError::Internal { .. } | HttpError::Status { .. } => StatusCode::SERVICE_UNAVAILABLE,
     };
     let mut out = HttpResponse::build(status);

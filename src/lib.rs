@@ -39,11 +39,15 @@
 //! }
 //! ```
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod llm_gateway;
 pub mod network;
+pub mod openai;
+pub mod sse;
 pub mod upstream;
 
 pub use client::{ApiClient, HttpClient};
@@ -52,7 +56,7 @@ pub use error::HttpError;
 pub use happynet_actors as actors;
 pub use happynet_actors::{Broadcast, BroadcastHub, RoomName, SessionId, Target};
 pub use network::Network;
-pub use upstream::{RequestBuilder, Response};
+pub use upstream::{RequestBuilder, Response, StreamedResponse};
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[doc = include_str!("../README.md")]

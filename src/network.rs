@@ -82,6 +82,10 @@ impl Network {
             upstreams,
             config,
         };
+        let gateway = &inner.config.network.gateway;
+        if gateway.tokens.is_empty() && !inner.config.network.api_clients.is_empty() {
+            log::warn!("network.gateway.tokens is empty: the /v1 gateway routes accept any caller");
+        }
         Ok(Network {
             inner: Arc::new(inner),
         })
@@ -100,6 +104,18 @@ impl Network {
     /// The client for `network.api_clients.<name>`, if configured.
     pub fn api(&self, name: &str) -> Option<ApiClient> {
         self.inner.upstreams.api_client(name).map(ApiClient::new)
+    }
+
+    /// The gateway's clients (`network.gateway.clients`) that exist, in order.
+    pub fn gateway_clients(&self) -> Vec<ApiClient> {
+        self.inner
+            .config
+            .network
+            .gateway
+            .clients
+            .iter()
+            .filter_map(|name| self.api(name))
+            .collect()
     }
 
     /// Every configured API client.
@@ -135,6 +151,18 @@ impl Network {
                         .route(web::post().to(broadcast_route)),
                 )
                 .route("/health", web::get().to(health_route));
+        }
+    }
+
+    /// Mounts the gateways: `ANY /proxy/{client}/{tail…}` and the
+    /// OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`.
+    /// Use it beside [`Network::configure`], which provides the app data:
+    /// `App::new().configure(net.configure()).configure(net.configure_gateways())`.
+    pub fn configure_gateways(&self) -> impl Fn(&mut web::ServiceConfig) + Clone + 'static {
+        let max_body = self.inner.config.network.gateway.max_body_bytes;
+        move |cfg: &mut web::ServiceConfig| {
+            crate::gateway::configure(cfg);
+            crate::llm_gateway::configure(cfg, max_body);
         }
     }
 

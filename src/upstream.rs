@@ -19,6 +19,7 @@
 //!    jittered backoff or the upstream's `Retry-After` — never less, and never
 //!    past the deadline.
 
+use crate::auth::Auth;
 use crate::config::{LoadBalancing, UpstreamSettings};
 use crate::error::HttpError;
 use actix::prelude::*;
@@ -28,13 +29,22 @@ use actix_web::web::Bytes;
 use happynet_actors::backoff::{parse_retry_after, Backoff, Jitter, RetryBudget, RetryDecision};
 use happynet_actors::balancer::{EjectionConfig, Strategy};
 use happynet_actors::breaker::{BreakerActor, BreakerConfig, CallOutcome, Outcome, Permit};
+use happynet_actors::cache::{
+    CacheConfig, CacheCounters, CacheKey, Lookup, ResponseCache, StoredResponse, Validators,
+};
 use happynet_actors::gcra::Quota;
 use happynet_actors::limiter::{Acquire, RateLimiterActor};
-use happynet_actors::pool::{Execute, PoolActor, PoolConfig, PoolError, UpstreamResponse};
+use happynet_actors::pool::{
+    Execute, ExecuteStream, PoolActor, PoolConfig, PoolError, UpstreamResponse,
+};
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+
+/// A caller waiting for another caller's identical upstream call.
+type CollapsedWaiter = tokio::sync::oneshot::Sender<Result<Response, HttpError>>;
 
 /// Keys a limiter tracks at once: per-caller keys (API keys, client IPs)
 /// beyond this are refused until idle ones are swept.
@@ -44,6 +54,11 @@ const MAX_LIMITER_KEYS: usize = 100_000;
 pub struct Upstream {
     settings: UpstreamSettings,
     arbiter: ArbiterHandle,
+    cache: Option<Mutex<ResponseCache>>,
+    inflight: Mutex<HashMap<CacheKey, Vec<CollapsedWaiter>>>,
+    collapsed: std::sync::atomic::AtomicU64,
+    auth: Option<Auth>,
+    default_headers: Vec<(HeaderName, HeaderValue)>,
     pool: Addr<PoolActor>,
     breaker: Addr<BreakerActor>,
     limiter: Addr<RateLimiterActor>,
@@ -100,6 +115,34 @@ impl Upstream {
         let breaker = BreakerActor::new(name.clone(), breaker_config)
             .map_err(|e| format!("{name}: breaker: {e}"))?;
         let limiter_name = name.clone();
+        let auth = settings
+            .auth
+            .as_ref()
+            .map(|a| Auth::resolve(&name, a))
+            .transpose()?;
+        let cache = settings
+            .cache
+            .as_ref()
+            .map(|c| {
+                ResponseCache::new(CacheConfig {
+                    max_entries: c.max_entries,
+                    max_bytes: c.max_bytes,
+                    default_ttl: c.default_ttl.0,
+                    stale_if_error: c.stale_if_error.0,
+                    max_entry_bytes: c.max_entry_bytes,
+                })
+                .map(Mutex::new)
+                .map_err(|e| format!("network.api_clients.{name}.cache: {e}"))
+            })
+            .transpose()?;
+        let mut default_headers = Vec::new();
+        for (k, v) in &settings.headers {
+            let pair = HeaderName::try_from(k.as_str())
+                .ok()
+                .zip(HeaderValue::try_from(v.as_str()).ok())
+                .ok_or_else(|| format!("network.api_clients.{name}.headers.{k} is invalid"))?;
+            default_headers.push(pair);
+        }
         Ok(Upstream {
             pool: PoolActor::start_on(arbiter, pool_config),
             breaker: BreakerActor::start_in_arbiter(arbiter, move |_| breaker),
@@ -109,6 +152,11 @@ impl Upstream {
             backoff,
             budget: Mutex::new(budget),
             arbiter: arbiter.clone(),
+            cache,
+            inflight: Mutex::new(HashMap::new()),
+            collapsed: std::sync::atomic::AtomicU64::new(0),
+            auth,
+            default_headers,
             settings,
         })
     }
@@ -131,6 +179,11 @@ impl Upstream {
     /// The breaker's address (for stats).
     pub fn breaker(&self) -> &Addr<BreakerActor> {
         &self.breaker
+    }
+
+    /// The client's credential, if it has one.
+    pub fn auth(&self) -> Option<&Auth> {
+        self.auth.as_ref()
     }
 
     /// The limiter's address (for stats).
@@ -170,8 +223,13 @@ impl Upstream {
     async fn run(&self, req: Request) -> Result<Response, HttpError> {
         let started = Instant::now();
         let deadline = started + req.deadline.unwrap_or(self.settings.deadline);
-        let result = match tokio::time::timeout_at(deadline, self.call_inner(&req, deadline)).await
-        {
+        let work = async {
+            match self.cache_key(&req) {
+                Some(key) => self.call_cached(&req, deadline, key).await,
+                None => self.call_inner(&req, deadline, None).await,
+            }
+        };
+        let result = match tokio::time::timeout_at(deadline, work).await {
             Ok(Err(HttpError::Timeout { upstream, after })) if after.is_zero() => {
                 Err(HttpError::Timeout {
                     upstream,
@@ -196,7 +254,227 @@ impl Upstream {
         }
     }
 
-    async fn call_inner(&self, req: &Request, deadline: Instant) -> Result<Response, HttpError> {
+    /// The cache key of a request, if it may use the cache: a GET or HEAD
+    /// that carries no credential of the caller's own (a shared cache must
+    /// not hand one caller's authorised answer to another), or any request
+    /// the caller gave a key.
+    fn cache_key(&self, req: &Request) -> Option<CacheKey> {
+        self.cache.as_ref()?;
+        if let Some(key) = &req.cache_key {
+            return Some(key.clone());
+        }
+        let cacheable = matches!(req.method, Method::GET | Method::HEAD)
+            && !req
+                .headers
+                .iter()
+                .any(|(n, _)| n == header::AUTHORIZATION || n == header::COOKIE);
+        let accept = req
+            .headers
+            .iter()
+            .find(|(n, _)| n == header::ACCEPT)
+            .and_then(|(_, v)| v.to_str().ok())
+            .unwrap_or("");
+        cacheable
+            .then(|| CacheKey::for_request(&req.method, &req.path_and_query, &[("accept", accept)]))
+    }
+
+    fn with_cache<T>(
+        &self,
+        f: impl FnOnce(&mut ResponseCache, std::time::Instant) -> T,
+    ) -> Option<T> {
+        let cache = self.cache.as_ref()?;
+        let mut cache = cache.lock().ok()?;
+        Some(f(&mut cache, Instant::now().into_std()))
+    }
+
+    /// A cached call: fresh hits are served without the upstream; stale
+    /// entries are revalidated (`If-None-Match` / `If-Modified-Since`);
+    /// concurrent misses for one key make one upstream call; an upstream
+    /// failure is answered with a stale copy while `stale_if_error` allows.
+    async fn call_cached(
+        &self,
+        req: &Request,
+        deadline: Instant,
+        key: CacheKey,
+    ) -> Result<Response, HttpError> {
+        let name = &self.settings.name;
+        let from_cache = |stored: StoredResponse| Response {
+            status: stored.status,
+            headers: stored.headers,
+            body: stored.body,
+            upstream: name.clone(),
+            attempts: 0,
+            from_fallback: false,
+            from_cache: true,
+        };
+        let mut validators = None;
+        match self.with_cache(|c, now| c.lookup(&key, now)) {
+            Some(Lookup::Fresh(stored)) => return Ok(from_cache(stored)),
+            Some(Lookup::Stale { validators: v, .. }) => validators = Some(v),
+            _ => {}
+        }
+
+        // Collapse concurrent identical misses into one upstream call.
+        let wait = {
+            let mut inflight = self
+                .inflight
+                .lock()
+                .map_err(|_| self.mailbox_error("cache", MailboxError::Closed))?;
+            match inflight.get_mut(&key) {
+                Some(waiters) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    inflight.insert(key.clone(), Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(rx) = wait {
+            self.collapsed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return rx.await.unwrap_or_else(|_| {
+                Err(HttpError::Internal {
+                    upstream: name.clone(),
+                    message: "the collapsed call was dropped".into(),
+                })
+            });
+        }
+
+        let result = self.call_inner(req, deadline, validators.as_ref()).await;
+        let result = match result {
+            Ok(resp) if resp.status == StatusCode::NOT_MODIFIED && validators.is_some() => {
+                match self
+                    .with_cache(|c, now| c.revalidated(&key, &resp.headers, now))
+                    .flatten()
+                {
+                    Some(stored) => Ok(from_cache(stored)),
+                    None => Ok(resp),
+                }
+            }
+            Ok(resp) => {
+                let stored = StoredResponse {
+                    status: resp.status,
+                    headers: resp.headers.clone(),
+                    body: resp.body.clone(),
+                };
+                self.with_cache(|c, now| c.store(key.clone(), stored, now));
+                Ok(resp)
+            }
+            Err(e) => match self
+                .with_cache(|c, now| c.stale_on_error(&key, now))
+                .flatten()
+            {
+                Some(stored) => {
+                    log::info!("upstream {name}: serving a stale cached answer after: {e}");
+                    Ok(from_cache(stored))
+                }
+                None => Err(e),
+            },
+        };
+        let waiters = self
+            .inflight
+            .lock()
+            .ok()
+            .and_then(|mut inflight| inflight.remove(&key))
+            .unwrap_or_default();
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
+        }
+        result
+    }
+
+    /// The cache's counters, and how many calls were collapsed into
+    /// another's; `None` without a cache.
+    pub fn cache_stats(&self) -> Option<(CacheCounters, u64, usize, usize)> {
+        let collapsed = self.collapsed.load(std::sync::atomic::Ordering::Relaxed);
+        self.with_cache(|c, _| (c.counters(), collapsed, c.len(), c.bytes()))
+    }
+
+    /// The headers and path a request goes out with: the client's default
+    /// headers and its credentials added. Fails, naming the variable, when
+    /// the credential's environment variable was not set.
+    fn outgoing(
+        &self,
+        req: &Request,
+    ) -> Result<(String, Vec<(HeaderName, HeaderValue)>), HttpError> {
+        let mut headers = self.default_headers.clone();
+        headers.extend(req.headers.iter().cloned());
+        let mut path = req.path_and_query.clone();
+        if let Some(auth) = &self.auth {
+            auth.apply(&self.settings.name, &mut path, &mut headers)?;
+        }
+        Ok((path, headers))
+    }
+
+    /// Classifies a complete response: done, worth retrying, or final.
+    fn judge(&self, req: &Request, resp: Response) -> Attempt<Response> {
+        if resp.status.as_u16() < 400 {
+            return Attempt::Done(resp);
+        }
+        let retry_after = resp
+            .headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, SystemTime::now()));
+        let retryable = matches!(resp.status.as_u16(), 429 | 502 | 503 | 504)
+            && !req.give_up_if.as_ref().is_some_and(|f| f(&resp));
+        let error = HttpError::Status {
+            upstream: self.settings.name.clone(),
+            status: resp.status,
+            retry_after,
+            response: Box::new(resp),
+        };
+        if retryable {
+            Attempt::Retry { error, retry_after }
+        } else {
+            Attempt::Fail(error)
+        }
+    }
+
+    /// What one failed pool call means for the retry loop.
+    fn judge_pool_error(e: PoolError) -> Attempt<Response> {
+        match e {
+            e @ PoolError::Connect { .. } => Attempt::Retry {
+                error: HttpError::from_pool(e),
+                retry_after: None,
+            },
+            e => Attempt::Fail(HttpError::from_pool(e)),
+        }
+    }
+
+    /// The breaker's view of one attempt.
+    fn outcome_of(
+        status: Option<StatusCode>,
+        error: Option<&PoolError>,
+        elapsed: Duration,
+    ) -> Outcome {
+        match (status, error) {
+            (Some(s), _) if s.is_server_error() => Outcome::Failure { elapsed },
+            // 429 says "slow down", not "unhealthy"; other 4xx are healthy answers.
+            (Some(StatusCode::TOO_MANY_REQUESTS), _) => Outcome::Ignored,
+            (Some(_), _) => Outcome::Success { elapsed },
+            (None, Some(e)) if e.is_upstream_failure() => Outcome::Failure { elapsed },
+            _ => Outcome::Ignored,
+        }
+    }
+
+    /// The retry loop shared by whole and streamed calls: limiter, breaker,
+    /// one attempt (`attempt_once`), the outcome back to the breaker, and
+    /// the decision to retry. `attempt_once` gets the attempt's deadline and
+    /// returns its verdict with the breaker outcome.
+    async fn pipeline<T, F, Fut>(
+        &self,
+        req: &Request,
+        deadline: Instant,
+        mut attempt_once: F,
+    ) -> Result<T, HttpError>
+    where
+        F: FnMut(Instant, u32) -> Fut,
+        Fut: std::future::Future<Output = (Attempt<T>, Outcome)>,
+    {
         let name = &self.settings.name;
         let idempotent = req.retry_non_idempotent || is_idempotent(&req.method);
         let wait_for_limiter = req
@@ -246,60 +524,15 @@ impl Upstream {
                 }
             };
 
-            let now = Instant::now();
-            let attempt_deadline = deadline.min(now + self.settings.attempt_timeout);
-            let result = self
-                .pool
-                .send(Execute {
-                    method: req.method.clone(),
-                    path_and_query: req.path_and_query.clone(),
-                    headers: req.headers.clone(),
-                    body: req.body.clone(),
-                    deadline: attempt_deadline,
-                })
-                .await
-                .unwrap_or_else(|_| {
-                    Err(PoolError::Closed {
-                        upstream: name.clone(),
-                    })
-                });
-            let elapsed = now.elapsed();
-            let outcome = match &result {
-                Ok(resp) if resp.status.is_server_error() => Outcome::Failure { elapsed },
-                // 429 says "slow down", not "unhealthy"; 4xx is a healthy answer.
-                Ok(resp) if resp.status == StatusCode::TOO_MANY_REQUESTS => Outcome::Ignored,
-                Ok(_) => Outcome::Success { elapsed },
-                Err(e) if e.is_upstream_failure() => Outcome::Failure { elapsed },
-                Err(_) => Outcome::Ignored,
-            };
+            let attempt_deadline = deadline.min(Instant::now() + self.settings.attempt_timeout);
+            let (verdict, outcome) = attempt_once(attempt_deadline, attempt + 1).await;
             self.breaker.do_send(CallOutcome { ticket, outcome });
 
-            let (error, retry_after) = match result {
-                Ok(resp) if resp.status.as_u16() < 400 => {
-                    return Ok(Response::from_upstream(name, resp, attempt + 1))
-                }
-                Ok(resp) => {
-                    let retry_after = resp
-                        .headers
-                        .get(header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                    let retryable = matches!(resp.status.as_u16(), 429 | 502 | 503 | 504);
-                    let error = HttpError::Status {
-                        upstream: name.clone(),
-                        status: resp.status,
-                        retry_after,
-                        response: Box::new(Response::from_upstream(name, resp, attempt + 1)),
-                    };
-                    if !retryable {
-                        return Err(error);
-                    }
-                    (error, retry_after)
-                }
-                Err(e @ PoolError::Connect { .. }) => (HttpError::from_pool(e), None),
-                Err(e) => return Err(HttpError::from_pool(e)),
+            let (error, retry_after) = match verdict {
+                Attempt::Done(value) => return Ok(value),
+                Attempt::Fail(error) => return Err(error),
+                Attempt::Retry { error, retry_after } => (error, retry_after),
             };
-
             if !idempotent || attempt >= self.settings.retry_attempts {
                 return Err(error);
             }
@@ -328,6 +561,179 @@ impl Upstream {
                 RetryDecision::GiveUp(_) => return Err(error),
             }
         }
+    }
+
+    async fn call_inner(
+        &self,
+        req: &Request,
+        deadline: Instant,
+        validators: Option<&Validators>,
+    ) -> Result<Response, HttpError> {
+        let (path, mut headers) = self.outgoing(req)?;
+        if let Some(v) = validators {
+            let mut conditional = HeaderMap::new();
+            v.apply_to(&mut conditional);
+            headers.extend(conditional);
+        }
+        self.pipeline(req, deadline, |attempt_deadline, attempts| {
+            let execute = Execute {
+                method: req.method.clone(),
+                path_and_query: path.clone(),
+                headers: headers.clone(),
+                body: req.body.clone(),
+                deadline: attempt_deadline,
+            };
+            async move {
+                let started = Instant::now();
+                let result = self.pool.send(execute).await.unwrap_or_else(|_| {
+                    Err(PoolError::Closed {
+                        upstream: self.settings.name.clone(),
+                    })
+                });
+                let elapsed = started.elapsed();
+                match result {
+                    Ok(resp) => {
+                        let outcome = Self::outcome_of(Some(resp.status), None, elapsed);
+                        let resp = Response::from_upstream(&self.settings.name, resp, attempts);
+                        (self.judge(req, resp), outcome)
+                    }
+                    Err(e) => {
+                        let outcome = Self::outcome_of(None, Some(&e), elapsed);
+                        (Self::judge_pool_error(e), outcome)
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Like [`Upstream::call`], but the body is streamed. Retries happen only
+    /// before the first byte of a successful response reaches the caller: an
+    /// error status is read in full (bounded) and judged like any other.
+    pub async fn call_stream(
+        self: &Arc<Self>,
+        req: Request,
+    ) -> Result<StreamedResponse, HttpError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        let spawned = self.arbiter.spawn(async move {
+            let started = Instant::now();
+            let deadline = started + req.deadline.unwrap_or(this.settings.deadline);
+            let result = tokio::time::timeout_at(deadline, this.stream_inner(&req, deadline))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(HttpError::Timeout {
+                        upstream: this.settings.name.clone(),
+                        after: started.elapsed(),
+                    })
+                });
+            let _ = reply.send(result);
+        });
+        let gone = || HttpError::Internal {
+            upstream: self.settings.name.clone(),
+            message: "the upstream arbiter has stopped".into(),
+        };
+        if !spawned {
+            return Err(gone());
+        }
+        answer.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    async fn stream_inner(
+        &self,
+        req: &Request,
+        deadline: Instant,
+    ) -> Result<StreamedResponse, HttpError> {
+        let (path, headers) = self.outgoing(req)?;
+        let name = self.settings.name.clone();
+        self.pipeline(req, deadline, |attempt_deadline, attempts| {
+            let execute = ExecuteStream {
+                request: Execute {
+                    method: req.method.clone(),
+                    path_and_query: path.clone(),
+                    headers: headers.clone(),
+                    body: req.body.clone(),
+                    deadline: attempt_deadline,
+                },
+                idle_timeout: self.settings.attempt_timeout,
+            };
+            let name = name.clone();
+            async move {
+                let started = Instant::now();
+                let result = self.pool.send(execute).await.unwrap_or_else(|_| {
+                    Err(PoolError::Closed {
+                        upstream: name.clone(),
+                    })
+                });
+                let elapsed = started.elapsed();
+                let mut head = match result {
+                    Ok(head) => head,
+                    Err(e) => {
+                        let outcome = Self::outcome_of(None, Some(&e), elapsed);
+                        return (map_attempt(Self::judge_pool_error(e)), outcome);
+                    }
+                };
+                let outcome = Self::outcome_of(Some(head.status), None, elapsed);
+                if head.status.as_u16() < 400 {
+                    let streamed = StreamedResponse {
+                        status: head.status,
+                        headers: head.headers,
+                        upstream: name,
+                        attempts,
+                        body: head.body,
+                    };
+                    return (Attempt::Done(streamed), outcome);
+                }
+                // An error answer: read it whole (the pool bounds it) and
+                // judge it like any other.
+                let mut body = actix_web::web::BytesMut::new();
+                while let Some(chunk) = head.body.recv().await {
+                    match chunk {
+                        Ok(c) => body.extend_from_slice(&c),
+                        Err(e) => return (Attempt::Fail(HttpError::from_pool(e)), outcome),
+                    }
+                }
+                let resp = Response {
+                    status: head.status,
+                    headers: head.headers,
+                    body: body.freeze(),
+                    upstream: name,
+                    attempts,
+                    from_fallback: false,
+                    from_cache: false,
+                };
+                (map_attempt(self.judge(req, resp)), outcome)
+            }
+        })
+        .await
+    }
+}
+
+/// One attempt's verdict.
+enum Attempt<T> {
+    /// Success: return it.
+    Done(T),
+    /// A failure worth retrying (if policy allows), with the upstream's
+    /// requested wait.
+    Retry {
+        error: HttpError,
+        retry_after: Option<Duration>,
+    },
+    /// A final failure.
+    Fail(HttpError),
+}
+
+/// Re-types a verdict whose success case cannot occur (errors only).
+fn map_attempt<T>(a: Attempt<Response>) -> Attempt<T> {
+    match a {
+        Attempt::Done(resp) => Attempt::Fail(HttpError::Status {
+            upstream: resp.upstream.clone(),
+            status: resp.status,
+            retry_after: None,
+            response: Box::new(resp),
+        }),
+        Attempt::Retry { error, retry_after } => Attempt::Retry { error, retry_after },
+        Attempt::Fail(e) => Attempt::Fail(e),
     }
 }
 
@@ -371,7 +777,7 @@ impl std::fmt::Debug for Fallback {
 }
 
 /// One logical request, before it runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Request {
     pub(crate) method: Method,
     pub(crate) path_and_query: String,
@@ -382,7 +788,13 @@ pub struct Request {
     pub(crate) rate_limit_key: Option<String>,
     pub(crate) deadline: Option<Duration>,
     pub(crate) fallback: Option<Fallback>,
+    pub(crate) give_up_if: Option<GiveUpIf>,
+    pub(crate) cache_key: Option<CacheKey>,
 }
+
+/// Says whether an otherwise retryable error response is final (an
+/// out-of-quota 429, say).
+pub type GiveUpIf = Arc<dyn Fn(&Response) -> bool + Send + Sync>;
 
 impl Request {
     pub(crate) fn new(method: Method, path_and_query: String) -> Self {
@@ -396,6 +808,8 @@ impl Request {
             rate_limit_key: None,
             deadline: None,
             fallback: None,
+            give_up_if: None,
+            cache_key: None,
         }
     }
 }
@@ -494,10 +908,34 @@ impl RequestBuilder {
         self
     }
 
+    /// Makes this request cacheable under `key` (when the client has a
+    /// cache), whatever its method: e.g. `CacheKey::for_body(..)` for
+    /// identical prompts to an LLM. Include the caller's identity in the key
+    /// if answers differ per caller.
+    pub fn cache_key(mut self, key: CacheKey) -> Self {
+        self.request.cache_key = Some(key);
+        self
+    }
+
+    /// Marks retryable error responses for which `f` is true as final (an
+    /// out-of-quota 429 that no wait will cure, say).
+    pub fn give_up_if(mut self, f: impl Fn(&Response) -> bool + Send + Sync + 'static) -> Self {
+        self.request.give_up_if = Some(Arc::new(f));
+        self
+    }
+
     /// Runs the request through limiter → breaker → pool, with retries.
     pub async fn send(self) -> Result<Response, HttpError> {
         let upstream = self.target?;
         upstream.call(self.request).await
+    }
+
+    /// Like [`send`](Self::send), but returns as soon as a successful
+    /// response head arrives, with the body as a stream. Retries happen only
+    /// before that point. Fallbacks do not apply to streams.
+    pub async fn send_streaming(self) -> Result<StreamedResponse, HttpError> {
+        let upstream = self.target?;
+        upstream.call_stream(self.request).await
     }
 }
 
@@ -516,6 +954,39 @@ pub struct Response {
     pub attempts: u32,
     /// True if this came from the caller's fallback, not the upstream.
     pub from_fallback: bool,
+    /// True if this was served from the response cache.
+    pub from_cache: bool,
+}
+
+/// A response whose body is still arriving.
+#[derive(Debug)]
+pub struct StreamedResponse {
+    /// The status (always below 400: error answers become errors).
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: HeaderMap,
+    /// The upstream that answered.
+    pub upstream: String,
+    /// How many attempts it took.
+    pub attempts: u32,
+    body: tokio::sync::mpsc::Receiver<Result<Bytes, PoolError>>,
+}
+
+impl StreamedResponse {
+    /// The next body chunk; `None` at the end.
+    pub async fn next_chunk(&mut self) -> Option<Result<Bytes, HttpError>> {
+        self.body
+            .recv()
+            .await
+            .map(|chunk| chunk.map_err(HttpError::from_pool))
+    }
+
+    /// The body as a `Stream` of chunks (for `HttpResponse::streaming`).
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, HttpError>> {
+        futures::stream::unfold(self, |mut r| async move {
+            r.next_chunk().await.map(|chunk| (chunk, r))
+        })
+    }
 }
 
 impl Response {
@@ -527,6 +998,7 @@ impl Response {
             upstream: upstream.to_owned(),
             attempts,
             from_fallback: false,
+            from_cache: false,
         }
     }
 
@@ -539,6 +1011,7 @@ impl Response {
             upstream: String::new(),
             attempts: 0,
             from_fallback: false,
+            from_cache: false,
         }
     }
 

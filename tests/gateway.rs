@@ -159,7 +159,9 @@ async fn a_hung_upstream_is_504_at_the_deadline_and_a_reset_is_502() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 504);
-    assert!(started.elapsed() < std::time::Duration::from_millis(900));
+    // Deadline 0.5 s; the rest is slack for a loaded machine (the hang
+    // itself would last 120 s).
+    assert!(started.elapsed() < std::time::Duration::from_millis(1500));
     assert_eq!(resp.json::<Value>().await.unwrap()["error"], "timeout");
 
     let mut resp = client

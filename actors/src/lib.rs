@@ -22,6 +22,7 @@
 pub mod backoff;
 pub mod balancer;
 pub mod breaker;
+pub mod cache;
 pub mod gcra;
 pub mod hub;
 pub mod limiter;

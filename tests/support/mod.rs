@@ -35,10 +35,11 @@ pub fn config(json: &str) -> Config {
 pub async fn start(config: Config) -> TestServer {
     let net = Network::start(config).expect("network starts");
     let routes = net.configure();
+    let gateways = net.configure_gateways();
     let server = HttpServer::new(move || {
         App::new()
             .configure(routes.clone())
-            .configure(happynet::gateway::configure)
+            .configure(gateways.clone())
     })
     .workers(2)
     .on_connect(net.on_connect())
