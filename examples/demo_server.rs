@@ -32,6 +32,9 @@ use tokio::signal::unix::{signal, SignalKind};
 // The measurements in DESIGN.md found jemalloc kept idle-connection memory
 // lowest and flattest under reconnect churn. Choosing an allocator is the
 // application's call, so it lives here and not in the library.
+#[path = "support/fake_upstream.rs"]
+mod fake_upstream;
+
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -153,6 +156,57 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// The environment variable holding the local fake's key: the offline demo
+/// authenticates exactly as the real one would.
+const LOCAL_FAKE_KEY_ENV: &str = "HAPPYNET_DEMO_LOCAL_OPENAI_KEY";
+const LOCAL_FAKE_KEY: &str = "sk-local-fake-demo";
+
+/// When `OPENAI_API_KEY` is not set, starts the built-in fake OpenAI on
+/// 127.0.0.1 and points the `openai` client (added if the config has none)
+/// at it. Returns the config to use and the fake, which must live as long
+/// as the server.
+async fn offline_openai(
+    mut config: Config,
+) -> std::io::Result<(Config, Option<fake_upstream::FakeUpstream>)> {
+    let key_set = std::env::var("OPENAI_API_KEY").is_ok_and(|k| !k.is_empty());
+    if key_set {
+        return Ok((config, None));
+    }
+    let fake = fake_upstream::FakeUpstream::start_with_key(
+        "local-fake-openai",
+        fake_upstream::Faults::default(),
+        Some(LOCAL_FAKE_KEY.to_owned()),
+    )
+    .await?;
+    // Set before any thread reads the environment: Network::start has not
+    // run yet, and nothing else here reads it.
+    std::env::set_var(LOCAL_FAKE_KEY_ENV, LOCAL_FAKE_KEY);
+    let client = config
+        .network
+        .api_clients
+        .entry("openai".to_owned())
+        .or_insert_with(|| {
+            happynet::config::Config::from_json_str(
+                r#"{"network":{"api_clients":{"openai":{"base_url":"http://127.0.0.1"}}}}"#,
+            )
+            .ok()
+            .and_then(|c| c.network.api_clients.get("openai").cloned())
+            .expect("a literal config")
+        });
+    client.base_url = fake.url("");
+    client.endpoints.clear();
+    client.api_key_env = None;
+    client.auth = Some(happynet::config::AuthConfig::Bearer {
+        key_env: LOCAL_FAKE_KEY_ENV.to_owned(),
+    });
+    log::warn!(
+        "OPENAI_API_KEY is not set: the openai client uses a built-in local fake at {} \
+         (answers echo the prompt); set OPENAI_API_KEY to use the real API",
+        fake.url("")
+    );
+    Ok((config, Some(fake)))
+}
+
 /// Serves `GET /`: the demo page. `no-cache` so that a rebuilt demo is seen
 /// on the next reload rather than a stale copy.
 async fn index() -> HttpResponse {
@@ -197,6 +251,16 @@ async fn serve(options: Options, config: Config, config_label: String) -> ExitCo
         Ok(l) => l,
         Err(e) => {
             eprintln!("demo_server: cannot listen on {}: {e}", options.bind);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+
+    // Without an OpenAI key the demo still works offline: the `openai`
+    // client is pointed at a local fake that speaks the same API.
+    let (config, _local_openai) = match offline_openai(config).await {
+        Ok(pair) => pair,
+        Err(e) => {
+            eprintln!("demo_server: cannot start the local fake OpenAI: {e}");
             return ExitCode::from(EXIT_FAILURE);
         }
     };
