@@ -23,7 +23,7 @@
 //! the socket down itself: that ends the connection, which drops the frozen
 //! actor and frees everything queued for it.
 
-use crate::liveness::{EvictionPolicy, SessionLink, Verdict};
+use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::protocol::{self, ClientFrame};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
 use crate::session::{Close, Deliver, Heartbeat, WsSessionActor};
@@ -208,6 +208,7 @@ enum Eviction {
 struct Member {
     addr: Addr<WsSessionActor>,
     link: Arc<SessionLink>,
+    budget: OutboundBudget,
     socket: Option<Arc<Socket>>,
 }
 
@@ -266,16 +267,19 @@ impl BroadcastHub {
         policy: &EvictionPolicy,
         stats: &mut HubStats,
         id: SessionId,
-        member: &Member,
+        member: &mut Member,
         payload: &ByteString,
         evict: &mut Vec<SessionId>,
     ) -> bool {
         let cost = EvictionPolicy::cost_of(payload.len());
-        if policy.admits(member.link.queued_bytes(), cost) != Verdict::Keep {
+        let link = &member.link;
+        if !member
+            .budget
+            .try_charge(cost, policy.max_outbound_bytes, || link.released())
+        {
             evict.push(id);
             return false;
         }
-        member.link.add_queued(cost);
         match member.addr.try_send(Deliver {
             payload: payload.clone(),
             cost,
@@ -285,13 +289,13 @@ impl BroadcastHub {
                 true
             }
             Err(SendError::Full(_)) => {
-                member.link.release_queued(cost);
+                member.budget.refund(cost);
                 evict.push(id);
                 false
             }
             // The session is gone; its Disconnect is on its way.
             Err(SendError::Closed(_)) => {
-                member.link.release_queued(cost);
+                member.budget.refund(cost);
                 false
             }
         }
@@ -301,7 +305,7 @@ impl BroadcastHub {
         let mut evict = Vec::new();
         let mut sent = 0;
         for id in to {
-            if let Some(member) = self.sessions.get(&id) {
+            if let Some(member) = self.sessions.get_mut(&id) {
                 if Self::deliver(
                     &self.config.eviction,
                     &mut self.stats,
@@ -323,7 +327,7 @@ impl BroadcastHub {
     fn fan_out_all(&mut self, payload: &ByteString) -> usize {
         let mut evict = Vec::new();
         let mut sent = 0;
-        for (&id, member) in &self.sessions {
+        for (&id, member) in &mut self.sessions {
             if Self::deliver(
                 &self.config.eviction,
                 &mut self.stats,
@@ -353,7 +357,7 @@ impl BroadcastHub {
         self.stats.peak_session_queued_bytes = self
             .stats
             .peak_session_queued_bytes
-            .max(member.link.peak_queued_bytes());
+            .max(member.budget.peak() as usize);
         Some(member)
     }
 
@@ -368,7 +372,7 @@ impl BroadcastHub {
                 self.stats.evicted_slow_consumer += 1;
                 log::warn!(
                     "session {id}: evicted as a slow consumer ({} bytes undelivered, cap {})",
-                    member.link.queued_bytes(),
+                    member.budget.backlog(),
                     self.config.eviction.max_outbound_bytes
                 );
                 (CloseCode::Again, "slow consumer")
@@ -555,6 +559,7 @@ impl Handler<Connect> for BroadcastHub {
             Member {
                 addr: msg.addr,
                 link: msg.link,
+                budget: OutboundBudget::default(),
                 socket: msg.socket,
             },
         );
@@ -626,7 +631,7 @@ impl Handler<GetStats> for BroadcastHub {
         stats.peak_session_queued_bytes = self
             .sessions
             .values()
-            .map(|m| m.link.peak_queued_bytes())
+            .map(|m| m.budget.peak() as usize)
             .fold(stats.peak_session_queued_bytes, usize::max);
         MessageResult(stats)
     }

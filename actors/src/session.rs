@@ -355,7 +355,7 @@ impl Handler<Deliver> for WsSessionActor {
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
         ctx.text(msg.payload);
-        self.link.release_queued(msg.cost);
+        self.link.release(msg.cost);
     }
 }
 
