@@ -301,22 +301,25 @@ impl BroadcastHub {
         }
     }
 
-    fn fan_out<I: IntoIterator<Item = SessionId>>(&mut self, to: I, payload: &ByteString) -> usize {
+    /// Delivers `payload` to the sessions `walk` visits, then evicts those
+    /// found to be slow consumers (after the walk: the table cannot change
+    /// under it). Returns how many it was queued for.
+    fn fan_out_by(
+        &mut self,
+        payload: &ByteString,
+        walk: impl FnOnce(&mut HashMap<SessionId, Member>, &mut dyn FnMut(SessionId, &mut Member)),
+    ) -> usize {
         let mut evict = Vec::new();
         let mut sent = 0;
-        for id in to {
-            if let Some(member) = self.sessions.get_mut(&id) {
-                if Self::deliver(
-                    &self.config.eviction,
-                    &mut self.stats,
-                    id,
-                    member,
-                    payload,
-                    &mut evict,
-                ) {
+        {
+            let policy = &self.config.eviction;
+            let stats = &mut self.stats;
+            let mut one = |id: SessionId, member: &mut Member| {
+                if Self::deliver(policy, stats, id, member, payload, &mut evict) {
                     sent += 1;
                 }
-            }
+            };
+            walk(&mut self.sessions, &mut one);
         }
         for id in evict {
             self.evict(id, Eviction::SlowConsumer);
@@ -324,25 +327,22 @@ impl BroadcastHub {
         sent
     }
 
-    fn fan_out_all(&mut self, payload: &ByteString) -> usize {
-        let mut evict = Vec::new();
-        let mut sent = 0;
-        for (&id, member) in &mut self.sessions {
-            if Self::deliver(
-                &self.config.eviction,
-                &mut self.stats,
-                id,
-                member,
-                payload,
-                &mut evict,
-            ) {
-                sent += 1;
+    fn fan_out<I: IntoIterator<Item = SessionId>>(&mut self, to: I, payload: &ByteString) -> usize {
+        self.fan_out_by(payload, |sessions, one| {
+            for id in to {
+                if let Some(member) = sessions.get_mut(&id) {
+                    one(id, member);
+                }
             }
-        }
-        for id in evict {
-            self.evict(id, Eviction::SlowConsumer);
-        }
-        sent
+        })
+    }
+
+    fn fan_out_all(&mut self, payload: &ByteString) -> usize {
+        self.fan_out_by(payload, |sessions, one| {
+            for (&id, member) in sessions.iter_mut() {
+                one(id, member);
+            }
+        })
     }
 
     fn send_to(&mut self, id: SessionId, payload: ByteString) -> usize {
