@@ -204,11 +204,22 @@ impl Upstream {
     /// actors: the caller pays one cross-thread round trip (this call and its
     /// answer), and the hops limiter → breaker → pool are same-thread
     /// messages, which cost a queue push rather than a thread wake-up.
+    ///
+    /// A fresh cache hit is answered on the caller's thread, without the
+    /// round trip: the cache is shared, and a hit needs no actor.
     pub async fn call(self: &Arc<Self>, req: Request) -> Result<Response, HttpError> {
+        let cached = match self.cache_key(&req) {
+            Some(key) => match self.with_cache(|c, now| c.lookup(&key, now)) {
+                Some(Lookup::Fresh(stored)) => return Ok(self.cached_response(stored)),
+                Some(Lookup::Stale { validators, .. }) => Some((key, Some(validators))),
+                _ => Some((key, None)),
+            },
+            None => None,
+        };
         let (reply, answer) = tokio::sync::oneshot::channel();
         let this = self.clone();
         let spawned = self.arbiter.spawn(async move {
-            let _ = reply.send(this.run(req).await);
+            let _ = reply.send(this.run(req, cached).await);
         });
         let gone = || HttpError::Internal {
             upstream: self.settings.name.clone(),
@@ -220,12 +231,18 @@ impl Upstream {
         answer.await.unwrap_or_else(|_| Err(gone()))
     }
 
-    async fn run(&self, req: Request) -> Result<Response, HttpError> {
+    /// Runs `req` on the upstream's arbiter. `cached` is the cache key and
+    /// the stale entry's validators, when the caller already looked it up.
+    async fn run(
+        &self,
+        req: Request,
+        cached: Option<(CacheKey, Option<Validators>)>,
+    ) -> Result<Response, HttpError> {
         let started = Instant::now();
         let deadline = started + req.deadline.unwrap_or(self.settings.deadline);
         let work = async {
-            match self.cache_key(&req) {
-                Some(key) => self.call_cached(&req, deadline, key).await,
+            match cached {
+                Some((key, validators)) => self.call_cached(&req, deadline, key, validators).await,
                 None => self.call_inner(&req, deadline, None).await,
             }
         };
@@ -291,28 +308,27 @@ impl Upstream {
     /// entries are revalidated (`If-None-Match` / `If-Modified-Since`);
     /// concurrent misses for one key make one upstream call; an upstream
     /// failure is answered with a stale copy while `stale_if_error` allows.
+    fn cached_response(&self, stored: StoredResponse) -> Response {
+        Response {
+            status: stored.status,
+            headers: stored.headers,
+            body: stored.body,
+            upstream: self.settings.name.clone(),
+            attempts: 0,
+            from_fallback: false,
+            from_cache: true,
+        }
+    }
+
     async fn call_cached(
         &self,
         req: &Request,
         deadline: Instant,
         key: CacheKey,
+        validators: Option<Validators>,
     ) -> Result<Response, HttpError> {
         let name = &self.settings.name;
-        let from_cache = |stored: StoredResponse| Response {
-            status: stored.status,
-            headers: stored.headers,
-            body: stored.body,
-            upstream: name.clone(),
-            attempts: 0,
-            from_fallback: false,
-            from_cache: true,
-        };
-        let mut validators = None;
-        match self.with_cache(|c, now| c.lookup(&key, now)) {
-            Some(Lookup::Fresh(stored)) => return Ok(from_cache(stored)),
-            Some(Lookup::Stale { validators: v, .. }) => validators = Some(v),
-            _ => {}
-        }
+        let from_cache = |stored: StoredResponse| self.cached_response(stored);
 
         // Collapse concurrent identical misses into one upstream call.
         let wait = {
