@@ -1,0 +1,253 @@
+// Browser test of the happynet demo page (examples/demo/index.html), run by
+// .ci/run in headless Debian Chromium (it installs chromium and playwright-core).
+//
+// Starts examples/demo_server on 127.0.0.1:0 (or uses DEMO_URL if set),
+// opens two pages in headless Debian chromium and checks, with a bounded
+// timeout for every step, that:
+//   1. both pages connect (status "Connected · session #N");
+//   2. the live client count shows 2 on both;
+//   3. plain text sent from page A shows up in page B (and as "mine" in A);
+//   4. A joins another room: it appears in A's room list and presence counts;
+//   5. B joins it too, A publishes to that room only, B sees it tagged #room;
+//   6. text starting with "{" comes back as a politely shown error frame;
+//   7. B leaves the room and it disappears from B's list;
+//   8. a page opened at /#kitchen starts in room "kitchen";
+//   9. no page threw a JS error; a screenshot is saved (SCREENSHOT, default
+//      tests/artifacts/demo.png);
+//  10. (spawned server only) SIGTERM: pages show close 1001 "server shutting
+//      down", then "retrying"; the server exits 0;
+//  11. (spawned server only) a server restarted on the same port: both pages
+//      reconnect by themselves and A is back in lobby and games, B in lobby.
+// A second screenshot, *-closed.png, shows a page after the shutdown, and
+// *-narrow.png the layout at phone width.
+//
+// Usage: node check.js [path/to/demo_server]
+//   default binary: target/debug/examples/demo_server (built by cargo test)
+//   env DEMO_URL=http://127.0.0.1:8080/ to test an already running server
+//   env CHROMIUM=/usr/bin/chromium, SCREENSHOT=tests/artifacts/demo.png
+// Exit status 0 when every check passed; prints "N passed, N failed".
+
+"use strict";
+const { chromium } = require("playwright-core");
+const { spawn } = require("child_process");
+const fs = require("fs");
+const os = require("os");
+const path = require("path");
+
+const STEP_TIMEOUT_MS = 10000;
+const SERVER_START_TIMEOUT_MS = 30000;
+const SERVER_EXIT_TIMEOUT_MS = 20000;
+const REPO = path.resolve(__dirname, "..", "..");
+const SCREENSHOT = process.env.SCREENSHOT || path.join(REPO, "tests", "artifacts", "demo.png");
+fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const BIN = process.argv[2] || path.join(REPO, "target", "debug", "examples", "demo_server");
+
+let passed = 0;
+let failed = 0;
+function ok(name) { passed++; console.log(`ok   - ${name}`); }
+function fail(name, e) { failed++; console.log(`FAIL - ${name}: ${e && e.message ? e.message.split("\n")[0] : e}`); }
+async function check(name, fn) {
+  try { await fn(); ok(name); } catch (e) { fail(name, e); }
+}
+
+function startServer(bind = "127.0.0.1:0") {
+  return new Promise((resolve, reject) => {
+    const child = spawn(BIN, ["--bind", bind], {
+      env: { ...process.env, RUST_LOG: "info", HAPPYNET_CONFIG: "" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let log = "";
+    const timer = setTimeout(() => reject(new Error(`server did not log its URL in time:\n${log}`)), SERVER_START_TIMEOUT_MS);
+    const onData = (d) => {
+      log += d.toString();
+      const m = log.match(/open (http:\/\/127\.0\.0\.1:\d+\/)/);
+      if (m) { clearTimeout(timer); resolve({ child, url: m[1], log: () => log }); }
+    };
+    child.stdout.on("data", onData);
+    child.stderr.on("data", onData);
+    child.on("error", (e) => { clearTimeout(timer); reject(e); });
+    child.on("exit", (code) => { clearTimeout(timer); reject(new Error(`server exited early (${code}):\n${log}`)); });
+  });
+}
+
+function waitExit(child, ms) {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null) return resolve(child.exitCode);
+    const t = setTimeout(() => resolve("timeout"), ms);
+    child.on("exit", (code, sig) => { clearTimeout(t); resolve(code === null ? sig : code); });
+  });
+}
+
+(async () => {
+  let server = null;
+  let url = process.env.DEMO_URL;
+  if (!url) {
+    server = await startServer();
+    url = server.url;
+    server.child.removeAllListeners("exit");
+  }
+  console.log(`# demo at ${url}`);
+
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "pw-profile-"));
+  const context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport: { width: 1200, height: 760 },
+    args: [
+      "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+  });
+  context.setDefaultTimeout(STEP_TIMEOUT_MS);
+  const pageErrors = [];
+  const open = async (suffix = "") => {
+    const p = await context.newPage();
+    p.on("pageerror", (e) => pageErrors.push(e.message));
+    p.on("console", (m) => { if (m.type() === "error") pageErrors.push(`console: ${m.text()}`); });
+    const resp = await p.goto(url + suffix);
+    if (!resp || resp.status() !== 200) throw new Error(`GET ${url} gave ${resp && resp.status()}`);
+    return p;
+  };
+  const text = (p, sel) => p.locator(sel).first().textContent();
+  const waitText = (p, sel, re) => p.waitForFunction(
+    ([s, src]) => { const e = document.querySelector(s); return e && new RegExp(src).test(e.textContent); },
+    [sel, re.source],
+  );
+
+  try {
+    const a = await open();
+    const b = await open();
+    const stamp = Date.now().toString(36);
+
+    await check("page is served as text/html with no-cache", async () => {
+      const r = await a.request.get(url);
+      const ct = r.headers()["content-type"];
+      const cc = r.headers()["cache-control"];
+      if (ct !== "text/html; charset=utf-8") throw new Error(`content-type ${ct}`);
+      if (cc !== "no-cache") throw new Error(`cache-control ${cc}`);
+    });
+
+    await check("both pages connect", async () => {
+      await waitText(a, "#status-text", /Connected · session #\d+/);
+      await waitText(b, "#status-text", /Connected · session #\d+/);
+    });
+
+    await check("client count shows 2 on both pages", async () => {
+      await waitText(a, "#clients", /^2$/);
+      await waitText(b, "#clients", /^2$/);
+      await waitText(a, "#presence-rooms", /#lobby\s*2/);
+    });
+
+    const hello = `hello from A ${stamp}`;
+    await check("plain text from A shows up in B (and as mine in A)", async () => {
+      await a.fill("#msg-input", hello);
+      await a.press("#msg-input", "Enter");
+      await b.locator("#log .msg .body", { hasText: hello }).waitFor();
+      await a.locator("#log .msg.mine .body", { hasText: hello }).waitFor();
+      if (await b.locator("#log .msg.mine", { hasText: hello }).count() !== 0) throw new Error("B marked A's message as its own");
+    });
+
+    await check("A joins room games", async () => {
+      await a.fill("#room-input", "games");
+      await a.click("#join-btn");
+      await a.locator('#my-rooms li[data-room="games"]').waitFor();
+      await a.locator("#log .note", { hasText: "You joined #games" }).waitFor();
+      await waitText(a, "#presence-rooms", /#games\s*1/);
+    });
+
+    const gamesOnly = `games only ${stamp}`;
+    await check("B joins games; A publishes to games only; B sees it tagged #games", async () => {
+      await b.fill("#room-input", "games");
+      await b.press("#room-input", "Enter");
+      await b.locator('#my-rooms li[data-room="games"]').waitFor();
+      await a.click('#my-rooms li[data-room="games"] .name');
+      if (await a.inputValue("#target") !== "games") throw new Error("clicking the room did not select it as target");
+      await a.fill("#msg-input", gamesOnly);
+      await a.click("#send-btn");
+      const m = b.locator('#log .msg[data-room="games"]', { hasText: gamesOnly });
+      await m.waitFor();
+      const tag = await m.locator(".tag").textContent();
+      if (tag !== "#games") throw new Error(`tag ${tag}`);
+      await waitText(a, "#presence-rooms", /#games\s*2/);
+    });
+
+    await check("a malformed control frame is shown as a polite error", async () => {
+      await a.selectOption("#target", "");
+      await a.fill("#msg-input", "{oops");
+      await a.press("#msg-input", "Enter");
+      await a.locator("#log .note.error", { hasText: "malformed" }).waitFor();
+    });
+
+    await check("B leaves games", async () => {
+      await b.click('#my-rooms li[data-room="games"] button.leave');
+      await b.locator('#my-rooms li[data-room="games"]').waitFor({ state: "detached" });
+      await waitText(a, "#presence-rooms", /#games\s*1/);
+    });
+
+    await check("a page opened at #kitchen starts in room kitchen; count shows 3", async () => {
+      const c = await open("#kitchen");
+      await c.locator('#my-rooms li[data-room="kitchen"]').waitFor();
+      if (await c.locator('#my-rooms li[data-room="lobby"]').count() !== 0) throw new Error("also in lobby");
+      await waitText(a, "#clients", /^3$/);
+      await c.close();
+      await waitText(a, "#clients", /^2$/);
+    });
+
+    await check(`screenshot saved to ${SCREENSHOT}`, async () => {
+      await a.waitForTimeout(300);
+      await a.screenshot({ path: SCREENSHOT });
+    });
+
+    await check("no JS errors on the pages", async () => {
+      if (pageErrors.length) throw new Error(pageErrors.join(" | "));
+    });
+
+    if (server) {
+      await check("SIGTERM: pages see close 1001 (server shutting down); server exits 0", async () => {
+        server.child.kill("SIGTERM");
+        await waitText(a, "#status-text", /1001 going away: server shutting down/);
+        await waitText(b, "#log", /Disconnected \(1001 going away: server shutting down\)/);
+        await waitText(a, "#status-text", /retrying in \d+s/);
+        const code = await waitExit(server.child, SERVER_EXIT_TIMEOUT_MS);
+        if (code !== 0) throw new Error(`server exit ${code}\n${server.log()}`);
+        await b.screenshot({ path: SCREENSHOT.replace(/\.png$/, "-closed.png") });
+      });
+
+      await check("restarted server: pages reconnect and restore their rooms", async () => {
+        server = await startServer(new URL(url).host);
+        server.child.removeAllListeners("exit");
+        const timeout = 20000;
+        await a.waitForFunction(() => /Connected · session/.test(document.querySelector("#status-text").textContent), null, { timeout });
+        await b.waitForFunction(() => /Connected · session/.test(document.querySelector("#status-text").textContent), null, { timeout });
+        await a.locator('#my-rooms li[data-room="games"]').waitFor();
+        await a.locator('#my-rooms li[data-room="lobby"]').waitFor();
+        await waitText(a, "#presence-rooms", /#games\s*1/);
+        if (await b.locator('#my-rooms li[data-room="games"]').count() !== 0) throw new Error("B rejoined games");
+        await waitText(b, "#clients", /^2$/);
+      });
+
+      await check("narrow layout screenshot", async () => {
+        await b.setViewportSize({ width: 400, height: 900 });
+        await b.waitForTimeout(200);
+        await b.screenshot({ path: SCREENSHOT.replace(/\.png$/, "-narrow.png"), fullPage: true });
+      });
+
+      await check("second SIGTERM: server exits 0", async () => {
+        server.child.kill("SIGTERM");
+        const code = await waitExit(server.child, SERVER_EXIT_TIMEOUT_MS);
+        if (code !== 0) throw new Error(`server exit ${code}\n${server.log()}`);
+      });
+    }
+  } catch (e) {
+    fail("unexpected", e);
+  } finally {
+    await context.close().catch(() => {});
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+    if (server && server.child.exitCode === null) {
+      server.child.kill("SIGKILL");
+    }
+  }
+  console.log(`${passed} passed, ${failed} failed`);
+  process.exit(failed ? 1 : 0);
+})().catch((e) => { console.log(`FAIL - setup: ${e.message}`); console.log("0 passed, 1 failed"); process.exit(1); });
