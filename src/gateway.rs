@@ -11,7 +11,9 @@
 //! | connect or transport error | 502 |
 //! | upstream error status | passed through, body and all |
 //!
-//! The gateway does not wait for the rate limiter: a caller that is over the
+//! When `network.gateway.tokens` is set, callers must present one
+//! (`Authorization: Bearer …`) and it is not forwarded; the upstream gets the
+//! client's own credential. The gateway does not wait for the rate limiter: a caller that is over the
 //! rate learns it at once and when to come back.
 
 use crate::error::HttpError;
@@ -96,6 +98,12 @@ pub fn error_response(e: &HttpError) -> HttpResponse {
 }
 
 async fn proxy_route(req: HttpRequest, body: web::Bytes, net: web::Data<Network>) -> HttpResponse {
+    // The proxy spends the operator's upstream credentials: it answers only
+    // callers with a gateway token when tokens are configured.
+    if let Some(denied) = crate::llm_gateway::refused(&req, &net) {
+        return denied;
+    }
+    let gateway_auth = !net.config().network.gateway.tokens.is_empty();
     let client_name = req.match_info().get("client").unwrap_or_default();
     let tail = req.match_info().get("tail").unwrap_or_default();
     let Some(client) = net.api(client_name) else {
@@ -114,7 +122,10 @@ async fn proxy_route(req: HttpRequest, body: web::Bytes, net: web::Data<Network>
         .wait_for_rate_limit(false)
         .body(body);
     for (name, value) in req.headers() {
-        if !is_hop_by_hop(name) {
+        // With gateway tokens, Authorization carries the caller's gateway
+        // token, which is never the upstream's business.
+        let gateway_token = gateway_auth && name == header::AUTHORIZATION;
+        if !is_hop_by_hop(name) && !gateway_token {
             call = call.typed_header(name.clone(), value.clone());
         }
     }

@@ -41,7 +41,7 @@ fn openai_error(status: actix_web::http::StatusCode, kind: &str, message: &str) 
 
 /// Checks the caller's bearer token against `network.gateway.tokens`;
 /// `Some(401 response)` when it is missing or unknown.
-fn refused(req: &HttpRequest, net: &Network) -> Option<HttpResponse> {
+pub(crate) fn refused(req: &HttpRequest, net: &Network) -> Option<HttpResponse> {
     let tokens = &net.config().network.gateway.tokens;
     if tokens.is_empty() {
         return None;

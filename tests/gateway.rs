@@ -173,3 +173,29 @@ async fn a_hung_upstream_is_504_at_the_deadline_and_a_reset_is_502() {
     assert_eq!(resp.status(), 502);
     assert_eq!(resp.json::<Value>().await.unwrap()["error"], "transport");
 }
+
+#[actix_web::test]
+async fn with_gateway_tokens_the_proxy_requires_one_and_never_forwards_it() {
+    let fake = FakeUpstream::start("fake", Faults::default())
+        .await
+        .unwrap();
+    let server = start(config(&format!(
+        r#"{{"network":{{"gateway":{{"tokens":["gw-secret"]}},
+            "api_clients":{{"up":{{"base_url":"{}","rate_limit":6000}}}}}}}}"#,
+        fake.url("")
+    )))
+    .await;
+    let client = http_client();
+    let resp = client.get(server.url("/proxy/up/x")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(fake.requests(), 0);
+    let mut resp = client
+        .get(server.url("/proxy/up/x"))
+        .bearer_auth("gw-secret")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["headers"]["authorization"].is_null(), "{body}");
+}
