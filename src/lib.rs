@@ -11,13 +11,26 @@
 //!   names the offending path;
 //! - [`network`]: [`Network`], the handle an app keeps — it starts the actors,
 //!   mounts the routes and shuts down gracefully;
-//! - the `happynet-actors` crate (re-exported as [`actors`]): `BroadcastHub`,
-//!   `WsSessionActor`, their messages and the plain state machines inside.
+//! - [`client`], [`upstream`], [`error`]: `HttpClient` (any URL, state per
+//!   origin) and `ApiClient` (one configured upstream), the retry pipeline
+//!   and its typed errors; [`auth`] keeps credentials out of files and logs;
+//! - [`openai`] and [`sse`]: the chat-completions client and the event-stream
+//!   parser; [`gateway`] (`/proxy/…`) and [`llm_gateway`] (`/v1/…`): the
+//!   HTTP faces of the upstream stack;
+//! - the `happynet-actors` crate (re-exported as [`actors`]): the five actors,
+//!   their messages and the plain state machines inside (rooms, eviction
+//!   policy, GCRA, breaker, keyed limiter, backoff and retry budget,
+//!   balancer, response cache).
 //!
 //! ```text
 //!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► every WsSessionActor in the room
 //!  app code ──Broadcast─────────────────────────►      │
 //!  POST /broadcast ──Broadcast──────────────────►      └── heartbeat timer: pings, evicts the silent and the slow
+//!
+//!  HttpClient / ApiClient / OpenAiClient / gateways          (one upstream arbiter thread)
+//!    └─ cache hit? ─► answered on the caller's thread
+//!    └─ call ──────► RateLimiterActor ─Acquire─► BreakerActor ─Permit─► PoolActor ─Execute─► endpoint A | B
+//!                    (retries with backoff + jitter, Retry-After, retry budget, deadline, fallback)
 //! ```
 //!
 //! # Embedding
