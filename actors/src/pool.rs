@@ -601,16 +601,28 @@ impl PoolActor {
     }
 }
 
+impl PoolActor {
+    /// Puts a job through the bulkhead and answers with its result, or at
+    /// once with `Overloaded`.
+    fn submit<T: Send + 'static>(
+        &mut self,
+        job: impl FnOnce(oneshot::Sender<Result<T, PoolError>>) -> Job,
+        ctx: &mut Context<Self>,
+    ) -> ResponseFuture<Result<T, PoolError>> {
+        let upstream = self.config.name.clone();
+        let (reply, result) = oneshot::channel();
+        if let Err(e) = self.admit(job(reply), ctx) {
+            return Box::pin(async move { Err(e) });
+        }
+        Box::pin(async move { result.await.unwrap_or(Err(PoolError::Closed { upstream })) })
+    }
+}
+
 impl Handler<Execute> for PoolActor {
     type Result = ResponseFuture<Result<UpstreamResponse, PoolError>>;
 
     fn handle(&mut self, msg: Execute, ctx: &mut Self::Context) -> Self::Result {
-        let upstream = self.config.name.clone();
-        let (reply, result) = oneshot::channel();
-        if let Err(e) = self.admit(Job::Whole(msg, reply), ctx) {
-            return Box::pin(async move { Err(e) });
-        }
-        Box::pin(async move { result.await.unwrap_or(Err(PoolError::Closed { upstream })) })
+        self.submit(|reply| Job::Whole(msg, reply), ctx)
     }
 }
 
@@ -618,12 +630,7 @@ impl Handler<ExecuteStream> for PoolActor {
     type Result = ResponseFuture<Result<StreamingResponse, PoolError>>;
 
     fn handle(&mut self, msg: ExecuteStream, ctx: &mut Self::Context) -> Self::Result {
-        let upstream = self.config.name.clone();
-        let (reply, result) = oneshot::channel();
-        if let Err(e) = self.admit(Job::Stream(msg, reply), ctx) {
-            return Box::pin(async move { Err(e) });
-        }
-        Box::pin(async move { result.await.unwrap_or(Err(PoolError::Closed { upstream })) })
+        self.submit(|reply| Job::Stream(msg, reply), ctx)
     }
 }
 
