@@ -219,7 +219,15 @@ impl Upstream {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let this = self.clone();
         let spawned = self.arbiter.spawn(async move {
-            let _ = reply.send(this.run(req, cached).await);
+            let mut reply = reply;
+            // A caller that gave up (a gateway client hung up, say) stops
+            // the call: no more retries or waits on its behalf.
+            tokio::select! {
+                result = this.run(req, cached) => {
+                    let _ = reply.send(result);
+                }
+                _ = reply.closed() => {}
+            }
         });
         let gone = || HttpError::Internal {
             upstream: self.settings.name.clone(),
@@ -633,17 +641,22 @@ impl Upstream {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let this = self.clone();
         let spawned = self.arbiter.spawn(async move {
+            let mut reply = reply;
             let started = Instant::now();
             let deadline = started + req.deadline.unwrap_or(this.settings.deadline);
-            let result = tokio::time::timeout_at(deadline, this.stream_inner(&req, deadline))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(HttpError::Timeout {
-                        upstream: this.settings.name.clone(),
-                        after: started.elapsed(),
-                    })
-                });
-            let _ = reply.send(result);
+            let call = tokio::time::timeout_at(deadline, this.stream_inner(&req, deadline));
+            tokio::select! {
+                result = call => {
+                    let result = result.unwrap_or_else(|_| {
+                        Err(HttpError::Timeout {
+                            upstream: this.settings.name.clone(),
+                            after: started.elapsed(),
+                        })
+                    });
+                    let _ = reply.send(result);
+                }
+                _ = reply.closed() => {}
+            }
         });
         let gone = || HttpError::Internal {
             upstream: self.settings.name.clone(),

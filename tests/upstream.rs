@@ -379,3 +379,29 @@ async fn a_connect_error_is_retried_then_reported() {
     let err = net.api("up").unwrap().get("/x").send().await.unwrap_err();
     assert_eq!(err.kind(), "connect", "{err}");
 }
+
+#[actix_web::test]
+async fn a_caller_that_gives_up_stops_the_retries() {
+    let fake = FakeUpstream::start(
+        "a",
+        faults(|f| {
+            f.error_rate = 1.0;
+            f.latency_ms = 200;
+        }),
+    )
+    .await
+    .unwrap();
+    let net = with_client(
+        &[&fake],
+        r#""retry_attempts":5,"retry":{"base_delay":0.05,"max_delay":0.1},
+           "breaker":{"window":100,"minimum_calls":100}"#,
+    );
+    let call = net.api("up").unwrap().get("/x").send();
+    // The caller gives up while the first attempt is in flight.
+    assert!(tokio::time::timeout(Duration::from_millis(50), call)
+        .await
+        .is_err());
+    // Left alone, the call would retry within ~350 ms; watch for a second.
+    actix_web::rt::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fake.requests(), 1, "retries went on after the caller left");
+}
