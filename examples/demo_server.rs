@@ -20,8 +20,8 @@
 //! use exits with status 1. Ctrl-C or SIGTERM shuts down gracefully: every
 //! WebSocket is closed with 1001 (going away) before the HTTP server stops.
 
-use actix_web::http::header::{self, ContentType};
-use actix_web::{middleware, web, App, HttpResponse, HttpServer};
+use actix_web::{middleware, App, HttpServer};
+use happynet::assets::StaticAssets;
 use happynet::{Config, ConfigError, Network};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
@@ -207,13 +207,12 @@ async fn offline_openai(
     Ok((config, Some(fake)))
 }
 
-/// Serves `GET /`: the demo page. `no-cache` so that a rebuilt demo is seen
-/// on the next reload rather than a stale copy.
-async fn index() -> HttpResponse {
-    HttpResponse::Ok()
-        .insert_header(ContentType::html())
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .body(INDEX_HTML)
+/// The demo's static files: the page at `/`, served with a strong `ETag`,
+/// `Last-Modified`, `304` on revalidation, `no-cache` (so a rebuilt demo is
+/// seen on the next reload) and brotli/gzip when the browser accepts them.
+/// Built once: compressing happens here, not per request or per worker.
+fn demo_assets() -> StaticAssets {
+    StaticAssets::new().add("/", "text/html; charset=utf-8", INDEX_HTML)
 }
 
 /// The URL to print for a bound address. A wildcard address is not
@@ -275,15 +274,19 @@ async fn serve(options: Options, config: Config, config_label: String) -> ExitCo
 
     let routes = net.configure();
     let gateways = net.configure_gateways();
+    let assets = demo_assets().configure();
     let server = HttpServer::new(move || {
         App::new()
             .wrap(middleware::Logger::new(r#"%a "%r" %s %Dms"#))
             .configure(routes.clone())
             // ANY /proxy/{client}/{tail…} → network.api_clients.<client>
             .configure(gateways.clone())
-            .route("/", web::get().to(index))
+            // GET|HEAD / → the page
+            .configure(assets.clone())
     })
     .on_connect(net.on_connect())
+    // Slowloris guard: a connection's first request head must arrive in time.
+    .client_request_timeout(net.security().request_header_timeout())
     // We handle signals ourselves: actix's own handler would stop the HTTP
     // server before happynet could send its 1001 close frames.
     .disable_signals()

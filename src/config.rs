@@ -123,6 +123,9 @@ pub struct NetworkConfig {
     /// `network.gateway`: the OpenAI-compatible gateway routes.
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// `network.security`: flood and abuse guards, on by default.
+    #[serde(default)]
+    pub security: SecurityConfig,
 }
 
 /// `network.gateway`: `POST /v1/chat/completions` and `GET /v1/models`.
@@ -147,6 +150,145 @@ impl Default for GatewayConfig {
             tokens: Vec::new(),
             max_body_bytes: 1 << 20,
         }
+    }
+}
+
+/// `network.security`: flood and abuse guards (see `crate::security`). Every
+/// guard is on by default; a per-IP limit or timeout set to 0 turns that one
+/// guard off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Open WebSockets per client IP; beyond it the upgrade gets 429 before
+    /// it happens. 0: no per-IP cap. Default 64.
+    pub max_connections_per_ip: usize,
+    /// Open TCP connections per client IP, any route, enforced by
+    /// `Network::on_connect` (the connection is shut at once). 0: no cap.
+    /// Not applied with `trust_forwarded_for` (the peer is then a proxy).
+    /// Default 256.
+    pub max_tcp_connections_per_ip: usize,
+    /// New WebSocket upgrades per second per client IP (refused attempts
+    /// count too); beyond it (and the burst) 429 + `Retry-After`. 0: no
+    /// limit. Default 20.
+    pub connections_per_second: f64,
+    /// Upgrades one IP may make at once before the rate applies. Default 40.
+    pub connection_burst: u32,
+    /// Requests per second per client IP on the API routes (`POST
+    /// /broadcast`, `/proxy/…`, `/v1/…`); beyond it 429 + `Retry-After`. 0: no
+    /// limit. Default 50.
+    pub requests_per_second: f64,
+    /// Requests one IP may make at once before the rate applies. Default 100.
+    pub request_burst: u32,
+    /// Client IPs each per-IP rate limiter tracks at once (idle ones are
+    /// evicted); a new IP beyond it gets 429 until room is made. Default
+    /// 65536.
+    pub max_tracked_ips: usize,
+    /// Tokens `/ws` requires, one of them per upgrade (`?token=`,
+    /// `Sec-WebSocket-Protocol: happynet, token.<token>` or `Authorization:
+    /// Bearer`). Empty: no token is required. Default empty.
+    pub ws_tokens: Vec<String>,
+    /// Origins (`scheme://host[:port]`) a browser's upgrade may come from;
+    /// others get 403. Upgrades without `Origin` (non-browser clients) are
+    /// allowed. Empty: any origin. Default empty.
+    pub allowed_origins: Vec<String>,
+    /// How long a client has to send a connection's first request head,
+    /// seconds; then 408 and the connection is closed. The app applies it:
+    /// `HttpServer::client_request_timeout(net.security()
+    /// .request_header_timeout())`. 0: no timeout. Default 5.
+    pub request_header_timeout: Seconds,
+    /// How long a client has to send a request body on the API routes,
+    /// seconds, from the end of its head; then 408 and the connection is
+    /// closed. 0: no timeout. Default 30.
+    pub request_body_timeout: Seconds,
+    /// Addresses and CIDR ranges the per-IP limits do not apply to (token,
+    /// origin and timeouts still do). Default `["127.0.0.0/8", "::1"]`: a
+    /// local reverse proxy or tool is not one client.
+    pub exempt_ips: Vec<String>,
+    /// Take the client IP from the last `X-Forwarded-For` entry rather than
+    /// the peer address. Only for servers reachable solely through a proxy
+    /// that appends it. Default false.
+    pub trust_forwarded_for: bool,
+}
+
+impl Default for SecurityConfig {
+    fn default() -> Self {
+        SecurityConfig {
+            max_connections_per_ip: 64,
+            max_tcp_connections_per_ip: 256,
+            connections_per_second: 20.0,
+            connection_burst: 40,
+            requests_per_second: 50.0,
+            request_burst: 100,
+            max_tracked_ips: 65_536,
+            ws_tokens: Vec::new(),
+            allowed_origins: Vec::new(),
+            request_header_timeout: Seconds::secs(5),
+            request_body_timeout: Seconds::secs(30),
+            exempt_ips: vec!["127.0.0.0/8".to_owned(), "::1".to_owned()],
+            trust_forwarded_for: false,
+        }
+    }
+}
+
+impl SecurityConfig {
+    /// Checks `network.security`; the error names the key's path.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let path = |key: &str| format!("network.security.{key}");
+        if self.max_tcp_connections_per_ip > 0
+            && self.max_tcp_connections_per_ip < self.max_connections_per_ip
+        {
+            return Err(ConfigError::invalid(
+                &path("max_tcp_connections_per_ip"),
+                "must be >= network.security.max_connections_per_ip (or 0)",
+            ));
+        }
+        for (rate, rate_key, burst, burst_key) in [
+            (
+                self.connections_per_second,
+                "connections_per_second",
+                self.connection_burst,
+                "connection_burst",
+            ),
+            (
+                self.requests_per_second,
+                "requests_per_second",
+                self.request_burst,
+                "request_burst",
+            ),
+        ] {
+            if !(rate.is_finite() && rate >= 0.0) {
+                return Err(ConfigError::invalid(
+                    &path(rate_key),
+                    "must be >= 0 (0: no limit)",
+                ));
+            }
+            if rate > MAX_RATE_PER_MINUTE / 60.0 {
+                return Err(ConfigError::invalid(
+                    &path(rate_key),
+                    "must be <= 1e9 (one per nanosecond)",
+                ));
+            }
+            if rate > 0.0 {
+                at_least_one(&path(burst_key), burst as usize)?;
+            }
+        }
+        at_least_one(&path("max_tracked_ips"), self.max_tracked_ips)?;
+        for (i, token) in self.ws_tokens.iter().enumerate() {
+            crate::security::check_token(token).map_err(|e| {
+                ConfigError::invalid(&format!("network.security.ws_tokens[{i}]"), e)
+            })?;
+        }
+        for (i, origin) in self.allowed_origins.iter().enumerate() {
+            crate::security::normalize_origin(origin).map_err(|e| {
+                ConfigError::invalid(&format!("network.security.allowed_origins[{i}]"), e)
+            })?;
+        }
+        for (i, range) in self.exempt_ips.iter().enumerate() {
+            crate::security::IpRange::parse(range).map_err(|e| {
+                ConfigError::invalid(&format!("network.security.exempt_ips[{i}]"), e)
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -934,6 +1076,8 @@ impl Config {
             "network.websocket.session_mailbox_capacity",
             ws.session_mailbox_capacity,
         )?;
+
+        self.network.security.validate()?;
 
         for (name, client) in &self.network.api_clients {
             let at = format!("network.api_clients.{name}");

@@ -52,6 +52,7 @@
 //! }
 //! ```
 
+pub mod assets;
 pub mod auth;
 pub mod client;
 pub mod config;
@@ -60,6 +61,7 @@ pub mod gateway;
 pub mod llm_gateway;
 pub mod network;
 pub mod openai;
+pub mod security;
 pub mod sse;
 pub mod upstream;
 

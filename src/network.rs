@@ -12,9 +12,18 @@
 //! - `POST /broadcast[?room=NAME]`: `text/plain` (verbatim) or JSON
 //!   `{"room": …, "data": …}`; answers `202 {"recipients": n}`;
 //! - `GET /health`: liveness with the hub's counters.
+//!
+//! The flood and abuse guards of `network.security` ([`crate::security`])
+//! sit in front: `on_connect` caps TCP connections per IP, `/ws` checks the
+//! upgrade rate, origin, token and WebSockets per IP before upgrading, the
+//! API routes (`POST /broadcast`, `/proxy/…`, `/v1/…`) are wrapped in the
+//! per-IP request limiter and body deadline; the app passes
+//! `net.security().request_header_timeout()` to
+//! `HttpServer::client_request_timeout`. `/health` is never limited.
 
 use crate::client::{ApiClient, HttpClient, Upstreams};
 use crate::config::{Config, ConfigError};
+use crate::security::{Security, UpgradePass};
 use actix::prelude::*;
 use actix_web::dev::Extensions;
 use actix_web::http::header::{self, ContentType};
@@ -52,6 +61,7 @@ struct Inner {
     next_session: AtomicU64,
     shutting_down: AtomicBool,
     upstreams: Arc<Upstreams>,
+    security: Security,
 }
 
 /// A duplicate of an accepted connection's socket, stored by
@@ -69,6 +79,7 @@ impl Network {
                 path: "network.api_clients".into(),
                 message,
             })?;
+        let security = Security::start(&config.network.security)?;
         let ws = &config.network.websocket;
         let hub = BroadcastHub::new(ws.hub_config());
         let hub_epoch = hub.epoch();
@@ -80,6 +91,7 @@ impl Network {
             next_session: AtomicU64::new(1),
             shutting_down: AtomicBool::new(false),
             upstreams,
+            security,
             config,
         };
         let gateway = &inner.config.network.gateway;
@@ -132,13 +144,20 @@ impl Network {
         &self.inner.config
     }
 
+    /// The flood and abuse guards (`network.security`): their counters, the
+    /// client-IP rule, and [`Security::api_guard`] for the app's own routes.
+    pub fn security(&self) -> &Security {
+        &self.inner.security
+    }
+
     /// WebSocket connections open now.
     pub fn open_connections(&self) -> usize {
         self.inner.gate.open()
     }
 
     /// Mounts `/ws`, `POST /broadcast` and `GET /health`:
-    /// `App::new().configure(net.configure())`.
+    /// `App::new().configure(net.configure())`. `POST /broadcast` is behind
+    /// the per-IP request limiter ([`Security::api_guard`]).
     pub fn configure(&self) -> impl Fn(&mut web::ServiceConfig) + Clone + 'static {
         let net = self.clone();
         move |cfg: &mut web::ServiceConfig| {
@@ -147,6 +166,7 @@ impl Network {
                 .route("/ws", web::get().to(ws_route))
                 .service(
                     web::resource("/broadcast")
+                        .wrap(net.inner.security.api_guard())
                         .app_data(web::PayloadConfig::new(body_limit))
                         .route(web::post().to(broadcast_route)),
                 )
@@ -158,11 +178,28 @@ impl Network {
     /// OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`.
     /// Use it beside [`Network::configure`], which provides the app data:
     /// `App::new().configure(net.configure()).configure(net.configure_gateways())`.
+    ///
+    /// Every route under `/proxy/` and `/v1/` is behind the per-IP request
+    /// limiter ([`Security::api_guard`]); those two prefixes belong to the
+    /// gateways, so mount the app's own routes elsewhere.
     pub fn configure_gateways(&self) -> impl Fn(&mut web::ServiceConfig) + Clone + 'static {
         let max_body = self.inner.config.network.gateway.max_body_bytes;
+        let security = self.inner.security.clone();
         move |cfg: &mut web::ServiceConfig| {
-            crate::gateway::configure(cfg);
-            crate::llm_gateway::configure(cfg, max_body);
+            // A scope with no prefix, entered only for the gateways' paths
+            // (a failed guard lets routing go on to later services), is how
+            // one middleware wraps routes that another module mounts.
+            cfg.service(
+                web::scope("")
+                    .guard(actix_web::guard::fn_guard(|ctx| {
+                        is_gateway_path(ctx.head().uri.path())
+                    }))
+                    .wrap(security.api_guard())
+                    .configure(|cfg| {
+                        crate::gateway::configure(cfg);
+                        crate::llm_gateway::configure(cfg, max_body);
+                    }),
+            );
         }
     }
 
@@ -171,15 +208,21 @@ impl Network {
     /// socket, and keeps a duplicate of it so the hub can shut down a client
     /// that stops reading even though its session actor is frozen. Without
     /// it, happynet still works, but such a client's connection lingers until
-    /// the kernel gives up on it.
+    /// the kernel gives up on it. It also enforces
+    /// `network.security.max_tcp_connections_per_ip`: a connection beyond it
+    /// gets a raw 429 and is shut down at once.
     pub fn on_connect(&self) -> impl Fn(&dyn Any, &mut Extensions) + Send + Sync + 'static {
         let ws = &self.inner.config.network.websocket;
         let user_timeout = ws.tcp_user_timeout.0;
         let send_buffer = ws.socket_send_buffer;
+        let security = self.inner.security.clone();
         move |conn: &dyn Any, ext: &mut Extensions| {
             let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
                 return;
             };
+            if !security.on_accept(tcp, ext) {
+                return;
+            }
             let sock = SockRef::from(tcp);
             if !user_timeout.is_zero() {
                 if let Err(e) = sock.set_tcp_user_timeout(Some(user_timeout)) {
@@ -237,6 +280,9 @@ async fn ws_route(
 ) -> actix_web::Result<HttpResponse> {
     use actix_web::http::StatusCode;
     let inner = &net.inner;
+    // Before anything else: the security checks answer 429/403/401 without
+    // upgrading, and the pass holds this IP's connection slot.
+    let pass: UpgradePass = inner.security.admit_upgrade(&req).await?;
     let query = match web::Query::<WsQuery>::from_query(req.query_string()) {
         Ok(q) => q.into_inner(),
         Err(e) => {
@@ -291,9 +337,18 @@ async fn ws_route(
         socket,
         Some(slot),
     );
-    ws::WsResponseBuilder::new(session, &req, stream)
+    let response = ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(inner.session_config.max_message_bytes)
-        .start()
+        // Echoes `happynet` when the client offers it (RFC 6455: a token
+        // offered as `token.<token>` must come with a protocol to echo).
+        .protocols(UpgradePass::PROTOCOLS)
+        .start()?;
+    Ok(pass.hold_until_closed(response))
+}
+
+/// The paths [`Network::configure_gateways`] mounts.
+fn is_gateway_path(path: &str) -> bool {
+    path.starts_with("/proxy/") || path.starts_with("/v1/")
 }
 
 #[derive(Deserialize)]

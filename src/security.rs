@@ -1,0 +1,1377 @@
+//! Flood and abuse guards: what `network.security` configures.
+//!
+//! One abusive client must not be able to take the server down or shut other
+//! clients out, so every guard here is on by default and keyed by the
+//! client's IP address. Each one answers before any work is done for the
+//! request — before a WebSocket upgrade, before a body is read — with a JSON
+//! error that names the limit:
+//!
+//! | guard | where | answer |
+//! |---|---|---|
+//! | open TCP connections per IP | [`Network::on_connect`](crate::Network::on_connect) | a raw `429`, connection shut |
+//! | new upgrades per second per IP (GCRA) | `GET /ws` | `429` + `Retry-After` |
+//! | `Origin` allow-list | `GET /ws` | `403` |
+//! | token | `GET /ws` | `401` (`400` for a token offered as a subprotocol without `happynet`) |
+//! | open WebSockets per IP | `GET /ws` | `429` + `Retry-After` |
+//! | requests per second per IP (GCRA) | API routes, via [`ApiGuard`] | `429` + `Retry-After` |
+//! | request body deadline | API routes, via [`ApiGuard`] | `408`, connection closed |
+//! | request head deadline (slowloris) | the server: `HttpServer::client_request_timeout(`[`Security::request_header_timeout`]`())` | `408`, connection closed |
+//!
+//! The upgrade checks run in that order. The rate comes first, so that
+//! guessing tokens is rate limited too.
+//!
+//! **Why these status codes.** A client over one of *its own* limits gets 429
+//! (RFC 6585): it is the one that should slow down, and `Retry-After` tells
+//! it when. The server-wide `websocket.max_connections` stays 503: there the
+//! server is full, whoever asks.
+//!
+//! **Which address.** The client IP is the peer address, unless
+//! `trust_forwarded_for` is set, when it is the last `X-Forwarded-For`
+//! entry — the one the proxy in front appended. IPv6 clients are keyed by
+//! their /64 prefix, since one host usually holds a whole /64 and could
+//! otherwise pick a fresh address per connection. IPv4-mapped IPv6 peers
+//! count as their IPv4 address. `exempt_ips` (loopback by default: a local
+//! reverse proxy or tool is not one client) skips the per-IP limits, never the
+//! token, origin or timeouts. A request with no peer address (a Unix socket)
+//! is not limited per IP.
+//!
+//! **Bounded state.** The per-IP connection tables hold an entry only while
+//! that IP has a connection open, so they are bounded by the open
+//! connections, and they give memory back when they empty. The rate limiters
+//! are [`RateLimiterActor`]s: at most `max_tracked_ips` keys, idle keys
+//! evicted, new keys refused (429) when full rather than let through.
+//!
+//! **Tokens** are compared in constant time and never logged. A browser
+//! cannot set `Authorization` on an upgrade, so a token is accepted in any of:
+//! `Sec-WebSocket-Protocol: happynet, token.<token>` (the server then echoes
+//! `happynet`, as RFC 6455 requires — a browser fails a handshake that echoes
+//! nothing it offered), `Authorization: Bearer <token>` (non-browser
+//! clients) or `?token=<token>` (simplest, but the query string shows up in
+//! proxies' and `middleware::Logger`'s access logs).
+//!
+//! **Known gap.** actix-web's head deadline covers only a connection's first
+//! request; a keep-alive connection that starts its second request and then
+//! trickles it is not cut off by it. The per-IP TCP connection cap bounds how
+//! many such connections one address can hold.
+
+use crate::config::{ConfigError, SecurityConfig};
+use actix::prelude::*;
+use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
+use actix_web::dev::{
+    forward_ready, Extensions, Payload, Service, ServiceRequest, ServiceResponse, Transform,
+};
+use actix_web::error::PayloadError;
+use actix_web::http::header;
+use actix_web::http::StatusCode;
+use actix_web::web::Bytes;
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use futures::future::{ready, LocalBoxFuture, Ready};
+use futures::Stream;
+use happynet_actors::gcra::Quota;
+use happynet_actors::limiter::{Acquire, RateLimiterActor};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use socket2::SockRef;
+use std::cell::Cell;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+/// The subprotocol a client offers beside `token.<token>`, and the one the
+/// server echoes.
+pub const HAPPYNET_SUBPROTOCOL: &str = "happynet";
+
+/// The prefix of a token offered in `Sec-WebSocket-Protocol`.
+pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "token.";
+
+/// How long a route waits for a rate limiter's answer before answering 503.
+const LIMITER_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// `Retry-After` for a client at its open-connection cap: when a connection
+/// will close is unknown, so this only spaces out retries.
+const CONNECTION_CAP_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// IPv6 clients are limited per prefix of this length (see the module docs).
+const IPV6_KEY_PREFIX_LEN: u8 = 64;
+
+/// Refusals are logged at `info` at most this often (each one at `debug`):
+/// a flood must not become a flood of log lines.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Below this many entries a connection table is not worth shrinking.
+const MIN_SHRINK_SIZE: usize = 64;
+
+/// A table shrinks when it holds fewer than one entry in this many of what it
+/// was sized for.
+const SHRINK_WHEN_SPARSER_THAN: usize = 4;
+
+// ---------------------------------------------------------------------------
+// Client addresses
+// ---------------------------------------------------------------------------
+
+/// An address or CIDR range, as written in `exempt_ips`: `10.0.0.0/8`,
+/// `::1`, `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    /// The first address of the range (host bits cleared).
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    /// Parses `addr` or `addr/prefix`. Host bits past the prefix are ignored.
+    pub fn parse(s: &str) -> Result<IpRange, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .trim()
+            .parse()
+            .map_err(|_| format!("is not an IP address or CIDR range: {s:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => return Err(format!("has a prefix length outside 0..={max}: {s:?}")),
+            },
+        };
+        Ok(IpRange {
+            addr: mask(addr, prefix),
+            prefix,
+        })
+    }
+
+    /// Whether `ip` is in the range. IPv4-mapped IPv6 addresses count as
+    /// IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
+    }
+}
+
+/// `ip` with every bit past `prefix` cleared.
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let bits = u32::from(v4);
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(bits & m))
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(bits & m))
+        }
+    }
+}
+
+/// What per-IP limits are kept per: the IPv4 address, or the IPv6 /64.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        v4 @ IpAddr::V4(_) => v4,
+        v6 @ IpAddr::V6(_) => mask(v6, IPV6_KEY_PREFIX_LEN),
+    }
+}
+
+/// The last entry of the last `X-Forwarded-For` header, as an address.
+fn forwarded_for(req: &HttpRequest) -> Option<IpAddr> {
+    let last = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .last()?
+        .to_str()
+        .ok()?
+        .rsplit(',')
+        .next()?
+        .trim();
+    last.parse::<IpAddr>()
+        .ok()
+        .or_else(|| last.parse::<SocketAddr>().ok().map(|a| a.ip()))
+}
+
+// ---------------------------------------------------------------------------
+// Tokens and origins
+// ---------------------------------------------------------------------------
+
+/// Whether `c` may appear in an HTTP token (RFC 9110 `tchar`), and so in a
+/// `Sec-WebSocket-Protocol` value.
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
+/// Checks a configured WebSocket token: it must be usable in every way a
+/// client may present it, so it is limited to HTTP token characters (hex or
+/// unpadded base64url are fine; `/`, `=` and spaces are not).
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if !token.bytes().all(is_tchar) {
+        return Err(
+            "must consist of letters, digits and !#$%&'*+-.^_`|~ (it must fit in \
+             Sec-WebSocket-Protocol; use hex or unpadded base64url)"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// Compares without an early exit, so response timing does not reveal how
+/// much of a token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// An origin in the form browsers send it: lower-case `scheme://host`, with
+/// `:port` only when it is not the scheme's default. Errors say what is
+/// wrong (for the config path they are reported under).
+pub fn normalize_origin(origin: &str) -> Result<String, String> {
+    let uri: actix_web::http::Uri = origin
+        .trim()
+        .parse()
+        .map_err(|e| format!("is not an origin (scheme://host[:port]): {e}"))?;
+    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
+        return Err("is not an origin: it needs a scheme and a host (scheme://host[:port])".into());
+    };
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err("is not an origin: it must not have a path or query".into());
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    let host = host.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
+    };
+    Ok(match uri.port_u16() {
+        Some(port) if Some(port) != default_port => format!("{scheme}://{host}:{port}"),
+        _ => format!("{scheme}://{host}"),
+    })
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+// ---------------------------------------------------------------------------
+// Open connections per IP
+// ---------------------------------------------------------------------------
+
+/// Open connections per IP, at most `max` each: a plain state machine (no
+/// locking, no clock). An IP has an entry only while it has a connection
+/// open, so the table never outgrows the open connections, and it gives its
+/// memory back when it empties.
+#[derive(Debug)]
+pub struct PerIpCounter {
+    max: usize,
+    open: HashMap<IpAddr, usize>,
+    /// The most entries since the table was last shrunk: what its
+    /// allocation was sized for.
+    high_water: usize,
+}
+
+impl PerIpCounter {
+    /// A table admitting up to `max` open connections per IP (with
+    /// `max == 0`, none).
+    pub fn new(max: usize) -> Self {
+        PerIpCounter {
+            max,
+            open: HashMap::new(),
+            high_water: 0,
+        }
+    }
+
+    /// Counts one more connection from `ip`, or returns false if it already
+    /// has `max`.
+    pub fn try_open(&mut self, ip: IpAddr) -> bool {
+        match self.open.get_mut(&ip) {
+            Some(n) if *n >= self.max => false,
+            Some(n) => {
+                *n += 1;
+                true
+            }
+            None if self.max == 0 => false,
+            None => {
+                self.open.insert(ip, 1);
+                self.high_water = self.high_water.max(self.open.len());
+                true
+            }
+        }
+    }
+
+    /// Counts one connection from `ip` as closed; the entry goes at zero.
+    pub fn close(&mut self, ip: IpAddr) {
+        if let Entry::Occupied(mut e) = self.open.entry(ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+                self.maybe_shrink();
+            }
+        }
+    }
+
+    /// Connections open from `ip`.
+    pub fn open(&self, ip: IpAddr) -> usize {
+        self.open.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// IPs with a connection open: the table's size.
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// True when no IP has a connection open.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// The limit per IP.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// How many IPs the table can hold without reallocating.
+    pub fn capacity(&self) -> usize {
+        self.open.capacity()
+    }
+
+    fn maybe_shrink(&mut self) {
+        let len = self.open.len();
+        if self.high_water > MIN_SHRINK_SIZE && len * SHRINK_WHEN_SPARSER_THAN < self.high_water {
+            // Room to double, so a table hovering around one size does not
+            // reallocate on every close.
+            self.open.shrink_to(len * 2);
+            self.high_water = len;
+        }
+    }
+}
+
+/// A [`PerIpCounter`] shared by the worker threads. The lock is held for a
+/// hash-map update, never across an await.
+#[derive(Debug)]
+struct ConnectionsPerIp(Mutex<PerIpCounter>);
+
+impl ConnectionsPerIp {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(ConnectionsPerIp(Mutex::new(PerIpCounter::new(max))))
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, PerIpCounter> {
+        // The counter's state is valid after any panic in its short methods.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        self.table().try_open(ip).then(|| IpSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open connection counted against its IP; dropping it releases it.
+#[derive(Debug)]
+pub struct IpSlot {
+    table: Arc<ConnectionsPerIp>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        self.table.table().close(self.ip);
+    }
+}
+
+/// Kept in a connection's data by [`Security::on_accept`] for as long as the
+/// connection is open.
+struct TcpSlot {
+    _slot: IpSlot,
+}
+
+/// Marks a connection that was over its IP's TCP cap (and has been shut):
+/// routes refuse anything that still arrives on it.
+struct OverTcpCap;
+
+// ---------------------------------------------------------------------------
+// Refusals
+// ---------------------------------------------------------------------------
+
+/// Why a guard refused a request. Each is answered with the status below and
+/// a JSON body `{"error": kind, "message": …, "retry_after_ms": …}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// 429: the client IP is over `requests_per_second` on the API routes.
+    TooManyRequests {
+        /// When one more request would be admitted.
+        retry_after: Duration,
+    },
+    /// 429: the client IP is over `connections_per_second`.
+    TooManyUpgrades {
+        /// When one more upgrade would be admitted.
+        retry_after: Duration,
+    },
+    /// 429: the client IP has `max_connections_per_ip` WebSockets open.
+    TooManyConnections {
+        /// The cap.
+        max: usize,
+    },
+    /// 429: the request came on a connection over `max_tcp_connections_per_ip`.
+    TooManyTcpConnections {
+        /// The cap.
+        max: usize,
+    },
+    /// 401: `ws_tokens` is set and no token was presented.
+    TokenRequired,
+    /// 401: the token presented is not one of `ws_tokens`.
+    TokenInvalid,
+    /// 400: a token was offered as a subprotocol without `happynet`, which
+    /// the server must echo.
+    SubprotocolRequired,
+    /// 403: the browser's `Origin` is not in `allowed_origins`.
+    OriginNotAllowed,
+    /// 408: the body did not arrive within `request_body_timeout`.
+    BodyTimeout {
+        /// The timeout.
+        after: Duration,
+    },
+    /// 503: a rate limiter did not answer.
+    LimiterUnavailable,
+}
+
+impl Refusal {
+    /// A short name for the condition: the `error` field of the JSON body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::TooManyRequests { .. } => "rate_limited",
+            Refusal::TooManyUpgrades { .. } => "connection_rate_limited",
+            Refusal::TooManyConnections { .. } => "too_many_connections_from_ip",
+            Refusal::TooManyTcpConnections { .. } => "too_many_tcp_connections_from_ip",
+            Refusal::TokenRequired => "token_required",
+            Refusal::TokenInvalid => "invalid_token",
+            Refusal::SubprotocolRequired => "subprotocol_required",
+            Refusal::OriginNotAllowed => "origin_not_allowed",
+            Refusal::BodyTimeout { .. } => "request_body_timeout",
+            Refusal::LimiterUnavailable => "limiter_unavailable",
+        }
+    }
+
+    /// When the client may try again, if that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Refusal::TooManyRequests { retry_after } | Refusal::TooManyUpgrades { retry_after } => {
+                Some(*retry_after)
+            }
+            Refusal::TooManyConnections { .. } | Refusal::TooManyTcpConnections { .. } => {
+                Some(CONNECTION_CAP_RETRY_AFTER)
+            }
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::TooManyRequests { .. } => {
+                f.write_str("too many requests from this address (network.security.requests_per_second)")
+            }
+            Refusal::TooManyUpgrades { .. } => f.write_str(
+                "too many new connections from this address (network.security.connections_per_second)",
+            ),
+            Refusal::TooManyConnections { max } => write!(
+                f,
+                "this address has its maximum of {max} WebSocket connections open \
+                 (network.security.max_connections_per_ip)"
+            ),
+            Refusal::TooManyTcpConnections { max } => write!(
+                f,
+                "this address has its maximum of {max} connections open \
+                 (network.security.max_tcp_connections_per_ip)"
+            ),
+            Refusal::TokenRequired => f.write_str(
+                "a token is required: Sec-WebSocket-Protocol: happynet, token.<token>; \
+                 Authorization: Bearer <token>; or ?token=<token>",
+            ),
+            Refusal::TokenInvalid => f.write_str("the token is not valid"),
+            Refusal::SubprotocolRequired => f.write_str(
+                "offer the happynet subprotocol beside token.<token> \
+                 (Sec-WebSocket-Protocol: happynet, token.<token>)",
+            ),
+            Refusal::OriginNotAllowed => {
+                f.write_str("this origin may not connect (network.security.allowed_origins)")
+            }
+            Refusal::BodyTimeout { after } => write!(
+                f,
+                "the request body did not arrive within {} s (network.security.request_body_timeout)",
+                after.as_secs_f64()
+            ),
+            Refusal::LimiterUnavailable => f.write_str("the rate limiter did not answer"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// `Retry-After` in whole seconds, rounded up and at least 1: "0" would
+/// invite a stampede.
+fn retry_after_secs(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
+}
+
+impl ResponseError for Refusal {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            Refusal::TooManyRequests { .. }
+            | Refusal::TooManyUpgrades { .. }
+            | Refusal::TooManyConnections { .. }
+            | Refusal::TooManyTcpConnections { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::TokenRequired | Refusal::TokenInvalid => StatusCode::UNAUTHORIZED,
+            Refusal::SubprotocolRequired => StatusCode::BAD_REQUEST,
+            Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Refusal::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Refusal::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status_code());
+        if let Some(after) = self.retry_after() {
+            resp.insert_header((header::RETRY_AFTER, retry_after_secs(after)));
+        }
+        match self {
+            Refusal::TokenRequired | Refusal::TokenInvalid => {
+                resp.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"happynet\""));
+            }
+            // The client is still sending, or should not be here at all.
+            Refusal::BodyTimeout { .. } | Refusal::TooManyTcpConnections { .. } => {
+                resp.force_close();
+            }
+            _ => {}
+        }
+        resp.json(json!({
+            "error": self.kind(),
+            "message": self.to_string(),
+            "retry_after_ms": self.retry_after().map(|d| d.as_millis() as u64),
+        }))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Counters
+// ---------------------------------------------------------------------------
+
+/// What the guards have refused, and the per-IP tables' sizes: for metrics
+/// and status pages ([`Security::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct SecurityStats {
+    /// Upgrades refused by `connections_per_second`.
+    pub upgrades_rate_limited: u64,
+    /// Upgrades refused by `max_connections_per_ip`.
+    pub upgrades_over_ip_cap: u64,
+    /// Upgrades refused for want of a token.
+    pub upgrades_token_required: u64,
+    /// Upgrades refused for a wrong token.
+    pub upgrades_token_invalid: u64,
+    /// Upgrades refused for a token offered without the `happynet`
+    /// subprotocol.
+    pub upgrades_subprotocol_required: u64,
+    /// Upgrades refused by `allowed_origins`.
+    pub upgrades_origin_not_allowed: u64,
+    /// API requests refused by `requests_per_second`.
+    pub requests_rate_limited: u64,
+    /// API requests whose body missed `request_body_timeout`.
+    pub request_body_timeouts: u64,
+    /// Connections (and requests on them) refused by
+    /// `max_tcp_connections_per_ip`.
+    pub connections_over_ip_cap: u64,
+    /// Requests refused because a rate limiter did not answer.
+    pub limiter_unavailable: u64,
+    /// IPs with a WebSocket open now.
+    pub ips_with_websockets: usize,
+    /// IPs with a TCP connection open now (counted by `on_connect`).
+    pub ips_with_connections: usize,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    upgrades_rate_limited: AtomicU64,
+    upgrades_over_ip_cap: AtomicU64,
+    upgrades_token_required: AtomicU64,
+    upgrades_token_invalid: AtomicU64,
+    upgrades_subprotocol_required: AtomicU64,
+    upgrades_origin_not_allowed: AtomicU64,
+    requests_rate_limited: AtomicU64,
+    request_body_timeouts: AtomicU64,
+    connections_over_ip_cap: AtomicU64,
+    limiter_unavailable: AtomicU64,
+}
+
+impl Counters {
+    /// Counts `refusal`; returns how many of its kind there have been.
+    fn count(&self, refusal: &Refusal) -> u64 {
+        let counter = match refusal {
+            Refusal::TooManyRequests { .. } => &self.requests_rate_limited,
+            Refusal::TooManyUpgrades { .. } => &self.upgrades_rate_limited,
+            Refusal::TooManyConnections { .. } => &self.upgrades_over_ip_cap,
+            Refusal::TooManyTcpConnections { .. } => &self.connections_over_ip_cap,
+            Refusal::TokenRequired => &self.upgrades_token_required,
+            Refusal::TokenInvalid => &self.upgrades_token_invalid,
+            Refusal::SubprotocolRequired => &self.upgrades_subprotocol_required,
+            Refusal::OriginNotAllowed => &self.upgrades_origin_not_allowed,
+            Refusal::BodyTimeout { .. } => &self.request_body_timeouts,
+            Refusal::LimiterUnavailable => &self.limiter_unavailable,
+        };
+        counter.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+/// Lets one log line through per [`REFUSAL_LOG_INTERVAL`].
+#[derive(Debug)]
+struct LogGate {
+    epoch: Instant,
+    /// Milliseconds since `epoch` before which nothing is logged.
+    next_ms: AtomicU64,
+}
+
+impl LogGate {
+    fn new() -> Self {
+        LogGate {
+            epoch: Instant::now(),
+            next_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn allow(&self, now: Instant) -> bool {
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        now_ms >= next
+            && self
+                .next_ms
+                .compare_exchange(
+                    next,
+                    now_ms + REFUSAL_LOG_INTERVAL.as_millis() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The guards
+// ---------------------------------------------------------------------------
+
+/// The guards of `network.security`, built once by `Network::start` and
+/// shared by every worker. Cloning is cheap.
+#[derive(Clone)]
+pub struct Security {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    ws_per_ip: Option<Arc<ConnectionsPerIp>>,
+    tcp_per_ip: Option<Arc<ConnectionsPerIp>>,
+    upgrade_limiter: Option<Addr<RateLimiterActor>>,
+    request_limiter: Option<Addr<RateLimiterActor>>,
+    tokens: Vec<String>,
+    /// Normalised ([`normalize_origin`]).
+    origins: Vec<String>,
+    exempt: Vec<IpRange>,
+    trust_forwarded_for: bool,
+    header_timeout: Duration,
+    body_timeout: Option<Duration>,
+    /// What `on_accept` writes to a connection over the TCP cap.
+    over_tcp_cap_response: Vec<u8>,
+    counters: Counters,
+    log_gate: LogGate,
+}
+
+impl Security {
+    /// Builds the guards of `config` and starts their rate limiters on the
+    /// current arbiter: call it inside a running actix `System`.
+    pub fn start(config: &SecurityConfig) -> Result<Security, ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: format!("network.security.{key}"),
+            message,
+        };
+        let limiter = |name: &str, rate: f64, burst: u32, key: &str| {
+            if rate == 0.0 {
+                return Ok(None);
+            }
+            let quota = Quota::per_second(rate, burst).map_err(|e| invalid(key, e.to_string()))?;
+            Ok::<_, ConfigError>(Some(
+                RateLimiterActor::new(name, quota, config.max_tracked_ips).start(),
+            ))
+        };
+        let upgrade_limiter = limiter(
+            "ws_connections_per_ip",
+            config.connections_per_second,
+            config.connection_burst,
+            "connections_per_second",
+        )?;
+        let request_limiter = limiter(
+            "http_requests_per_ip",
+            config.requests_per_second,
+            config.request_burst,
+            "requests_per_second",
+        )?;
+        let origins = config
+            .allowed_origins
+            .iter()
+            .map(|o| normalize_origin(o).map_err(|e| invalid("allowed_origins", e)))
+            .collect::<Result<_, _>>()?;
+        let exempt = config
+            .exempt_ips
+            .iter()
+            .map(|r| IpRange::parse(r).map_err(|e| invalid("exempt_ips", e)))
+            .collect::<Result<_, _>>()?;
+        let max_tcp = config.max_tcp_connections_per_ip;
+        let over_tcp = Refusal::TooManyTcpConnections { max: max_tcp };
+        let body = json!({"error": over_tcp.kind(), "message": over_tcp.to_string()}).to_string();
+        let over_tcp_cap_response = format!(
+            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nretry-after: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len(),
+            CONNECTION_CAP_RETRY_AFTER.as_secs(),
+        )
+        .into_bytes();
+        let per_ip = |max: usize| (max > 0).then(|| ConnectionsPerIp::new(max));
+        Ok(Security {
+            inner: Arc::new(Shared {
+                ws_per_ip: per_ip(config.max_connections_per_ip),
+                // Behind a proxy every connection comes from the proxy.
+                tcp_per_ip: per_ip(max_tcp).filter(|_| !config.trust_forwarded_for),
+                upgrade_limiter,
+                request_limiter,
+                tokens: config.ws_tokens.clone(),
+                origins,
+                exempt,
+                trust_forwarded_for: config.trust_forwarded_for,
+                header_timeout: config.request_header_timeout.0,
+                body_timeout: Some(config.request_body_timeout.0).filter(|d| !d.is_zero()),
+                over_tcp_cap_response,
+                counters: Counters::default(),
+                log_gate: LogGate::new(),
+            }),
+        })
+    }
+
+    /// The client's address: the peer's, or with `trust_forwarded_for` the
+    /// last `X-Forwarded-For` entry (the peer's when there is none).
+    pub fn client_ip(&self, req: &HttpRequest) -> Option<IpAddr> {
+        let forwarded = self
+            .inner
+            .trust_forwarded_for
+            .then(|| forwarded_for(req))
+            .flatten();
+        forwarded
+            .or_else(|| req.peer_addr().map(|a| a.ip()))
+            .map(|ip| ip.to_canonical())
+    }
+
+    /// Whether `ip` is in `exempt_ips`.
+    pub fn is_exempt(&self, ip: IpAddr) -> bool {
+        self.inner.exempt.iter().any(|r| r.contains(ip))
+    }
+
+    /// The key the per-IP limits apply to for `req`, or `None` when they do
+    /// not apply (exempt, or no address).
+    fn limited_ip(&self, req: &HttpRequest) -> Option<IpAddr> {
+        self.client_ip(req)
+            .filter(|ip| !self.is_exempt(*ip))
+            .map(limit_key)
+    }
+
+    /// `request_header_timeout`: pass it to
+    /// `HttpServer::client_request_timeout` (zero turns the deadline off,
+    /// there as here). actix-web's own default is 5 s; passing it keeps the
+    /// server in step with the config.
+    pub fn request_header_timeout(&self) -> Duration {
+        self.inner.header_timeout
+    }
+
+    /// What the guards have refused so far.
+    pub fn stats(&self) -> SecurityStats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let ips = |t: &Option<Arc<ConnectionsPerIp>>| t.as_ref().map_or(0, |t| t.table().len());
+        SecurityStats {
+            upgrades_rate_limited: get(&c.upgrades_rate_limited),
+            upgrades_over_ip_cap: get(&c.upgrades_over_ip_cap),
+            upgrades_token_required: get(&c.upgrades_token_required),
+            upgrades_token_invalid: get(&c.upgrades_token_invalid),
+            upgrades_subprotocol_required: get(&c.upgrades_subprotocol_required),
+            upgrades_origin_not_allowed: get(&c.upgrades_origin_not_allowed),
+            requests_rate_limited: get(&c.requests_rate_limited),
+            request_body_timeouts: get(&c.request_body_timeouts),
+            connections_over_ip_cap: get(&c.connections_over_ip_cap),
+            limiter_unavailable: get(&c.limiter_unavailable),
+            ips_with_websockets: ips(&self.inner.ws_per_ip),
+            ips_with_connections: ips(&self.inner.tcp_per_ip),
+        }
+    }
+
+    /// Counts and logs a refusal (never with a token in it).
+    fn refused(&self, refusal: &Refusal, ip: Option<IpAddr>) {
+        let n = self.inner.counters.count(refusal);
+        let who = ip.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string());
+        if self.inner.log_gate.allow(Instant::now()) {
+            log::info!(
+                "refused a request from {who}: {refusal} ({n} refusals of this kind so far)"
+            );
+        } else {
+            log::debug!("refused a request from {who}: {}", refusal.kind());
+        }
+    }
+
+    /// Takes one unit of `key`'s rate from `limiter`.
+    async fn acquire(
+        limiter: &Addr<RateLimiterActor>,
+        key: IpAddr,
+    ) -> Result<(), Option<Duration>> {
+        // `send` with a timeout: a reply is needed, and a limiter that does
+        // not give one within a second is treated as down (503), not waited
+        // on by every request.
+        match limiter
+            .send(Acquire {
+                key: key.to_string(),
+            })
+            .timeout(LIMITER_REPLY_TIMEOUT)
+            .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(limited)) => Err(Some(limited.retry_after)),
+            Err(_) => Err(None),
+        }
+    }
+
+    /// Runs the upgrade checks of `GET /ws` (see the module docs), in order:
+    /// connection rate, origin, token, open connections per IP. On success
+    /// the [`UpgradePass`] holds the IP's connection slot; hand the upgrade's
+    /// response to [`UpgradePass::hold_until_closed`].
+    pub async fn admit_upgrade(&self, req: &HttpRequest) -> Result<UpgradePass, Refusal> {
+        let result = self.check_upgrade(req).await;
+        if let Err(refusal) = &result {
+            self.refused(refusal, self.client_ip(req));
+        }
+        result
+    }
+
+    async fn check_upgrade(&self, req: &HttpRequest) -> Result<UpgradePass, Refusal> {
+        let s = &self.inner;
+        if let (Some(_), Some(tcp)) = (req.conn_data::<OverTcpCap>(), &s.tcp_per_ip) {
+            return Err(Refusal::TooManyTcpConnections {
+                max: tcp.table().max(),
+            });
+        }
+        let ip = self.limited_ip(req);
+        if let (Some(limiter), Some(ip)) = (&s.upgrade_limiter, ip) {
+            Self::acquire(limiter, ip).await.map_err(|e| match e {
+                Some(retry_after) => Refusal::TooManyUpgrades { retry_after },
+                None => Refusal::LimiterUnavailable,
+            })?;
+        }
+        self.check_origin(req)?;
+        self.check_token(req)?;
+        let slot = match (&s.ws_per_ip, ip) {
+            (Some(table), Some(ip)) => {
+                Some(
+                    table
+                        .try_acquire(ip)
+                        .ok_or_else(|| Refusal::TooManyConnections {
+                            max: table.table().max(),
+                        })?,
+                )
+            }
+            _ => None,
+        };
+        Ok(UpgradePass { slot })
+    }
+
+    fn check_origin(&self, req: &HttpRequest) -> Result<(), Refusal> {
+        let origins = &self.inner.origins;
+        if origins.is_empty() {
+            return Ok(());
+        }
+        // No Origin: not a browser. Such a client could send any Origin, so
+        // the list protects browsers (against cross-site WebSocket
+        // hijacking); it does not authenticate.
+        let Some(origin) = req.headers().get(header::ORIGIN) else {
+            return Ok(());
+        };
+        let origin = origin.to_str().ok().and_then(|o| normalize_origin(o).ok());
+        match origin {
+            Some(o) if origins.contains(&o) => Ok(()),
+            _ => Err(Refusal::OriginNotAllowed),
+        }
+    }
+
+    fn check_token(&self, req: &HttpRequest) -> Result<(), Refusal> {
+        let tokens = &self.inner.tokens;
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let offered: Vec<&str> = req
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        let in_protocol = offered
+            .iter()
+            .find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX));
+        let bearer = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let query = actix_web::web::Query::<TokenQuery>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.into_inner().token);
+        let presented = [in_protocol, bearer, query.as_deref()];
+        if presented.iter().all(Option::is_none) {
+            return Err(Refusal::TokenRequired);
+        }
+        let valid = |t: &str| {
+            tokens
+                .iter()
+                .any(|known| constant_time_eq(known.as_bytes(), t.as_bytes()))
+        };
+        if !presented.into_iter().flatten().any(valid) {
+            return Err(Refusal::TokenInvalid);
+        }
+        if in_protocol.is_some() && !offered.contains(&HAPPYNET_SUBPROTOCOL) {
+            return Err(Refusal::SubprotocolRequired);
+        }
+        Ok(())
+    }
+
+    /// The API routes' checks: the connection's TCP cap and the request
+    /// rate of the client IP.
+    pub async fn admit_request(&self, req: &HttpRequest) -> Result<(), Refusal> {
+        let s = &self.inner;
+        let result = if let (Some(_), Some(tcp)) = (req.conn_data::<OverTcpCap>(), &s.tcp_per_ip) {
+            Err(Refusal::TooManyTcpConnections {
+                max: tcp.table().max(),
+            })
+        } else if let (Some(limiter), Some(ip)) = (&s.request_limiter, self.limited_ip(req)) {
+            Self::acquire(limiter, ip).await.map_err(|e| match e {
+                Some(retry_after) => Refusal::TooManyRequests { retry_after },
+                None => Refusal::LimiterUnavailable,
+            })
+        } else {
+            Ok(())
+        };
+        if let Err(refusal) = &result {
+            self.refused(refusal, self.client_ip(req));
+        }
+        result
+    }
+
+    /// For `HttpServer::on_connect`: counts an accepted connection against
+    /// its peer's `max_tcp_connections_per_ip` for as long as it is open
+    /// (the slot lives in the connection's data). A connection over the cap
+    /// gets a raw 429 and is shut down at once; returns false for it.
+    pub fn on_accept(&self, tcp: &actix_web::rt::net::TcpStream, ext: &mut Extensions) -> bool {
+        let Some(table) = &self.inner.tcp_per_ip else {
+            return true;
+        };
+        let Ok(peer) = tcp.peer_addr() else {
+            return true;
+        };
+        let ip = peer.ip().to_canonical();
+        if self.is_exempt(ip) {
+            return true;
+        }
+        match table.try_acquire(limit_key(ip)) {
+            Some(slot) => {
+                ext.insert(TcpSlot { _slot: slot });
+                true
+            }
+            None => {
+                let refusal = Refusal::TooManyTcpConnections {
+                    max: table.table().max(),
+                };
+                self.refused(&refusal, Some(ip));
+                // Whatever the dispatcher still reads from this connection
+                // is refused by the routes (`OverTcpCap`); the shutdown ends
+                // it. The send fits in a fresh socket's empty buffer.
+                ext.insert(OverTcpCap);
+                let sock = SockRef::from(tcp);
+                let _ = sock.send(&self.inner.over_tcp_cap_response);
+                let _ = sock.shutdown(Shutdown::Both);
+                false
+            }
+        }
+    }
+
+    /// The middleware for API routes: per-IP request rate and body deadline.
+    /// `Network::configure` and `configure_gateways` apply it to their API
+    /// routes; wrap your own with it too:
+    /// `web::scope("/api").wrap(net.security().api_guard())`.
+    pub fn api_guard(&self) -> ApiGuard {
+        ApiGuard {
+            security: self.clone(),
+        }
+    }
+}
+
+/// An admitted upgrade: it holds the client IP's connection slot.
+#[derive(Debug)]
+#[must_use = "the slot is released when the pass is dropped"]
+pub struct UpgradePass {
+    slot: Option<IpSlot>,
+}
+
+impl UpgradePass {
+    /// The subprotocols the upgrade may echo: pass them to
+    /// `WsResponseBuilder::protocols`. A client offering `happynet` gets it
+    /// back, whether or not a token is required.
+    pub const PROTOCOLS: &'static [&'static str] = &[HAPPYNET_SUBPROTOCOL];
+
+    /// Makes `response` (the upgrade's) hold the connection slot until the
+    /// connection ends: the slot is dropped with the response body, which
+    /// the HTTP dispatcher keeps exactly as long as the WebSocket is open.
+    pub fn hold_until_closed(self, response: HttpResponse) -> HttpResponse {
+        match self.slot {
+            None => response,
+            Some(slot) => {
+                response.map_body(|_, body| BoxBody::new(HoldWhileOpen { body, _guard: slot }))
+            }
+        }
+    }
+}
+
+/// A response body that keeps `_guard` alive as long as the body.
+struct HoldWhileOpen<B, G> {
+    body: B,
+    _guard: G,
+}
+
+impl<B: MessageBody + Unpin, G: Unpin> MessageBody for HoldWhileOpen<B, G> {
+    type Error = B::Error;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_next(cx)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The API middleware
+// ---------------------------------------------------------------------------
+
+/// Middleware for API routes (see [`Security::api_guard`]): refuses a
+/// client IP over `requests_per_second` with 429 + `Retry-After` before the
+/// handler runs (and before its body is read), and answers 408 and closes
+/// the connection when a body takes longer than `request_body_timeout`.
+#[derive(Clone)]
+pub struct ApiGuard {
+    security: Security,
+}
+
+impl<S, B> Transform<S, ServiceRequest> for ApiGuard
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Transform = ApiGuardService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(ApiGuardService {
+            service: Rc::new(service),
+            security: self.security.clone(),
+        }))
+    }
+}
+
+/// The service [`ApiGuard`] wraps a route in.
+pub struct ApiGuardService<S> {
+    service: Rc<S>,
+    security: Security,
+}
+
+impl<S, B> Service<ServiceRequest> for ApiGuardService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, mut req: ServiceRequest) -> Self::Future {
+        let service = self.service.clone();
+        let security = self.security.clone();
+        Box::pin(async move {
+            if let Err(refusal) = security.admit_request(req.request()).await {
+                return Ok(req
+                    .into_response(refusal.error_response())
+                    .map_into_right_body());
+            }
+            let timed_out = security.inner.body_timeout.and_then(|after| {
+                let payload = req.take_payload();
+                if matches!(payload, Payload::None) {
+                    return None;
+                }
+                let flag = Rc::new(Cell::new(false));
+                let stream: BoxedPayloadStream = Box::pin(BodyDeadline {
+                    payload,
+                    deadline: Box::pin(tokio::time::sleep(after)),
+                    after,
+                    timed_out: flag.clone(),
+                });
+                req.set_payload(Payload::from(stream));
+                Some((flag, after))
+            });
+            let res = service.call(req).await?;
+            match timed_out {
+                Some((flag, after)) if flag.get() => {
+                    let refusal = Refusal::BodyTimeout { after };
+                    security.refused(&refusal, security.client_ip(res.request()));
+                    let (req, _) = res.into_parts();
+                    Ok(ServiceResponse::new(req, refusal.error_response()).map_into_right_body())
+                }
+                _ => Ok(res.map_into_left_body()),
+            }
+        })
+    }
+}
+
+/// What `Payload::Stream` holds (actix-http's `BoxedPayloadStream`).
+type BoxedPayloadStream = Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>>;
+
+/// A request body that fails with a timeout once its deadline passes.
+struct BodyDeadline {
+    payload: Payload,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    after: Duration,
+    /// Set when the deadline hit, so the middleware answers 408 whatever the
+    /// handler made of the error.
+    timed_out: Rc<Cell<bool>>,
+}
+
+impl Stream for BodyDeadline {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.timed_out.get() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = Pin::new(&mut this.payload).poll_next(cx) {
+            return Poll::Ready(item);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            this.timed_out.set(true);
+            return Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "request body not received within {} s",
+                    this.after.as_secs_f64()
+                ),
+            )))));
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn counts_per_ip_up_to_the_cap_and_forgets_ips_at_zero() {
+        let mut t = PerIpCounter::new(2);
+        let (a, b) = (ip("10.0.0.1"), ip("10.0.0.2"));
+        assert!(t.try_open(a));
+        assert!(t.try_open(a));
+        assert!(!t.try_open(a), "a third from the same IP");
+        assert!(t.try_open(b), "another IP is unaffected");
+        assert_eq!((t.open(a), t.open(b), t.len()), (2, 1, 2));
+        t.close(a);
+        assert!(t.try_open(a), "a closed connection frees its place");
+        t.close(a);
+        t.close(a);
+        t.close(b);
+        assert!(t.is_empty(), "entries go at zero");
+        // Closing what is not open changes nothing.
+        t.close(a);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_zero_cap_admits_nobody_and_keeps_no_entry() {
+        let mut t = PerIpCounter::new(0);
+        assert!(!t.try_open(ip("10.0.0.1")));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn the_table_gives_memory_back_when_it_empties() {
+        let mut t = PerIpCounter::new(1);
+        let ips: Vec<IpAddr> = (0..10_000u32)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+            .collect();
+        for &i in &ips {
+            assert!(t.try_open(i));
+        }
+        let peak = t.capacity();
+        assert!(peak >= 10_000);
+        for &i in &ips[..9_990] {
+            t.close(i);
+        }
+        assert_eq!(t.len(), 10);
+        assert!(
+            t.capacity() < peak / 4,
+            "capacity {} of {peak}",
+            t.capacity()
+        );
+        // What is left still counts.
+        assert!(!t.try_open(ips[9_999]));
+    }
+
+    #[test]
+    fn slots_release_on_drop() {
+        let table = ConnectionsPerIp::new(1);
+        let a = ip("192.0.2.1");
+        let slot = table.try_acquire(a).expect("first");
+        assert!(table.try_acquire(a).is_none());
+        drop(slot);
+        assert!(table.try_acquire(a).is_some());
+        assert!(table.table().is_empty());
+    }
+
+    #[test]
+    fn ranges_match_their_addresses() {
+        let lo = IpRange::parse("127.0.0.0/8").unwrap();
+        assert!(lo.contains(ip("127.0.0.1")));
+        assert!(lo.contains(ip("127.255.0.9")));
+        assert!(lo.contains(ip("::ffff:127.0.0.2")), "IPv4-mapped");
+        assert!(!lo.contains(ip("128.0.0.1")));
+        assert!(!lo.contains(ip("::1")));
+        let one = IpRange::parse("::1").unwrap();
+        assert!(one.contains(ip("::1")));
+        assert!(!one.contains(ip("::2")));
+        assert!(IpRange::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
+        assert!(IpRange::parse("10.0.0.0/33").is_err());
+        assert!(IpRange::parse("example.com").is_err());
+        assert_eq!(
+            IpRange::parse("10.1.2.3/8").unwrap(),
+            IpRange::parse("10.0.0.0/8").unwrap()
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_by_their_slash_64() {
+        assert_eq!(
+            limit_key(ip("2001:db8:1:2:aaaa::1")),
+            limit_key(ip("2001:db8:1:2:bbbb::9"))
+        );
+        assert_ne!(
+            limit_key(ip("2001:db8:1:2::1")),
+            limit_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(limit_key(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(limit_key(ip("192.0.2.7")), ip("192.0.2.7"));
+    }
+
+    #[test]
+    fn origins_are_normalised_as_browsers_send_them() {
+        assert_eq!(
+            normalize_origin("HTTPS://Example.com:443/").unwrap(),
+            "https://example.com"
+        );
+        assert_eq!(
+            normalize_origin("http://localhost:8080").unwrap(),
+            "http://localhost:8080"
+        );
+        assert!(normalize_origin("https://example.com/path").is_err());
+        assert!(normalize_origin("example.com").is_err());
+        assert!(normalize_origin("null").is_err());
+    }
+
+    #[test]
+    fn tokens_must_fit_in_a_subprotocol() {
+        assert!(check_token("abc-DEF_123.x~").is_ok());
+        assert!(check_token("").is_err());
+        assert!(check_token("has space").is_err());
+        assert!(check_token("base64/with=").is_err());
+        assert!(check_token("a,b").is_err());
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(20)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(7)), 7);
+    }
+
+    #[test]
+    fn the_log_gate_lets_one_line_through_per_interval() {
+        let gate = LogGate::new();
+        let t0 = gate.epoch;
+        assert!(gate.allow(t0));
+        assert!(!gate.allow(t0 + Duration::from_millis(10)));
+        assert!(gate.allow(t0 + REFUSAL_LOG_INTERVAL));
+    }
+
+    #[test]
+    fn refusals_name_their_limit_and_status() {
+        let r = Refusal::TooManyRequests {
+            retry_after: Duration::from_millis(20),
+        };
+        assert_eq!(r.status_code(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(r.to_string().contains("requests_per_second"));
+        let resp = r.error_response();
+        assert_eq!(resp.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        assert_eq!(
+            Refusal::TokenInvalid.status_code(),
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            Refusal::OriginNotAllowed.status_code(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            Refusal::TooManyConnections { max: 3 }.status_code(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+}
