@@ -14,6 +14,10 @@
 //! - [`client`], [`upstream`], [`error`]: `HttpClient` (any URL, state per
 //!   origin) and `ApiClient` (one configured upstream), the retry pipeline
 //!   and its typed errors; [`auth`] keeps credentials out of files and logs;
+//! - [`metrics`]: `/metrics` (Prometheus text, collected at scrape time from
+//!   the actors' own counters) and `/ready`; [`security`]: the per-IP flood
+//!   and abuse guards; [`assets`]: static files with validators and
+//!   compression;
 //! - [`openai`] and [`sse`]: the chat-completions client and the event-stream
 //!   parser; [`gateway`] (`/proxy/…`) and [`llm_gateway`] (`/v1/…`): the
 //!   HTTP faces of the upstream stack;
@@ -59,6 +63,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod llm_gateway;
+pub mod metrics;
 pub mod network;
 pub mod openai;
 pub mod security;

@@ -11,7 +11,9 @@
 //! - `GET /ws[?room=NAME][&presence=1]`: the WebSocket upgrade;
 //! - `POST /broadcast[?room=NAME]`: `text/plain` (verbatim) or JSON
 //!   `{"room": …, "data": …}`; answers `202 {"recipients": n}`;
-//! - `GET /health`: liveness with the hub's counters.
+//! - `GET /health`: liveness with the hub's counters;
+//! - `GET /ready`: readiness, and `GET /metrics`: Prometheus metrics
+//!   ([`crate::metrics`]).
 //!
 //! The flood and abuse guards of `network.security` ([`crate::security`])
 //! sit in front: `on_connect` caps TCP connections per IP, `/ws` checks the
@@ -19,7 +21,8 @@
 //! API routes (`POST /broadcast`, `/proxy/…`, `/v1/…`) are wrapped in the
 //! per-IP request limiter and body deadline; the app passes
 //! `net.security().request_header_timeout()` to
-//! `HttpServer::client_request_timeout`. `/health` is never limited.
+//! `HttpServer::client_request_timeout`. `/health`, `/ready` and `/metrics`
+//! are never limited.
 
 use crate::client::{ApiClient, HttpClient, Upstreams};
 use crate::config::{Config, ConfigError};
@@ -155,7 +158,8 @@ impl Network {
         self.inner.gate.open()
     }
 
-    /// Mounts `/ws`, `POST /broadcast` and `GET /health`:
+    /// Mounts `/ws`, `POST /broadcast`, `GET /health`, `GET /ready` and
+    /// `GET /metrics`:
     /// `App::new().configure(net.configure())`. `POST /broadcast` is behind
     /// the per-IP request limiter ([`Security::api_guard`]).
     pub fn configure(&self) -> impl Fn(&mut web::ServiceConfig) + Clone + 'static {
@@ -170,7 +174,9 @@ impl Network {
                         .app_data(web::PayloadConfig::new(body_limit))
                         .route(web::post().to(broadcast_route)),
                 )
-                .route("/health", web::get().to(health_route));
+                .route("/health", web::get().to(health_route))
+                .route("/ready", web::get().to(crate::metrics::ready_route))
+                .route("/metrics", web::get().to(crate::metrics::metrics_route));
         }
     }
 

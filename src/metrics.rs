@@ -1,0 +1,657 @@
+//! What an operator watches: `GET /metrics` (Prometheus text format) and
+//! `GET /ready` (readiness), both mounted by [`Network::configure`].
+//!
+//! Metrics are **collected at scrape time**. The actors already keep
+//! counters for their own status messages (`GetStats`, `GetPoolStats`,
+//! `GetBreakerState`, `GetLimiterStats`), the cache and the security guards
+//! keep theirs in plain fields and atomics, so a scrape asks each of them for
+//! a snapshot and copies the numbers into a fresh `prometheus-client`
+//! [`Registry`]. The hot paths (fan-out, upstream calls) pay nothing for
+//! being measured: no extra atomics, no locks, no messages.
+//!
+//! A fresh registry per scrape means a counter starts at 0, so
+//! `inc_by(total)` exposes the actor's running total; gauges are `set`.
+//! Every question to an actor is a `send(..).timeout(`[`SCRAPE_REPLY_TIMEOUT`]`)`:
+//! an actor that does not answer in time (or has stopped) makes its families
+//! disappear from that scrape instead of failing or stalling it.
+//!
+//! # Metric names
+//!
+//! All names start with `happynet_`; counters end in `_total` (the encoder
+//! appends it). Labels: `upstream` (the API client's name), `endpoint` (its
+//! base URL), `reason`, `state`.
+//!
+//! | Family | Type | Labels |
+//! |---|---|---|
+//! | `happynet_shutting_down` | gauge | |
+//! | `happynet_ws_connections`, `happynet_ws_max_connections` | gauge | |
+//! | `happynet_ws_sessions`, `happynet_ws_rooms` | gauge | |
+//! | `happynet_ws_peak_session_queued_bytes` | gauge | |
+//! | `happynet_ws_sessions_opened_total` | counter | |
+//! | `happynet_ws_sessions_closed_total` | counter | `reason` = `client`, `heartbeat`, `slow_consumer`, `shutdown` |
+//! | `happynet_ws_broadcasts_total`, `happynet_ws_deliveries_total` | counter | |
+//! | `happynet_upstream_in_flight`, `happynet_upstream_queued` | gauge | `upstream` |
+//! | `happynet_upstream_rejected_overloaded_total` | counter | `upstream` |
+//! | `happynet_upstream_sent_total` | counter | `upstream`, `endpoint` |
+//! | `happynet_upstream_ejections_total` | counter | `upstream` |
+//! | `happynet_upstream_endpoints_ejected` | gauge | `upstream` |
+//! | `happynet_breaker_state` | gauge (1 for the current state) | `upstream`, `state` = `closed`, `open`, `half_open` |
+//! | `happynet_breaker_calls_total`, `_failures_total`, `_rejections_total`, `_transitions_total` | counter | `upstream` |
+//! | `happynet_limiter_keys` | gauge | `upstream` |
+//! | `happynet_limiter_granted_total`, `_denied_total`, `_overflow_total`, `_evicted_total` | counter | `upstream` |
+//! | `happynet_cache_hits_total`, `_misses_total`, `_stale_lookups_total`, `_stale_hits_total`, `_revalidations_total`, `_stores_total`, `_not_stored_total`, `_evictions_total` | counter | `upstream` |
+//! | `happynet_cache_entries`, `happynet_cache_bytes` | gauge | `upstream` |
+//! | `happynet_upstream_collapsed_total` | counter | `upstream` |
+//! | `happynet_security_refusals_total` | counter | `reason` (a [`crate::security::Refusal::kind`]) |
+//! | `happynet_security_ips_with_websockets`, `happynet_security_ips_with_connections` | gauge | |
+//!
+//! Only the configured API clients (`network.api_clients`) are exposed, not
+//! the per-origin upstreams of the plain `HttpClient`, whose number is bounded
+//! only by `network.http.max_origins` and whose names are whatever URLs app
+//! code calls.
+//!
+//! The body is the Prometheus text format 0.0.4, served as
+//! [`CONTENT_TYPE`] (`text/plain; version=0.0.4; charset=utf-8`).
+
+use crate::client::ApiClient;
+use crate::network::Network;
+use crate::security::SecurityStats;
+use actix::MailboxError;
+use actix_web::{web, HttpResponse};
+use futures::future::join_all;
+use happynet_actors::cache::CacheCounters;
+use happynet_actors::pool::{GetPoolStats, PoolStats};
+use happynet_actors::{
+    BreakerSnapshot, BreakerStateKind, GetBreakerState, GetLimiterStats, GetStats, HubStats,
+    LimiterStats,
+};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use std::time::Duration;
+
+/// How long a scrape waits for each actor's snapshot. Short, because a
+/// Prometheus scrape has its own timeout (10 s by default) and one stuck
+/// actor must not cost the others' numbers.
+pub const SCRAPE_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long `/ready` waits for the hub. A hub that cannot answer a status
+/// message this fast cannot serve clients either.
+pub const READY_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The `Content-Type` of `/metrics`: the Prometheus text format 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// The labels of one sample: `(name, value)` pairs.
+type Labels = Vec<(&'static str, String)>;
+
+/// One metric read from one part of an upstream's snapshot: its name, its
+/// help text, and how to get its value.
+type Reading<'a, P, V> = (&'a str, &'a str, fn(&P) -> V);
+
+/// The breaker states, with their `state` label values.
+const BREAKER_STATES: [(BreakerStateKind, &str); 3] = [
+    (BreakerStateKind::Closed, "closed"),
+    (BreakerStateKind::Open, "open"),
+    (BreakerStateKind::HalfOpen, "half_open"),
+];
+
+/// Everything one scrape learned; a `None` is an actor that did not answer.
+struct Snapshot {
+    shutting_down: bool,
+    connections: usize,
+    max_connections: usize,
+    hub: Option<HubStats>,
+    upstreams: Vec<UpstreamSnapshot>,
+    security: SecurityStats,
+}
+
+/// What one API client's actors and cache reported.
+struct UpstreamSnapshot {
+    name: String,
+    endpoints: Vec<String>,
+    pool: Option<PoolStats>,
+    breaker: Option<BreakerSnapshot>,
+    limiter: Option<LimiterStats>,
+    /// The cache's counters, collapsed calls, entries and bytes.
+    cache: Option<(CacheCounters, u64, usize, usize)>,
+}
+
+/// Logs a status request that went unanswered and turns it into `None`.
+fn answered<T>(what: &str, reply: Result<T, MailboxError>) -> Option<T> {
+    match reply {
+        Ok(v) => Some(v),
+        Err(e) => {
+            log::warn!("metrics: {what} did not answer: {e}; its families are left out");
+            None
+        }
+    }
+}
+
+async fn upstream_snapshot(client: ApiClient) -> UpstreamSnapshot {
+    let up = client.upstream();
+    let name = client.name().to_owned();
+    // Request/response with a deadline (STYLE 4): the pool, breaker and
+    // limiter run on the upstream arbiter; all three are asked at once.
+    let (pool, breaker, limiter) = futures::join!(
+        up.pool().send(GetPoolStats).timeout(SCRAPE_REPLY_TIMEOUT),
+        up.breaker()
+            .send(GetBreakerState)
+            .timeout(SCRAPE_REPLY_TIMEOUT),
+        up.limiter()
+            .send(GetLimiterStats)
+            .timeout(SCRAPE_REPLY_TIMEOUT),
+    );
+    UpstreamSnapshot {
+        pool: answered(&format!("{name}: pool"), pool),
+        breaker: answered(&format!("{name}: breaker"), breaker),
+        limiter: answered(&format!("{name}: limiter"), limiter),
+        cache: up.cache_stats(),
+        endpoints: up.settings().endpoints.clone(),
+        name,
+    }
+}
+
+async fn snapshot(net: &Network) -> Snapshot {
+    let hub = net.hub().send(GetStats).timeout(SCRAPE_REPLY_TIMEOUT);
+    let upstreams = join_all(net.api_clients().into_iter().map(upstream_snapshot));
+    let (hub, upstreams) = futures::join!(hub, upstreams);
+    Snapshot {
+        shutting_down: net.is_shutting_down(),
+        connections: net.open_connections(),
+        max_connections: net.config().network.websocket.max_connections,
+        hub: answered("broadcast hub", hub),
+        upstreams,
+        security: net.security().stats(),
+    }
+}
+
+/// Saturating conversion for gauges, which prometheus-client keeps as `i64`.
+fn gauge_value(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A fresh registry being filled from one [`Snapshot`].
+struct Exposition {
+    registry: Registry,
+}
+
+impl Exposition {
+    /// An unlabelled counter; `name` without `_total` (the encoder adds it).
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        self.registry.register(name, help, counter);
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: i64) {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value);
+        self.registry.register(name, help, gauge);
+    }
+
+    /// A labelled counter family, one sample per `(labels, value)`.
+    fn counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (Labels, u64)>,
+    ) {
+        let family = Family::<Labels, Counter<u64>>::default();
+        for (labels, value) in samples {
+            family.get_or_create(&labels).inc_by(value);
+        }
+        self.registry.register(name, help, family);
+    }
+
+    /// A labelled gauge family, one sample per `(labels, value)`.
+    fn gauges(&mut self, name: &str, help: &str, samples: impl IntoIterator<Item = (Labels, i64)>) {
+        let family = Family::<Labels, Gauge<i64>>::default();
+        for (labels, value) in samples {
+            family.get_or_create(&labels).set(value);
+        }
+        self.registry.register(name, help, family);
+    }
+
+    /// A family with one sample per upstream that reported `part`, labelled
+    /// `upstream`; left out entirely when none did.
+    fn per_upstream<P>(
+        &mut self,
+        upstreams: &[UpstreamSnapshot],
+        part: impl Fn(&UpstreamSnapshot) -> Option<&P>,
+        counters: &[Reading<'_, P, u64>],
+        gauges: &[Reading<'_, P, i64>],
+    ) {
+        let reported: Vec<(Labels, &P)> = upstreams
+            .iter()
+            .filter_map(|u| part(u).map(|p| (vec![("upstream", u.name.clone())], p)))
+            .collect();
+        if reported.is_empty() {
+            return;
+        }
+        for (name, help, value) in counters {
+            let samples = reported.iter().map(|(l, p)| (l.clone(), value(p)));
+            self.counters(name, help, samples);
+        }
+        for (name, help, value) in gauges {
+            let samples = reported.iter().map(|(l, p)| (l.clone(), value(p)));
+            self.gauges(name, help, samples);
+        }
+    }
+
+    fn hub(&mut self, hub: &HubStats) {
+        self.gauge(
+            "happynet_ws_sessions",
+            "WebSocket sessions registered with the hub now.",
+            gauge_value(hub.sessions),
+        );
+        self.gauge(
+            "happynet_ws_rooms",
+            "Rooms that exist now.",
+            gauge_value(hub.rooms),
+        );
+        self.gauge(
+            "happynet_ws_peak_session_queued_bytes",
+            "The largest byte backlog any session has had.",
+            gauge_value(hub.peak_session_queued_bytes),
+        );
+        self.counter(
+            "happynet_ws_sessions_opened",
+            "WebSocket sessions ever registered.",
+            hub.sessions_opened,
+        );
+        let reason = |r: &str| vec![("reason", r.to_owned())];
+        self.counters(
+            "happynet_ws_sessions_closed",
+            "WebSocket sessions closed, by reason: client (closed, errored or broke a limit), \
+             heartbeat and slow_consumer (evicted by the hub), shutdown.",
+            [
+                (reason("client"), hub.sessions_closed),
+                (reason("heartbeat"), hub.evicted_heartbeat),
+                (reason("slow_consumer"), hub.evicted_slow_consumer),
+                (reason("shutdown"), hub.closed_by_shutdown),
+            ],
+        );
+        self.counter(
+            "happynet_ws_broadcasts",
+            "Broadcast messages handled (from app code, HTTP and clients).",
+            hub.broadcasts,
+        );
+        self.counter(
+            "happynet_ws_deliveries",
+            "Frames queued for sessions.",
+            hub.deliveries,
+        );
+    }
+
+    fn upstreams(&mut self, upstreams: &[UpstreamSnapshot]) {
+        self.per_upstream(
+            upstreams,
+            |u| u.pool.as_ref(),
+            &[
+                (
+                    "happynet_upstream_rejected_overloaded",
+                    "Calls refused because the bulkhead was full.",
+                    |p: &PoolStats| p.rejected_overloaded,
+                ),
+                (
+                    "happynet_upstream_ejections",
+                    "Endpoint ejections so far.",
+                    |p: &PoolStats| p.ejections,
+                ),
+            ],
+            &[
+                ("happynet_upstream_in_flight", "Calls running now.", |p| {
+                    gauge_value(p.in_flight)
+                }),
+                (
+                    "happynet_upstream_queued",
+                    "Calls waiting for a bulkhead slot now.",
+                    |p| gauge_value(p.queued),
+                ),
+                (
+                    "happynet_upstream_endpoints_ejected",
+                    "Endpoints ejected now.",
+                    |p| gauge_value(p.ejected_now),
+                ),
+            ],
+        );
+        let sent: Vec<(Labels, u64)> = upstreams
+            .iter()
+            .filter_map(|u| u.pool.as_ref().map(|p| (u, p)))
+            .flat_map(|(u, p)| {
+                p.sent_per_endpoint.iter().enumerate().map(|(i, &n)| {
+                    let endpoint = u.endpoints.get(i).cloned().unwrap_or_else(|| i.to_string());
+                    (
+                        vec![("upstream", u.name.clone()), ("endpoint", endpoint)],
+                        n,
+                    )
+                })
+            })
+            .collect();
+        if !sent.is_empty() {
+            self.counters("happynet_upstream_sent", "Calls sent, per endpoint.", sent);
+        }
+
+        self.per_upstream(
+            upstreams,
+            |u| u.breaker.as_ref(),
+            &[
+                (
+                    "happynet_breaker_calls",
+                    "Calls the breaker admitted.",
+                    |b: &BreakerSnapshot| b.calls,
+                ),
+                (
+                    "happynet_breaker_failures",
+                    "Failures reported to the breaker.",
+                    |b: &BreakerSnapshot| b.failures,
+                ),
+                (
+                    "happynet_breaker_rejections",
+                    "Calls the breaker refused.",
+                    |b: &BreakerSnapshot| b.rejections,
+                ),
+                (
+                    "happynet_breaker_transitions",
+                    "Breaker state changes.",
+                    |b: &BreakerSnapshot| b.transitions,
+                ),
+            ],
+            &[],
+        );
+        let states: Vec<(Labels, i64)> = upstreams
+            .iter()
+            .filter_map(|u| u.breaker.as_ref().map(|b| (u, b)))
+            .flat_map(|(u, b)| {
+                BREAKER_STATES.iter().map(move |(kind, label)| {
+                    (
+                        vec![("upstream", u.name.clone()), ("state", (*label).to_owned())],
+                        i64::from(b.state == *kind),
+                    )
+                })
+            })
+            .collect();
+        if !states.is_empty() {
+            self.gauges(
+                "happynet_breaker_state",
+                "1 for the state the breaker is in, 0 for the others.",
+                states,
+            );
+        }
+
+        self.per_upstream(
+            upstreams,
+            |u| u.limiter.as_ref(),
+            &[
+                (
+                    "happynet_limiter_granted",
+                    "Calls the rate limiter admitted.",
+                    |l: &LimiterStats| l.granted,
+                ),
+                (
+                    "happynet_limiter_denied",
+                    "Calls the rate limiter refused by their key's rate.",
+                    |l: &LimiterStats| l.denied,
+                ),
+                (
+                    "happynet_limiter_overflow",
+                    "Calls from new keys refused because the key table was full.",
+                    |l: &LimiterStats| l.overflow,
+                ),
+                (
+                    "happynet_limiter_evicted",
+                    "Idle limiter keys evicted.",
+                    |l: &LimiterStats| l.evicted,
+                ),
+            ],
+            &[("happynet_limiter_keys", "Limiter keys tracked now.", |l| {
+                gauge_value(l.keys)
+            })],
+        );
+
+        type Cache = (CacheCounters, u64, usize, usize);
+        self.per_upstream(
+            upstreams,
+            |u| u.cache.as_ref(),
+            &[
+                (
+                    "happynet_cache_hits",
+                    "Cache lookups answered fresh.",
+                    |c: &Cache| c.0.hits,
+                ),
+                (
+                    "happynet_cache_misses",
+                    "Cache lookups that found nothing.",
+                    |c: &Cache| c.0.misses,
+                ),
+                (
+                    "happynet_cache_stale_lookups",
+                    "Cache lookups that found a stale entry (a conditional request follows).",
+                    |c: &Cache| c.0.stale_lookups,
+                ),
+                (
+                    "happynet_cache_stale_hits",
+                    "Stale responses served because the upstream failed.",
+                    |c: &Cache| c.0.stale_hits,
+                ),
+                (
+                    "happynet_cache_revalidations",
+                    "Stale entries revalidated by a 304.",
+                    |c: &Cache| c.0.revalidations,
+                ),
+                ("happynet_cache_stores", "Responses stored.", |c: &Cache| {
+                    c.0.stores
+                }),
+                (
+                    "happynet_cache_not_stored",
+                    "Responses offered to the cache and not stored.",
+                    |c: &Cache| c.0.not_stored,
+                ),
+                (
+                    "happynet_cache_evictions",
+                    "Entries evicted to respect the cache's size limits.",
+                    |c: &Cache| c.0.evictions,
+                ),
+                (
+                    "happynet_upstream_collapsed",
+                    "Calls collapsed into an identical call already in flight.",
+                    |c: &Cache| c.1,
+                ),
+            ],
+            &[
+                ("happynet_cache_entries", "Entries cached now.", |c| {
+                    gauge_value(c.2)
+                }),
+                ("happynet_cache_bytes", "Bytes cached now.", |c| {
+                    gauge_value(c.3)
+                }),
+            ],
+        );
+    }
+
+    fn security(&mut self, s: &SecurityStats) {
+        let reason = |r: &str| vec![("reason", r.to_owned())];
+        // The reasons are `Refusal::kind`, the `error` field clients see.
+        self.counters(
+            "happynet_security_refusals",
+            "Connections, upgrades and requests refused by the flood and abuse guards, by reason.",
+            [
+                (reason("rate_limited"), s.requests_rate_limited),
+                (reason("connection_rate_limited"), s.upgrades_rate_limited),
+                (
+                    reason("too_many_connections_from_ip"),
+                    s.upgrades_over_ip_cap,
+                ),
+                (
+                    reason("too_many_tcp_connections_from_ip"),
+                    s.connections_over_ip_cap,
+                ),
+                (reason("token_required"), s.upgrades_token_required),
+                (reason("invalid_token"), s.upgrades_token_invalid),
+                (
+                    reason("subprotocol_required"),
+                    s.upgrades_subprotocol_required,
+                ),
+                (reason("origin_not_allowed"), s.upgrades_origin_not_allowed),
+                (reason("request_body_timeout"), s.request_body_timeouts),
+                (reason("limiter_unavailable"), s.limiter_unavailable),
+            ],
+        );
+        self.gauge(
+            "happynet_security_ips_with_websockets",
+            "Client IPs with a WebSocket open now.",
+            gauge_value(s.ips_with_websockets),
+        );
+        self.gauge(
+            "happynet_security_ips_with_connections",
+            "Client IPs with a TCP connection open now.",
+            gauge_value(s.ips_with_connections),
+        );
+    }
+}
+
+/// Encodes `snapshot` in the Prometheus text format.
+fn encode(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
+    let mut exp = Exposition {
+        registry: Registry::default(),
+    };
+    exp.gauge(
+        "happynet_shutting_down",
+        "1 once a graceful shutdown has begun.",
+        i64::from(snapshot.shutting_down),
+    );
+    exp.gauge(
+        "happynet_ws_connections",
+        "WebSocket connections open now (holding a max_connections slot).",
+        gauge_value(snapshot.connections),
+    );
+    exp.gauge(
+        "happynet_ws_max_connections",
+        "network.websocket.max_connections.",
+        gauge_value(snapshot.max_connections),
+    );
+    if let Some(hub) = &snapshot.hub {
+        exp.hub(hub);
+    }
+    exp.upstreams(&snapshot.upstreams);
+    exp.security(&snapshot.security);
+    let mut body = String::new();
+    prometheus_text::encode(&mut body, &exp.registry)?;
+    Ok(body)
+}
+
+/// Collects every actor's counters now and renders them in the Prometheus
+/// text format ([`CONTENT_TYPE`]); what `GET /metrics` serves. Never fails
+/// for an actor that does not answer: its families are left out.
+pub async fn render(net: &Network) -> Result<String, std::fmt::Error> {
+    encode(&snapshot(net).await)
+}
+
+/// Why the network is not ready; see [`readiness`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotReady {
+    /// [`Network::shutdown`] has been called.
+    ShuttingDown,
+    /// The broadcast hub did not answer within [`READY_REPLY_TIMEOUT`], or
+    /// has stopped.
+    HubUnavailable(String),
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotReady::ShuttingDown => f.write_str("shutting down"),
+            NotReady::HubUnavailable(e) => write!(f, "broadcast hub unavailable: {e}"),
+        }
+    }
+}
+
+/// Whether the network should get traffic: not shutting down, and the hub
+/// answers a status request within [`READY_REPLY_TIMEOUT`].
+pub async fn readiness(net: &Network) -> Result<(), NotReady> {
+    if net.is_shutting_down() {
+        return Err(NotReady::ShuttingDown);
+    }
+    // Request/response with a deadline (STYLE 4): a hub with a backed-up
+    // mailbox is as good as a stopped one for a load balancer's purposes.
+    net.hub()
+        .send(GetStats)
+        .timeout(READY_REPLY_TIMEOUT)
+        .await
+        .map_err(|e| NotReady::HubUnavailable(e.to_string()))?;
+    // Issue 6: when a cluster link is configured, check it is up here.
+    Ok(())
+}
+
+/// `GET /metrics`.
+pub(crate) async fn metrics_route(net: web::Data<Network>) -> HttpResponse {
+    match render(&net).await {
+        Ok(body) => HttpResponse::Ok()
+            .insert_header((actix_web::http::header::CONTENT_TYPE, CONTENT_TYPE))
+            .body(body),
+        Err(e) => {
+            log::error!("metrics: encoding failed: {e}");
+            HttpResponse::InternalServerError().finish()
+        }
+    }
+}
+
+/// `GET /ready`: `200 {"ready": true}` or `503 {"ready": false, "reason": …}`.
+pub(crate) async fn ready_route(net: web::Data<Network>) -> HttpResponse {
+    match readiness(&net).await {
+        Ok(()) => HttpResponse::Ok().json(json!({ "ready": true })),
+        Err(reason) => HttpResponse::ServiceUnavailable()
+            .json(json!({ "ready": false, "reason": reason.to_string() })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty() -> Snapshot {
+        Snapshot {
+            shutting_down: false,
+            connections: 0,
+            max_connections: 10,
+            hub: None,
+            upstreams: Vec::new(),
+            security: SecurityStats::default(),
+        }
+    }
+
+    #[test]
+    fn a_missing_hub_answer_leaves_out_only_the_hub_families() {
+        let body = encode(&empty()).expect("encodes");
+        assert!(!body.contains("happynet_ws_sessions "), "{body}");
+        assert!(body.contains("happynet_ws_max_connections 10"), "{body}");
+        assert!(body.contains("happynet_security_refusals_total{reason=\"rate_limited\"} 0"));
+        assert!(!body.contains("happynet_breaker_state"), "{body}");
+    }
+
+    #[test]
+    fn counters_expose_totals_with_the_total_suffix() {
+        let snapshot = Snapshot {
+            hub: Some(HubStats {
+                sessions: 3,
+                deliveries: 42,
+                evicted_heartbeat: 1,
+                ..HubStats::default()
+            }),
+            ..empty()
+        };
+        let body = encode(&snapshot).expect("encodes");
+        assert!(
+            body.contains("# TYPE happynet_ws_deliveries_total counter"),
+            "{body}"
+        );
+        assert!(body.contains("happynet_ws_deliveries_total 42"), "{body}");
+        assert!(body.contains("happynet_ws_sessions 3"), "{body}");
+        assert!(body.contains("happynet_ws_sessions_closed_total{reason=\"heartbeat\"} 1"));
+    }
+}
