@@ -683,6 +683,19 @@ pub struct CacheSettings {
     pub max_entry_bytes: usize,
 }
 
+impl CacheSettings {
+    /// The cache state machine's settings.
+    pub fn cache_config(&self) -> happynet_actors::cache::CacheConfig {
+        happynet_actors::cache::CacheConfig {
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
+            default_ttl: self.default_ttl.0,
+            stale_if_error: self.stale_if_error.0,
+            max_entry_bytes: self.max_entry_bytes,
+        }
+    }
+}
+
 impl Default for CacheSettings {
     fn default() -> Self {
         CacheSettings {
@@ -1118,13 +1131,7 @@ impl Config {
                 e.validate(&path("ejection"))?;
             }
             if let Some(c) = &client.cache {
-                let config = happynet_actors::cache::CacheConfig {
-                    max_entries: c.max_entries,
-                    max_bytes: c.max_bytes,
-                    default_ttl: c.default_ttl.0,
-                    stale_if_error: c.stale_if_error.0,
-                    max_entry_bytes: c.max_entry_bytes,
-                };
+                let config = c.cache_config();
                 // The cache's own check names the field; put it on its path.
                 config.validate().map_err(|e| {
                     let (field, rest) = e.split_once(' ').unwrap_or((&e, ""));

@@ -30,7 +30,7 @@ use happynet_actors::backoff::{parse_retry_after, Backoff, Jitter, RetryBudget, 
 use happynet_actors::balancer::{EjectionConfig, Strategy};
 use happynet_actors::breaker::{BreakerActor, BreakerConfig, CallOutcome, Outcome, Permit};
 use happynet_actors::cache::{
-    CacheConfig, CacheCounters, CacheKey, Lookup, ResponseCache, StoredResponse, Validators,
+    CacheCounters, CacheKey, Lookup, ResponseCache, StoredResponse, Validators,
 };
 use happynet_actors::gcra::Quota;
 use happynet_actors::limiter::{Acquire, RateLimiterActor};
@@ -124,15 +124,9 @@ impl Upstream {
             .cache
             .as_ref()
             .map(|c| {
-                ResponseCache::new(CacheConfig {
-                    max_entries: c.max_entries,
-                    max_bytes: c.max_bytes,
-                    default_ttl: c.default_ttl.0,
-                    stale_if_error: c.stale_if_error.0,
-                    max_entry_bytes: c.max_entry_bytes,
-                })
-                .map(Mutex::new)
-                .map_err(|e| format!("network.api_clients.{name}.cache: {e}"))
+                ResponseCache::new(c.cache_config())
+                    .map(Mutex::new)
+                    .map_err(|e| format!("network.api_clients.{name}.cache: {e}"))
             })
             .transpose()?;
         let mut default_headers = Vec::new();
@@ -216,14 +210,24 @@ impl Upstream {
             },
             None => None,
         };
-        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.hand_off(move |this| async move { this.run(req, cached).await })
+            .await
+    }
+
+    /// Runs `work` on the upstream's arbiter, beside its actors, and waits
+    /// for its answer. A caller that gives up (a gateway client hung up, say)
+    /// stops the work: no more retries or waits on its behalf.
+    async fn hand_off<T, F, Fut>(self: &Arc<Self>, work: F) -> Result<T, HttpError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, HttpError>> + Send + 'static,
+    {
+        let (mut reply, answer) = tokio::sync::oneshot::channel();
         let this = self.clone();
         let spawned = self.arbiter.spawn(async move {
-            let mut reply = reply;
-            // A caller that gave up (a gateway client hung up, say) stops
-            // the call: no more retries or waits on its behalf.
             tokio::select! {
-                result = this.run(req, cached) => {
+                result = work(this) => {
                     let _ = reply.send(result);
                 }
                 _ = reply.closed() => {}
@@ -638,34 +642,19 @@ impl Upstream {
         self: &Arc<Self>,
         req: Request,
     ) -> Result<StreamedResponse, HttpError> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let this = self.clone();
-        let spawned = self.arbiter.spawn(async move {
-            let mut reply = reply;
+        self.hand_off(move |this| async move {
             let started = Instant::now();
             let deadline = started + req.deadline.unwrap_or(this.settings.deadline);
-            let call = tokio::time::timeout_at(deadline, this.stream_inner(&req, deadline));
-            tokio::select! {
-                result = call => {
-                    let result = result.unwrap_or_else(|_| {
-                        Err(HttpError::Timeout {
-                            upstream: this.settings.name.clone(),
-                            after: started.elapsed(),
-                        })
-                    });
-                    let _ = reply.send(result);
-                }
-                _ = reply.closed() => {}
-            }
-        });
-        let gone = || HttpError::Internal {
-            upstream: self.settings.name.clone(),
-            message: "the upstream arbiter has stopped".into(),
-        };
-        if !spawned {
-            return Err(gone());
-        }
-        answer.await.unwrap_or_else(|_| Err(gone()))
+            tokio::time::timeout_at(deadline, this.stream_inner(&req, deadline))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(HttpError::Timeout {
+                        upstream: this.settings.name.clone(),
+                        after: started.elapsed(),
+                    })
+                })
+        })
+        .await
     }
 
     async fn stream_inner(

@@ -257,6 +257,30 @@ pub struct PoolStats {
     pub ejected_now: usize,
 }
 
+/// What a failed send means. awc reports a connection that closed before
+/// any response as a connect error; the request may have reached the
+/// upstream, so it is a transport failure (not retried as "never sent").
+fn send_error(e: awc::error::SendRequestError, upstream: &str, endpoint: &str) -> PoolError {
+    use awc::error::{ConnectError, SendRequestError};
+    match e {
+        SendRequestError::Connect(ConnectError::Disconnected) => PoolError::Transport {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+            message: "connection closed before a response".into(),
+        },
+        SendRequestError::Connect(e) => PoolError::Connect {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+            message: e.to_string(),
+        },
+        e => PoolError::Transport {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+            message: e.to_string(),
+        },
+    }
+}
+
 type Reply = oneshot::Sender<Result<UpstreamResponse, PoolError>>;
 type StreamReply = oneshot::Sender<Result<StreamingResponse, PoolError>>;
 
@@ -382,32 +406,7 @@ impl PoolActor {
             let result = tokio::time::timeout_at(deadline, async {
                 let mut resp = match req.send_body(msg.body).await {
                     Ok(resp) => resp,
-                    // awc reports a connection that closed before any
-                    // response as a connect error; the request may have
-                    // reached the upstream, so it is a transport failure.
-                    Err(awc::error::SendRequestError::Connect(
-                        awc::error::ConnectError::Disconnected,
-                    )) => {
-                        return Err(PoolError::Transport {
-                            upstream: upstream.clone(),
-                            endpoint: endpoint.clone(),
-                            message: "connection closed before a response".into(),
-                        })
-                    }
-                    Err(awc::error::SendRequestError::Connect(e)) => {
-                        return Err(PoolError::Connect {
-                            upstream: upstream.clone(),
-                            endpoint: endpoint.clone(),
-                            message: e.to_string(),
-                        })
-                    }
-                    Err(e) => {
-                        return Err(PoolError::Transport {
-                            upstream: upstream.clone(),
-                            endpoint: endpoint.clone(),
-                            message: e.to_string(),
-                        })
-                    }
+                    Err(e) => return Err(send_error(e, &upstream, &endpoint)),
                 };
                 let body = resp.body().limit(limit).await.map_err(|e| match e {
                     awc::error::PayloadError::Overflow => PoolError::BodyTooLarge {
@@ -477,23 +476,8 @@ impl PoolActor {
             let head = tokio::time::timeout_at(deadline, req.send_body(msg.body)).await;
             let mut resp = match head {
                 Ok(Ok(resp)) => resp,
-                Ok(Err(awc::error::SendRequestError::Connect(
-                    awc::error::ConnectError::Disconnected,
-                ))) => {
-                    let _ =
-                        reply.send(Err(transport("connection closed before a response".into())));
-                    return (started.elapsed(), false);
-                }
-                Ok(Err(awc::error::SendRequestError::Connect(e))) => {
-                    let _ = reply.send(Err(PoolError::Connect {
-                        upstream: upstream.clone(),
-                        endpoint: endpoint.clone(),
-                        message: e.to_string(),
-                    }));
-                    return (started.elapsed(), false);
-                }
                 Ok(Err(e)) => {
-                    let _ = reply.send(Err(transport(e.to_string())));
+                    let _ = reply.send(Err(send_error(e, &upstream, &endpoint)));
                     return (started.elapsed(), false);
                 }
                 Err(_) => {
