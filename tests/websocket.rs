@@ -147,6 +147,10 @@ async fn a_frame_over_the_limit_gets_close_1009() {
     c.send_text(&"x".repeat(100 * 1024)).await;
     let reason = c.expect_close().await;
     assert_eq!(reason.code, CloseCode::Size);
+    support::wait_for_hub(&server, "the close counted as too big", |hub| {
+        hub["closed"]["too_big"] == 1
+    })
+    .await;
     // Nobody else was harmed, and nothing was broadcast.
     server.net.hub().do_send(Broadcast::text("ok"));
     assert_eq!(bystander.next_text().await, "ok");
@@ -187,6 +191,11 @@ async fn sending_faster_than_the_rate_gets_close_1008() {
         spammer.send_text(&format!("spam {i}")).await;
     }
     assert_eq!(spammer.expect_close().await.code, CloseCode::Policy);
+    let health = support::wait_for_hub(&server, "the close counted as rate", |hub| {
+        hub["closed"]["rate"] == 1
+    })
+    .await;
+    assert_eq!(health["hub"]["closed"]["too_big"], 0);
     // The burst went through before the limit applied (one or two more may
     // have been earned while sending); nothing after the limit did.
     let mut heard = Vec::new();
@@ -293,4 +302,33 @@ async fn graceful_shutdown_sends_1001_to_every_client() {
     // New upgrades are refused once shutdown has begun.
     let err = WsClient::try_connect(&server, "").await.err();
     assert_eq!(err.as_deref(), Some("status 503 Service Unavailable"));
+}
+
+#[actix_web::test]
+async fn presence_frames_add_the_other_nodes_counts() {
+    use happynet::actors::ClusterPresence;
+    let server = start(config(
+        r#"{"network":{"websocket":{"presence_interval":0.05}}}"#,
+    ))
+    .await;
+    let mut watcher = WsClient::connect(&server, "?presence=1&room=x").await;
+    // What a cluster bridge reports for the other nodes: 5 more clients,
+    // 2 of them in room x, 3 in a room that only exists elsewhere.
+    server.net.hub().do_send(ClusterPresence {
+        sessions: 5,
+        rooms: [
+            (RoomName::new("x").unwrap(), 2),
+            (RoomName::new("far").unwrap(), 3),
+        ]
+        .into_iter()
+        .collect(),
+    });
+    loop {
+        let v = watcher.next_of_type("presence").await;
+        if v["clients"] == 6 {
+            assert_eq!(v["rooms"]["x"], 3);
+            assert_eq!(v["rooms"]["far"], 3);
+            break;
+        }
+    }
 }

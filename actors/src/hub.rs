@@ -23,7 +23,8 @@
 //! the socket down itself: that ends the connection, which drops the frozen
 //! actor and frees everything queued for it.
 
-use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
+use crate::histogram::Histogram;
+use crate::liveness::{ClosedBy, EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::protocol::{self, ClientFrame};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
 use crate::session::{Close, Deliver, Heartbeat, WsSessionActor};
@@ -34,6 +35,7 @@ use serde::Serialize;
 use socket2::Socket;
 use std::collections::{HashMap, HashSet};
 use std::net::Shutdown as SocketShutdown;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -84,6 +86,87 @@ pub struct HubStats {
     pub closed_by_shutdown: u64,
     /// The largest byte backlog any session has had.
     pub peak_session_queued_bytes: usize,
+    /// Sessions that closed their own connection, by why.
+    pub closed: ClosedCounts,
+    /// Time from a [`Broadcast`]'s construction to the end of its fan-out:
+    /// the wait in the hub's mailbox plus the fan-out itself. Left out of
+    /// the JSON (`/health`); `/metrics` exposes it as a histogram.
+    #[serde(skip)]
+    pub broadcast_latency: Histogram,
+    /// Broadcasts built and not yet handled by a hub: the broadcast part of
+    /// the hub's mailbox depth. Process-wide (see [`queued_broadcasts`]).
+    pub queued_broadcasts: usize,
+    /// Local broadcasts handed to the cluster relay.
+    pub relayed: u64,
+    /// Broadcasts that arrived from other nodes.
+    pub from_cluster: u64,
+}
+
+/// Sessions that ended their own connection, by [`ClosedBy`] reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClosedCounts {
+    /// The client closed, or the connection ended cleanly.
+    pub normal: u64,
+    /// A frame or message over the size limit (1009).
+    pub too_big: u64,
+    /// Over the inbound message rate (1008).
+    pub rate: u64,
+    /// Invalid text (1007).
+    pub invalid: u64,
+    /// A protocol violation (1002).
+    pub protocol: u64,
+    /// A socket error.
+    pub error: u64,
+}
+
+impl ClosedCounts {
+    fn count(&mut self, why: ClosedBy) {
+        let n = match why {
+            ClosedBy::Normal => &mut self.normal,
+            ClosedBy::TooBig => &mut self.too_big,
+            ClosedBy::Rate => &mut self.rate,
+            ClosedBy::Invalid => &mut self.invalid,
+            ClosedBy::Protocol => &mut self.protocol,
+            ClosedBy::Error => &mut self.error,
+        };
+        *n += 1;
+    }
+}
+
+/// Broadcasts built and not yet handled (or dropped), in this process.
+static QUEUED_BROADCASTS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many [`Broadcast`]s exist in this process that no hub has handled
+/// yet — in a hub's mailbox, or about to be sent. actix does not expose a
+/// mailbox's length, so each `Broadcast` carries a ticket that counts it
+/// from construction until it is handled. The count is per process, not per
+/// hub: one node runs one hub.
+pub fn queued_broadcasts() -> usize {
+    QUEUED_BROADCASTS.load(Ordering::Relaxed)
+}
+
+/// Counts one live [`Broadcast`] in [`queued_broadcasts`]; two atomic
+/// operations per broadcast (not per delivery).
+#[derive(Debug)]
+struct QueueTicket(());
+
+impl QueueTicket {
+    fn new() -> QueueTicket {
+        QUEUED_BROADCASTS.fetch_add(1, Ordering::Relaxed);
+        QueueTicket(())
+    }
+}
+
+impl Clone for QueueTicket {
+    fn clone(&self) -> QueueTicket {
+        QueueTicket::new()
+    }
+}
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        QUEUED_BROADCASTS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Where a [`Broadcast`] goes.
@@ -95,6 +178,19 @@ pub enum Target {
     Room(RoomName),
     /// One session.
     Session(SessionId),
+    /// Every member of any of these rooms, once each (a client's text frame
+    /// goes to all its rooms; relayed from another node like this).
+    Rooms(Vec<RoomName>),
+}
+
+/// Where a [`Broadcast`] came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This node: app code, `POST /broadcast`, a client. Relayed to the other
+    /// nodes when a relay is set ([`SetRelay`]).
+    Local,
+    /// Another node, through the cluster bridge. Never relayed again.
+    Cluster,
 }
 
 /// A message from app code (or `POST /broadcast`) to sessions.
@@ -108,31 +204,49 @@ pub struct Broadcast {
     pub target: Target,
     /// The text frame, encoded once for every recipient.
     pub payload: ByteString,
+    /// Where it came from; only local broadcasts are relayed to other nodes.
+    pub origin: Origin,
+    /// When it was built: the start of its latency measurement.
+    created: Instant,
+    /// Counts it in [`queued_broadcasts`] until a hub has handled it.
+    _queued: QueueTicket,
 }
 
 impl Broadcast {
+    /// A local broadcast of `payload` to `target`.
+    pub fn new(target: Target, payload: impl Into<ByteString>) -> Self {
+        Broadcast {
+            target,
+            payload: payload.into(),
+            origin: Origin::Local,
+            created: Instant::now(),
+            _queued: QueueTicket::new(),
+        }
+    }
+
+    /// A broadcast that another node published, as the cluster bridge hands
+    /// it to this node's hub: delivered here, never relayed again.
+    pub fn from_cluster(target: Target, payload: impl Into<ByteString>) -> Self {
+        Broadcast {
+            origin: Origin::Cluster,
+            ..Broadcast::new(target, payload)
+        }
+    }
+
     /// Text sent verbatim to every connected session.
     pub fn text(text: impl Into<ByteString>) -> Self {
-        Broadcast {
-            target: Target::All,
-            payload: text.into(),
-        }
+        Broadcast::new(Target::All, text)
     }
 
     /// Text sent verbatim to every member of `room`.
     pub fn to_room(room: RoomName, text: impl Into<ByteString>) -> Self {
-        Broadcast {
-            target: Target::Room(room),
-            payload: text.into(),
-        }
+        Broadcast::new(Target::Room(room), text)
     }
 
-    /// Text sent verbatim to one session.
+    /// Text sent verbatim to one session. Session ids are per node, so this
+    /// is never relayed to other nodes.
     pub fn to_session(session: SessionId, text: impl Into<ByteString>) -> Self {
-        Broadcast {
-            target: Target::Session(session),
-            payload: text.into(),
-        }
+        Broadcast::new(Target::Session(session), text)
     }
 
     /// A JSON value wrapped as `{"type":"message","room":…,"data":…}`, sent to
@@ -140,11 +254,60 @@ impl Broadcast {
     /// `None`. This is what clients receive for a `publish`.
     pub fn message(room: Option<RoomName>, data: &serde_json::value::RawValue) -> Self {
         let payload = protocol::message_frame(room.as_ref(), data);
-        Broadcast {
-            target: room.map_or(Target::All, Target::Room),
-            payload,
-        }
+        Broadcast::new(room.map_or(Target::All, Target::Room), payload)
     }
+}
+
+/// What the hub hands its relay (the cluster bridge): a broadcast that
+/// originated on this node, for the other nodes. Sent with `do_send`; the
+/// relay keeps its own bounded outbox.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Relay {
+    /// Who receives it on the other nodes.
+    pub target: RelayTarget,
+    /// The text frame, verbatim.
+    pub payload: ByteString,
+}
+
+/// Where a relayed broadcast goes on the other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTarget {
+    /// Every session.
+    All,
+    /// Every member of any of these rooms, once each.
+    Rooms(Vec<RoomName>),
+}
+
+/// Installs (or, with `None`, removes) the relay that local broadcasts are
+/// handed to.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetRelay(pub Option<Recipient<Relay>>);
+
+/// Asks for this node's own room occupancy (not counting other nodes).
+#[derive(Debug, Message)]
+#[rtype(result = "Occupancy")]
+pub struct GetOccupancy;
+
+/// This node's sessions and the member count of each of its rooms.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Sessions registered on this node.
+    pub sessions: usize,
+    /// `(room, members on this node)` for every room that exists here.
+    pub rooms: Vec<(RoomName, usize)>,
+}
+
+/// The other nodes' totals, from the cluster bridge: the hub adds them to
+/// the presence frames it sends, so clients see cluster-wide counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Message)]
+#[rtype(result = "()")]
+pub struct ClusterPresence {
+    /// Sessions on the other nodes.
+    pub sessions: usize,
+    /// Members per room on the other nodes.
+    pub rooms: HashMap<RoomName, usize>,
 }
 
 /// Sent by a new session when it starts: register me and put me in `room`.
@@ -229,6 +392,10 @@ pub struct BroadcastHub {
     presence_dirty: bool,
     closing: HashMap<SessionId, Closing>,
     stats: HubStats,
+    /// Where local broadcasts go for the other nodes, when clustered.
+    relay: Option<Recipient<Relay>>,
+    /// The other nodes' presence, added to this node's in presence frames.
+    remote_presence: ClusterPresence,
     /// Set by [`Shutdown`]: the sessions still to close, and who to tell
     /// when none are left.
     shutting_down: Option<Draining>,
@@ -251,6 +418,8 @@ impl BroadcastHub {
             presence_dirty: false,
             closing: HashMap::new(),
             stats: HubStats::default(),
+            relay: None,
+            remote_presence: ClusterPresence::default(),
             shutting_down: None,
         }
     }
@@ -453,9 +622,46 @@ impl BroadcastHub {
             return;
         }
         self.presence_dirty = false;
-        let frame = protocol::presence_frame(self.sessions.len(), self.rooms.occupancy());
+        let frame = if self.remote_presence.sessions == 0 && self.remote_presence.rooms.is_empty() {
+            protocol::presence_frame(self.sessions.len(), self.rooms.occupancy())
+        } else {
+            // Cluster-wide: this node's rooms plus the rooms only other
+            // nodes have.
+            let remote = &self.remote_presence.rooms;
+            let mut rooms: Vec<(RoomName, usize)> = self
+                .rooms
+                .occupancy()
+                .map(|(r, n)| (r.clone(), n + remote.get(r).copied().unwrap_or(0)))
+                .collect();
+            rooms.extend(
+                remote
+                    .iter()
+                    .filter(|(r, _)| self.rooms.member_count(r) == 0)
+                    .map(|(r, &n)| (r.clone(), n)),
+            );
+            protocol::presence_frame(
+                self.sessions.len() + self.remote_presence.sessions,
+                rooms.iter().map(|(r, n)| (r, *n)),
+            )
+        };
         let to: Vec<SessionId> = self.presence.iter().copied().collect();
         self.fan_out(to, &frame);
+    }
+
+    /// Hands a local broadcast to the relay, if there is one.
+    fn relay(&mut self, target: RelayTarget, payload: ByteString) {
+        if let Some(relay) = &self.relay {
+            self.stats.relayed += 1;
+            relay.do_send(Relay { target, payload });
+        }
+    }
+
+    fn fan_out_rooms(&mut self, rooms: &[RoomName], payload: &ByteString) -> usize {
+        let mut to = HashSet::new();
+        for room in rooms {
+            to.extend(self.rooms.members(room));
+        }
+        self.fan_out(to, payload)
     }
 
     fn on_client_frame(&mut self, id: SessionId, frame: ClientFrame) {
@@ -474,6 +680,10 @@ impl BroadcastHub {
                 self.stats.broadcasts += 1;
                 let mates = self.rooms.room_mates(id);
                 self.fan_out(mates, &text);
+                if self.relay.is_some() {
+                    let rooms = self.rooms.rooms_of(id).to_vec();
+                    self.relay(RelayTarget::Rooms(rooms), text);
+                }
             }
             ClientFrame::Join(room) => {
                 let reply = match self.rooms.join(id, &room) {
@@ -515,6 +725,7 @@ impl BroadcastHub {
                 let payload = protocol::message_frame(Some(&room), &data);
                 let members: Vec<SessionId> = self.rooms.members(&room).collect();
                 self.fan_out(members, &payload);
+                self.relay(RelayTarget::Rooms(vec![room]), payload);
             }
         }
     }
@@ -582,8 +793,9 @@ impl Handler<Disconnect> for BroadcastHub {
 
     fn handle(&mut self, msg: Disconnect, _: &mut Self::Context) {
         self.closing.remove(&msg.id);
-        if self.remove(msg.id).is_some() {
+        if let Some(member) = self.remove(msg.id) {
             self.stats.sessions_closed += 1;
+            self.stats.closed.count(member.link.close_reason());
         }
         if let Some(draining) = &mut self.shutting_down {
             draining.open.remove(&msg.id);
@@ -610,13 +822,66 @@ impl Handler<Broadcast> for BroadcastHub {
 
     fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> usize {
         self.stats.broadcasts += 1;
-        match msg.target {
+        let sent = match &msg.target {
             Target::All => self.fan_out_all(&msg.payload),
             Target::Room(room) => {
-                let members: Vec<SessionId> = self.rooms.members(&room).collect();
+                let members: Vec<SessionId> = self.rooms.members(room).collect();
                 self.fan_out(members, &msg.payload)
             }
-            Target::Session(id) => self.fan_out(std::iter::once(id), &msg.payload),
+            Target::Session(id) => self.fan_out(std::iter::once(*id), &msg.payload),
+            Target::Rooms(rooms) => self.fan_out_rooms(rooms, &msg.payload),
+        };
+        self.stats.broadcast_latency.observe(msg.created.elapsed());
+        match msg.origin {
+            Origin::Cluster => self.stats.from_cluster += 1,
+            Origin::Local if self.relay.is_some() => {
+                let target = match msg.target {
+                    Target::All => Some(RelayTarget::All),
+                    Target::Room(room) => Some(RelayTarget::Rooms(vec![room])),
+                    Target::Rooms(rooms) => Some(RelayTarget::Rooms(rooms)),
+                    // Session ids are per node.
+                    Target::Session(_) => None,
+                };
+                if let Some(target) = target {
+                    self.relay(target, msg.payload);
+                }
+            }
+            Origin::Local => {}
+        }
+        sent
+    }
+}
+
+impl Handler<SetRelay> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetRelay, _: &mut Self::Context) {
+        self.relay = msg.0;
+    }
+}
+
+impl Handler<GetOccupancy> for BroadcastHub {
+    type Result = MessageResult<GetOccupancy>;
+
+    fn handle(&mut self, _: GetOccupancy, _: &mut Self::Context) -> Self::Result {
+        MessageResult(Occupancy {
+            sessions: self.sessions.len(),
+            rooms: self
+                .rooms
+                .occupancy()
+                .map(|(r, n)| (r.clone(), n))
+                .collect(),
+        })
+    }
+}
+
+impl Handler<ClusterPresence> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: ClusterPresence, _: &mut Self::Context) {
+        if msg != self.remote_presence {
+            self.remote_presence = msg;
+            self.presence_dirty = true;
         }
     }
 }
@@ -626,6 +891,7 @@ impl Handler<GetStats> for BroadcastHub {
 
     fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
         let mut stats = self.stats.clone();
+        stats.queued_broadcasts = queued_broadcasts();
         stats.sessions = self.sessions.len();
         stats.rooms = self.rooms.room_count();
         stats.peak_session_queued_bytes = self

@@ -24,6 +24,7 @@ pub mod balancer;
 pub mod breaker;
 pub mod cache;
 pub mod gcra;
+pub mod histogram;
 pub mod hub;
 pub mod limiter;
 pub mod liveness;
@@ -36,7 +37,12 @@ pub use breaker::{
     BreakerActor, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerStateKind, CallOutcome,
     GetBreakerState, Outcome, Permit, Ticket,
 };
-pub use hub::{Broadcast, BroadcastHub, GetStats, HubConfig, HubStats, Shutdown, Target};
+pub use histogram::Histogram;
+pub use hub::{
+    Broadcast, BroadcastHub, ClosedCounts, ClusterPresence, GetOccupancy, GetStats, HubConfig,
+    HubStats, Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
+};
 pub use limiter::{Acquire, GetLimiterStats, LimiterStats, RateLimited, RateLimiterActor};
+pub use liveness::ClosedBy;
 pub use rooms::{RoomName, SessionId};
 pub use session::{ConnectionGate, ConnectionSlot, SessionConfig, WsSessionActor};

@@ -9,7 +9,7 @@
 //! queues. The hub's one heartbeat timer and its delivery path read the link
 //! and ask [`EvictionPolicy`] — plain code that takes `now` — what to do.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -31,6 +31,44 @@ pub struct SessionLink {
     epoch: Instant,
     last_seen_ms: AtomicU64,
     released: AtomicU64,
+    /// Why the session closed itself, set by the session before it stops
+    /// and read by the hub when the session's `Disconnect` arrives (see
+    /// [`ClosedBy`]). Written once per session, so it costs nothing on
+    /// the message path.
+    close_reason: AtomicU8,
+}
+
+/// Why a session ended its own connection, as the hub counts it in
+/// `HubStats::closed`. Evictions the hub decides itself (heartbeat, slow
+/// consumer, shutdown) are counted where they are decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClosedBy {
+    /// The client closed, or the connection ended without a close frame.
+    Normal = 0,
+    /// A frame or message over the size limit (1009).
+    TooBig = 1,
+    /// The inbound message rate was exceeded (1008).
+    Rate = 2,
+    /// Text that is not UTF-8, or a malformed protocol frame (1007).
+    Invalid = 3,
+    /// A WebSocket protocol violation (1002).
+    Protocol = 4,
+    /// A socket or stream error.
+    Error = 5,
+}
+
+impl ClosedBy {
+    fn from_u8(v: u8) -> ClosedBy {
+        match v {
+            1 => ClosedBy::TooBig,
+            2 => ClosedBy::Rate,
+            3 => ClosedBy::Invalid,
+            4 => ClosedBy::Protocol,
+            5 => ClosedBy::Error,
+            _ => ClosedBy::Normal,
+        }
+    }
 }
 
 impl SessionLink {
@@ -41,6 +79,7 @@ impl SessionLink {
             epoch,
             last_seen_ms: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            close_reason: AtomicU8::new(ClosedBy::Normal as u8),
         };
         link.touch(now);
         link
@@ -66,6 +105,16 @@ impl SessionLink {
     /// Everything the session has released so far.
     pub fn released(&self) -> u64 {
         self.released.load(Ordering::Acquire)
+    }
+
+    /// Session side: records why it is closing its connection.
+    pub fn set_close_reason(&self, why: ClosedBy) {
+        self.close_reason.store(why as u8, Ordering::Relaxed);
+    }
+
+    /// Why the session closed (`Normal` unless it said otherwise).
+    pub fn close_reason(&self) -> ClosedBy {
+        ClosedBy::from_u8(self.close_reason.load(Ordering::Relaxed))
     }
 }
 

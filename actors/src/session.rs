@@ -13,7 +13,7 @@
 
 use crate::gcra::{Gcra, Quota};
 use crate::hub::{BroadcastHub, Connect, Disconnect, FromClient};
-use crate::liveness::SessionLink;
+use crate::liveness::{ClosedBy, SessionLink};
 use crate::protocol::{self, ClientFrame};
 use crate::rooms::{RoomName, SessionId};
 use actix::prelude::*;
@@ -174,6 +174,18 @@ impl WsSessionActor {
     }
 
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
+        // Recorded for the hub's per-reason counters (it reads the link when
+        // this session's Disconnect arrives). The hub's own evictions reach
+        // here through `Close` too, but the hub has forgotten the session by
+        // then and does not count it twice.
+        self.link.set_close_reason(match code {
+            CloseCode::Size => ClosedBy::TooBig,
+            CloseCode::Policy => ClosedBy::Rate,
+            CloseCode::Invalid => ClosedBy::Invalid,
+            CloseCode::Protocol => ClosedBy::Protocol,
+            CloseCode::Error => ClosedBy::Error,
+            _ => ClosedBy::Normal,
+        });
         ctx.close(Some(CloseReason {
             code,
             description: Some(reason.to_owned()),
@@ -335,7 +347,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSessionActor {
                 // A peer that vanishes without a close frame shows up here as
                 // an I/O error; that is routine, not worth an info line.
                 log::debug!("session {}: closed on protocol error: {e}", self.id);
-                let code = if e.to_string().contains("utf-8") {
+                let code = if matches!(e, ws::ProtocolError::Io(_)) {
+                    CloseCode::Error
+                } else if e.to_string().contains("utf-8") {
                     CloseCode::Invalid
                 } else {
                     CloseCode::Protocol

@@ -1,0 +1,123 @@
+//! The hub's hooks for the cluster bridge, with a recording actor standing
+//! in for the bridge: which broadcasts are relayed to other nodes (local
+//! ones, except those for a node-local session id), that a broadcast from
+//! another node is delivered but never relayed back, and the hub's own
+//! latency and mailbox-depth accounting for them.
+//!
+//! One test function: the queued-broadcast count is process-wide, so no
+//! other test in this binary may build broadcasts at the same time.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use actix::prelude::*;
+use happynet_actors::hub::queued_broadcasts;
+use happynet_actors::liveness::EvictionPolicy;
+use happynet_actors::{
+    Broadcast, BroadcastHub, GetStats, HubConfig, Relay, RelayTarget, RoomName, SetRelay, Target,
+};
+use std::time::Duration;
+
+fn hub_config() -> HubConfig {
+    HubConfig {
+        heartbeat_interval: Duration::from_secs(30),
+        eviction: EvictionPolicy {
+            client_timeout: Duration::from_secs(60),
+            max_outbound_bytes: 1 << 20,
+        },
+        max_rooms_per_session: 4,
+        max_rooms: 100,
+        presence_interval: Duration::ZERO,
+        shutdown_timeout: Duration::from_secs(5),
+        mailbox_capacity: 1024,
+        default_room: RoomName::new("lobby").unwrap(),
+    }
+}
+
+/// Records what the hub relays, in order.
+struct Recorder(Vec<Relay>);
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<Relay> for Recorder {
+    type Result = ();
+    fn handle(&mut self, msg: Relay, _: &mut Self::Context) {
+        self.0.push(msg);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Vec<Relay>")]
+struct Take;
+
+impl Handler<Take> for Recorder {
+    type Result = MessageResult<Take>;
+    fn handle(&mut self, _: Take, _: &mut Self::Context) -> Self::Result {
+        MessageResult(std::mem::take(&mut self.0))
+    }
+}
+
+#[actix::test]
+async fn local_broadcasts_are_relayed_and_cluster_ones_are_not() {
+    let hub = BroadcastHub::new(hub_config()).start();
+    let recorder = Recorder(Vec::new()).start();
+    let room = RoomName::new("news").unwrap();
+
+    // Without a relay nothing is relayed (a single node).
+    hub.send(Broadcast::text("alone")).await.unwrap();
+    hub.send(SetRelay(Some(recorder.clone().recipient())))
+        .await
+        .unwrap();
+
+    let queued = [
+        Broadcast::text("to all"),
+        Broadcast::to_room(room.clone(), "to news"),
+        Broadcast::to_session(7, "to one session"),
+        Broadcast::from_cluster(Target::All, "from elsewhere"),
+        Broadcast::new(
+            Target::Rooms(vec![room.clone(), RoomName::new("b").unwrap()]),
+            "to two rooms",
+        ),
+    ];
+    // Built and not yet handled: counted as waiting for a hub.
+    assert!(queued_broadcasts() >= queued.len());
+    for b in queued {
+        hub.send(b).await.unwrap();
+    }
+    assert_eq!(
+        queued_broadcasts(),
+        0,
+        "every handled broadcast is uncounted"
+    );
+
+    let stats = hub.send(GetStats).await.unwrap();
+    assert_eq!(stats.broadcasts, 6);
+    assert_eq!(stats.broadcast_latency.count(), 6);
+    assert_eq!(stats.from_cluster, 1);
+    assert_eq!(stats.relayed, 3);
+
+    // The recorder got the relays in order. The hub queued them before it
+    // answered GetStats above, so this later Take arrives after them.
+    let relayed = recorder.send(Take).await.unwrap();
+    let got: Vec<(RelayTarget, String)> = relayed
+        .into_iter()
+        .map(|r| (r.target, r.payload.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (RelayTarget::All, "to all".to_owned()),
+            (RelayTarget::Rooms(vec![room.clone()]), "to news".to_owned()),
+            (
+                RelayTarget::Rooms(vec![room, RoomName::new("b").unwrap()]),
+                "to two rooms".to_owned()
+            ),
+        ]
+    );
+
+    // Removing the relay stops relaying.
+    hub.send(SetRelay(None)).await.unwrap();
+    hub.send(Broadcast::text("alone again")).await.unwrap();
+    assert_eq!(hub.send(GetStats).await.unwrap().relayed, 3);
+}
