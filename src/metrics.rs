@@ -4,10 +4,18 @@
 //! Metrics are **collected at scrape time**. The actors already keep
 //! counters for their own status messages (`GetStats`, `GetPoolStats`,
 //! `GetBreakerState`, `GetLimiterStats`), the cache and the security guards
-//! keep theirs in plain fields and atomics, so a scrape asks each of them for
-//! a snapshot and copies the numbers into a fresh `prometheus-client`
-//! [`Registry`]. The hot paths (fan-out, upstream calls) pay nothing for
-//! being measured: no extra atomics, no locks, no messages.
+//! keep theirs in plain fields and atomics, and each `Upstream` counts its
+//! calls in a [`CallStats`] behind an uncontended lock, so a scrape asks
+//! each of them for a snapshot and copies the numbers into a fresh
+//! `prometheus-client` [`Registry`]. The hot paths pay almost nothing for
+//! being measured: the fan-out adds one histogram observation per broadcast
+//! (plain fields the hub owns), an upstream call one lock per attempt and
+//! one per call; no messages, no per-delivery work.
+//!
+//! The two latency histograms are counted by their owners in the fixed
+//! buckets of [`happynet_actors::histogram`] (50 µs to 10 s, and `+Inf`)
+//! and handed to the encoder as they are: `_bucket{le=..}`, `_sum` (seconds)
+//! and `_count`, the standard Prometheus histogram.
 //!
 //! A fresh registry per scrape means a counter starts at 0, so
 //! `inc_by(total)` exposes the actor's running total; gauges are `set`.
@@ -19,7 +27,7 @@
 //!
 //! All names start with `happynet_`; counters end in `_total` (the encoder
 //! appends it). Labels: `upstream` (the API client's name), `endpoint` (its
-//! base URL), `reason`, `state`.
+//! base URL), `reason`, `state`, `outcome`, `class`.
 //!
 //! | Family | Type | Labels |
 //! |---|---|---|
@@ -28,8 +36,14 @@
 //! | `happynet_ws_sessions`, `happynet_ws_rooms` | gauge | |
 //! | `happynet_ws_peak_session_queued_bytes` | gauge | |
 //! | `happynet_ws_sessions_opened_total` | counter | |
-//! | `happynet_ws_sessions_closed_total` | counter | `reason` = `client`, `heartbeat`, `slow_consumer`, `shutdown` |
+//! | `happynet_ws_sessions_closed_total` | counter | `reason` = `normal`, `too_big`, `rate`, `invalid`, `protocol`, `error` (the session closed its connection), `heartbeat`, `slow_consumer` (evicted by the hub), `shutdown` |
 //! | `happynet_ws_broadcasts_total`, `happynet_ws_deliveries_total` | counter | |
+//! | `happynet_ws_broadcast_duration_seconds` | histogram (construction of a `Broadcast` to the end of its fan-out) | |
+//! | `happynet_hub_queued_broadcasts` | gauge (broadcasts not yet handled: the hub's mailbox depth for them) | |
+//! | `happynet_upstream_requests_total` | counter (calls by how they ended) | `upstream`, `outcome` = `ok`, `cache_hit`, `fallback`, `cancelled`, or an [`crate::HttpError::kind`]: `timeout`, `connect`, `status`, `breaker_open`, `rate_limited`, `overloaded`, `transport`, `decode`, `invalid_request`, `missing_secret`, `internal` (see [`crate::upstream::RequestOutcome`]) |
+//! | `happynet_upstream_responses_total` | counter (every attempt's response) | `upstream`, `class` = `1xx` … `5xx`, `other` |
+//! | `happynet_upstream_request_duration_seconds` | histogram (whole calls, retries and waits included; fresh cache hits and cancelled calls are not timed) | `upstream` |
+//! | `happynet_upstream_retries_total`, `happynet_upstream_retry_budget_exhausted_total` | counter (attempts after the first; retries the budget refused) | `upstream` |
 //! | `happynet_upstream_in_flight`, `happynet_upstream_queued` | gauge | `upstream` |
 //! | `happynet_upstream_rejected_overloaded_total` | counter | `upstream` |
 //! | `happynet_upstream_sent_total` | counter | `upstream`, `endpoint` |
@@ -56,19 +70,21 @@
 use crate::client::ApiClient;
 use crate::network::Network;
 use crate::security::SecurityStats;
+use crate::upstream::CallStats;
 use actix::MailboxError;
 use actix_web::{web, HttpResponse};
 use futures::future::join_all;
 use happynet_actors::cache::CacheCounters;
 use happynet_actors::pool::{GetPoolStats, PoolStats};
 use happynet_actors::{
-    BreakerSnapshot, BreakerStateKind, GetBreakerState, GetLimiterStats, GetStats, HubStats,
-    LimiterStats,
+    BreakerSnapshot, BreakerStateKind, GetBreakerState, GetLimiterStats, GetStats, Histogram,
+    HubStats, LimiterStats,
 };
-use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use std::time::Duration;
@@ -100,24 +116,28 @@ const BREAKER_STATES: [(BreakerStateKind, &str); 3] = [
 ];
 
 /// Everything one scrape learned; a `None` is an actor that did not answer.
-struct Snapshot {
-    shutting_down: bool,
-    connections: usize,
-    max_connections: usize,
-    hub: Option<HubStats>,
-    upstreams: Vec<UpstreamSnapshot>,
-    security: SecurityStats,
+/// Also what the alert rules and the `/status` page read, so that the three
+/// views of the node never disagree.
+pub(crate) struct Snapshot {
+    pub(crate) shutting_down: bool,
+    pub(crate) connections: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) hub: Option<HubStats>,
+    pub(crate) upstreams: Vec<UpstreamSnapshot>,
+    pub(crate) security: SecurityStats,
 }
 
 /// What one API client's actors and cache reported.
-struct UpstreamSnapshot {
-    name: String,
-    endpoints: Vec<String>,
-    pool: Option<PoolStats>,
-    breaker: Option<BreakerSnapshot>,
-    limiter: Option<LimiterStats>,
+pub(crate) struct UpstreamSnapshot {
+    pub(crate) name: String,
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) pool: Option<PoolStats>,
+    pub(crate) breaker: Option<BreakerSnapshot>,
+    pub(crate) limiter: Option<LimiterStats>,
     /// The cache's counters, collapsed calls, entries and bytes.
-    cache: Option<(CacheCounters, u64, usize, usize)>,
+    pub(crate) cache: Option<(CacheCounters, u64, usize, usize)>,
+    /// What the calls did; kept by the `Upstream` itself, so always there.
+    pub(crate) calls: CallStats,
 }
 
 /// Logs a status request that went unanswered and turns it into `None`.
@@ -150,12 +170,13 @@ async fn upstream_snapshot(client: ApiClient) -> UpstreamSnapshot {
         breaker: answered(&format!("{name}: breaker"), breaker),
         limiter: answered(&format!("{name}: limiter"), limiter),
         cache: up.cache_stats(),
+        calls: up.call_stats(),
         endpoints: up.settings().endpoints.clone(),
         name,
     }
 }
 
-async fn snapshot(net: &Network) -> Snapshot {
+pub(crate) async fn snapshot(net: &Network) -> Snapshot {
     let hub = net.hub().send(GetStats).timeout(SCRAPE_REPLY_TIMEOUT);
     let upstreams = join_all(net.api_clients().into_iter().map(upstream_snapshot));
     let (hub, upstreams) = futures::join!(hub, upstreams);
@@ -172,6 +193,55 @@ async fn snapshot(net: &Network) -> Snapshot {
 /// Saturating conversion for gauges, which prometheus-client keeps as `i64`.
 fn gauge_value(v: usize) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Labelled histograms already counted elsewhere, as one Prometheus
+/// histogram family.
+///
+/// prometheus-client's own `Histogram` is built from observations; ours are
+/// counted by their owners (the hub, each upstream) in fixed buckets, so this
+/// hands their buckets to the encoder as they are: `_bucket{le=..}` for
+/// every bound of [`happynet_actors::histogram::LATENCY_BOUNDS_SECONDS`] and
+/// `+Inf`, `_sum` in seconds, `_count`.
+#[derive(Debug)]
+struct HistogramFamily(Vec<(Labels, Histogram)>);
+
+impl HistogramFamily {
+    /// The encoder's input: `(upper bound, observations in that bucket
+    /// alone)` — it makes them cumulative itself — ending with `+Inf`.
+    fn buckets(h: &Histogram) -> Vec<(f64, u64)> {
+        let mut below = 0;
+        let mut buckets: Vec<(f64, u64)> = h
+            .cumulative()
+            .map(|(bound, cumulative)| {
+                let alone = cumulative - below;
+                below = cumulative;
+                (bound, alone)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, h.count().saturating_sub(below)));
+        buckets
+    }
+}
+
+impl EncodeMetric for HistogramFamily {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (labels, h) in &self.0 {
+            encoder
+                .encode_family(labels)?
+                .encode_histogram::<NoLabelSet>(
+                    h.sum_seconds(),
+                    h.count(),
+                    &Self::buckets(h),
+                    None,
+                )?;
+        }
+        Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 /// A fresh registry being filled from one [`Snapshot`].
@@ -205,6 +275,11 @@ impl Exposition {
             family.get_or_create(&labels).inc_by(value);
         }
         self.registry.register(name, help, family);
+    }
+
+    /// A histogram family, one histogram per `(labels, histogram)`.
+    fn histograms(&mut self, name: &str, help: &str, samples: Vec<(Labels, Histogram)>) {
+        self.registry.register(name, help, HistogramFamily(samples));
     }
 
     /// A labelled gauge family, one sample per `(labels, value)`.
@@ -264,12 +339,19 @@ impl Exposition {
             hub.sessions_opened,
         );
         let reason = |r: &str| vec![("reason", r.to_owned())];
+        let closed = &hub.closed;
         self.counters(
             "happynet_ws_sessions_closed",
-            "WebSocket sessions closed, by reason: client (closed, errored or broke a limit), \
-             heartbeat and slow_consumer (evicted by the hub), shutdown.",
+            "WebSocket sessions closed, by reason: normal, too_big, rate, invalid, protocol, \
+             error (the session ended its connection), heartbeat and slow_consumer (evicted \
+             by the hub), shutdown.",
             [
-                (reason("client"), hub.sessions_closed),
+                (reason("normal"), closed.normal),
+                (reason("too_big"), closed.too_big),
+                (reason("rate"), closed.rate),
+                (reason("invalid"), closed.invalid),
+                (reason("protocol"), closed.protocol),
+                (reason("error"), closed.error),
                 (reason("heartbeat"), hub.evicted_heartbeat),
                 (reason("slow_consumer"), hub.evicted_slow_consumer),
                 (reason("shutdown"), hub.closed_by_shutdown),
@@ -285,9 +367,21 @@ impl Exposition {
             "Frames queued for sessions.",
             hub.deliveries,
         );
+        self.histograms(
+            "happynet_ws_broadcast_duration_seconds",
+            "Time from a broadcast's construction to the end of its fan-out (the wait in the \
+             hub's mailbox included).",
+            vec![(Vec::new(), hub.broadcast_latency.clone())],
+        );
+        self.gauge(
+            "happynet_hub_queued_broadcasts",
+            "Broadcasts built and not yet handled by the hub (its mailbox depth for broadcasts).",
+            gauge_value(hub.queued_broadcasts),
+        );
     }
 
     fn upstreams(&mut self, upstreams: &[UpstreamSnapshot]) {
+        self.calls(upstreams);
         self.per_upstream(
             upstreams,
             |u| u.pool.as_ref(),
@@ -473,6 +567,69 @@ impl Exposition {
         );
     }
 
+    /// The upstreams' own call counters ([`CallStats`]).
+    fn calls(&mut self, upstreams: &[UpstreamSnapshot]) {
+        if upstreams.is_empty() {
+            return;
+        }
+        let labelled = |u: &UpstreamSnapshot, key: &'static str, value: &str| {
+            vec![("upstream", u.name.clone()), (key, value.to_owned())]
+        };
+        let requests: Vec<(Labels, u64)> = upstreams
+            .iter()
+            .flat_map(|u| {
+                u.calls
+                    .requests_by_outcome()
+                    .map(move |(o, n)| (labelled(u, "outcome", o.as_str()), n))
+            })
+            .collect();
+        self.counters(
+            "happynet_upstream_requests",
+            "Calls by how they ended: ok, cache_hit, fallback, cancelled, or the error kind \
+             (timeout, connect, status, breaker_open, rate_limited, overloaded, transport, ...).",
+            requests,
+        );
+        let responses: Vec<(Labels, u64)> = upstreams
+            .iter()
+            .flat_map(|u| {
+                u.calls
+                    .responses_by_class()
+                    .map(move |(class, n)| (labelled(u, "class", class), n))
+            })
+            .collect();
+        self.counters(
+            "happynet_upstream_responses",
+            "Responses received, every attempt's, by status class.",
+            responses,
+        );
+        self.per_upstream(
+            upstreams,
+            |u| Some(&u.calls),
+            &[
+                (
+                    "happynet_upstream_retries",
+                    "Attempts after the first.",
+                    |c: &CallStats| c.retries,
+                ),
+                (
+                    "happynet_upstream_retry_budget_exhausted",
+                    "Retries wanted but refused by the retry budget.",
+                    |c: &CallStats| c.retry_budget_exhausted,
+                ),
+            ],
+            &[],
+        );
+        self.histograms(
+            "happynet_upstream_request_duration_seconds",
+            "Duration of whole calls, retries and waits included (fresh cache hits and \
+             cancelled calls are not timed).",
+            upstreams
+                .iter()
+                .map(|u| (vec![("upstream", u.name.clone())], u.calls.latency.clone()))
+                .collect(),
+        );
+    }
+
     fn security(&mut self, s: &SecurityStats) {
         let reason = |r: &str| vec![("reason", r.to_owned())];
         // The reasons are `Refusal::kind`, the `error` field clients see.
@@ -560,6 +717,10 @@ pub enum NotReady {
     /// The broadcast hub did not answer within [`READY_REPLY_TIMEOUT`], or
     /// has stopped.
     HubUnavailable(String),
+    /// `network.cluster` is configured and the link to Redis is down (or
+    /// the bridge did not answer): broadcasts would not reach the other
+    /// nodes.
+    ClusterLinkDown(String),
 }
 
 impl std::fmt::Display for NotReady {
@@ -567,12 +728,14 @@ impl std::fmt::Display for NotReady {
         match self {
             NotReady::ShuttingDown => f.write_str("shutting down"),
             NotReady::HubUnavailable(e) => write!(f, "broadcast hub unavailable: {e}"),
+            NotReady::ClusterLinkDown(e) => write!(f, "cluster link down: {e}"),
         }
     }
 }
 
-/// Whether the network should get traffic: not shutting down, and the hub
-/// answers a status request within [`READY_REPLY_TIMEOUT`].
+/// Whether the network should get traffic: not shutting down, the hub
+/// answers a status request within [`READY_REPLY_TIMEOUT`], and, with
+/// `network.cluster`, the link to Redis is up.
 pub async fn readiness(net: &Network) -> Result<(), NotReady> {
     if net.is_shutting_down() {
         return Err(NotReady::ShuttingDown);
@@ -584,7 +747,21 @@ pub async fn readiness(net: &Network) -> Result<(), NotReady> {
         .timeout(READY_REPLY_TIMEOUT)
         .await
         .map_err(|e| NotReady::HubUnavailable(e.to_string()))?;
-    // Issue 6: when a cluster link is configured, check it is up here.
+    // Issue 6: with a cluster, the link to Redis must be up.
+    if let Some(bridge) = net.cluster() {
+        let stats = bridge
+            .send(crate::cluster::GetClusterStats)
+            .timeout(READY_REPLY_TIMEOUT)
+            .await
+            .map_err(|e| NotReady::ClusterLinkDown(format!("the bridge did not answer: {e}")))?;
+        if !stats.link_up {
+            return Err(NotReady::ClusterLinkDown(format!(
+                "down for {} ms ({})",
+                stats.link_down_ms,
+                stats.last_error.as_deref().unwrap_or("not connected yet")
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -613,6 +790,7 @@ pub(crate) async fn ready_route(net: web::Data<Network>) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::RequestOutcome;
 
     fn empty() -> Snapshot {
         Snapshot {
@@ -653,5 +831,125 @@ mod tests {
         assert!(body.contains("happynet_ws_deliveries_total 42"), "{body}");
         assert!(body.contains("happynet_ws_sessions 3"), "{body}");
         assert!(body.contains("happynet_ws_sessions_closed_total{reason=\"heartbeat\"} 1"));
+    }
+
+    /// Parses `body` with the same Prometheus parser the integration test
+    /// uses, so the histogram lines are checked by a real reader.
+    fn parse(body: &str) -> prometheus_parse::Scrape {
+        prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+            .expect("valid exposition")
+    }
+
+    #[test]
+    fn call_counters_and_the_latency_histogram_are_exposed_per_upstream() {
+        let mut calls = CallStats::default();
+        calls.ended(RequestOutcome::Ok, Some(Duration::from_millis(3)));
+        calls.ended(RequestOutcome::Status, Some(Duration::from_millis(40)));
+        calls.ended(RequestOutcome::Status, Some(Duration::from_secs(30)));
+        calls.ended(RequestOutcome::CacheHit, None);
+        calls.responded(actix_web::http::StatusCode::OK);
+        calls.responded(actix_web::http::StatusCode::BAD_GATEWAY);
+        calls.retries = 2;
+        calls.retry_budget_exhausted = 1;
+        let snapshot = Snapshot {
+            upstreams: vec![UpstreamSnapshot {
+                name: "up".into(),
+                endpoints: Vec::new(),
+                pool: None,
+                breaker: None,
+                limiter: None,
+                cache: None,
+                calls,
+            }],
+            ..empty()
+        };
+        let body = encode(&snapshot).expect("encodes");
+        assert!(
+            body.contains("happynet_upstream_requests_total{upstream=\"up\",outcome=\"status\"} 2"),
+            "{body}"
+        );
+        assert!(body
+            .contains("happynet_upstream_requests_total{upstream=\"up\",outcome=\"cache_hit\"} 1"));
+        assert!(body
+            .contains("happynet_upstream_requests_total{upstream=\"up\",outcome=\"timeout\"} 0"));
+        assert!(body.contains("happynet_upstream_responses_total{upstream=\"up\",class=\"5xx\"} 1"));
+        assert!(body.contains("happynet_upstream_retries_total{upstream=\"up\"} 2"));
+        assert!(body.contains("happynet_upstream_retry_budget_exhausted_total{upstream=\"up\"} 1"));
+        assert!(
+            body.contains("# TYPE happynet_upstream_request_duration_seconds histogram"),
+            "{body}"
+        );
+
+        let scrape = parse(&body);
+        let histogram = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == "happynet_upstream_request_duration_seconds")
+            .expect("the histogram");
+        assert_eq!(histogram.labels.get("upstream"), Some("up"));
+        let prometheus_parse::Value::Histogram(buckets) = &histogram.value else {
+            panic!("not a histogram: {histogram:?}");
+        };
+        let count_at = |le: f64| {
+            buckets
+                .iter()
+                .find(|b| b.less_than == le)
+                .map(|b| b.count)
+                .unwrap_or_else(|| panic!("no le={le} bucket in {buckets:?}"))
+        };
+        // Cumulative: 3 ms, then 40 ms, then 30 s beyond the last bound.
+        assert_eq!(count_at(0.001), 0.0);
+        assert_eq!(count_at(0.005), 1.0);
+        assert_eq!(count_at(0.05), 2.0);
+        assert_eq!(count_at(10.0), 2.0);
+        assert_eq!(count_at(f64::INFINITY), 3.0);
+        assert_eq!(buckets.len(), 17, "16 bounds and +Inf");
+        let value = |name: &str| {
+            scrape
+                .samples
+                .iter()
+                .find(|s| s.metric == name)
+                .map(|s| match s.value {
+                    prometheus_parse::Value::Untyped(v) => v,
+                    ref other => panic!("{name}: {other:?}"),
+                })
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        assert_eq!(
+            value("happynet_upstream_request_duration_seconds_count"),
+            3.0
+        );
+        let sum = value("happynet_upstream_request_duration_seconds_sum");
+        assert!((sum - 30.043).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn the_hub_exposes_closes_by_reason_its_queue_and_broadcast_latency() {
+        let mut hub = HubStats {
+            queued_broadcasts: 4,
+            evicted_slow_consumer: 2,
+            ..HubStats::default()
+        };
+        hub.closed.normal = 5;
+        hub.closed.too_big = 1;
+        hub.broadcast_latency.observe(Duration::from_micros(40));
+        let body = encode(&Snapshot {
+            hub: Some(hub),
+            ..empty()
+        })
+        .expect("encodes");
+        for line in [
+            "happynet_hub_queued_broadcasts 4",
+            "happynet_ws_sessions_closed_total{reason=\"normal\"} 5",
+            "happynet_ws_sessions_closed_total{reason=\"too_big\"} 1",
+            "happynet_ws_sessions_closed_total{reason=\"rate\"} 0",
+            "happynet_ws_sessions_closed_total{reason=\"slow_consumer\"} 2",
+            "happynet_ws_broadcast_duration_seconds_bucket{le=\"5e-05\"} 1",
+            "happynet_ws_broadcast_duration_seconds_bucket{le=\"+Inf\"} 1",
+            "happynet_ws_broadcast_duration_seconds_count 1",
+        ] {
+            assert!(body.contains(line), "{line} missing from {body}");
+        }
+        assert!(!body.contains("reason=\"client\""), "{body}");
     }
 }
