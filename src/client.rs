@@ -64,6 +64,15 @@ impl Upstreams {
         self.api_clients.iter()
     }
 
+    /// Starts one more upstream on the same arbiter, outside the API
+    /// clients (the alert webhook's, so it is not itself alerted on).
+    pub(crate) fn start_extra(
+        &self,
+        settings: crate::config::UpstreamSettings,
+    ) -> Result<Arc<Upstream>, String> {
+        Upstream::start(settings, &self.arbiter).map(Arc::new)
+    }
+
     fn origin(&self, origin: &str) -> Result<Arc<Upstream>, HttpError> {
         let mut origins = self.origins.lock().map_err(|_| HttpError::Internal {
             upstream: origin.to_owned(),

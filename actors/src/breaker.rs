@@ -331,6 +331,9 @@ pub struct BreakerCounters {
     pub rejections: u64,
     /// State changes.
     pub transitions: u64,
+    /// Transitions into open. Alerts read its growth, so an open that closed
+    /// again between two looks is still seen.
+    pub opened: u64,
 }
 
 /// One outcome in the closed state's window.
@@ -649,6 +652,7 @@ impl Breaker {
             at: now,
         };
         if t.to == BreakerStateKind::Open {
+            self.counters.opened += 1;
             log::warn!(
                 "breaker {}: {from} -> open for {:?}: {reason}",
                 self.name,
@@ -702,6 +706,8 @@ pub struct BreakerSnapshot {
     pub rejections: u64,
     /// State changes.
     pub transitions: u64,
+    /// Transitions into open (see [`BreakerCounters::opened`]).
+    pub opened: u64,
 }
 
 fn serialize_millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
@@ -810,6 +816,7 @@ impl Handler<GetBreakerState> for BreakerActor {
             failures: counters.failures,
             rejections: counters.rejections,
             transitions: counters.transitions,
+            opened: counters.opened,
         })
     }
 }
@@ -950,6 +957,7 @@ mod tests {
         assert_eq!(b.counters().failures, 5);
         assert_eq!(b.counters().calls, 11);
         assert_eq!(b.counters().transitions, 1);
+        assert_eq!(b.counters().opened, 1);
     }
 
     #[test]
@@ -1100,6 +1108,9 @@ mod tests {
             b.last_transition().unwrap().reason,
             TransitionReason::ProbeFailed
         );
+        // Both openings count, the half-open in between does not.
+        assert_eq!(b.counters().opened, 2);
+        assert_eq!(b.counters().transitions, 3);
         assert_eq!(
             b.try_acquire(t1 + ms(3)),
             Err(Rejected { retry_at: reopened })
