@@ -8,15 +8,21 @@
 //! move between them.
 //!
 //! ```text
-//! demo_server [--bind ADDR] [--config PATH]
-//!   --bind ADDR     where to listen (default 127.0.0.1:8080; port 0 picks one)
-//!   --config PATH   a JSON config file; when absent, $HAPPYNET_CONFIG if set,
-//!                   else the embedded default
+//! demo_server [--bind ADDR] [--config PATH] [--tls-cert PATH --tls-key PATH]
+//!   --bind ADDR       where to listen (default 127.0.0.1:8080; port 0 picks one)
+//!   --config PATH     a JSON config file; when absent, $HAPPYNET_CONFIG if set,
+//!                     else the embedded default
+//!   --tls-cert PATH   serve HTTPS (and wss://) with this PEM certificate chain
+//!   --tls-key PATH    and this PEM private key (both or neither)
 //! ```
 //!
-//! A bad flag or a bad configuration is reported on stderr (a config error
-//! names the file and the JSON path of the offending key) and the process
-//! exits with status 2; it never panics on input. An address already in
+//! The page's operations panel polls `GET /status` (connections, rooms,
+//! deliveries/s, upstream breakers and limiters, recent alerts).
+//!
+//! A bad flag, a bad configuration or an unusable certificate or key is
+//! reported on stderr (naming the file, and for a config error the JSON path
+//! of the offending key) and the process exits with status 2; it never
+//! panics on input. An address already in
 //! use exits with status 1. Ctrl-C or SIGTERM shuts down gracefully: every
 //! WebSocket is closed with 1001 (going away) before the HTTP server stops.
 
@@ -64,18 +70,22 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_FAILURE: u8 = 1;
 
 const USAGE: &str = "\
-usage: demo_server [--bind ADDR] [--config PATH]
+usage: demo_server [--bind ADDR] [--config PATH] [--tls-cert PATH --tls-key PATH]
 
-  --bind ADDR     address to listen on (default 127.0.0.1:8080)
-  --config PATH   JSON configuration file (default: $HAPPYNET_CONFIG if set,
-                  otherwise the embedded default)
-  -h, --help      print this help";
+  --bind ADDR       address to listen on (default 127.0.0.1:8080)
+  --config PATH     JSON configuration file (default: $HAPPYNET_CONFIG if set,
+                    otherwise the embedded default)
+  --tls-cert PATH   serve HTTPS with this PEM certificate chain...
+  --tls-key PATH    ...and this PEM private key (give both or neither)
+  -h, --help        print this help";
 
 /// What the command line asked for.
 #[derive(Debug)]
 struct Options {
     bind: SocketAddr,
     config: Option<String>,
+    /// `(certificate, key)` PEM files: serve HTTPS.
+    tls: Option<(String, String)>,
 }
 
 /// Why the command line was refused.
@@ -87,11 +97,13 @@ enum ArgsError {
     Bad(String),
 }
 
-/// Parses the flags by hand: two options do not justify a parser crate.
+/// Parses the flags by hand: four options do not justify a parser crate.
 /// Both `--flag VALUE` and `--flag=VALUE` are accepted.
 fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsError> {
     let mut bind: Option<String> = None;
     let mut config: Option<String> = None;
+    let mut tls_cert: Option<String> = None;
+    let mut tls_key: Option<String> = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -104,6 +116,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsErr
             "-h" | "--help" => return Err(ArgsError::Help),
             "--bind" => &mut bind,
             "--config" => &mut config,
+            "--tls-cert" => &mut tls_cert,
+            "--tls-key" => &mut tls_key,
             _ => return Err(ArgsError::Bad(format!("unknown argument `{arg}`"))),
         };
         let value = match inline.or_else(|| args.next()) {
@@ -120,7 +134,13 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsErr
             "--bind `{bind_text}` is not an IP:PORT address (e.g. 127.0.0.1:8080 or [::1]:8080)"
         ))
     })?;
-    Ok(Options { bind, config })
+    let tls = match (tls_cert, tls_key) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => return Err(ArgsError::Bad("--tls-cert needs --tls-key".into())),
+        (None, Some(_)) => return Err(ArgsError::Bad("--tls-key needs --tls-cert".into())),
+    };
+    Ok(Options { bind, config, tls })
 }
 
 /// Loads the configuration the user chose: `--config`, then
@@ -217,7 +237,7 @@ fn demo_assets() -> StaticAssets {
 
 /// The URL to print for a bound address. A wildcard address is not
 /// something a browser can open, so it is shown as loopback.
-fn page_url(addr: SocketAddr) -> String {
+fn page_url(scheme: &str, addr: SocketAddr) -> String {
     let mut shown = addr;
     if addr.ip().is_unspecified() {
         shown.set_ip(match addr {
@@ -225,12 +245,17 @@ fn page_url(addr: SocketAddr) -> String {
             SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    format!("http://{shown}/")
+    format!("{scheme}://{shown}/")
 }
 
 /// Runs the server until a signal (or a server failure), then shuts down
 /// gracefully.
-async fn serve(options: Options, config: Config, config_label: String) -> ExitCode {
+async fn serve(
+    options: Options,
+    config: Config,
+    config_label: String,
+    tls: Option<rustls::ServerConfig>,
+) -> ExitCode {
     // Registered before binding so that a SIGTERM sent right after start-up
     // is not lost, and so a failure to register is reported before anyone
     // depends on graceful shutdown.
@@ -291,7 +316,12 @@ async fn serve(options: Options, config: Config, config_label: String) -> ExitCo
     // server before happynet could send its 1001 close frames.
     .disable_signals()
     .shutdown_timeout(HTTP_SHUTDOWN_TIMEOUT.as_secs());
-    let server = match server.listen(listener) {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = match tls {
+        Some(tls) => server.listen_rustls_0_23(listener, tls),
+        None => server.listen(listener),
+    };
+    let server = match server {
         Ok(s) => s,
         Err(e) => {
             eprintln!("demo_server: cannot serve on {}: {e}", options.bind);
@@ -308,7 +338,7 @@ async fn serve(options: Options, config: Config, config_label: String) -> ExitCo
 
     log::info!("happynet demo using {config_label}");
     for addr in addrs {
-        log::info!("open {}", page_url(addr));
+        log::info!("open {}", page_url(scheme, addr));
     }
 
     let reason = tokio::select! {
@@ -381,7 +411,19 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    actix_web::rt::System::new().block_on(serve(options, config, label))
+    // Likewise the certificate and key: a missing file, bad PEM or a key
+    // that does not fit the certificate is the caller's mistake.
+    let tls = match &options.tls {
+        None => None,
+        Some((cert, key)) => match happynet::tls::server_config(cert, key) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                eprintln!("demo_server: TLS: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+    };
+    actix_web::rt::System::new().block_on(serve(options, config, label, tls))
 }
 
 #[cfg(test)]
@@ -397,9 +439,12 @@ mod tests {
         let o = args(&[]).expect("defaults");
         assert_eq!(o.bind.to_string(), DEFAULT_BIND);
         assert!(o.config.is_none());
+        assert!(o.tls.is_none());
         let o = args(&["--bind", "0.0.0.0:9000", "--config=x.json"]).expect("both");
         assert_eq!(o.bind.to_string(), "0.0.0.0:9000");
         assert_eq!(o.config.as_deref(), Some("x.json"));
+        let o = args(&["--tls-cert", "c.pem", "--tls-key=k.pem"]).expect("tls");
+        assert_eq!(o.tls, Some(("c.pem".to_owned(), "k.pem".to_owned())));
     }
 
     #[test]
@@ -410,6 +455,9 @@ mod tests {
             &["--bind="],
             &["--port", "1"],
             &["--config", "a", "--config", "b"],
+            &["--tls-cert", "c.pem"],
+            &["--tls-key", "k.pem"],
+            &["--tls-cert", "c.pem", "--tls-key"],
             &["extra"],
         ] {
             assert!(matches!(args(bad), Err(ArgsError::Bad(_))), "{bad:?}");
@@ -419,9 +467,13 @@ mod tests {
 
     #[test]
     fn wildcard_addresses_are_shown_as_loopback() {
-        let url = |s: &str| page_url(s.parse().expect("addr"));
+        let url = |s: &str| page_url("http", s.parse().expect("addr"));
         assert_eq!(url("0.0.0.0:8080"), "http://127.0.0.1:8080/");
         assert_eq!(url("[::]:80"), "http://[::1]:80/");
         assert_eq!(url("127.0.0.1:8080"), "http://127.0.0.1:8080/");
+        assert_eq!(
+            page_url("https", "0.0.0.0:8443".parse().expect("addr")),
+            "https://127.0.0.1:8443/"
+        );
     }
 }

@@ -69,6 +69,7 @@ use futures::future::{ready, LocalBoxFuture, Ready};
 use futures::Stream;
 use happynet_actors::gcra::Quota;
 use happynet_actors::limiter::{Acquire, RateLimiterActor};
+use happynet_actors::shared_limiter::SharedLimit;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use socket2::SockRef;
@@ -608,6 +609,28 @@ pub struct SecurityStats {
     pub ips_with_connections: usize,
 }
 
+impl SecurityStats {
+    /// The refusal counters by reason, named by [`Refusal::kind`] (the
+    /// `error` field clients see): one list for `/status` and `/metrics`.
+    pub fn refusals(&self) -> [(&'static str, u64); 10] {
+        [
+            ("rate_limited", self.requests_rate_limited),
+            ("connection_rate_limited", self.upgrades_rate_limited),
+            ("too_many_connections_from_ip", self.upgrades_over_ip_cap),
+            (
+                "too_many_tcp_connections_from_ip",
+                self.connections_over_ip_cap,
+            ),
+            ("token_required", self.upgrades_token_required),
+            ("invalid_token", self.upgrades_token_invalid),
+            ("subprotocol_required", self.upgrades_subprotocol_required),
+            ("origin_not_allowed", self.upgrades_origin_not_allowed),
+            ("request_body_timeout", self.request_body_timeouts),
+            ("limiter_unavailable", self.limiter_unavailable),
+        ]
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     upgrades_rate_limited: AtomicU64,
@@ -706,6 +729,17 @@ impl Security {
     /// Builds the guards of `config` and starts their rate limiters on the
     /// current arbiter: call it inside a running actix `System`.
     pub fn start(config: &SecurityConfig) -> Result<Security, ConfigError> {
+        Self::start_shared(config, None)
+    }
+
+    /// [`Security::start`], with the per-IP rates kept in Redis (so that
+    /// they hold across the cluster) when `shared` is given and
+    /// `config.shared_rate_limits` is set.
+    pub fn start_shared(
+        config: &SecurityConfig,
+        shared: Option<SharedLimit>,
+    ) -> Result<Security, ConfigError> {
+        let shared = shared.filter(|_| config.shared_rate_limits);
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: format!("network.security.{key}"),
             message,
@@ -715,9 +749,12 @@ impl Security {
                 return Ok(None);
             }
             let quota = Quota::per_second(rate, burst).map_err(|e| invalid(key, e.to_string()))?;
-            Ok::<_, ConfigError>(Some(
-                RateLimiterActor::new(name, quota, config.max_tracked_ips).start(),
-            ))
+            let limiter = RateLimiterActor::new(name, quota, config.max_tracked_ips);
+            let limiter = match &shared {
+                Some(shared) => limiter.with_shared(shared.clone()),
+                None => limiter,
+            };
+            Ok::<_, ConfigError>(Some(limiter.start()))
         };
         let upgrade_limiter = limiter(
             "ws_connections_per_ip",

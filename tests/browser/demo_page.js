@@ -12,19 +12,27 @@
 //   6. text starting with "{" comes back as a politely shown error frame;
 //   7. B leaves the room and it disappears from B's list;
 //   8. a page opened at /#kitchen starts in room "kitchen";
-//   9. no page threw a JS error; a screenshot is saved (SCREENSHOT, default
-//      tests/artifacts/demo.png);
-//  10. (spawned server only) SIGTERM: pages show close 1001 "server shutting
+//   9. the operations panel (polling GET /status) shows at least the open
+//      tabs as connections, its deliveries counter and rate move after
+//      messages are sent, the upstream row (the demo's openai client) shows
+//      a closed breaker and counts a gateway call, and the alerts list is
+//      there;
+//  10. no page threw a JS error; a screenshot of the page with the panel is
+//      saved (SCREENSHOT, default target/browser-artifacts/demo_page.png;
+//      its path is printed);
+//  11. (spawned server only) SIGTERM: pages show close 1001 "server shutting
 //      down", then "retrying"; the server exits 0;
-//  11. (spawned server only) a server restarted on the same port: both pages
-//      reconnect by themselves and A is back in lobby and games, B in lobby.
+//  12. (spawned server only) a server restarted on the same port: both pages
+//      reconnect by themselves and A is back in lobby and games, B in lobby;
+//  13. (spawned server only) --tls-cert naming a missing file: exit status 2
+//      and a message naming the file.
 // A second screenshot, *-closed.png, shows a page after the shutdown, and
 // *-narrow.png the layout at phone width.
 //
 // Usage: node check.js [path/to/demo_server]
 //   default binary: target/debug/examples/demo_server (built by cargo test)
 //   env DEMO_URL=http://127.0.0.1:8080/ to test an already running server
-//   env CHROMIUM=/usr/bin/chromium, SCREENSHOT=tests/artifacts/demo.png
+//   env CHROMIUM=/usr/bin/chromium, SCREENSHOT=target/browser-artifacts/demo_page.png
 // Exit status 0 when every check passed; prints "N passed, N failed".
 
 "use strict";
@@ -38,7 +46,7 @@ const STEP_TIMEOUT_MS = 10000;
 const SERVER_START_TIMEOUT_MS = 30000;
 const SERVER_EXIT_TIMEOUT_MS = 20000;
 const REPO = path.resolve(__dirname, "..", "..");
-const SCREENSHOT = process.env.SCREENSHOT || path.join(REPO, "tests", "artifacts", "demo.png");
+const SCREENSHOT = process.env.SCREENSHOT || path.join(REPO, "target", "browser-artifacts", "demo_page.png");
 fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
 const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const BIN = process.argv[2] || path.join(REPO, "target", "debug", "examples", "demo_server");
@@ -194,9 +202,80 @@ function waitExit(child, ms) {
       await waitText(a, "#clients", /^2$/);
     });
 
+    // The operations panel reads numbers, not text: each value element
+    // carries its raw number in data-value.
+    const opsValue = (p, sel) => p.locator(sel).first().getAttribute("data-value").then((v) => (v === "" || v == null ? null : Number(v)));
+    // waitOps(page, selector, op, x): waits until the element's number `op` x.
+    const waitOps = (p, sel, op, x) => p.waitForFunction(
+      ([s, o, n]) => {
+        const e = document.querySelector(s);
+        if (!e || e.dataset.value === "" || e.dataset.value == null) return false;
+        const v = Number(e.dataset.value);
+        return o === ">=" ? v >= n : o === ">" ? v > n : v === n;
+      },
+      [sel, op, x],
+    );
+
+    await check("operations panel: live, connections >= the 2 open tabs, of max 1000", async () => {
+      await a.locator('#ops[data-state="ok"]').waitFor();
+      await waitOps(a, "#ops-connections", ">=", 2);
+      await waitOps(a, "#ops-max-connections", "===", 1000);
+      await waitOps(a, "#ops-rooms", ">=", 1);
+      await waitText(a, "#ops-updated", /^live · /);
+    });
+
+    await check("operations panel: /status is JSON and agrees on the connections", async () => {
+      const r = await a.request.get(url + "status");
+      if (r.status() !== 200) throw new Error(`GET /status gave ${r.status()}`);
+      if (!/^application\/json/.test(r.headers()["content-type"])) throw new Error(`content-type ${r.headers()["content-type"]}`);
+      const s = await r.json();
+      if (s.connections < 2) throw new Error(`connections ${s.connections}`);
+      if (!("cluster" in s) || !Array.isArray(s.alerts)) throw new Error(`shape: ${JSON.stringify(s).slice(0, 200)}`);
+    });
+
+    await check("operations panel: deliveries total and rate move after messages are sent", async () => {
+      await waitOps(a, "#ops-deliveries-total", ">=", 0);
+      const before = await opsValue(a, "#ops-deliveries-total");
+      await a.selectOption("#target", "");
+      for (let i = 0; i < 5; i++) {
+        await a.fill("#msg-input", `burst ${i} ${stamp}`);
+        await a.press("#msg-input", "Enter");
+      }
+      await b.locator("#log .msg .body", { hasText: `burst 4 ${stamp}` }).waitFor();
+      // 5 messages to lobby, where A and B are: at least 10 deliveries.
+      await waitOps(a, "#ops-deliveries-total", ">=", before + 10);
+      await waitOps(a, "#ops-deliveries-rate", ">", 0);
+      await waitOps(a, "#ops-broadcasts-rate", ">", 0);
+    });
+
+    await check("operations panel: the openai upstream row shows a closed breaker and counts a gateway call", async () => {
+      const row = a.locator('#ops-upstreams tr[data-upstream="openai"]');
+      await row.waitFor();
+      await row.locator('td.breaker[data-state="closed"] .pill').waitFor();
+      const r = await a.request.post(url + "v1/chat/completions", {
+        data: { model: "gpt-4o-mini", messages: [{ role: "user", content: "Hello from the browser test" }] },
+      });
+      if (r.status() !== 200) throw new Error(`gateway call gave ${r.status()}: ${await r.text()}`);
+      await waitOps(a, '#ops-upstreams tr[data-upstream="openai"] td[data-field="calls"]', ">=", 1);
+      await waitOps(a, '#ops-upstreams tr[data-upstream="openai"] td[data-field="denied"]', "===", 0);
+    });
+
+    await check("operations panel: the alerts list is shown (items or the all-quiet note)", async () => {
+      const items = await a.locator("#ops-alerts li").count();
+      const quiet = await a.locator("#ops-no-alerts").isVisible();
+      if (items === 0 && !quiet) throw new Error("neither alerts nor the all-quiet note");
+      for (const li of await a.locator("#ops-alerts li").all()) {
+        const st = await li.getAttribute("data-state");
+        if (st !== "firing" && st !== "resolved") throw new Error(`alert state ${st}`);
+      }
+    });
+
     await check(`screenshot saved to ${SCREENSHOT}`, async () => {
+      // Let the panel take one more poll so the rate and sparkline show.
+      await waitOps(a, '#ops-upstreams tr[data-upstream="openai"] td[data-field="calls"]', ">=", 1);
       await a.waitForTimeout(300);
       await a.screenshot({ path: SCREENSHOT });
+      console.log(`# screenshot: ${SCREENSHOT}`);
     });
 
     await check("no JS errors on the pages", async () => {
@@ -237,6 +316,20 @@ function waitExit(child, ms) {
         server.child.kill("SIGTERM");
         const code = await waitExit(server.child, SERVER_EXIT_TIMEOUT_MS);
         if (code !== 0) throw new Error(`server exit ${code}\n${server.log()}`);
+      });
+
+      await check("--tls-cert naming a missing file: exit 2, the file named", async () => {
+        const missing = path.join(os.tmpdir(), `happynet-no-such-cert-${process.pid}.pem`);
+        const child = spawn(BIN, ["--bind", "127.0.0.1:0", "--tls-cert", missing, "--tls-key", missing], {
+          env: { ...process.env, HAPPYNET_CONFIG: "" },
+          stdio: ["ignore", "pipe", "pipe"],
+        });
+        let err = "";
+        child.stderr.on("data", (d) => { err += d.toString(); });
+        const code = await waitExit(child, SERVER_EXIT_TIMEOUT_MS);
+        if (code === "timeout") child.kill("SIGKILL");
+        if (code !== 2) throw new Error(`exit ${code}: ${err}`);
+        if (!err.includes(missing)) throw new Error(`message does not name the file: ${err}`);
       });
     }
   } catch (e) {
