@@ -10,6 +10,7 @@
 
 use happynet_actors::gcra::Quota;
 use happynet_actors::liveness::EvictionPolicy;
+use happynet_actors::shared_limiter::{Fallback, SharedLimit};
 use happynet_actors::{HubConfig, RoomName, SessionConfig};
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
@@ -126,6 +127,485 @@ pub struct NetworkConfig {
     /// `network.security`: flood and abuse guards, on by default.
     #[serde(default)]
     pub security: SecurityConfig,
+    /// `network.alerts`: alert rules, on by default; the webhook is off
+    /// until it has a URL.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    /// `network.cluster`: scale-out through Redis. Absent or `null` (the
+    /// default): a single node.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `network.cluster`: several nodes sharing broadcasts, presence and rate
+/// limits through one Redis (see `crate::cluster`). Only `redis_url` is
+/// required.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The Redis every node of the cluster uses: `redis://[:password@]host:port[/db]`.
+    /// Required.
+    pub redis_url: String,
+    /// The first part of every Redis key (`{prefix}:broadcasts`, …); nodes
+    /// with the same prefix form one cluster. Default `happynet`.
+    pub prefix: String,
+    /// This node's name in presence keys and logs. Default: 16 random hex
+    /// digits per start. A configured name gets a random suffix on the
+    /// broadcast stream, so a restarted node is never mistaken for its past
+    /// self.
+    pub node_id: Option<String>,
+    /// Entries the broadcast stream keeps (`XADD MAXLEN ~`): the window a
+    /// node that lost its link can replay. Default 100000.
+    pub stream_max_len: usize,
+    /// Broadcasts for other nodes kept while the link is down; beyond it the
+    /// oldest are dropped, counted and logged. Default 10000.
+    pub outbox_max: usize,
+    /// Stream entries read per `XREAD`. Default 512.
+    pub read_batch: usize,
+    /// The first wait before reconnecting, milliseconds. Default 100.
+    pub reconnect_min_ms: u64,
+    /// The longest wait between reconnection attempts, milliseconds.
+    /// Default 5000.
+    pub reconnect_max_ms: u64,
+    /// How often each node publishes its room occupancy and reads the
+    /// others', milliseconds; 0 turns cross-node presence off. Default 1000.
+    pub presence_interval_ms: u64,
+    /// What a shared rate limit does when Redis does not answer in time:
+    /// `"local"` (this node's own limiter), `"deny"` or `"allow"`. Default
+    /// `"local"`.
+    pub limiter_fallback: Fallback,
+    /// How long a shared rate-limit check waits for Redis, milliseconds.
+    /// Default 50.
+    pub limiter_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: String::new(),
+            prefix: "happynet".to_owned(),
+            node_id: None,
+            stream_max_len: 100_000,
+            outbox_max: 10_000,
+            read_batch: 512,
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5_000,
+            presence_interval_ms: 1_000,
+            limiter_fallback: Fallback::Local,
+            limiter_timeout_ms: 50,
+        }
+    }
+}
+
+/// The longest `network.cluster.prefix` and `node_id`.
+const MAX_CLUSTER_NAME: usize = 64;
+
+fn cluster_name(path: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > MAX_CLUSTER_NAME {
+        return Err(ConfigError::invalid(
+            path,
+            format!("must be 1 to {MAX_CLUSTER_NAME} characters"),
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
+        return Err(ConfigError::invalid(
+            path,
+            "may only contain ASCII letters, digits, '_', '-' and '.'",
+        ));
+    }
+    Ok(())
+}
+
+impl ClusterConfig {
+    /// Checks `network.cluster`; the error names the key's path.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let path = |key: &str| format!("network.cluster.{key}");
+        if self.redis_url.is_empty() {
+            return Err(ConfigError::invalid(
+                &path("redis_url"),
+                "is required (e.g. \"redis://127.0.0.1:6379\")",
+            ));
+        }
+        redis::Client::open(self.redis_url.as_str()).map_err(|e| {
+            ConfigError::invalid(&path("redis_url"), format!("is not a Redis URL: {e}"))
+        })?;
+        cluster_name(&path("prefix"), &self.prefix)?;
+        if let Some(id) = &self.node_id {
+            cluster_name(&path("node_id"), id)?;
+        }
+        at_least_one(&path("stream_max_len"), self.stream_max_len)?;
+        at_least_one(&path("outbox_max"), self.outbox_max)?;
+        at_least_one(&path("read_batch"), self.read_batch)?;
+        at_least_one(&path("reconnect_min_ms"), self.reconnect_min_ms as usize)?;
+        if self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(ConfigError::invalid(
+                &path("reconnect_max_ms"),
+                "must be >= network.cluster.reconnect_min_ms",
+            ));
+        }
+        at_least_one(
+            &path("limiter_timeout_ms"),
+            self.limiter_timeout_ms as usize,
+        )
+    }
+
+    /// The Redis side of a shared rate limit (`shared_rate_limit`,
+    /// `shared_rate_limits`).
+    pub fn shared_limit(&self) -> Option<SharedLimit> {
+        SharedLimit::new(
+            &self.redis_url,
+            self.prefix.clone(),
+            self.limiter_fallback,
+            Duration::from_millis(self.limiter_timeout_ms),
+        )
+        .ok()
+    }
+}
+
+/// `network.alerts`: rules over the node's own counters (see
+/// `crate::alerts`). Each firing and resolving is logged, kept in a bounded
+/// history and, with `webhook.url`, POSTed as JSON.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Whether the rules are evaluated at all. Default true.
+    pub enabled: bool,
+    /// How often the rules are evaluated, milliseconds. Default 1000.
+    pub interval_ms: u64,
+    /// How long a rule must stay resolved before it may fire again,
+    /// milliseconds: a flapping condition alerts once per hold, not once per
+    /// flap. 0: no hold. Default 60000.
+    pub hold_ms: u64,
+    /// Events kept for `Network::recent_alerts`. Default 50.
+    pub history: usize,
+    /// Where events are POSTed.
+    pub webhook: WebhookConfig,
+    /// The rules.
+    pub rules: AlertRulesConfig,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            enabled: true,
+            interval_ms: 1000,
+            hold_ms: 60_000,
+            history: 50,
+            webhook: WebhookConfig::default(),
+            rules: AlertRulesConfig::default(),
+        }
+    }
+}
+
+/// The most events `network.alerts.history` may keep.
+pub const MAX_ALERT_HISTORY: usize = 10_000;
+
+/// `network.alerts.webhook`: an upstream like the API clients (pool,
+/// breaker, limiter, retries with backoff and jitter, deadline), with
+/// `network.http` filling in what is not set here.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// The `http://` or `https://` URL events are POSTed to; none (the
+    /// default) turns the webhook off.
+    pub url: Option<String>,
+    /// Per-attempt timeout, milliseconds. Default 2000.
+    pub timeout_ms: u64,
+    /// Retries after the first attempt. Default 3.
+    pub retry_attempts: u32,
+    /// Overall deadline of one POST, retries included, milliseconds.
+    /// Default: `timeout_ms × (retry_attempts + 1)`.
+    pub deadline_ms: Option<u64>,
+    /// POSTs in flight at once; an event beyond it is dropped (counted and
+    /// logged) rather than queued. Default 4.
+    pub max_in_flight: usize,
+    /// Headers sent with every POST.
+    pub headers: BTreeMap<String, String>,
+    /// How the POST authenticates; the secret comes from an environment
+    /// variable. Default none.
+    pub auth: Option<AuthConfig>,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        WebhookConfig {
+            url: None,
+            timeout_ms: 2000,
+            retry_attempts: 3,
+            deadline_ms: None,
+            max_in_flight: 4,
+            headers: BTreeMap::new(),
+            auth: None,
+        }
+    }
+}
+
+/// `network.alerts.rules`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertRulesConfig {
+    /// An API client's breaker opened.
+    pub breaker_open: BreakerOpenRule,
+    /// An API client's failure ratio over a window.
+    pub upstream_error_rate: ErrorRateRule,
+    /// Slow-consumer evictions in the last minute.
+    pub slow_consumer_evictions: EvictionsRule,
+    /// Open WebSockets near `network.websocket.max_connections`.
+    pub connections_near_max: ConnectionsRule,
+}
+
+/// `network.alerts.rules.breaker_open`: fires when an API client's breaker
+/// opens (even if it closed again before the next evaluation); resolves
+/// when it is closed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerOpenRule {
+    /// Default true.
+    pub enabled: bool,
+}
+
+impl Default for BreakerOpenRule {
+    fn default() -> Self {
+        BreakerOpenRule { enabled: true }
+    }
+}
+
+/// `network.alerts.rules.upstream_error_rate`: fires when failures ÷ calls
+/// of an API client over the last `window_ms` reach `threshold`, once the
+/// window holds `min_calls` calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorRateRule {
+    /// Default true.
+    pub enabled: bool,
+    /// Failure ratio (0–1) that fires. Default 0.5.
+    pub threshold: f64,
+    /// The window, milliseconds. Default 60000.
+    pub window_ms: u64,
+    /// Calls the window needs before the ratio means anything; fewer never
+    /// fire (and resolve a firing alert). Default 20.
+    pub min_calls: u64,
+}
+
+impl ErrorRateRule {
+    /// `window_ms` as a duration.
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms)
+    }
+}
+
+impl Default for ErrorRateRule {
+    fn default() -> Self {
+        ErrorRateRule {
+            enabled: true,
+            threshold: 0.5,
+            window_ms: 60_000,
+            min_calls: 20,
+        }
+    }
+}
+
+/// `network.alerts.rules.slow_consumer_evictions`: fires when the hub
+/// evicted at least `per_minute` slow consumers in the last minute.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvictionsRule {
+    /// Default true.
+    pub enabled: bool,
+    /// Evictions in the last minute that fire. Default 10.
+    pub per_minute: u64,
+}
+
+impl Default for EvictionsRule {
+    fn default() -> Self {
+        EvictionsRule {
+            enabled: true,
+            per_minute: 10,
+        }
+    }
+}
+
+/// `network.alerts.rules.connections_near_max`: fires when open WebSockets
+/// reach `ratio × network.websocket.max_connections`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsRule {
+    /// Default true.
+    pub enabled: bool,
+    /// Fraction (0–1, above 0) of `max_connections`. Default 0.9.
+    pub ratio: f64,
+}
+
+impl Default for ConnectionsRule {
+    fn default() -> Self {
+        ConnectionsRule {
+            enabled: true,
+            ratio: 0.9,
+        }
+    }
+}
+
+impl AlertsConfig {
+    /// Checks `network.alerts`; the error names the key's path.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let path = |key: &str| format!("network.alerts.{key}");
+        millis(&path("interval_ms"), self.interval_ms)?;
+        millis(&path("hold_ms"), self.hold_ms.max(1))?;
+        at_least_one(&path("history"), self.history)?;
+        if self.history > MAX_ALERT_HISTORY {
+            return Err(ConfigError::invalid(
+                &path("history"),
+                format!("must be <= {MAX_ALERT_HISTORY}"),
+            ));
+        }
+        let w = &self.webhook;
+        if let Some(url) = &w.url {
+            validate_webhook_url(&path("webhook.url"), url)?;
+        }
+        millis(&path("webhook.timeout_ms"), w.timeout_ms)?;
+        if let Some(d) = w.deadline_ms {
+            millis(&path("webhook.deadline_ms"), d)?;
+        }
+        at_least_one(&path("webhook.max_in_flight"), w.max_in_flight)?;
+        validate_headers(&path("webhook.headers"), &w.headers)?;
+        if let Some(auth) = &w.auth {
+            validate_auth(&path("webhook.auth"), auth)?;
+        }
+        let r = &self.rules.upstream_error_rate;
+        let at = "rules.upstream_error_rate";
+        fraction(&path(&format!("{at}.threshold")), r.threshold)?;
+        millis(&path(&format!("{at}.window_ms")), r.window_ms)?;
+        if r.min_calls == 0 {
+            return Err(ConfigError::invalid(
+                &path(&format!("{at}.min_calls")),
+                "must be >= 1",
+            ));
+        }
+        if self.rules.slow_consumer_evictions.per_minute == 0 {
+            return Err(ConfigError::invalid(
+                &path("rules.slow_consumer_evictions.per_minute"),
+                "must be >= 1",
+            ));
+        }
+        let ratio = self.rules.connections_near_max.ratio;
+        if !(ratio > 0.0 && ratio <= 1.0) {
+            return Err(ConfigError::invalid(
+                &path("rules.connections_near_max.ratio"),
+                "must be above 0 and at most 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `interval_ms` as a duration.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms)
+    }
+
+    /// `hold_ms` as a duration.
+    pub fn hold(&self) -> Duration {
+        Duration::from_millis(self.hold_ms)
+    }
+
+    /// The webhook's upstream settings: `network.http` for the URL's origin,
+    /// with this section's timeout, retries, deadline, bulkhead, headers and
+    /// auth. `None` without a URL (or with one `validate` refuses).
+    pub fn webhook_upstream(&self, network: &NetworkConfig) -> Option<UpstreamSettings> {
+        let w = &self.webhook;
+        let uri: actix_web::http::Uri = w.url.as_deref()?.parse().ok()?;
+        let origin = format!("{}://{}", uri.scheme_str()?, uri.authority()?);
+        let mut settings = network.origin(&origin);
+        settings.name = WEBHOOK_UPSTREAM.to_owned();
+        let timeout = Duration::from_millis(w.timeout_ms);
+        settings.attempt_timeout = timeout;
+        settings.retry_attempts = w.retry_attempts;
+        settings.deadline = w.deadline_ms.map_or_else(
+            || timeout.saturating_mul(w.retry_attempts.saturating_add(1)),
+            Duration::from_millis,
+        );
+        settings.max_in_flight = w.max_in_flight;
+        // Nothing waits in the bulkhead: the alert actor never has more than
+        // `max_in_flight` POSTs out.
+        settings.max_queue = w.max_in_flight;
+        settings.headers = w
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        settings.auth = w.auth.clone();
+        Some(settings)
+    }
+}
+
+/// The longest duration an `_ms` key of `network.alerts` takes: one day.
+/// Longer would mean "never", and timers would overflow.
+pub const MAX_ALERT_MILLIS: u64 = 86_400_000;
+
+/// Checks a duration in milliseconds: 1 to [`MAX_ALERT_MILLIS`].
+fn millis(path: &str, value: u64) -> Result<(), ConfigError> {
+    if (1..=MAX_ALERT_MILLIS).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            path,
+            format!("must be between 1 and {MAX_ALERT_MILLIS} (one day)"),
+        ))
+    }
+}
+
+/// The name of the webhook's upstream in logs and errors.
+pub const WEBHOOK_UPSTREAM: &str = "alerts.webhook";
+
+/// Like [`validate_url`], but a query string is allowed: many webhook
+/// services put a routing key there.
+fn validate_webhook_url(path: &str, url: &str) -> Result<(), ConfigError> {
+    let uri: actix_web::http::Uri = url
+        .parse()
+        .map_err(|e| ConfigError::invalid(path, format!("is not a URL: {e}")))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(ConfigError::invalid(
+            path,
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_headers(at: &str, headers: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (k, v) in headers {
+        let at = format!("{at}.{k}");
+        if actix_web::http::header::HeaderName::try_from(k.as_str()).is_err() {
+            return Err(ConfigError::invalid(&at, "is not a header name"));
+        }
+        if actix_web::http::header::HeaderValue::try_from(v.as_str()).is_err() {
+            return Err(ConfigError::invalid(&at, "is not a valid header value"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_auth(at: &str, auth: &AuthConfig) -> Result<(), ConfigError> {
+    let (AuthConfig::Bearer { key_env }
+    | AuthConfig::Header { key_env, .. }
+    | AuthConfig::Query { key_env, .. }) = auth;
+    if key_env.is_empty() || key_env.contains('=') || key_env.contains('\0') {
+        return Err(ConfigError::invalid(
+            &format!("{at}.key_env"),
+            "must name an environment variable",
+        ));
+    }
+    if let AuthConfig::Header { name, .. } = auth {
+        if actix_web::http::header::HeaderName::try_from(name.as_str()).is_err() {
+            return Err(ConfigError::invalid(
+                &format!("{at}.name"),
+                "is not a header name",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `network.gateway`: `POST /v1/chat/completions` and `GET /v1/models`.
@@ -208,6 +688,10 @@ pub struct SecurityConfig {
     /// the peer address. Only for servers reachable solely through a proxy
     /// that appends it. Default false.
     pub trust_forwarded_for: bool,
+    /// Keep the per-IP connection and request rates in Redis, so that they
+    /// hold across every node of the cluster rather than per node. Requires
+    /// `network.cluster`. Default false.
+    pub shared_rate_limits: bool,
 }
 
 impl Default for SecurityConfig {
@@ -226,6 +710,7 @@ impl Default for SecurityConfig {
             request_body_timeout: Seconds::secs(30),
             exempt_ips: vec!["127.0.0.0/8".to_owned(), "::1".to_owned()],
             trust_forwarded_for: false,
+            shared_rate_limits: false,
         }
     }
 }
@@ -661,6 +1146,11 @@ pub struct ApiClientConfig {
     /// A response cache for this client; none when absent.
     #[serde(default)]
     pub cache: Option<CacheSettings>,
+    /// Keep `rate_limit` in Redis, so that it holds across every node of the
+    /// cluster rather than per node. Requires `network.cluster`. Default
+    /// false.
+    #[serde(default)]
+    pub shared_rate_limit: bool,
 }
 
 /// `cache`: a bounded response cache in front of one API client. GET and
@@ -785,6 +1275,9 @@ pub struct UpstreamSettings {
     pub headers: Vec<(String, String)>,
     /// Response cache, if any.
     pub cache: Option<CacheSettings>,
+    /// Where the rate limit is kept when it holds across the cluster
+    /// (`shared_rate_limit`); `None`: per node.
+    pub shared_limit: Option<SharedLimit>,
 }
 
 fn default_burst(rate_per_minute: f64) -> u32 {
@@ -854,6 +1347,11 @@ impl NetworkConfig {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             cache: c.cache.clone(),
+            shared_limit: self
+                .cluster
+                .as_ref()
+                .filter(|_| c.shared_rate_limit)
+                .and_then(ClusterConfig::shared_limit),
         })
     }
 
@@ -883,6 +1381,7 @@ impl NetworkConfig {
             auth: None,
             headers: Vec::new(),
             cache: None,
+            shared_limit: None,
         }
     }
 }
@@ -1091,11 +1590,26 @@ impl Config {
         )?;
 
         self.network.security.validate()?;
+        if let Some(cluster) = &self.network.cluster {
+            cluster.validate()?;
+        } else if self.network.security.shared_rate_limits {
+            return Err(ConfigError::invalid(
+                "network.security.shared_rate_limits",
+                "requires network.cluster (the limits are kept in its Redis)",
+            ));
+        }
+        self.network.alerts.validate()?;
 
         for (name, client) in &self.network.api_clients {
             let at = format!("network.api_clients.{name}");
             let path = |key: &str| format!("{at}.{key}");
             validate_url(&path("base_url"), &client.base_url)?;
+            if client.shared_rate_limit && self.network.cluster.is_none() {
+                return Err(ConfigError::invalid(
+                    &path("shared_rate_limit"),
+                    "requires network.cluster (the limit is kept in its Redis)",
+                ));
+            }
             for (i, e) in client.endpoints.iter().enumerate() {
                 validate_url(&format!("{at}.endpoints[{i}]"), e)?;
             }

@@ -15,9 +15,17 @@
 //!   origin) and `ApiClient` (one configured upstream), the retry pipeline
 //!   and its typed errors; [`auth`] keeps credentials out of files and logs;
 //! - [`metrics`]: `/metrics` (Prometheus text, collected at scrape time from
-//!   the actors' own counters) and `/ready`; [`security`]: the per-IP flood
+//!   the actors' own counters) and `/ready`; [`status`]: `/status`, the
+//!   same numbers as JSON for the demo's operations panel; [`tls`]: a
+//!   rustls server config from PEM files; [`security`]: the per-IP flood
 //!   and abuse guards; [`assets`]: static files with validators and
-//!   compression;
+//!   compression; [`alerts`]: rules over the same counters (breaker opened,
+//!   error rate, slow-consumer evictions, connections near the cap), logged
+//!   and POSTed to a webhook through the upstream stack;
+//! - [`cluster`]: `ClusterBridge`, scale-out through Redis
+//!   (`network.cluster`): broadcasts to and from the other nodes on one
+//!   stream, cluster-wide presence; shared rate limits are
+//!   `actors::shared_limiter`;
 //! - [`openai`] and [`sse`]: the chat-completions client and the event-stream
 //!   parser; [`gateway`] (`/proxy/…`) and [`llm_gateway`] (`/v1/…`): the
 //!   HTTP faces of the upstream stack;
@@ -30,6 +38,9 @@
 //!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► every WsSessionActor in the room
 //!  app code ──Broadcast─────────────────────────►      │
 //!  POST /broadcast ──Broadcast──────────────────►      └── heartbeat timer: pings, evicts the silent and the slow
+//!                                                      │ Relay (local broadcasts)        ▲ Broadcast::from_cluster
+//!                                                      ▼                                 │
+//!                                                ClusterBridge ──XADD──► Redis stream ──XREAD──► (every node's bridge)
 //!
 //!  HttpClient / ApiClient / OpenAiClient / gateways          (one upstream arbiter thread)
 //!    └─ cache hit? ─► answered on the caller's thread
@@ -56,9 +67,11 @@
 //! }
 //! ```
 
+pub mod alerts;
 pub mod assets;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod gateway;
@@ -68,6 +81,8 @@ pub mod network;
 pub mod openai;
 pub mod security;
 pub mod sse;
+pub mod status;
+pub mod tls;
 pub mod upstream;
 
 pub use client::{ApiClient, HttpClient};

@@ -13,7 +13,9 @@
 //!   `{"room": …, "data": …}`; answers `202 {"recipients": n}`;
 //! - `GET /health`: liveness with the hub's counters;
 //! - `GET /ready`: readiness, and `GET /metrics`: Prometheus metrics
-//!   ([`crate::metrics`]).
+//!   ([`crate::metrics`]);
+//! - `GET /status`: the same numbers as one JSON document for people
+//!   ([`crate::status`]).
 //!
 //! The flood and abuse guards of `network.security` ([`crate::security`])
 //! sit in front: `on_connect` caps TCP connections per IP, `/ws` checks the
@@ -25,7 +27,8 @@
 //! are never limited.
 
 use crate::client::{ApiClient, HttpClient, Upstreams};
-use crate::config::{Config, ConfigError};
+use crate::cluster::ClusterBridge;
+use crate::config::{ClusterConfig, Config, ConfigError};
 use crate::security::{Security, UpgradePass};
 use actix::prelude::*;
 use actix_web::dev::Extensions;
@@ -65,6 +68,21 @@ struct Inner {
     shutting_down: AtomicBool,
     upstreams: Arc<Upstreams>,
     security: Security,
+    alerts: Arc<crate::alerts::AlertLog>,
+    /// The cluster bridge, when `network.cluster` is configured.
+    cluster: Option<Addr<ClusterBridge>>,
+}
+
+/// A handle to a [`Network`] that does not keep it alive: what the actors it
+/// starts hold, so that they stop when the last `Network` is dropped.
+#[derive(Clone)]
+pub(crate) struct WeakNetwork(std::sync::Weak<Inner>);
+
+impl WeakNetwork {
+    /// The network, if a `Network` still holds it.
+    pub(crate) fn upgrade(&self) -> Option<Network> {
+        self.0.upgrade().map(|inner| Network { inner })
+    }
 }
 
 /// A duplicate of an accepted connection's socket, stored by
@@ -82,12 +100,29 @@ impl Network {
                 path: "network.api_clients".into(),
                 message,
             })?;
-        let security = Security::start(&config.network.security)?;
+        // Issue 6: with `network.cluster`, rates marked shared are kept in
+        // its Redis.
+        let shared_limit = config
+            .network
+            .cluster
+            .as_ref()
+            .and_then(ClusterConfig::shared_limit);
+        let security = Security::start_shared(&config.network.security, shared_limit)?;
         let ws = &config.network.websocket;
         let hub = BroadcastHub::new(ws.hub_config());
         let hub_epoch = hub.epoch();
+        let alerts = crate::alerts::AlertsSetup::new(&config.network, &upstreams)?;
+        let hub = hub.start();
+        // Issue 6: the bridge relays local broadcasts to the other nodes.
+        let cluster = config
+            .network
+            .cluster
+            .as_ref()
+            .map(|c| ClusterBridge::start_for(c, hub.clone()))
+            .transpose()?;
         let inner = Inner {
-            hub: hub.start(),
+            hub,
+            cluster,
             hub_epoch,
             session_config: Arc::new(ws.session_config()),
             gate: ConnectionGate::new(ws.max_connections),
@@ -95,20 +130,29 @@ impl Network {
             shutting_down: AtomicBool::new(false),
             upstreams,
             security,
+            alerts: alerts.log(),
             config,
         };
         let gateway = &inner.config.network.gateway;
         if gateway.tokens.is_empty() && !inner.config.network.api_clients.is_empty() {
             log::warn!("network.gateway.tokens is empty: the /v1 gateway routes accept any caller");
         }
-        Ok(Network {
+        let net = Network {
             inner: Arc::new(inner),
-        })
+        };
+        alerts.start(WeakNetwork(Arc::downgrade(&net.inner)));
+        Ok(net)
     }
 
     /// The hub's address: `net.hub().do_send(Broadcast::text("Hello, clients!"))`.
     pub fn hub(&self) -> Addr<BroadcastHub> {
         self.inner.hub.clone()
+    }
+
+    /// The cluster bridge (`network.cluster`), if configured: ask it for
+    /// [`crate::cluster::GetClusterStats`].
+    pub fn cluster(&self) -> Option<&Addr<ClusterBridge>> {
+        self.inner.cluster.as_ref()
     }
 
     /// A client for any URL: pooled, retried, broken and limited per origin.
@@ -158,10 +202,28 @@ impl Network {
         self.inner.gate.open()
     }
 
-    /// Mounts `/ws`, `POST /broadcast`, `GET /health`, `GET /ready` and
-    /// `GET /metrics`:
-    /// `App::new().configure(net.configure())`. `POST /broadcast` is behind
-    /// the per-IP request limiter ([`Security::api_guard`]).
+    /// How long ago [`Network::start`] ran (it created the hub then).
+    pub fn uptime(&self) -> Duration {
+        self.inner.hub_epoch.elapsed()
+    }
+
+    /// The most recent alert events (`network.alerts`), oldest first and
+    /// newest last, at most `network.alerts.history` of them.
+    pub fn recent_alerts(&self) -> Vec<crate::alerts::AlertEvent> {
+        self.inner.alerts.recent()
+    }
+
+    /// What the alerts have done so far: events fired and resolved, firings
+    /// held back, webhook POSTs sent, failed and dropped.
+    pub fn alert_counters(&self) -> crate::alerts::AlertCounters {
+        self.inner.alerts.counters()
+    }
+
+    /// Mounts `/ws`, `POST /broadcast`, `GET /health`, `GET /ready`,
+    /// `GET /metrics` and `GET /status`:
+    /// `App::new().configure(net.configure())`. `POST /broadcast` and
+    /// `GET /status` are behind the per-IP request limiter
+    /// ([`Security::api_guard`]).
     pub fn configure(&self) -> impl Fn(&mut web::ServiceConfig) + Clone + 'static {
         let net = self.clone();
         move |cfg: &mut web::ServiceConfig| {
@@ -176,7 +238,14 @@ impl Network {
                 )
                 .route("/health", web::get().to(health_route))
                 .route("/ready", web::get().to(crate::metrics::ready_route))
-                .route("/metrics", web::get().to(crate::metrics::metrics_route));
+                .route("/metrics", web::get().to(crate::metrics::metrics_route))
+                // Behind the per-IP limiter, unlike /metrics: each request
+                // copies the room table (see crate::status).
+                .service(
+                    web::resource("/status")
+                        .wrap(net.inner.security.api_guard())
+                        .route(web::get().to(crate::status::status_route)),
+                );
         }
     }
 
@@ -223,7 +292,15 @@ impl Network {
         let send_buffer = ws.socket_send_buffer;
         let security = self.inner.security.clone();
         move |conn: &dyn Any, ext: &mut Extensions| {
-            let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() else {
+            use actix_web::rt::net::TcpStream;
+            // Over HTTPS (`bind_rustls_0_23`) the connection is the TLS
+            // stream; the socket underneath gets the same treatment.
+            type Tls = actix_tls::accept::rustls_0_23::TlsStream<TcpStream>;
+            let tcp = if let Some(tcp) = conn.downcast_ref::<TcpStream>() {
+                tcp
+            } else if let Some(tls) = conn.downcast_ref::<Tls>() {
+                tls.get_ref().0
+            } else {
                 return;
             };
             if !security.on_accept(tcp, ext) {
@@ -252,11 +329,17 @@ impl Network {
 
     /// Closes every WebSocket with 1001 (going away), waits for them to close
     /// (at most `websocket.shutdown_timeout`), and stops the hub. New
-    /// upgrades get 503 from the moment this is called. Returns how many
+    /// upgrades get 503 from the moment this is called. With
+    /// `network.cluster`, the bridge then flushes its outbox and leaves
+    /// (at most [`crate::cluster::LEAVE_TIMEOUT`]). Returns how many
     /// sessions were open.
     pub async fn shutdown(&self) -> usize {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
-        self.inner.hub.send(Shutdown).await.unwrap_or(0)
+        let open = self.inner.hub.send(Shutdown).await.unwrap_or(0);
+        if let Some(cluster) = &self.inner.cluster {
+            let _ = cluster.send(crate::cluster::Leave).await;
+        }
+        open
     }
 
     /// True once [`Network::shutdown`] has been called.

@@ -32,6 +32,7 @@ pub mod pool;
 pub mod protocol;
 pub mod rooms;
 pub mod session;
+pub mod shared_limiter;
 
 pub use breaker::{
     BreakerActor, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerStateKind, CallOutcome,

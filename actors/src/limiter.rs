@@ -19,9 +19,19 @@
 //!
 //! Memory per key is the key itself plus about 40 bytes of table entry; keys
 //! should be short identifiers, not request bodies.
+//!
+//! A limiter given a [`SharedLimit`] ([`RateLimiterActor::with_shared`])
+//! keeps each key's state in Redis instead, so the limit holds across every
+//! node of a cluster (see [`crate::shared_limiter`]); the local table is then
+//! only its fallback for when Redis does not answer in time.
 
 use crate::gcra::{Decision, Gcra, Quota};
+use crate::shared_limiter::{
+    Fallback, GcraScript, Route, SharedLimit, SharedLink, Transition, CONNECT_TIMEOUT,
+};
 use actix::prelude::*;
+use futures::future::{FutureExt, LocalBoxFuture, Shared as Shared_};
+use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -253,6 +263,11 @@ pub struct LimiterStats {
     pub overflow: u64,
     /// Idle keys evicted.
     pub evicted: u64,
+    /// Requests decided by Redis (shared limiters only).
+    pub shared: u64,
+    /// Requests decided by the fallback because Redis did not answer in
+    /// time (shared limiters only).
+    pub fallbacks: u64,
 }
 
 /// Sent by a caller before the request it limits: may `key` go now?
@@ -277,10 +292,43 @@ pub struct GetLimiterStats;
 ///
 /// It reads `tokio::time::Instant` (converted to std), so tests that pause
 /// tokio time drive it exactly.
+///
+/// With [`with_shared`](Self::with_shared) it asks Redis instead (one
+/// script call per request, bounded by the limit's timeout) and uses the
+/// local table only as its [`Fallback`].
 #[derive(Debug)]
 pub struct RateLimiterActor {
     name: String,
     limiter: KeyedLimiter<String>,
+    shared: Option<Shared>,
+}
+
+/// A shared limiter's Redis side: the limit, the script, the link's state
+/// and its counters.
+struct Shared {
+    limit: SharedLimit,
+    script: GcraScript,
+    link: SharedLink<MultiplexedConnection>,
+    /// The first connection attempt, while it is under way: checks made
+    /// before any connection existed wait for it (within their timeout)
+    /// rather than all going to the fallback while the node starts.
+    first_connect: Option<FirstConnect>,
+    decided: u64,
+    fallbacks: u64,
+}
+
+/// The first connection attempt, shared by the checks waiting for it.
+type FirstConnect = Shared_<LocalBoxFuture<'static, Option<MultiplexedConnection>>>;
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("prefix", &self.limit.prefix)
+            .field("fallback", &self.limit.fallback)
+            .field("decided", &self.decided)
+            .field("fallbacks", &self.fallbacks)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RateLimiterActor {
@@ -290,14 +338,146 @@ impl RateLimiterActor {
         RateLimiterActor {
             name: name.into(),
             limiter: KeyedLimiter::new(quota, max_keys),
+            shared: None,
         }
+    }
+
+    /// Keeps the limit in Redis so that it holds across every node using
+    /// the same Redis, prefix and limiter name; the local table decides only
+    /// when Redis does not answer within `limit.timeout` and
+    /// `limit.fallback` is [`Fallback::Local`]. The connection is made when
+    /// the actor starts.
+    pub fn with_shared(mut self, limit: SharedLimit) -> Self {
+        self.shared = Some(Shared {
+            limit,
+            script: GcraScript::new(),
+            link: SharedLink::new(),
+            first_connect: None,
+            decided: 0,
+            fallbacks: 0,
+        });
+        self
     }
 
     /// The name given to [`RateLimiterActor::new`].
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The reply to an [`Acquire`] for `key` that got `decision`.
+    fn answer(&self, key: String, decision: Decision) -> Result<(), RateLimited> {
+        match decision {
+            Decision::Allow => Ok(()),
+            Decision::Deny { retry_after } => Err(RateLimited {
+                limiter: self.name.clone(),
+                key,
+                retry_after,
+            }),
+        }
+    }
+
+    /// Decides `key` at `now` without Redis, as the fallback says.
+    fn fall_back(&mut self, key: String, now: Instant) -> Result<(), RateLimited> {
+        let fallback = self
+            .shared
+            .as_ref()
+            .map_or(Fallback::Local, |s| s.limit.fallback);
+        if let Some(shared) = &mut self.shared {
+            shared.fallbacks += 1;
+        }
+        let decision = match fallback {
+            Fallback::Local => self.limiter.check(&key, now),
+            Fallback::Allow => {
+                self.limiter.counters.granted += 1;
+                Decision::Allow
+            }
+            Fallback::Deny => {
+                self.limiter.counters.denied += 1;
+                Decision::Deny {
+                    retry_after: RETRY_GAP_HINT,
+                }
+            }
+        };
+        self.answer(key, decision)
+    }
+
+    fn log_transition(&self, transition: Transition, why: &dyn fmt::Display) {
+        let fallback = self
+            .shared
+            .as_ref()
+            .map_or(Fallback::Local, |s| s.limit.fallback);
+        match transition {
+            Transition::None => {}
+            Transition::WentDown => log::warn!(
+                "rate limiter {}: Redis did not answer ({why}); deciding with the {fallback} fallback",
+                self.name
+            ),
+            Transition::CameBack {
+                down_for,
+                fallbacks,
+            } => log::info!(
+                "rate limiter {}: Redis answers again after {down_for:?}; {fallbacks} requests were decided by the {fallback} fallback",
+                self.name
+            ),
+        }
+    }
+
+    /// Starts making the shared limiter's connection; the result lands in
+    /// its link.
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        let Some(shared) = &mut self.shared else {
+            return;
+        };
+        let client = shared.limit.client.clone();
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            // Each check has its own timeout (the limit's).
+            .set_response_timeout(None);
+        let (result_tx, result_rx) = tokio::sync::oneshot::channel();
+        let attempt = async move {
+            let result = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await;
+            let conn = result.as_ref().ok().cloned();
+            let _ = result_tx.send(result);
+            conn
+        }
+        .boxed_local()
+        .shared();
+        if !shared.link.ever_connected() {
+            shared.first_connect = Some(attempt.clone());
+        }
+        ctx.spawn(
+            async move {
+                attempt.await;
+                result_rx.await.ok()
+            }
+            .into_actor(self)
+            .map(|result, actor, _| {
+                let now = now();
+                let Some(shared) = &mut actor.shared else {
+                    return;
+                };
+                shared.first_connect = None;
+                match result {
+                    Some(Ok(conn)) => shared.link.connected(conn),
+                    Some(Err(e)) => {
+                        let t = shared.link.connect_failed(now);
+                        actor.log_transition(t, &e);
+                    }
+                    None => {
+                        let t = shared.link.connect_failed(now);
+                        actor.log_transition(t, &"the connection attempt was lost");
+                    }
+                }
+            }),
+        );
+    }
 }
+
+/// The `retry_after` of a request refused by the `deny` fallback: about when
+/// Redis will be asked again.
+const RETRY_GAP_HINT: Duration = crate::shared_limiter::RETRY_GAP;
 
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
@@ -307,6 +487,12 @@ impl Actor for RateLimiterActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        if let Some(shared) = &mut self.shared {
+            // Connect at once rather than on the first request.
+            if let Route::Fallback { connect: true } = shared.link.route(now()) {
+                self.connect(ctx);
+            }
+        }
         ctx.run_interval(sweep_interval(&self.limiter.quota()), |actor, _| {
             let dropped = actor.limiter.sweep(now());
             if dropped > 0 {
@@ -321,17 +507,82 @@ impl Actor for RateLimiterActor {
 }
 
 impl Handler<Acquire> for RateLimiterActor {
-    type Result = Result<(), RateLimited>;
+    type Result = ResponseActFuture<Self, Result<(), RateLimited>>;
 
-    fn handle(&mut self, msg: Acquire, _: &mut Self::Context) -> Self::Result {
-        match self.limiter.check(&msg.key, now()) {
-            Decision::Allow => Ok(()),
-            Decision::Deny { retry_after } => Err(RateLimited {
-                limiter: self.name.clone(),
-                key: msg.key,
-                retry_after,
+    fn handle(&mut self, msg: Acquire, ctx: &mut Self::Context) -> Self::Result {
+        let now = now();
+        let Some(shared) = &mut self.shared else {
+            let decision = self.limiter.check(&msg.key, now);
+            return Box::pin(fut::ready(self.answer(msg.key, decision)));
+        };
+        let conn = match shared.link.route(now) {
+            Route::Redis(conn) => Ok(conn),
+            Route::Fallback { connect } => {
+                if connect {
+                    self.connect(ctx);
+                }
+                match self.shared.as_ref().and_then(|s| s.first_connect.clone()) {
+                    Some(first) => Err(first),
+                    None => return Box::pin(fut::ready(self.fall_back(msg.key, now))),
+                }
+            }
+        };
+        let Some(shared) = &self.shared else {
+            return Box::pin(fut::ready(self.fall_back(msg.key, now)));
+        };
+        let script = shared.script.clone();
+        let redis_key = shared.limit.key(&self.name, &msg.key);
+        let quota = self.limiter.quota();
+        let timeout = shared.limit.timeout;
+        // Spawned, not waited on (ResponseActFuture): checks for many keys
+        // are in flight at once on the one multiplexed connection.
+        Box::pin(
+            async move {
+                tokio::time::timeout(timeout, async move {
+                    let mut conn = match conn {
+                        Ok(conn) => conn,
+                        Err(first) => first.await.ok_or_else(|| {
+                            redis::RedisError::from((
+                                redis::ErrorKind::Io,
+                                "no connection to Redis yet",
+                            ))
+                        })?,
+                    };
+                    script.check(&mut conn, &redis_key, &quota, None).await
+                })
+                .await
+            }
+            .into_actor(self)
+            .map(move |result, actor, _| {
+                let now = self::now();
+                let Some(shared) = &mut actor.shared else {
+                    return actor.fall_back(msg.key, now);
+                };
+                match result {
+                    Ok(Ok(decision)) => {
+                        shared.decided += 1;
+                        let t = shared.link.answered(now);
+                        actor.log_transition(t, &"");
+                        match decision {
+                            Decision::Allow => actor.limiter.counters.granted += 1,
+                            Decision::Deny { .. } => actor.limiter.counters.denied += 1,
+                        }
+                        actor.answer(msg.key, decision)
+                    }
+                    Ok(Err(e)) => {
+                        let broken = e.is_unrecoverable_error() || e.is_io_error();
+                        let t = shared.link.failed(now, broken);
+                        actor.log_transition(t, &e);
+                        actor.fall_back(msg.key, now)
+                    }
+                    Err(_elapsed) => {
+                        let t = shared.link.failed(now, false);
+                        actor.log_transition(t, &format!("no answer within {timeout:?}"));
+                        actor.fall_back(msg.key, now)
+                    }
+                }
             }),
-        }
+        )
     }
 }
 
@@ -346,6 +597,8 @@ impl Handler<GetLimiterStats> for RateLimiterActor {
             denied: c.denied,
             overflow: c.overflow,
             evicted: c.evicted,
+            shared: self.shared.as_ref().map_or(0, |s| s.decided),
+            fallbacks: self.shared.as_ref().map_or(0, |s| s.fallbacks),
         })
     }
 }

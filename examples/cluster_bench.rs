@@ -1,0 +1,678 @@
+//! Run with: cargo run --release --example cluster_bench [-- --clients 1000 --rate 50 --seconds 5 --burst 500]
+//!
+//! Scale-out (issue 6): the same number of WebSocket clients served by one
+//! node, then by three nodes sharing broadcasts through Redis, in the same
+//! run. For each it prints:
+//!
+//! - **fixed rate**: `--rate` (50) broadcasts/s for `--seconds` (5), sent
+//!   round-robin to the nodes with `POST /broadcast`: delivery latency
+//!   p50/p99/max, split into *local* (the client is on the node the
+//!   broadcast was posted to) and *cross-node* (it came through Redis), and
+//!   deliveries/s;
+//! - **full speed**: `--burst` (500) broadcasts posted as fast as the nodes
+//!   accept them (`--in-flight` (8) POSTs at a time): cluster-wide
+//!   deliveries/s, from the first send to the last receipt.
+//!
+//! Targets: cross-node p99 ≤ 5 ms at 1,000 clients and 50 broadcasts/s;
+//! three nodes' full-speed throughput ≥ 80% of one node's.
+//!
+//! How to read it: every node is a child process (this binary re-executed
+//! with `--serve`), each with 2 HTTP workers; the single node runs without
+//! Redis (the deployment it is compared with). Redis is a `redis-server`
+//! child on a free port, unless `--redis URL` names one (a fresh key prefix
+//! is used per run). Clients are minimal raw-socket WebSocket clients on this
+//! process's one thread, spread evenly over the nodes. Latency is receipt
+//! time minus the send time stamped in the 64-byte payload (same machine,
+//! same clock), so it includes the load generator's own delay in reading a
+//! socket. On a 2-core machine the three nodes, Redis and the load generator
+//! share two CPUs: the cluster figures are a floor, not what three machines
+//! would do. Every client must receive every broadcast exactly once; anything
+//! else is reported on a line starting with `!!` and the exit status is 1.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+#[allow(dead_code)]
+#[path = "bench_support/raw_ws.rs"]
+mod raw_ws;
+
+use actix_web::{App, HttpServer};
+use happynet::{Config, Network};
+use std::cell::{Cell, RefCell};
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Every broadcast is exactly this long.
+const PAYLOAD_BYTES: usize = 64;
+/// The mask on the clients' pongs.
+const MASK: [u8; 4] = [0x1f, 0x2e, 0x3d, 0x4c];
+/// Handshakes in flight at once.
+const CONNECT_CONCURRENCY: usize = 64;
+/// How long every client may take to receive every broadcast of a phase.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node may take to start and (with Redis) link up.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+struct Options {
+    clients: usize,
+    rate: f64,
+    seconds: f64,
+    burst: usize,
+    in_flight: usize,
+    redis: Option<String>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut o = Options {
+        clients: 1000,
+        rate: 50.0,
+        seconds: 5.0,
+        burst: 500,
+        in_flight: 8,
+        redis: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| it.next().ok_or_else(|| format!("{name} needs a value"));
+        let number = |name: &str, v: String| {
+            v.parse::<f64>()
+                .ok()
+                .filter(|n| *n > 0.0)
+                .ok_or_else(|| format!("{name} needs a positive number, got {v:?}"))
+        };
+        match flag.as_str() {
+            "--clients" => o.clients = number("--clients", value("--clients")?)? as usize,
+            "--rate" => o.rate = number("--rate", value("--rate")?)?,
+            "--seconds" => o.seconds = number("--seconds", value("--seconds")?)?,
+            "--burst" => o.burst = number("--burst", value("--burst")?)? as usize,
+            "--in-flight" => o.in_flight = number("--in-flight", value("--in-flight")?)? as usize,
+            "--redis" => o.redis = Some(value("--redis")?),
+            "--help" | "-h" => {
+                return Err(
+                    "usage: cluster_bench [--clients N] [--rate R] [--seconds S] \
+                            [--burst N] [--in-flight N] [--redis URL]"
+                        .into(),
+                )
+            }
+            other => return Err(format!("unknown flag {other} (try --help)")),
+        }
+    }
+    Ok(o)
+}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+// ---------------------------------------------------------------------------
+// Payload: `C<origin>:<phase:3>:<seq:9>:<sent ns:20>:` padded to 64 bytes
+// ---------------------------------------------------------------------------
+
+fn payload(origin: usize, phase: u32, seq: u32, sent_ns: u64) -> String {
+    let head = format!("C{origin}:{phase:03}:{seq:09}:{sent_ns:020}:");
+    format!("{head:.<width$}", width = PAYLOAD_BYTES)
+}
+
+/// `(origin, phase, seq, sent ns)` of a benchmark payload.
+fn parse_payload(p: &[u8]) -> Option<(usize, u32, u32, u64)> {
+    if p.len() != PAYLOAD_BYTES || p.first() != Some(&b'C') {
+        return None;
+    }
+    let text = std::str::from_utf8(p).ok()?;
+    let mut parts = text[1..].split(':');
+    Some((
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    ))
+}
+
+// ---------------------------------------------------------------------------
+// A node (child process)
+// ---------------------------------------------------------------------------
+
+/// `--serve <redis-url|none> <prefix>`: one node on 127.0.0.1:0; prints
+/// `LISTENING <addr>` and serves until its standard input closes.
+fn serve(redis: &str, prefix: &str) -> ExitCode {
+    let mut json = serde_json::json!({"network": {"websocket": {"max_connections": 20_000}}});
+    if redis != "none" {
+        json["network"]["cluster"] = serde_json::json!({"redis_url": redis, "prefix": prefix});
+    }
+    let config = Config::from_json_str(&json.to_string()).expect("bench config");
+    actix_web::rt::System::new().block_on(async move {
+        let net = Network::start(config).expect("network starts");
+        let routes = net.configure();
+        let server = HttpServer::new(move || App::new().configure(routes.clone()))
+            .workers(2)
+            .backlog(4096)
+            .on_connect(net.on_connect())
+            .disable_signals()
+            .bind(("127.0.0.1", 0))
+            .expect("bind");
+        println!("LISTENING {}", server.addrs()[0]);
+        let server = server.run();
+        let handle = server.handle();
+        actix_web::rt::spawn(server);
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+        handle.stop(false).await;
+    });
+    ExitCode::SUCCESS
+}
+
+/// A node's process; killed when dropped.
+struct NodeProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl NodeProcess {
+    fn spawn(redis: Option<&str>, prefix: &str) -> NodeProcess {
+        let exe = std::env::current_exe().expect("own path");
+        let mut child = Command::new(exe)
+            .args(["--serve", redis.unwrap_or("none"), prefix])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn a node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("node address");
+        let addr = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("node said {line:?}"));
+        NodeProcess { child, addr }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `redis-server` of the benchmark's own; killed when dropped.
+struct RedisProcess {
+    child: Child,
+    url: String,
+}
+
+impl RedisProcess {
+    fn spawn() -> RedisProcess {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server, or pass --redis URL)");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let deadline = Instant::now() + START_TIMEOUT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        RedisProcess { child, url }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------
+
+/// What the clients saw, shared on this one thread.
+#[derive(Default)]
+struct Seen {
+    ready: Cell<usize>,
+    failed: RefCell<Vec<String>>,
+    phase: Cell<u32>,
+    /// Receipt minus send, ns, for clients on the origin node.
+    local: RefCell<Vec<u64>>,
+    /// The same for clients on the other nodes.
+    cross: RefCell<Vec<u64>>,
+    /// Per client: broadcasts of this phase received.
+    counts: RefCell<Vec<u32>>,
+    delivered: Cell<u64>,
+    anomalies: Cell<u64>,
+    first_send_ns: Cell<u64>,
+    last_recv_ns: Cell<u64>,
+}
+
+impl Seen {
+    fn begin(&self, phase: u32, clients: usize) {
+        self.phase.set(phase);
+        self.local.borrow_mut().clear();
+        self.cross.borrow_mut().clear();
+        *self.counts.borrow_mut() = vec![0; clients];
+        self.delivered.set(0);
+        self.anomalies.set(0);
+        self.first_send_ns.set(u64::MAX);
+        self.last_recv_ns.set(0);
+    }
+
+    fn on_text(&self, idx: usize, node: usize, p: &[u8], now_ns: u64) {
+        let Some((origin, phase, _seq, sent_ns)) = parse_payload(p) else {
+            return;
+        };
+        if phase != self.phase.get() {
+            self.anomalies.set(self.anomalies.get() + 1);
+            return;
+        }
+        self.delivered.set(self.delivered.get() + 1);
+        if let Some(c) = self.counts.borrow_mut().get_mut(idx) {
+            *c += 1;
+        }
+        let latency = now_ns.saturating_sub(sent_ns);
+        if origin == node {
+            self.local.borrow_mut().push(latency);
+        } else {
+            self.cross.borrow_mut().push(latency);
+        }
+        self.first_send_ns
+            .set(self.first_send_ns.get().min(sent_ns));
+        self.last_recv_ns.set(self.last_recv_ns.get().max(now_ns));
+    }
+}
+
+async fn open(addr: SocketAddr) -> Result<(TcpStream, raw_ws::RecvBuf), String> {
+    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream
+        .write_all(raw_ws::handshake_request(addr, "/ws").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = raw_ws::RecvBuf::new();
+    loop {
+        if let Some(len) = raw_ws::response_head_len(buf.filled()) {
+            raw_ws::check_upgrade_response(&buf.filled()[..len])?;
+            buf.consume(len);
+            return Ok((stream, buf));
+        }
+        if buf
+            .read_from(&mut stream)
+            .await
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("closed during the handshake".into());
+        }
+    }
+}
+
+async fn client(
+    idx: usize,
+    node: usize,
+    addr: SocketAddr,
+    seen: Rc<Seen>,
+    gate: Rc<tokio::sync::Semaphore>,
+) {
+    let opened = {
+        let _turn = gate.acquire().await;
+        open(addr).await
+    };
+    let (mut stream, mut buf) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            seen.failed.borrow_mut().push(e);
+            return;
+        }
+    };
+    let mut welcomed = false;
+    let mut answer = Vec::new();
+    let mut now_ns = unix_nanos();
+    loop {
+        while let Ok(Some(frame)) = raw_ws::parse_frame(buf.filled()) {
+            let p = &buf.filled()[frame.payload.clone()];
+            match frame.opcode {
+                raw_ws::OP_TEXT if !welcomed => {
+                    welcomed = true;
+                    seen.ready.set(seen.ready.get() + 1);
+                }
+                raw_ws::OP_TEXT => seen.on_text(idx, node, p, now_ns),
+                raw_ws::OP_PING => raw_ws::push_masked_frame(&mut answer, raw_ws::OP_PONG, p, MASK),
+                raw_ws::OP_CLOSE => return,
+                _ => {}
+            }
+            buf.consume(frame.len);
+        }
+        if !answer.is_empty() {
+            if stream.write_all(&answer).await.is_err() {
+                return;
+            }
+            answer.clear();
+        }
+        match buf.read_from(&mut stream).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => now_ns = unix_nanos(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Broadcasts
+// ---------------------------------------------------------------------------
+
+async fn post(http: &awc::Client, addr: SocketAddr, body: String) -> bool {
+    http.post(format!("http://{addr}/broadcast"))
+        .content_type("text/plain")
+        .send_body(body)
+        .await
+        .map(|r| r.status().as_u16() == 202)
+        .unwrap_or(false)
+}
+
+async fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn quantile_ms(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * q) as usize).min(sorted.len() - 1);
+    sorted[i] as f64 / 1e6
+}
+
+#[derive(Default, Clone, Copy)]
+struct Latency {
+    p50: f64,
+    p99: f64,
+    max: f64,
+    n: usize,
+}
+
+fn latency(samples: &RefCell<Vec<u64>>) -> Latency {
+    let mut v = samples.borrow().clone();
+    v.sort_unstable();
+    Latency {
+        p50: quantile_ms(&v, 0.50),
+        p99: quantile_ms(&v, 0.99),
+        max: v.last().map_or(f64::NAN, |m| *m as f64 / 1e6),
+        n: v.len(),
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    local: Latency,
+    cross: Latency,
+    fixed_rate_deliveries: f64,
+    full_speed_deliveries: f64,
+}
+
+/// Checks every client got `expect` broadcasts of the phase; `!!` lines
+/// otherwise.
+fn check_exactly_once(seen: &Seen, expect: u32, what: &str) -> bool {
+    let counts = seen.counts.borrow();
+    let wrong = counts.iter().filter(|c| **c != expect).count();
+    if wrong > 0 || seen.anomalies.get() > 0 {
+        println!(
+            "!! {what}: {wrong} clients did not get exactly {expect} broadcasts; {} frames from another phase",
+            seen.anomalies.get()
+        );
+        return false;
+    }
+    true
+}
+
+/// One topology: `nodes` nodes (with Redis when more than one), the
+/// clients spread over them, the fixed-rate and full-speed phases.
+async fn run_topology(
+    o: &Options,
+    nodes: usize,
+    redis: Option<&str>,
+    ok: &mut bool,
+) -> Result<Figures, String> {
+    let prefix = format!("bench{}", unix_nanos() % 1_000_000_007);
+    let procs: Vec<NodeProcess> = (0..nodes)
+        .map(|_| NodeProcess::spawn(redis.filter(|_| nodes > 1), &prefix))
+        .collect();
+    let http = awc::Client::builder()
+        .connector(awc::Connector::new().limit(64))
+        .timeout(Duration::from_secs(10))
+        .finish();
+    for p in &procs {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let ready = http
+                .get(format!("http://{}/ready", p.addr))
+                .send()
+                .await
+                .map(|r| r.status().as_u16() == 200)
+                .unwrap_or(false);
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("node {} never became ready", p.addr));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let seen = Rc::new(Seen::default());
+    seen.begin(0, o.clients);
+    let gate = Rc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+    let tasks: Vec<_> = (0..o.clients)
+        .map(|i| {
+            let node = i % nodes;
+            tokio::task::spawn_local(client(
+                i,
+                node,
+                procs[node].addr,
+                seen.clone(),
+                gate.clone(),
+            ))
+        })
+        .collect();
+    wait_until("every client's welcome", START_TIMEOUT * 3, || {
+        seen.ready.get() + seen.failed.borrow().len() >= o.clients
+    })
+    .await?;
+    if !seen.failed.borrow().is_empty() {
+        return Err(format!(
+            "clients failed: {:?}",
+            seen.failed.borrow().first()
+        ));
+    }
+
+    let mut figures = Figures::default();
+    // Fixed rate, round-robin over the nodes.
+    let count = (o.rate * o.seconds).round().max(1.0) as u32;
+    seen.begin(1, o.clients);
+    let interval = Duration::from_secs_f64(1.0 / o.rate);
+    let start = Instant::now();
+    for seq in 0..count {
+        let at = start + interval * seq;
+        if let Some(wait) = at.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let origin = seq as usize % nodes;
+        if !post(
+            &http,
+            procs[origin].addr,
+            payload(origin, 1, seq, unix_nanos()),
+        )
+        .await
+        {
+            return Err("a fixed-rate broadcast was refused".into());
+        }
+    }
+    let expect = u64::from(count) * o.clients as u64;
+    wait_until("every fixed-rate delivery", DRAIN_TIMEOUT, || {
+        seen.delivered.get() >= expect
+    })
+    .await
+    .map_err(|e| format!("{e} ({} of {expect})", seen.delivered.get()))?;
+    *ok &= check_exactly_once(&seen, count, "fixed rate");
+    figures.local = latency(&seen.local);
+    figures.cross = latency(&seen.cross);
+    let span = (seen.last_recv_ns.get() - seen.first_send_ns.get()) as f64 / 1e9;
+    figures.fixed_rate_deliveries = seen.delivered.get() as f64 / span;
+
+    // Full speed: `in_flight` POSTs at a time, round-robin over the nodes.
+    seen.begin(2, o.clients);
+    let next = Rc::new(Cell::new(0u32));
+    let burst = o.burst as u32;
+    let senders = (0..o.in_flight).map(|_| {
+        let (next, http) = (next.clone(), http.clone());
+        let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
+        async move {
+            loop {
+                let seq = next.get();
+                if seq >= burst {
+                    return true;
+                }
+                next.set(seq + 1);
+                let origin = seq as usize % addrs.len();
+                if !post(&http, addrs[origin], payload(origin, 2, seq, unix_nanos())).await {
+                    return false;
+                }
+            }
+        }
+    });
+    if !futures::future::join_all(senders)
+        .await
+        .into_iter()
+        .all(|b| b)
+    {
+        return Err("a full-speed broadcast was refused".into());
+    }
+    let expect = u64::from(burst) * o.clients as u64;
+    wait_until("every full-speed delivery", DRAIN_TIMEOUT, || {
+        seen.delivered.get() >= expect
+    })
+    .await
+    .map_err(|e| format!("{e} ({} of {expect})", seen.delivered.get()))?;
+    *ok &= check_exactly_once(&seen, burst, "full speed");
+    let span = (seen.last_recv_ns.get() - seen.first_send_ns.get()) as f64 / 1e9;
+    figures.full_speed_deliveries = seen.delivered.get() as f64 / span;
+
+    for t in tasks {
+        t.abort();
+    }
+    drop(procs);
+    Ok(figures)
+}
+
+fn show(l: &Latency) -> String {
+    if l.n == 0 {
+        return "-".into();
+    }
+    format!("{:.2} / {:.2} / {:.2}", l.p50, l.p99, l.max)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--serve") {
+        let redis = args.get(2).map_or("none", String::as_str);
+        let prefix = args.get(3).map_or("bench", String::as_str);
+        return serve(redis, prefix);
+    }
+    let o = match parse_args() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("cluster_bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let own_redis = o.redis.is_none().then(RedisProcess::spawn);
+    let redis_url = o
+        .redis
+        .clone()
+        .or_else(|| own_redis.as_ref().map(|r| r.url.clone()))
+        .unwrap_or_default();
+    let mut ok = true;
+    let result = actix_web::rt::System::new().block_on(async {
+        let one = run_topology(&o, 1, None, &mut ok).await?;
+        let three = run_topology(&o, 3, Some(&redis_url), &mut ok).await?;
+        Ok::<_, String>((one, three))
+    });
+    let (one, three) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            println!("!! {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "cluster_bench: {} clients; {} broadcasts/s for {} s, then {} at full speed ({} in flight)",
+        o.clients, o.rate, o.seconds, o.burst, o.in_flight
+    );
+    println!(
+        "{:<38} {:>22} {:>22}",
+        "", "one node", "three nodes + Redis"
+    );
+    println!(
+        "{:<38} {:>22} {:>22}",
+        "fixed rate: local p50/p99/max ms",
+        show(&one.local),
+        show(&three.local)
+    );
+    println!(
+        "{:<38} {:>22} {:>22}",
+        "fixed rate: cross-node p50/p99/max ms",
+        "-",
+        show(&three.cross)
+    );
+    println!(
+        "{:<38} {:>22.0} {:>22.0}",
+        "fixed rate: deliveries/s", one.fixed_rate_deliveries, three.fixed_rate_deliveries
+    );
+    println!(
+        "{:<38} {:>22.0} {:>22.0}",
+        "full speed: deliveries/s", one.full_speed_deliveries, three.full_speed_deliveries
+    );
+    let ratio = three.full_speed_deliveries / one.full_speed_deliveries;
+    let p99_ok = three.cross.p99 <= 5.0;
+    let ratio_ok = ratio >= 0.8;
+    println!(
+        "targets: cross-node p99 {:.2} ms <= 5 ms: {}; three nodes / one node throughput {:.2} >= 0.80: {}",
+        three.cross.p99,
+        if p99_ok { "met" } else { "MISSED" },
+        ratio,
+        if ratio_ok { "met" } else { "MISSED" }
+    );
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,1062 @@
+//! Scale-out through Redis (issue 6), end to end: real `redis-server`
+//! processes (one per test, on a free port, so a test can kill and restart
+//! its own), nodes that are whole happynet servers each on its own thread
+//! and actix `System` (so one can be killed without a goodbye), and real
+//! WebSocket clients.
+//!
+//! What is checked: a broadcast from any node reaches every client on every
+//! node exactly once; a killed node leaves the others working; a Redis
+//! restart loses exactly what the documented guarantee says; a node that
+//! lost its link replays what it missed from the stream; a shared rate limit
+//! holds across three nodes to within 1%; the Lua GCRA decides exactly as
+//! the Rust one; and Redis work stays constant from 10 to 3,000 WebSockets.
+
+mod support;
+
+use actix::Actor;
+use happynet::actors::gcra::{Gcra, Quota};
+use happynet::actors::limiter::{Acquire, GetLimiterStats, RateLimiterActor};
+use happynet::actors::shared_limiter::{Fallback, GcraScript, SharedLimit};
+use happynet::cluster::{ClusterStats, GetClusterStats};
+use happynet::Config;
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{config, http_client, TestServer, WsClient, WAIT};
+
+// ---------------------------------------------------------------------------
+// A redis-server of the test's own
+// ---------------------------------------------------------------------------
+
+const REDIS_SERVER: &str = "redis-server";
+
+/// A `redis-server` child process on a free port, without persistence;
+/// killed when dropped.
+struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(REDIS_SERVER)
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &std::env::temp_dir().display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {REDIS_SERVER} (install it: apt-get install redis-server): {e}"
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Ok(mut conn) = self.try_conn() {
+                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server and starts a fresh one (empty: no persistence) on
+    /// the same port.
+    fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))
+    }
+
+    fn conn(&self) -> redis::Connection {
+        self.try_conn().expect("connect to the test's redis-server")
+    }
+
+    /// `INFO <section>` on `conn` as `field → value` (commandstats values
+    /// are the `calls=…` parts).
+    fn info(conn: &mut redis::Connection, section: &str) -> HashMap<String, String> {
+        let text: String = redis::cmd("INFO").arg(section).query(conn).expect("INFO");
+        text.lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| {
+                let v = v
+                    .split(',')
+                    .find_map(|p| p.strip_prefix("calls="))
+                    .unwrap_or(v);
+                (k.to_owned(), v.trim().to_owned())
+            })
+            .collect()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Nodes
+// ---------------------------------------------------------------------------
+
+/// A happynet server on a thread and actix System of its own: killing it
+/// stops its System, dropping every actor and connection without the
+/// graceful `Leave`, as a crashed process would.
+struct Node {
+    server: TestServer,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Node {
+    fn start(config: Config) -> Node {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let server = support::start(config).await;
+                let handle = server.handle.clone();
+                let _ = ready_tx.send(server);
+                let _ = stopped.await;
+                handle.stop(false).await;
+            });
+        });
+        let server = ready_rx.recv_timeout(WAIT).expect("node started");
+        Node {
+            server,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+
+    async fn stats(&self) -> ClusterStats {
+        self.server
+            .net
+            .cluster()
+            .expect("a cluster node")
+            .send(GetClusterStats)
+            .await
+            .expect("the bridge answers")
+    }
+
+    async fn ready_status(&self) -> u16 {
+        http_client()
+            .get(self.server.url("/ready"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// Polls `/ready` until it answers `status`.
+    async fn wait_ready(&self, status: u16) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let got = self.ready_status().await;
+            if got == status {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/ready stayed {got}, wanted {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls the bridge's counters until `pred` holds.
+    async fn wait_stats(&self, what: &str, pred: impl Fn(&ClusterStats) -> bool) -> ClusterStats {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let stats = self.stats().await;
+            if pred(&stats) {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}; last: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `POST /broadcast[?room=…]` with a text body; the status.
+    async fn broadcast(&self, room: Option<&str>, text: &str) -> u16 {
+        let query = room.map_or(String::new(), |r| format!("?room={r}"));
+        http_client()
+            .post(self.server.url(&format!("/broadcast{query}")))
+            .content_type("text/plain")
+            .send_body(text.to_owned())
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+}
+
+impl std::ops::Deref for Node {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.server
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node's configuration: `cluster` and `network` are extra keys (with a
+/// leading comma) for `network.cluster` and `network`.
+fn node_config(redis: &Redis, cluster: &str, network: &str) -> Config {
+    let presence = if cluster.contains("presence_interval_ms") {
+        ""
+    } else {
+        r#","presence_interval_ms":100"#
+    };
+    config(&format!(
+        r#"{{"network":{{
+            "websocket":{{"max_connections":4000,"presence_interval":0.05}},
+            "cluster":{{"redis_url":"{}","reconnect_min_ms":20,"reconnect_max_ms":200
+                        {presence}{cluster}}}{network}}}}}"#,
+        redis.url()
+    ))
+}
+
+async fn start_nodes(redis: &Redis, n: usize, cluster: &str, network: &str) -> Vec<Node> {
+    let nodes: Vec<Node> = (0..n)
+        .map(|_| Node::start(node_config(redis, cluster, network)))
+        .collect();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    nodes
+}
+
+fn is_presence(text: &str) -> bool {
+    text.starts_with(r#"{"type":"presence""#)
+}
+
+/// Reads `client` (skipping presence frames) into `seen` until `done`.
+async fn collect_until(
+    client: &mut WsClient,
+    seen: &mut Vec<String>,
+    done: impl Fn(&[String]) -> bool,
+) {
+    while !done(seen) {
+        let text = client.next_text().await;
+        if !is_presence(&text) {
+            seen.push(text);
+        }
+    }
+}
+
+fn has_all(seen: &[String], wanted: &[String]) -> bool {
+    wanted.iter().all(|w| seen.contains(w))
+}
+
+/// Reads presence frames until one counts `clients` cluster-wide.
+async fn wait_presence(client: &mut WsClient, clients: u64) {
+    loop {
+        let v = client.next_of_type("presence").await;
+        if v["clients"] == clients {
+            return;
+        }
+    }
+}
+
+fn init_logs() {
+    let _ = env_logger::builder().is_test(true).try_init();
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_cluster_is_off_by_default_and_the_demo_config_turns_it_on() {
+    let seed = Config::from_file("tests/fixtures/seed-network.json").expect("seed loads");
+    assert!(seed.network.cluster.is_none());
+    assert!(Config::embedded().network.cluster.is_none());
+    let demo = Config::from_file("examples/cluster.json").expect("the demo's cluster config");
+    let cluster = demo.network.cluster.as_ref().expect("a cluster");
+    assert_eq!(cluster.redis_url, "redis://127.0.0.1:6379");
+    assert_eq!(cluster.prefix, "happynet");
+    assert_eq!(cluster.limiter_fallback, Fallback::Local);
+    assert_eq!(
+        (cluster.stream_max_len, cluster.outbox_max),
+        (100_000, 10_000)
+    );
+    let openai = demo.network.api_client("openai").expect("openai");
+    assert!(openai.shared_limit.is_some(), "its rate limit is shared");
+}
+
+#[test]
+fn bad_cluster_settings_name_their_path() {
+    let error = |json: &str| match Config::from_json_str(json) {
+        Ok(_) => panic!("accepted: {json}"),
+        Err(e) => (e.path().unwrap_or_default().to_owned(), e.to_string()),
+    };
+    let cases = [
+        (r#"{"network":{"cluster":{}}}"#, "network.cluster.redis_url"),
+        (
+            r#"{"network":{"cluster":{"redis_url":"http://x"}}}"#,
+            "network.cluster.redis_url",
+        ),
+        (
+            r#"{"network":{"cluster":{"redis_url":"redis://h","prefix":"a b"}}}"#,
+            "network.cluster.prefix",
+        ),
+        (
+            r#"{"network":{"cluster":{"redis_url":"redis://h","node_id":""}}}"#,
+            "network.cluster.node_id",
+        ),
+        (
+            r#"{"network":{"cluster":{"redis_url":"redis://h","outbox_max":0}}}"#,
+            "network.cluster.outbox_max",
+        ),
+        (
+            r#"{"network":{"cluster":{"redis_url":"redis://h","reconnect_min_ms":500,"reconnect_max_ms":100}}}"#,
+            "network.cluster.reconnect_max_ms",
+        ),
+        (
+            r#"{"network":{"cluster":{"redis_url":"redis://h","limiter_fallback":"maybe"}}}"#,
+            "network.cluster.limiter_fallback",
+        ),
+        (
+            r#"{"network":{"cluster":{"redis_url":"redis://h","typo":1}}}"#,
+            "network.cluster.typo",
+        ),
+        (
+            r#"{"network":{"security":{"shared_rate_limits":true}}}"#,
+            "network.security.shared_rate_limits",
+        ),
+        (
+            r#"{"network":{"api_clients":{"a":{"base_url":"http://x","shared_rate_limit":true}}}}"#,
+            "network.api_clients.a.shared_rate_limit",
+        ),
+    ];
+    for (json, path) in cases {
+        let (got, message) = error(json);
+        assert_eq!(got, path, "{json}: {message}");
+    }
+}
+
+#[actix_web::test]
+async fn a_node_without_redis_is_not_ready_but_delivers_locally() {
+    // Nothing listens on this port: the link never comes up.
+    let port = free_port();
+    let server = support::start(config(&format!(
+            r#"{{"network":{{"cluster":{{"redis_url":"redis://127.0.0.1:{port}/","reconnect_max_ms":100}}}}}}"#
+        )))
+        .await;
+    let mut client = WsClient::connect(&server, "").await;
+    let mut ready = http_client()
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .expect("GET /ready");
+    assert_eq!(ready.status().as_u16(), 503);
+    let body: serde_json::Value = ready.json().await.expect("JSON");
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("cluster link down"),
+        "{body}"
+    );
+    server
+        .net
+        .hub()
+        .send(happynet::Broadcast::text("local"))
+        .await
+        .expect("hub");
+    assert_eq!(client.next_text().await, "local");
+    let stats = server
+        .net
+        .cluster()
+        .expect("bridge")
+        .send(GetClusterStats)
+        .await
+        .expect("stats");
+    assert!(!stats.link_up);
+    assert_eq!(stats.outbox, 1, "waiting for the link: {stats:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Delivery
+// ---------------------------------------------------------------------------
+
+#[actix_web::test]
+async fn a_broadcast_from_each_node_reaches_every_client_on_every_node_exactly_once() {
+    init_logs();
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis, 3, "", "").await;
+    // Per node: two clients in the lobby (the default room), one in `x`.
+    let mut lobby = Vec::new();
+    let mut xs = Vec::new();
+    for node in &nodes {
+        lobby.push(WsClient::connect(node, "").await);
+        lobby.push(WsClient::connect(node, "").await);
+        xs.push(WsClient::connect(node, "?room=x").await);
+    }
+    let mut seen_lobby: Vec<Vec<String>> = vec![Vec::new(); lobby.len()];
+    let mut seen_x: Vec<Vec<String>> = vec![Vec::new(); xs.len()];
+
+    // Everyone, from each node (POST /broadcast).
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(node.broadcast(None, &format!("all-{i}")).await, 202);
+    }
+    // Room x, from each node.
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(node.broadcast(Some("x"), &format!("x-{i}")).await, 202);
+    }
+    // A client's text to its room, from each node; its sender sees it too
+    // (then the hub has handled and relayed it: the end markers come after).
+    for i in 0..nodes.len() {
+        let sender = 2 * i;
+        let text = format!("t-{i}");
+        lobby[sender].send_text(&text).await;
+        let wanted = [text];
+        collect_until(&mut lobby[sender], &mut seen_lobby[sender], |s| {
+            has_all(s, &wanted)
+        })
+        .await;
+    }
+    // Last from each node: an end marker. Each origin's messages arrive in
+    // order, so a duplicate of anything would arrive before its end marker.
+    for (i, node) in nodes.iter().enumerate() {
+        assert_eq!(node.broadcast(None, &format!("end-{i}")).await, 202);
+    }
+    let ends: Vec<String> = (0..3).map(|i| format!("end-{i}")).collect();
+    let all: Vec<String> = (0..3).map(|i| format!("all-{i}")).collect();
+    for (c, seen) in lobby.iter_mut().zip(&mut seen_lobby) {
+        collect_until(c, seen, |s| has_all(s, &ends)).await;
+    }
+    for (c, seen) in xs.iter_mut().zip(&mut seen_x) {
+        collect_until(c, seen, |s| has_all(s, &ends)).await;
+    }
+    let expect = |extra: &str| {
+        let mut v: Vec<String> = all.clone();
+        v.extend((0..3).map(|i| format!("{extra}-{i}")));
+        v.extend(ends.clone());
+        v.sort();
+        v
+    };
+    for (k, seen) in seen_lobby.iter_mut().enumerate() {
+        seen.sort();
+        assert_eq!(*seen, expect("t"), "lobby client {k}");
+    }
+    for (k, seen) in seen_x.iter_mut().enumerate() {
+        seen.sort();
+        assert_eq!(*seen, expect("x"), "room-x client {k}");
+    }
+    for node in &nodes {
+        // 12 broadcasts in all, 4 from each node; own entries are read back
+        // and skipped.
+        let s = node
+            .wait_stats("every entry read", |s| {
+                s.published == 4 && s.skipped_own == 4
+            })
+            .await;
+        assert_eq!(s.received, 8, "{s:?}");
+        assert_eq!((s.duplicates, s.lost_inbound, s.lost_outbound), (0, 0, 0));
+        // Local delivery plus one relay per local broadcast, nothing more.
+        let hub = node.health().await["hub"].clone();
+        assert_eq!(hub["relayed"], 4, "{hub}");
+    }
+}
+
+#[actix_web::test]
+async fn a_killed_node_leaves_the_others_working_and_drops_out_of_presence() {
+    init_logs();
+    let redis = Redis::start();
+    let mut nodes = start_nodes(&redis, 3, "", "").await;
+    let mut c0 = WsClient::connect(&nodes[0], "?presence=1").await;
+    let mut c1 = WsClient::connect(&nodes[1], "").await;
+    let _c2 = WsClient::connect(&nodes[2], "").await;
+    // Presence is cluster-wide: node 0's client counts all three.
+    wait_presence(&mut c0, 3).await;
+
+    nodes[2].kill();
+    for (i, node) in nodes.iter().take(2).enumerate() {
+        assert_eq!(node.broadcast(None, &format!("after-{i}")).await, 202);
+    }
+    let wanted = ["after-0".to_owned(), "after-1".to_owned()];
+    for c in [&mut c0, &mut c1] {
+        let mut seen = Vec::new();
+        collect_until(c, &mut seen, |s| has_all(s, &wanted)).await;
+        seen.sort();
+        assert_eq!(seen, wanted);
+    }
+    // The dead node's presence expires (three intervals) and it is counted
+    // no more.
+    wait_presence(&mut c0, 2).await;
+    for node in nodes.iter().take(2) {
+        assert_eq!(node.ready_status().await, 200);
+        node.wait_stats("one peer left", |s| s.link_up && s.peers == 1)
+            .await;
+    }
+}
+
+#[actix_web::test]
+async fn a_graceful_shutdown_leaves_presence_at_once() {
+    init_logs();
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis, 2, "", "").await;
+    let name = nodes[0].stats().await.node;
+    let mut admin = redis.conn();
+    let key = format!("happynet:presence:{name}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !redis::cmd("EXISTS")
+        .arg(&key)
+        .query::<bool>(&mut admin)
+        .unwrap()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no presence for {name}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    nodes[0].server.net.shutdown().await;
+    // Gone now, not three presence intervals from now.
+    let exists: bool = redis::cmd("EXISTS").arg(&key).query(&mut admin).unwrap();
+    let member: bool = redis::cmd("SISMEMBER")
+        .arg("happynet:nodes")
+        .arg(&name)
+        .query(&mut admin)
+        .unwrap();
+    assert!(!exists && !member, "the node left the presence set at once");
+    assert_eq!(nodes[1].ready_status().await, 200);
+}
+
+// ---------------------------------------------------------------------------
+// Failures
+// ---------------------------------------------------------------------------
+
+/// Two nodes, a client on each, and a first broadcast from node 0 seen on
+/// node 1 (so node 1 tracks node 0's sequence).
+async fn two_linked_nodes(redis: &Redis, cluster: &str) -> (Vec<Node>, WsClient, WsClient) {
+    let nodes = start_nodes(redis, 2, cluster, "").await;
+    let mut a = WsClient::connect(&nodes[0], "").await;
+    let mut b = WsClient::connect(&nodes[1], "").await;
+    assert_eq!(nodes[0].broadcast(None, "warm-up").await, 202);
+    assert_eq!(a.next_text().await, "warm-up");
+    assert_eq!(b.next_text().await, "warm-up");
+    // Acknowledged too: a reply lost with a killed Redis would have it
+    // resent (and dropped as a repeat by node 1), blurring the counts.
+    nodes[0]
+        .wait_stats("the warm-up acknowledged", |s| s.published == 1)
+        .await;
+    (nodes, a, b)
+}
+
+#[actix_web::test]
+async fn a_redis_restart_loses_nothing_the_outbox_can_hold() {
+    init_logs();
+    let mut redis = Redis::start();
+    let (nodes, mut a, mut b) = two_linked_nodes(&redis, "").await;
+
+    redis.kill();
+    for node in &nodes {
+        node.wait_ready(503).await;
+    }
+    // Published during the outage: local clients get them at once.
+    const DURING: usize = 20;
+    for i in 0..DURING {
+        assert_eq!(nodes[0].broadcast(None, &format!("during-{i}")).await, 202);
+        assert_eq!(a.next_text().await, format!("during-{i}"));
+    }
+    let s = nodes[0].stats().await;
+    assert!(!s.link_up);
+    assert_eq!((s.outbox, s.lost_outbound), (DURING, 0), "{s:?}");
+
+    redis.restart();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    // Flushed in order from the outbox when the link came back.
+    for i in 0..DURING {
+        assert_eq!(b.next_text().await, format!("during-{i}"));
+    }
+    assert_eq!(nodes[0].broadcast(None, "after").await, 202);
+    assert_eq!(b.next_text().await, "after");
+    let s0 = nodes[0]
+        .wait_stats("all published", |s| s.published == 22)
+        .await;
+    let s1 = nodes[1].stats().await;
+    assert_eq!((s0.lost_outbound, s0.outbox), (0, 0), "{s0:?}");
+    assert_eq!(
+        (s1.received, s1.lost_inbound, s1.duplicates),
+        (22, 0, 0),
+        "{s1:?}"
+    );
+    assert!(s0.reconnects >= 1 && s1.reconnects >= 1);
+}
+
+#[actix_web::test]
+async fn an_outage_longer_than_the_outbox_loses_exactly_the_overflow_and_says_so() {
+    init_logs();
+    let mut redis = Redis::start();
+    const OUTBOX: usize = 5;
+    let (nodes, mut a, mut b) =
+        two_linked_nodes(&redis, &format!(r#","outbox_max":{OUTBOX}"#)).await;
+
+    redis.kill();
+    nodes[0].wait_ready(503).await;
+    const DURING: usize = 8;
+    for i in 0..DURING {
+        assert_eq!(nodes[0].broadcast(None, &format!("during-{i}")).await, 202);
+        assert_eq!(a.next_text().await, format!("during-{i}"));
+    }
+    redis.restart();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    // The oldest three were dropped; the newest five arrive, in order.
+    for i in DURING - OUTBOX..DURING {
+        assert_eq!(b.next_text().await, format!("during-{i}"));
+    }
+    let s0 = nodes[0].stats().await;
+    assert_eq!(s0.lost_outbound, (DURING - OUTBOX) as u64, "{s0:?}");
+    // The receiver sees the gap in node 0's sequence: exactly as many.
+    let s1 = nodes[1]
+        .wait_stats("the gap counted", |s| s.received == 1 + OUTBOX as u64)
+        .await;
+    assert_eq!(s1.lost_inbound, (DURING - OUTBOX) as u64, "{s1:?}");
+}
+
+#[actix_web::test]
+async fn a_node_that_lost_its_link_replays_what_it_missed_from_the_stream() {
+    init_logs();
+    let redis = Redis::start();
+    let (nodes, mut a, mut b) = two_linked_nodes(&redis, "").await;
+    let name = nodes[1].stats().await.node;
+    let mut admin = redis.conn();
+    // Node 1 cannot reconnect while Redis accepts no new clients; node 0
+    // keeps the connections it has.
+    let clients: String = redis::cmd("CLIENT").arg("LIST").query(&mut admin).unwrap();
+    let ids: Vec<String> = clients
+        .lines()
+        .filter(|l| l.contains(&format!("name=happynet-{name}-")))
+        .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(ids.len(), 2, "node 1's publishing and reading connections");
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(clients.lines().count() - ids.len())
+        .query(&mut admin)
+        .unwrap();
+    for id in ids {
+        let _: () = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query(&mut admin)
+            .unwrap();
+    }
+    nodes[1].wait_ready(503).await;
+    assert_eq!(nodes[0].ready_status().await, 200);
+
+    const MISSED: usize = 10;
+    for i in 0..MISSED {
+        assert_eq!(nodes[0].broadcast(None, &format!("missed-{i}")).await, 202);
+        assert_eq!(a.next_text().await, format!("missed-{i}"));
+    }
+    let len: usize = redis::cmd("XLEN")
+        .arg("happynet:broadcasts")
+        .query(&mut admin)
+        .unwrap();
+    assert_eq!(len, 1 + MISSED, "published while node 1 was away");
+
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxclients")
+        .arg(10_000)
+        .query(&mut admin)
+        .unwrap();
+    nodes[1].wait_ready(200).await;
+    for i in 0..MISSED {
+        assert_eq!(b.next_text().await, format!("missed-{i}"));
+    }
+    let s1 = nodes[1].stats().await;
+    assert_eq!(s1.replayed, MISSED as u64, "{s1:?}");
+    assert_eq!((s1.lost_inbound, s1.duplicates), (0, 0));
+}
+
+// ---------------------------------------------------------------------------
+// Shared rate limits
+// ---------------------------------------------------------------------------
+
+/// Property: with random quotas and request times, the Lua script on a real
+/// Redis (given the same `now`) decides exactly as [`Gcra::check`], wait
+/// included, and its key expires when the Rust state becomes idle.
+#[actix_web::test]
+async fn the_lua_gcra_decides_exactly_as_the_rust_one() {
+    let redis = Redis::start();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let script = GcraScript::new();
+    let mut rng = happynet::actors::backoff::Jitter::with_seed(0x5EED_CAFE);
+    // The explicit clock starts a day ahead (keys expire on the script's
+    // clock, so none expires in real time during the test), with a
+    // nanosecond part close to a second so that the carries are exercised.
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let epoch = Duration::new(unix_now.as_secs() + 86_400, 999_999_000);
+    for case in 0..20 {
+        let rate = 1.0 + (rng.next_u64() % 3000) as f64 / 7.0;
+        let burst = 1 + (rng.next_u64() % 8) as u32;
+        let quota = Quota::per_second(rate, burst).unwrap();
+        let key = format!("case-{case}");
+        let t0 = Instant::now();
+        let mut offset = Duration::ZERO;
+        let mut gcra = Gcra::new();
+        for step in 0..200 {
+            offset += Duration::from_nanos(rng.next_u64() % 5_000_000);
+            let want = gcra.check(&quota, t0 + offset);
+            let got = script
+                .check(&mut conn, &key, &quota, Some(epoch + offset))
+                .await
+                .unwrap();
+            assert_eq!(
+                got, want,
+                "case {case} step {step} rate {rate} burst {burst}"
+            );
+        }
+        // The key expires (on the script's clock) once the Rust state is
+        // idle, and at most two milliseconds after.
+        let expire_ms: u64 = redis::cmd("PEXPIRETIME")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let expires = t0 + (Duration::from_millis(expire_ms) - epoch);
+        assert!(gcra.is_idle(expires), "case {case}: expires while busy");
+        assert!(
+            !gcra.is_idle(expires - Duration::from_millis(2))
+                || expires <= t0 + offset + Duration::from_millis(2),
+            "case {case}: expires too late"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn a_shared_limit_across_three_nodes_admits_the_configured_rate_within_one_percent() {
+    init_logs();
+    let redis = Redis::start();
+    const RATE: f64 = 1000.0;
+    // A burst of 100 ms' worth: a load generator that stalls for less
+    // than that (two cores, other tests beside it) loses no capacity.
+    const BURST: u32 = 100;
+    const RUN: Duration = Duration::from_secs(4);
+    let quota = Quota::per_second(RATE, BURST).unwrap();
+    // Three nodes' limiters, each on an arbiter (thread) of its own, with
+    // its own connection; "deny" so that no decision is made locally.
+    let arbiters: Vec<actix::Arbiter> = (0..3).map(|_| actix::Arbiter::new()).collect();
+    let limiters: Vec<_> = arbiters
+        .iter()
+        .map(|arbiter| {
+            let limit = SharedLimit::new(
+                &redis.url(),
+                "t",
+                Fallback::Deny,
+                Duration::from_millis(200),
+            )
+            .unwrap();
+            RateLimiterActor::start_in_arbiter(&arbiter.handle(), move |_| {
+                RateLimiterActor::new("api", quota, 1000).with_shared(limit)
+            })
+        })
+        .collect();
+    // Each limiter's connection is up once it has decided a request.
+    for l in &limiters {
+        let _ = l
+            .send(Acquire {
+                key: "warm-up".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(l.send(GetLimiterStats).await.unwrap().shared, 1);
+    }
+    // Every node asks as fast as it can, eight requests in flight each,
+    // noting when its first and last grants came back.
+    let deadline = Instant::now() + RUN;
+    let workers = limiters.iter().flat_map(|l| {
+        (0..8).map(move |_| {
+            let l = l.clone();
+            async move {
+                let mut granted = 0u64;
+                let mut first_last: Option<(Instant, Instant)> = None;
+                while Instant::now() < deadline {
+                    if let Ok(Ok(())) = l
+                        .send(Acquire {
+                            key: "shared-key".into(),
+                        })
+                        .await
+                    {
+                        granted += 1;
+                        let now = Instant::now();
+                        first_last = Some(first_last.map_or((now, now), |(f, _)| (f, now)));
+                    }
+                }
+                (granted, first_last)
+            }
+        })
+    });
+    let results = futures::future::join_all(workers).await;
+    let granted: u64 = results.iter().map(|(g, _)| g).sum();
+    let first = results
+        .iter()
+        .filter_map(|(_, fl)| fl.map(|f| f.0))
+        .min()
+        .unwrap();
+    let last = results
+        .iter()
+        .filter_map(|(_, fl)| fl.map(|f| f.1))
+        .max()
+        .unwrap();
+    // The burst at the first grant, then one per interval until the last.
+    let elapsed = last - first;
+    let expected = f64::from(BURST) + elapsed.as_secs_f64() * RATE;
+    let error = (granted as f64 - expected).abs() / expected;
+    let mut asked = 0;
+    for l in &limiters {
+        let s = l.send(GetLimiterStats).await.unwrap();
+        assert_eq!(s.fallbacks, 0, "every decision came from Redis: {s:?}");
+        assert!(s.granted > 0, "every node was admitted some: {s:?}");
+        asked += s.granted + s.denied;
+    }
+    println!(
+        "shared limit: {granted} granted of {asked} asked in {elapsed:?}, expected {expected:.0} ({:.3}% off)",
+        error * 100.0
+    );
+    assert!(
+        error <= 0.01,
+        "{granted} granted, expected {expected:.0} ({:.2}% off)",
+        error * 100.0
+    );
+    for a in arbiters {
+        a.stop();
+    }
+}
+
+#[actix_web::test]
+async fn shared_per_ip_limits_hold_across_the_cluster() {
+    init_logs();
+    let redis = Redis::start();
+    // One request per second per IP with a burst of 10: per node that would
+    // be 30 admitted at once across three nodes; shared, 10.
+    let nodes = start_nodes(
+        &redis,
+        3,
+        "",
+        r#","security":{"requests_per_second":1,"request_burst":10,"exempt_ips":[],"shared_rate_limits":true}"#,
+    )
+    .await;
+    let started = Instant::now();
+    let mut admitted = 0;
+    for _ in 0..15 {
+        for node in &nodes {
+            match node.broadcast(None, "x").await {
+                202 => admitted += 1,
+                429 => {}
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    }
+    let bound = 10 + started.elapsed().as_secs() + 1;
+    assert!(
+        (10..=bound).contains(&admitted),
+        "{admitted} admitted across three nodes, the shared limit allows {bound}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Redis work
+// ---------------------------------------------------------------------------
+
+/// Raises this process's open-files soft limit to `need` (up to the hard
+/// limit) with `prlimit`, the test having no unsafe code to call
+/// `setrlimit` itself.
+fn ensure_open_files(need: u64) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_default();
+    let nums: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (soft, hard) = (
+        nums.first().copied().unwrap_or(0),
+        nums.get(1).copied().unwrap_or(0),
+    );
+    if soft >= need {
+        return;
+    }
+    let _ = Command::new("prlimit")
+        .arg(format!("--pid={}", std::process::id()))
+        .arg(format!("--nofile={hard}:{hard}"))
+        .status();
+    assert!(
+        hard >= need,
+        "this test needs {need} open files; the hard limit is {hard} (raise `ulimit -n`)"
+    );
+}
+
+struct Work {
+    clients: u64,
+    xadd: u64,
+    xread: u64,
+    total: u64,
+}
+
+/// Redis's connected clients and commands so far, read on one admin
+/// connection (so that the reading itself opens no new ones).
+fn redis_work(admin: &mut redis::Connection) -> Work {
+    let clients = Redis::info(admin, "clients");
+    let stats = Redis::info(admin, "stats");
+    let commands = Redis::info(admin, "commandstats");
+    let calls = |c: &str| {
+        commands
+            .get(&format!("cmdstat_{c}"))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Work {
+        clients: clients["connected_clients"]
+            .parse()
+            .expect("connected_clients"),
+        xadd: calls("xadd"),
+        xread: calls("xread"),
+        total: stats["total_commands_processed"]
+            .parse()
+            .expect("total_commands_processed"),
+    }
+}
+
+/// Sends `n` broadcasts from node 0, each once node 1 has received the
+/// previous one, and returns the connected clients and Redis's commands per
+/// broadcast: XADD, XREAD, and every command.
+async fn work_per_broadcast(
+    admin: &mut redis::Connection,
+    nodes: &[Node],
+    n: u64,
+) -> (u64, f64, f64, f64) {
+    let before = redis_work(admin);
+    let received = nodes[1].stats().await.received;
+    for i in 0..n {
+        assert_eq!(nodes[0].broadcast(None, "tick").await, 202);
+        nodes[1]
+            .wait_stats("the broadcast relayed", |s| s.received > received + i)
+            .await;
+    }
+    let after = redis_work(admin);
+    assert_eq!(before.clients, after.clients);
+    let per = |a: u64, b: u64| (b - a) as f64 / n as f64;
+    (
+        after.clients,
+        per(before.xadd, after.xadd),
+        per(before.xread, after.xread),
+        per(before.total, after.total),
+    )
+}
+
+#[actix_web::test]
+async fn redis_work_stays_constant_from_10_to_3000_websockets() {
+    init_logs();
+    ensure_open_files(8_000);
+    let redis = Redis::start();
+    // Presence off: its cost is per interval, not per message or
+    // connection, and would blur the per-broadcast figures.
+    let nodes = start_nodes(&redis, 2, r#","presence_interval_ms":0"#, "").await;
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        clients.push(WsClient::connect(&nodes[i % 2], "").await);
+    }
+    const N: u64 = 30;
+    let mut admin = redis.conn();
+    let small = work_per_broadcast(&mut admin, &nodes, N).await;
+
+    while clients.len() < 3000 {
+        let batch = (clients.len()..clients.len() + 100)
+            .map(|i| WsClient::connect(&nodes[i % 2], ""))
+            .collect::<Vec<_>>();
+        clients.extend(futures::future::join_all(batch).await);
+    }
+    let large = work_per_broadcast(&mut admin, &nodes, N).await;
+    println!(
+        "Redis per broadcast, 10 vs 3000 WebSockets: clients {} vs {}, XADD {:.2} vs {:.2}, XREAD {:.2} vs {:.2}, all commands {:.2} vs {:.2}",
+        small.0, large.0, small.1, large.1, small.2, large.2, small.3, large.3
+    );
+    assert_eq!(
+        small.0, large.0,
+        "Redis connections do not grow with WebSockets"
+    );
+    assert_eq!((small.1, large.1), (1.0, 1.0), "one XADD per broadcast");
+    // Each node reads each entry once: about one XREAD per node per
+    // broadcast when they come one at a time (plus the odd empty read when
+    // a one-second block expires).
+    assert!(small.2 <= 2.2 && large.2 <= 2.2, "{small:?} vs {large:?}");
+    assert!(large.3 <= small.3 + 0.5, "{small:?} vs {large:?}");
+    drop(clients);
+}
