@@ -58,6 +58,13 @@
 //! | `happynet_upstream_collapsed_total` | counter | `upstream` |
 //! | `happynet_security_refusals_total` | counter | `reason` (a [`crate::security::Refusal::kind`]) |
 //! | `happynet_security_ips_with_websockets`, `happynet_security_ips_with_connections` | gauge | |
+//! | `happynet_limiter_shared_decisions_total`, `happynet_limiter_fallbacks_total` | counter | `upstream` |
+//! | `happynet_alert_events_total` | counter | `state` = `firing`, `resolved` |
+//! | `happynet_alert_suppressed_total`, `happynet_alert_evaluations_total` | counter | |
+//! | `happynet_alert_webhook_posts_total` | counter | `outcome` = `sent`, `failed`, `dropped` |
+//! | `happynet_cluster_link_up`, `happynet_cluster_outbox`, `happynet_cluster_peers`, `happynet_cluster_remote_sessions` | gauge (only with `network.cluster`) | |
+//! | `happynet_cluster_published_total`, `_received_total`, `_replayed_total`, `_duplicates_total`, `_malformed_total`, `_reconnects_total` | counter (only with `network.cluster`) | |
+//! | `happynet_cluster_lost_total` | counter (only with `network.cluster`) | `direction` = `outbound`, `inbound`, `dropped_inbound` |
 //!
 //! Only the configured API clients (`network.api_clients`) are exposed, not
 //! the per-origin upstreams of the plain `HttpClient`, whose number is bounded
@@ -67,7 +74,9 @@
 //! The body is the Prometheus text format 0.0.4, served as
 //! [`CONTENT_TYPE`] (`text/plain; version=0.0.4; charset=utf-8`).
 
+use crate::alerts::AlertCounters;
 use crate::client::ApiClient;
+use crate::cluster::{ClusterStats, GetClusterStats};
 use crate::network::Network;
 use crate::security::SecurityStats;
 use crate::upstream::CallStats;
@@ -125,6 +134,11 @@ pub(crate) struct Snapshot {
     pub(crate) hub: Option<HubStats>,
     pub(crate) upstreams: Vec<UpstreamSnapshot>,
     pub(crate) security: SecurityStats,
+    /// What the alert rules and their webhook have done.
+    pub(crate) alerts: AlertCounters,
+    /// The cluster bridge's counters; `None` on a single node (or when the
+    /// bridge did not answer).
+    pub(crate) cluster: Option<ClusterStats>,
 }
 
 /// What one API client's actors and cache reported.
@@ -179,8 +193,22 @@ async fn upstream_snapshot(client: ApiClient) -> UpstreamSnapshot {
 pub(crate) async fn snapshot(net: &Network) -> Snapshot {
     let hub = net.hub().send(GetStats).timeout(SCRAPE_REPLY_TIMEOUT);
     let upstreams = join_all(net.api_clients().into_iter().map(upstream_snapshot));
-    let (hub, upstreams) = futures::join!(hub, upstreams);
+    let cluster = async {
+        match net.cluster() {
+            Some(bridge) => answered(
+                "cluster bridge",
+                bridge
+                    .send(GetClusterStats)
+                    .timeout(SCRAPE_REPLY_TIMEOUT)
+                    .await,
+            ),
+            None => None,
+        }
+    };
+    let (hub, upstreams, cluster) = futures::join!(hub, upstreams, cluster);
     Snapshot {
+        alerts: net.alert_counters(),
+        cluster,
         shutting_down: net.is_shutting_down(),
         connections: net.open_connections(),
         max_connections: net.config().network.websocket.max_connections,
@@ -501,6 +529,16 @@ impl Exposition {
                     "Idle limiter keys evicted.",
                     |l: &LimiterStats| l.evicted,
                 ),
+                (
+                    "happynet_limiter_shared_decisions",
+                    "Decisions made by the cluster-wide (Redis) limit.",
+                    |l: &LimiterStats| l.shared,
+                ),
+                (
+                    "happynet_limiter_fallbacks",
+                    "Decisions made by the configured fallback because Redis was unreachable.",
+                    |l: &LimiterStats| l.fallbacks,
+                ),
             ],
             &[("happynet_limiter_keys", "Limiter keys tracked now.", |l| {
                 gauge_value(l.keys)
@@ -630,6 +668,102 @@ impl Exposition {
         );
     }
 
+    fn alerts(&mut self, a: &AlertCounters) {
+        let event = |s: &str| vec![("state", s.to_owned())];
+        self.counters(
+            "happynet_alert_events",
+            "Alert events, by state (firing or resolved).",
+            [(event("firing"), a.fired), (event("resolved"), a.resolved)],
+        );
+        self.counter(
+            "happynet_alert_suppressed",
+            "Alert conditions that came true during their rule's hold time and fired nothing.",
+            a.suppressed,
+        );
+        self.counter(
+            "happynet_alert_evaluations",
+            "Looks at the node the alert rules have judged.",
+            a.evaluations,
+        );
+        let outcome = |s: &str| vec![("outcome", s.to_owned())];
+        self.counters(
+            "happynet_alert_webhook_posts",
+            "Alert webhook POSTs by outcome: sent (2xx), failed (after retries), dropped (too many in flight).",
+            [
+                (outcome("sent"), a.webhook_sent),
+                (outcome("failed"), a.webhook_failed),
+                (outcome("dropped"), a.webhook_dropped),
+            ],
+        );
+    }
+
+    fn cluster(&mut self, c: &ClusterStats) {
+        self.gauge(
+            "happynet_cluster_link_up",
+            "1 while the link to Redis is up.",
+            i64::from(c.link_up),
+        );
+        for (name, help, value) in [
+            (
+                "happynet_cluster_published",
+                "Local broadcasts published to the cluster stream.",
+                c.published,
+            ),
+            (
+                "happynet_cluster_received",
+                "Broadcasts from other nodes handed to the hub.",
+                c.received,
+            ),
+            (
+                "happynet_cluster_replayed",
+                "Received broadcasts that were published while the link was down.",
+                c.replayed,
+            ),
+            (
+                "happynet_cluster_duplicates",
+                "Stream entries read twice and dropped.",
+                c.duplicates,
+            ),
+            (
+                "happynet_cluster_malformed",
+                "Stream entries that could not be decoded.",
+                c.malformed,
+            ),
+            (
+                "happynet_cluster_reconnects",
+                "Times the link to Redis came back.",
+                c.reconnects,
+            ),
+        ] {
+            self.counter(name, help, value);
+        }
+        let direction = |s: &str| vec![("direction", s.to_owned())];
+        self.counters(
+            "happynet_cluster_lost",
+            "Broadcasts lost between nodes: outbound (dropped from a full outbox), inbound (gaps in other nodes' sequences), dropped_inbound (refused by a full hub mailbox).",
+            [
+                (direction("outbound"), c.lost_outbound),
+                (direction("inbound"), c.lost_inbound),
+                (direction("dropped_inbound"), c.dropped_inbound),
+            ],
+        );
+        self.gauge(
+            "happynet_cluster_outbox",
+            "Local broadcasts waiting for the link to Redis.",
+            gauge_value(c.outbox),
+        );
+        self.gauge(
+            "happynet_cluster_peers",
+            "Other nodes seen in the last presence round.",
+            gauge_value(c.peers),
+        );
+        self.gauge(
+            "happynet_cluster_remote_sessions",
+            "Sessions on the other nodes, as of the last presence round.",
+            gauge_value(c.remote_sessions),
+        );
+    }
+
     fn security(&mut self, s: &SecurityStats) {
         let reason = |r: &str| vec![("reason", r.to_owned())];
         // The reasons are `Refusal::kind`, the `error` field clients see.
@@ -696,6 +830,10 @@ fn encode(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
     }
     exp.upstreams(&snapshot.upstreams);
     exp.security(&snapshot.security);
+    exp.alerts(&snapshot.alerts);
+    if let Some(cluster) = &snapshot.cluster {
+        exp.cluster(cluster);
+    }
     let mut body = String::new();
     prometheus_text::encode(&mut body, &exp.registry)?;
     Ok(body)
@@ -800,6 +938,8 @@ mod tests {
             hub: None,
             upstreams: Vec::new(),
             security: SecurityStats::default(),
+            alerts: AlertCounters::default(),
+            cluster: None,
         }
     }
 

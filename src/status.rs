@@ -51,11 +51,18 @@
 //!   "security": {"refusals": {"rate_limited": 0, …},  // by Refusal::kind, as in /metrics
 //!                "ips_with_websockets": 1, "ips_with_connections": 2},
 //!   "alerts": [AlertEvent, …],         // newest last, at most 20 (crate::alerts::AlertEvent)
-//!   "cluster": null                    // reserved for the cluster section
+//!   "cluster": null | {                // null on a single node (no network.cluster)
+//!     "node": "a1b2…", "link_up": true, "link_down_ms": 0, "last_error": null,
+//!     "published": 10, "received": 20, "skipped_own": 10, "duplicates": 0,
+//!     "lost_outbound": 0, "lost_inbound": 0, "replayed": 0, "malformed": 0,
+//!     "dropped_inbound": 0, "reconnects": 0, "outbox": 0, "peers": 2,
+//!     "remote_sessions": 7
+//!   }                                  // crate::cluster::ClusterStats
 //! }
 //! ```
 
 use crate::alerts::AlertEvent;
+use crate::cluster::ClusterStats;
 use crate::metrics::{snapshot, Snapshot, UpstreamSnapshot, SCRAPE_REPLY_TIMEOUT};
 use crate::network::Network;
 use crate::security::SecurityStats;
@@ -109,8 +116,9 @@ pub struct Status {
     pub security: SecurityStatus,
     /// The newest alert events, oldest first, at most [`MAX_ALERTS`].
     pub alerts: Vec<AlertEvent>,
-    /// Reserved for the cluster section; `None` (JSON `null`) for now.
-    pub cluster: Option<serde_json::Value>,
+    /// The cluster bridge's counters; `None` (JSON `null`) on a single
+    /// node or when the bridge did not answer.
+    pub cluster: Option<ClusterStats>,
 }
 
 /// `rooms`: the count and the busiest few.
@@ -295,7 +303,7 @@ fn build(
         upstreams: snap.upstreams.iter().map(upstream).collect(),
         security: security(&snap.security),
         alerts: alerts.into_iter().skip(skip).collect(),
-        cluster: None,
+        cluster: snap.cluster.clone(),
     }
 }
 
@@ -402,6 +410,8 @@ mod tests {
             hub: None,
             upstreams: Vec::new(),
             security: SecurityStats::default(),
+            alerts: Default::default(),
+            cluster: None,
         }
     }
 

@@ -243,6 +243,31 @@ async fn a_flapping_breaker_fires_once_and_resolves_once_at_the_webhook() {
     }
     assert_eq!(accepted[0].2["value"], 1.0, "opened once");
     assert_eq!(net.alert_counters().webhook_failed, 0);
+    // /metrics says the same, through a real Prometheus text parser.
+    let text = happynet::metrics::render(&net).await.unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let sample = |name: &str, label: (&str, &str)| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        sample("happynet_alert_events_total", ("state", "firing")),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample("happynet_alert_events_total", ("state", "resolved")),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample("happynet_alert_webhook_posts_total", ("outcome", "sent")),
+        Some(2.0)
+    );
     receiver.handle.stop(false).await;
 }
 

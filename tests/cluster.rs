@@ -201,6 +201,43 @@ impl Node {
             .unwrap_or(0)
     }
 
+    /// One unlabelled sample from `GET /metrics`, parsed by a Prometheus
+    /// text parser; `None` when the family is absent.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let body = http_client()
+            .get(self.server.url("/metrics"))
+            .send()
+            .await
+            .ok()?
+            .body()
+            .await
+            .ok()?;
+        let text = String::from_utf8(body.to_vec()).ok()?;
+        let scrape =
+            prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).ok()?;
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && s.labels.is_empty())
+            .and_then(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+    }
+
+    /// `GET /status`'s `cluster` section.
+    async fn status_cluster(&self) -> serde_json::Value {
+        let mut res = http_client()
+            .get(self.server.url("/status"))
+            .send()
+            .await
+            .expect("GET /status");
+        let v: serde_json::Value = res.json().await.expect("status JSON");
+        v["cluster"].clone()
+    }
+
     /// Polls `/ready` until it answers `status`.
     async fn wait_ready(&self, status: u16) {
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -624,6 +661,15 @@ async fn a_redis_restart_loses_nothing_the_outbox_can_hold() {
     let s = nodes[0].stats().await;
     assert!(!s.link_up);
     assert_eq!((s.outbox, s.lost_outbound), (DURING, 0), "{s:?}");
+    // What an operator sees meanwhile: /metrics and /status agree.
+    assert_eq!(nodes[0].metric("happynet_cluster_link_up").await, Some(0.0));
+    assert_eq!(
+        nodes[0].metric("happynet_cluster_outbox").await,
+        Some(DURING as f64)
+    );
+    let status = nodes[0].status_cluster().await;
+    assert_eq!(status["link_up"], false, "{status}");
+    assert_eq!(status["outbox"], DURING, "{status}");
 
     redis.restart();
     for node in &nodes {
@@ -646,6 +692,11 @@ async fn a_redis_restart_loses_nothing_the_outbox_can_hold() {
         "{s1:?}"
     );
     assert!(s0.reconnects >= 1 && s1.reconnects >= 1);
+    assert_eq!(nodes[0].metric("happynet_cluster_link_up").await, Some(1.0));
+    assert_eq!(
+        nodes[1].metric("happynet_cluster_received_total").await,
+        Some(22.0)
+    );
 }
 
 #[actix_web::test]
