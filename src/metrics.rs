@@ -37,7 +37,7 @@
 //! | `happynet_ws_peak_session_queued_bytes` | gauge | |
 //! | `happynet_ws_sessions_opened_total` | counter | |
 //! | `happynet_ws_sessions_closed_total` | counter | `reason` = `normal`, `too_big`, `rate`, `invalid`, `protocol`, `error` (the session closed its connection), `heartbeat`, `slow_consumer` (evicted by the hub), `shutdown` |
-//! | `happynet_ws_broadcasts_total`, `happynet_ws_deliveries_total` | counter | |
+//! | `happynet_ws_broadcasts_total`, `happynet_ws_deliveries_total`, `happynet_ws_dropped_deliveries_total` | counter | |
 //! | `happynet_ws_broadcast_duration_seconds` | histogram (construction of a `Broadcast` to the end of its fan-out) | |
 //! | `happynet_hub_queued_broadcasts` | gauge (broadcasts not yet handled: the hub's mailbox depth for them) | |
 //! | `happynet_upstream_requests_total` | counter (calls by how they ended) | `upstream`, `outcome` = `ok`, `cache_hit`, `fallback`, `cancelled`, or an [`crate::HttpError::kind`]: `timeout`, `connect`, `status`, `breaker_open`, `rate_limited`, `overloaded`, `transport`, `decode`, `invalid_request`, `missing_secret`, `internal` (see [`crate::upstream::RequestOutcome`]) |
@@ -394,6 +394,11 @@ impl Exposition {
             "happynet_ws_deliveries",
             "Frames queued for sessions.",
             hub.deliveries,
+        );
+        self.counter(
+            "happynet_ws_dropped_deliveries",
+            "Frames not queued: the session was a slow consumer (and was evicted) or had gone.",
+            hub.dropped,
         );
         self.histograms(
             "happynet_ws_broadcast_duration_seconds",

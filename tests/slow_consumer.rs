@@ -58,6 +58,8 @@ async fn a_client_that_stops_reading_is_evicted_and_the_others_get_everything() 
     })
     .await;
     let peak = health["hub"]["peak_session_queued_bytes"].as_u64().unwrap() as usize;
+    // The frame that found it over its cap was dropped, and counted.
+    assert!(health["hub"]["dropped"].as_u64().unwrap() >= 1, "{health}");
     assert!(
         peak <= CAP,
         "queued {peak} bytes for one session, cap {CAP}"

@@ -78,6 +78,9 @@ pub struct HubStats {
     pub broadcasts: u64,
     /// Frames queued for sessions.
     pub deliveries: u64,
+    /// Frames not queued: the session was a slow consumer (and is evicted)
+    /// or had already gone.
+    pub dropped: u64,
     /// Sessions evicted because they stopped reading.
     pub evicted_slow_consumer: u64,
     /// Sessions evicted because they stopped answering.
@@ -446,6 +449,7 @@ impl BroadcastHub {
             .budget
             .try_charge(cost, policy.max_outbound_bytes, || link.released())
         {
+            stats.dropped += 1;
             evict.push(id);
             return false;
         }
@@ -459,12 +463,14 @@ impl BroadcastHub {
             }
             Err(SendError::Full(_)) => {
                 member.budget.refund(cost);
+                stats.dropped += 1;
                 evict.push(id);
                 false
             }
             // The session is gone; its Disconnect is on its way.
             Err(SendError::Closed(_)) => {
                 member.budget.refund(cost);
+                stats.dropped += 1;
                 false
             }
         }
