@@ -8,7 +8,9 @@
 //!   round-robin to the nodes with `POST /broadcast`: delivery latency
 //!   p50/p99/max, split into *local* (the client is on the node the
 //!   broadcast was posted to) and *cross-node* (it came through Redis), and
-//!   deliveries/s;
+//!   deliveries/s; and, per broadcast, the *first* receipt local and
+//!   across nodes — the hop through Redis without the time the receiving
+//!   node takes to write the frame to all its clients;
 //! - **full speed**: `--burst` (500) broadcasts posted as fast as the nodes
 //!   accept them (`--in-flight` (8) POSTs at a time): cluster-wide
 //!   deliveries/s, from the first send to the last receipt.
@@ -260,6 +262,11 @@ struct Seen {
     local: RefCell<Vec<u64>>,
     /// The same for clients on the other nodes.
     cross: RefCell<Vec<u64>>,
+    /// Per broadcast (by seq): the earliest local receipt's latency — how
+    /// long the first client waited, before the fan-out to the rest.
+    first_local: RefCell<std::collections::HashMap<u32, u64>>,
+    /// The same across nodes: the hop through Redis without the fan-out.
+    first_cross: RefCell<std::collections::HashMap<u32, u64>>,
     /// Per client: broadcasts of this phase received.
     counts: RefCell<Vec<u32>>,
     delivered: Cell<u64>,
@@ -273,6 +280,8 @@ impl Seen {
         self.phase.set(phase);
         self.local.borrow_mut().clear();
         self.cross.borrow_mut().clear();
+        self.first_local.borrow_mut().clear();
+        self.first_cross.borrow_mut().clear();
         *self.counts.borrow_mut() = vec![0; clients];
         self.delivered.set(0);
         self.anomalies.set(0);
@@ -281,7 +290,7 @@ impl Seen {
     }
 
     fn on_text(&self, idx: usize, node: usize, p: &[u8], now_ns: u64) {
-        let Some((origin, phase, _seq, sent_ns)) = parse_payload(p) else {
+        let Some((origin, phase, seq, sent_ns)) = parse_payload(p) else {
             return;
         };
         if phase != self.phase.get() {
@@ -293,11 +302,17 @@ impl Seen {
             *c += 1;
         }
         let latency = now_ns.saturating_sub(sent_ns);
-        if origin == node {
-            self.local.borrow_mut().push(latency);
+        let (all, first) = if origin == node {
+            (&self.local, &self.first_local)
         } else {
-            self.cross.borrow_mut().push(latency);
-        }
+            (&self.cross, &self.first_cross)
+        };
+        all.borrow_mut().push(latency);
+        first
+            .borrow_mut()
+            .entry(seq)
+            .and_modify(|f| *f = (*f).min(latency))
+            .or_insert(latency);
         self.first_send_ns
             .set(self.first_send_ns.get().min(sent_ns));
         self.last_recv_ns.set(self.last_recv_ns.get().max(now_ns));
@@ -433,6 +448,8 @@ fn latency(samples: &RefCell<Vec<u64>>) -> Latency {
 struct Figures {
     local: Latency,
     cross: Latency,
+    first_local: Latency,
+    first_cross: Latency,
     fixed_rate_deliveries: f64,
     full_speed_deliveries: f64,
 }
@@ -544,6 +561,11 @@ async fn run_topology(
     *ok &= check_exactly_once(&seen, count, "fixed rate");
     figures.local = latency(&seen.local);
     figures.cross = latency(&seen.cross);
+    let firsts = |m: &RefCell<std::collections::HashMap<u32, u64>>| {
+        RefCell::new(m.borrow().values().copied().collect::<Vec<u64>>())
+    };
+    figures.first_local = latency(&firsts(&seen.first_local));
+    figures.first_cross = latency(&firsts(&seen.first_cross));
     let span = (seen.last_recv_ns.get() - seen.first_send_ns.get()) as f64 / 1e9;
     figures.fixed_rate_deliveries = seen.delivered.get() as f64 / span;
 
@@ -651,6 +673,18 @@ fn main() -> ExitCode {
         "fixed rate: cross-node p50/p99/max ms",
         "-",
         show(&three.cross)
+    );
+    println!(
+        "{:<38} {:>22} {:>22}",
+        "  first receipt: local p50/p99/max ms",
+        show(&one.first_local),
+        show(&three.first_local)
+    );
+    println!(
+        "{:<38} {:>22} {:>22}",
+        "  first receipt: cross p50/p99/max ms",
+        "-",
+        show(&three.first_cross)
     );
     println!(
         "{:<38} {:>22.0} {:>22.0}",

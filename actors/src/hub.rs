@@ -684,12 +684,12 @@ impl BroadcastHub {
                     return;
                 }
                 self.stats.broadcasts += 1;
-                let mates = self.rooms.room_mates(id);
-                self.fan_out(mates, &text);
                 if self.relay.is_some() {
                     let rooms = self.rooms.rooms_of(id).to_vec();
-                    self.relay(RelayTarget::Rooms(rooms), text);
+                    self.relay(RelayTarget::Rooms(rooms), text.clone());
                 }
+                let mates = self.rooms.room_mates(id);
+                self.fan_out(mates, &text);
             }
             ClientFrame::Join(room) => {
                 let reply = match self.rooms.join(id, &room) {
@@ -730,8 +730,8 @@ impl BroadcastHub {
                 self.stats.broadcasts += 1;
                 let payload = protocol::message_frame(Some(&room), &data);
                 let members: Vec<SessionId> = self.rooms.members(&room).collect();
+                self.relay(RelayTarget::Rooms(vec![room]), payload.clone());
                 self.fan_out(members, &payload);
-                self.relay(RelayTarget::Rooms(vec![room]), payload);
             }
         }
     }
@@ -828,6 +828,22 @@ impl Handler<Broadcast> for BroadcastHub {
 
     fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> usize {
         self.stats.broadcasts += 1;
+        // Relay first: the other nodes' clients should not wait for this
+        // node's fan-out (a `do_send` and a refcount bump, not a copy).
+        match (&msg.origin, &msg.target) {
+            (Origin::Cluster, _) => self.stats.from_cluster += 1,
+            // Session ids are per node.
+            (Origin::Local, Target::Session(_)) => {}
+            (Origin::Local, target) if self.relay.is_some() => {
+                let target = match target {
+                    Target::Room(room) => RelayTarget::Rooms(vec![room.clone()]),
+                    Target::Rooms(rooms) => RelayTarget::Rooms(rooms.clone()),
+                    _ => RelayTarget::All,
+                };
+                self.relay(target, msg.payload.clone());
+            }
+            (Origin::Local, _) => {}
+        }
         let sent = match &msg.target {
             Target::All => self.fan_out_all(&msg.payload),
             Target::Room(room) => {
@@ -838,22 +854,6 @@ impl Handler<Broadcast> for BroadcastHub {
             Target::Rooms(rooms) => self.fan_out_rooms(rooms, &msg.payload),
         };
         self.stats.broadcast_latency.observe(msg.created.elapsed());
-        match msg.origin {
-            Origin::Cluster => self.stats.from_cluster += 1,
-            Origin::Local if self.relay.is_some() => {
-                let target = match msg.target {
-                    Target::All => Some(RelayTarget::All),
-                    Target::Room(room) => Some(RelayTarget::Rooms(vec![room])),
-                    Target::Rooms(rooms) => Some(RelayTarget::Rooms(rooms)),
-                    // Session ids are per node.
-                    Target::Session(_) => None,
-                };
-                if let Some(target) = target {
-                    self.relay(target, msg.payload);
-                }
-            }
-            Origin::Local => {}
-        }
         sent
     }
 }
