@@ -627,6 +627,16 @@ impl Upstream {
             if !idempotent || attempt >= self.settings.retry_attempts {
                 return Err(error);
             }
+            // Plan first, withdraw second: a retry the deadline rules out
+            // must not spend a token from the budget other calls share.
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let wait = match self
+                .backoff
+                .plan_retry(attempt, retry_after, remaining, jitter.unit())
+            {
+                RetryDecision::Wait(wait) => wait,
+                RetryDecision::GiveUp(_) => return Err(error),
+            };
             let within_budget = self
                 .budget
                 .lock()
@@ -637,21 +647,12 @@ impl Upstream {
                 log::warn!("upstream {name}: retry budget exhausted, not retrying: {error}");
                 return Err(error);
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match self
-                .backoff
-                .plan_retry(attempt, retry_after, remaining, jitter.unit())
-            {
-                RetryDecision::Wait(wait) => {
-                    log::debug!(
-                        "upstream {name}: retry {} in {wait:?} after: {error}",
-                        attempt + 1
-                    );
-                    tokio::time::sleep(wait).await;
-                    attempt += 1;
-                }
-                RetryDecision::GiveUp(_) => return Err(error),
-            }
+            log::debug!(
+                "upstream {name}: retry {} in {wait:?} after: {error}",
+                attempt + 1
+            );
+            tokio::time::sleep(wait).await;
+            attempt += 1;
         }
     }
 

@@ -326,6 +326,39 @@ async fn the_retry_budget_stops_a_retry_storm() {
 }
 
 #[actix_web::test]
+async fn a_retry_the_deadline_rules_out_spends_nothing_from_the_budget() {
+    let fake = FakeUpstream::start("a", faults(|f| f.error_rate = 1.0))
+        .await
+        .unwrap();
+    // A budget of exactly one retry (no ratio, a reserve of 1/s over 1 s)
+    // and a 2 s deadline per call.
+    let net = with_client(
+        &[&fake],
+        r#""retry_attempts":1,"deadline":2,
+           "retry":{"base_delay":0.001,"max_delay":0.002,"budget_ratio":0,
+                    "budget_min_per_second":1,"budget_window":1},
+           "breaker":{"window":1000,"minimum_calls":1000}"#,
+    );
+    let api = net.api("up").unwrap();
+    // Asked to come back in 60 s: the retry cannot fit the deadline, so the
+    // call gives up at once and must leave the budget's one token alone.
+    let started = Instant::now();
+    let refused = api
+        .get("/x")
+        .header(fake_upstream::FAULT_RETRY_AFTER_HEADER, "60")
+        .send()
+        .await;
+    assert!(refused.is_err());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(fake.requests(), 1);
+    // So the next call that can retry, does.
+    assert!(api.get("/x").send().await.is_err());
+    assert_eq!(fake.requests(), 3, "the second call's retry was refused");
+    let stats = net.api("up").unwrap().upstream().call_stats();
+    assert_eq!((stats.retries, stats.retry_budget_exhausted), (1, 0));
+}
+
+#[actix_web::test]
 async fn a_fallback_answers_when_the_call_finally_fails() {
     let fake = FakeUpstream::start("a", faults(|f| f.error_rate = 1.0))
         .await
