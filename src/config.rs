@@ -177,6 +177,11 @@ pub struct ClusterConfig {
     /// How long a shared rate-limit check waits for Redis, milliseconds.
     /// Default 50.
     pub limiter_timeout_ms: u64,
+    /// Whether `/ready` answers 503 while the link to Redis is down. Default
+    /// true: a node that cannot reach the others is not fully serving. Set
+    /// it false when a Redis outage should not pull every node out of the
+    /// load balancer at once (local delivery goes on either way).
+    pub ready_requires_link: bool,
 }
 
 impl Default for ClusterConfig {
@@ -193,6 +198,7 @@ impl Default for ClusterConfig {
             presence_interval_ms: 1_000,
             limiter_fallback: Fallback::Local,
             limiter_timeout_ms: 50,
+            ready_requires_link: true,
         }
     }
 }

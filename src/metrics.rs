@@ -890,8 +890,15 @@ pub async fn readiness(net: &Network) -> Result<(), NotReady> {
         .timeout(READY_REPLY_TIMEOUT)
         .await
         .map_err(|e| NotReady::HubUnavailable(e.to_string()))?;
-    // Issue 6: with a cluster, the link to Redis must be up.
-    if let Some(bridge) = net.cluster() {
+    // With a cluster, the link to Redis must be up, unless the operator
+    // chose not to gate readiness on it.
+    let gate_on_link = net
+        .config()
+        .network
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.ready_requires_link);
+    if let Some(bridge) = net.cluster().filter(|_| gate_on_link) {
         let stats = bridge
             .send(crate::cluster::GetClusterStats)
             .timeout(READY_REPLY_TIMEOUT)

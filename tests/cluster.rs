@@ -473,6 +473,30 @@ async fn a_node_without_redis_is_not_ready_but_delivers_locally() {
     assert_eq!(stats.outbox, 1, "waiting for the link: {stats:?}");
 }
 
+#[actix_web::test]
+async fn ready_requires_link_false_keeps_a_node_ready_without_redis() {
+    let port = free_port();
+    let server = support::start(config(&format!(
+            r#"{{"network":{{"cluster":{{"redis_url":"redis://127.0.0.1:{port}/","reconnect_max_ms":100,"ready_requires_link":false}}}}}}"#
+        )))
+        .await;
+    let ready = http_client()
+        .get(server.url("/ready"))
+        .send()
+        .await
+        .expect("GET /ready");
+    assert_eq!(ready.status().as_u16(), 200);
+    // The link is still reported as down where operators look.
+    let stats = server
+        .net
+        .cluster()
+        .expect("bridge")
+        .send(GetClusterStats)
+        .await
+        .expect("stats");
+    assert!(!stats.link_up);
+}
+
 // ---------------------------------------------------------------------------
 // Delivery
 // ---------------------------------------------------------------------------
