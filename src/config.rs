@@ -1689,15 +1689,7 @@ impl Config {
                     ));
                 }
             }
-            for (k, v) in &client.headers {
-                let at = format!("{at}.headers.{k}");
-                if actix_web::http::header::HeaderName::try_from(k.as_str()).is_err() {
-                    return Err(ConfigError::invalid(&at, "is not a header name"));
-                }
-                if actix_web::http::header::HeaderValue::try_from(v.as_str()).is_err() {
-                    return Err(ConfigError::invalid(&at, "is not a valid header value"));
-                }
-            }
+            validate_headers(&format!("{at}.headers"), &client.headers)?;
         }
         Ok(())
     }
