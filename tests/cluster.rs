@@ -11,6 +11,9 @@
 //! holds across three nodes to within 1%; the Lua GCRA decides exactly as
 //! the Rust one; and Redis work stays constant from 10 to 3,000 WebSockets.
 
+#[path = "../examples/support/fake_upstream.rs"]
+#[allow(dead_code)]
+mod fake_upstream;
 mod support;
 
 use actix::Actor;
@@ -971,6 +974,44 @@ async fn a_shared_limit_across_three_nodes_admits_the_configured_rate_within_one
     for a in arbiters {
         a.stop();
     }
+}
+
+#[actix_web::test]
+async fn an_api_clients_shared_rate_limit_holds_across_three_nodes() {
+    init_logs();
+    let redis = Redis::start();
+    let fake = fake_upstream::FakeUpstream::start("a", fake_upstream::Faults::default())
+        .await
+        .unwrap();
+    // A burst of 5 and then one call a minute, for the whole cluster.
+    const BURST: usize = 5;
+    let nodes = start_nodes(
+        &redis,
+        3,
+        "",
+        &format!(
+            r#","api_clients":{{"up":{{"base_url":"{}","rate_limit":1,"rate_burst":{BURST},
+                "retry_attempts":0,"shared_rate_limit":true}}}}"#,
+            fake.url("")
+        ),
+    )
+    .await;
+    // Every node asks for the whole burst, one after the other.
+    let mut ok = 0;
+    let mut limited = 0;
+    for node in &nodes {
+        let api = node.net.api("up").expect("api client");
+        for _ in 0..BURST {
+            match api.get("/x").send().await {
+                Ok(_) => ok += 1,
+                Err(happynet::HttpError::RateLimited { .. }) => limited += 1,
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }
+    }
+    // Per node it would have been 3 × 5 calls; shared, it is 5.
+    assert_eq!((ok, limited), (BURST, 2 * BURST));
+    assert_eq!(fake.requests(), BURST as u64);
 }
 
 #[actix_web::test]
