@@ -12,7 +12,6 @@
 //! the Rust one; and Redis work stays constant from 10 to 3,000 WebSockets.
 
 #[path = "../examples/support/fake_upstream.rs"]
-#[allow(dead_code)]
 mod fake_upstream;
 mod support;
 
