@@ -14,13 +14,27 @@
 //!   the same snapshot `/metrics` and `/status` read
 //!   (`crate::metrics::snapshot`), feeds it to the rules, logs each event
 //!   (`warn` firing, `info` resolved), appends it to the history behind
-//!   [`crate::Network::recent_alerts`] and hands it to the webhook.
+//!   [`crate::Network::recent_alerts`] and queues it for the webhook.
 //! - The webhook is an upstream like the API clients (pool, breaker,
 //!   limiter, retries with backoff and jitter, deadline), started on the
-//!   upstream arbiter. A POST is spawned, never awaited by the evaluation,
-//!   and at most `webhook.max_in_flight` are out at once: an event beyond
-//!   that is dropped, counted and logged. A dead webhook costs nothing but
-//!   its own failed POSTs.
+//!   upstream arbiter. Events wait in a queue of at most [`WEBHOOK_QUEUE`];
+//!   a POST is spawned, never awaited by the evaluation, while fewer than
+//!   `webhook.max_in_flight` are out, and each one that ends lets the next
+//!   go. At most one POST per (rule, subject) is out at a time, so a
+//!   `firing` retried with backoff cannot arrive after its own `resolved`.
+//!   Only a full queue drops an event: the oldest `firing` before any
+//!   `resolved` (a lost `resolved` would leave a receiver showing the alert
+//!   firing for ever), counted and logged. A dead webhook costs nothing but
+//!   its own failed POSTs and a bounded queue.
+//!
+//! # Event identity
+//!
+//! `id` numbers the events of one process from 1; a restart starts again
+//! at 1, and every node of a cluster counts on its own. Each event therefore
+//! also carries its `node` (`network.cluster.node_id` when set, else the
+//! `HOSTNAME` environment variable, else `happynet`) and its `run` (random
+//! hex drawn once per process start). A receiver dedupes retried POSTs on
+//! (`node`, `run`, `id`).
 //!
 //! # No flapping
 //!
@@ -35,7 +49,7 @@
 //! | rule | subject | fires when | resolves when |
 //! |---|---|---|---|
 //! | `breaker_open` | API client | its breaker opened since the last look (counted by `BreakerSnapshot::opened`, so an open that closed in between is seen), or it is not closed | it is closed and did not open since the last look |
-//! | `upstream_error_rate` | API client | failures ÷ calls over `window_ms` ≥ `threshold`, with ≥ `min_calls` calls | the ratio is below, or calls are too few |
+//! | `upstream_error_rate` | API client | failures ÷ calls over `window_ms` ≥ `threshold`, with ≥ `min_calls` calls; a call the open breaker refused counts as a failed call | the ratio is below, or calls are too few |
 //! | `slow_consumer_evictions` | `hub` | ≥ `per_minute` slow consumers evicted in the last minute | fewer |
 //! | `connections_near_max` | `websocket` | open WebSockets ≥ `ratio × max_connections` | fewer |
 
@@ -46,9 +60,11 @@ use crate::network::WeakNetwork;
 use actix::prelude::*;
 use happynet_actors::{BreakerSnapshot, BreakerStateKind};
 use serde::Serialize;
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The window of the `slow_consumer_evictions` rule: its threshold is per
@@ -59,6 +75,15 @@ pub const EVICTIONS_WINDOW: Duration = Duration::from_secs(60);
 /// together than `window / SAMPLES_PER_WINDOW` are not kept, so a short
 /// interval with a long window costs the same memory as a long interval.
 const SAMPLES_PER_WINDOW: u32 = 256;
+
+/// Events that may wait for a webhook POST slot. Each look adds at most a
+/// few events per API client, so this covers a long webhook outage; beyond
+/// it the oldest `firing` is dropped first (see the module docs).
+pub const WEBHOOK_QUEUE: usize = 256;
+
+/// The `node` of events when neither `network.cluster.node_id` nor the
+/// `HOSTNAME` environment variable names one.
+pub const DEFAULT_NODE: &str = "happynet";
 
 /// The subject of the `slow_consumer_evictions` rule.
 pub const HUB_SUBJECT: &str = "hub";
@@ -110,15 +135,26 @@ pub enum AlertState {
 /// [`crate::Network::recent_alerts`] and POSTed to the webhook, as this JSON:
 ///
 /// ```json
-/// {"id": 1, "rule": "breaker_open", "subject": "openai", "state": "firing",
-///  "value": 1.0, "threshold": 1.0, "at": 1700000000000,
+/// {"id": 1, "node": "web-1", "run": "9f2c4e1a7b3d5f60", "rule": "breaker_open",
+///  "subject": "openai", "state": "firing", "value": 1.0, "threshold": 1.0,
+///  "at": 1700000000000,
 ///  "message": "upstream openai: circuit breaker opened (1 time since the last check); it is open"}
 /// ```
+///
+/// A receiver dedupes on (`node`, `run`, `id`): `id` alone repeats across
+/// restarts and nodes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AlertEvent {
     /// Numbers the events of one [`crate::Network`] from 1, so a receiver
-    /// can drop a POST that a retry delivered twice.
+    /// can drop a POST that a retry delivered twice (together with `node`
+    /// and `run`).
     pub id: u64,
+    /// The node that made the event: `network.cluster.node_id` when set,
+    /// else the `HOSTNAME` environment variable, else [`DEFAULT_NODE`].
+    pub node: String,
+    /// Random hex drawn once per process start (see [`run_id`]): tells the
+    /// events of a restarted node from those of its past self.
+    pub run: String,
     /// The rule.
     pub rule: AlertRule,
     /// What the rule is about: the API client's name for the per-upstream
@@ -154,7 +190,8 @@ pub struct AlertCounters {
     pub webhook_sent: u64,
     /// Webhook POSTs that failed after their retries.
     pub webhook_failed: u64,
-    /// Events not POSTed because `webhook.max_in_flight` were already out.
+    /// Events not POSTed because [`WEBHOOK_QUEUE`] events were already
+    /// waiting.
     pub webhook_dropped: u64,
 }
 
@@ -287,12 +324,17 @@ pub struct AlertRules {
     error_windows: HashMap<String, CounterWindow>,
     evictions: CounterWindow,
     next_id: u64,
+    /// The `node` and `run` of every event.
+    node: String,
+    run: String,
     counters: AlertCounters,
 }
 
 impl AlertRules {
-    /// Rules as configured in `network.alerts` (already validated).
-    pub fn new(config: &AlertsConfig) -> Self {
+    /// Rules as configured in `network.alerts` (already validated), whose
+    /// events name `node` (see [`node_name`]) and this process's
+    /// [`run_id`].
+    pub fn new(config: &AlertsConfig, node: impl Into<String>) -> Self {
         AlertRules {
             rules: config.rules.clone(),
             hold: config.hold(),
@@ -301,6 +343,8 @@ impl AlertRules {
             error_windows: HashMap::new(),
             evictions: CounterWindow::new(EVICTIONS_WINDOW),
             next_id: 1,
+            node: node.into(),
+            run: run_id().to_owned(),
             counters: AlertCounters::default(),
         }
     }
@@ -374,7 +418,14 @@ impl AlertRules {
         };
         let not_closed = breaker.state != BreakerStateKind::Closed;
         let holds = opened > 0 || not_closed;
-        let message = if holds {
+        let message = if opened == 0 && not_closed {
+            // Fired at the end of a hold with no new opening since the
+            // last look: "opened 0 times" would read as a contradiction.
+            format!(
+                "upstream {name}: circuit breaker still {} (no new opening since the last check)",
+                breaker.state
+            )
+        } else if holds {
             let times = if opened == 1 { "time" } else { "times" };
             format!(
                 "upstream {name}: circuit breaker opened ({opened} {times} since the last check); it is {}",
@@ -397,7 +448,17 @@ impl AlertRules {
             .error_windows
             .entry(name.to_owned())
             .or_insert_with(|| CounterWindow::new(rule.window()));
-        let [calls, failures] = window.observe(now, [breaker.calls, breaker.failures]);
+        // A call the open breaker refuses is a request that failed, and
+        // while it is open there are no admitted calls at all: without the
+        // refusals the window would fall below `min_calls` and resolve the
+        // alert in the middle of the outage.
+        let [calls, failures] = window.observe(
+            now,
+            [
+                breaker.calls.saturating_add(breaker.rejections),
+                breaker.failures.saturating_add(breaker.rejections),
+            ],
+        );
         // A failure is reported after its call was admitted, so the two can
         // straddle the window's edge: keep the ratio a ratio.
         let ratio = if calls == 0 {
@@ -408,7 +469,7 @@ impl AlertRules {
         let holds = calls >= rule.min_calls && ratio >= rule.threshold;
         let secs = rule.window().as_secs_f64();
         let message = format!(
-            "upstream {name}: {failures} of {calls} calls failed in the last {secs}s ({:.0}%; alert at {:.0}% with at least {} calls)",
+            "upstream {name}: {failures} of {calls} calls failed or were refused by the breaker in the last {secs}s ({:.0}%; alert at {:.0}% with at least {} calls)",
             ratio * 100.0,
             rule.threshold * 100.0,
             rule.min_calls
@@ -495,6 +556,8 @@ impl AlertRules {
         self.next_id += 1;
         Some(AlertEvent {
             id,
+            node: self.node.clone(),
+            run: self.run.clone(),
             rule,
             subject,
             state: to,
@@ -561,6 +624,17 @@ impl AlertLog {
         }
     }
 
+    /// The newest `n` kept events, oldest first: what `/status` shows,
+    /// without copying the whole history.
+    pub(crate) fn recent_tail(&self, n: usize) -> Vec<AlertEvent> {
+        let tail =
+            |h: &VecDeque<AlertEvent>| h.iter().skip(h.len().saturating_sub(n)).cloned().collect();
+        match self.history.lock() {
+            Ok(h) => tail(&h),
+            Err(poisoned) => tail(poisoned.get_ref()),
+        }
+    }
+
     pub(crate) fn counters(&self) -> AlertCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         AlertCounters {
@@ -596,13 +670,107 @@ impl AlertLog {
     }
 }
 
-/// The webhook's client and its in-flight bound.
+/// The events waiting for a webhook POST and the POSTs out: the webhook's
+/// state machine, without I/O. [`AlertActor`] pushes each event, asks
+/// [`WebhookQueue::next`] for what to POST now and reports each POST that
+/// ended with [`WebhookQueue::done`].
+#[derive(Debug)]
+struct WebhookQueue {
+    capacity: usize,
+    max_in_flight: usize,
+    /// Waiting events, oldest first.
+    pending: VecDeque<AlertEvent>,
+    /// The (rule, subject) of every POST out now; one POST per key at most,
+    /// so its length is the number in flight.
+    in_flight: HashSet<(AlertRule, String)>,
+}
+
+impl WebhookQueue {
+    fn new(max_in_flight: usize, capacity: usize) -> Self {
+        WebhookQueue {
+            capacity,
+            max_in_flight,
+            pending: VecDeque::new(),
+            in_flight: HashSet::new(),
+        }
+    }
+
+    /// Queues `event`. When the queue is full, returns the event dropped
+    /// to make room: the oldest `firing` (possibly `event` itself), and only
+    /// when none is waiting, the oldest `resolved`. A lost `firing` means an
+    /// alert never shown; a lost `resolved`, one shown for ever.
+    fn push(&mut self, event: AlertEvent) -> Option<AlertEvent> {
+        let mut dropped = None;
+        if self.pending.len() >= self.capacity {
+            let oldest_firing = self
+                .pending
+                .iter()
+                .position(|e| e.state == AlertState::Firing);
+            dropped = match oldest_firing {
+                Some(i) => self.pending.remove(i),
+                None if event.state == AlertState::Firing => return Some(event),
+                None => self.pending.pop_front(),
+            };
+        }
+        self.pending.push_back(event);
+        dropped
+    }
+
+    /// The event to POST now, if any, counted as in flight: the oldest
+    /// waiting one whose (rule, subject) has no POST out, while fewer than
+    /// `max_in_flight` are out. Events of one key thus go out in order.
+    fn next(&mut self) -> Option<AlertEvent> {
+        if self.in_flight.len() >= self.max_in_flight {
+            return None;
+        }
+        let in_flight = &self.in_flight;
+        let i = self
+            .pending
+            .iter()
+            .position(|e| !in_flight.contains(&(e.rule, e.subject.clone())))?;
+        let event = self.pending.remove(i)?;
+        self.in_flight.insert((event.rule, event.subject.clone()));
+        Some(event)
+    }
+
+    /// The POST for (`rule`, `subject`) ended, delivered or not.
+    fn done(&mut self, rule: AlertRule, subject: &str) {
+        self.in_flight.remove(&(rule, subject.to_owned()));
+    }
+}
+
+/// The webhook's client and its queue.
 struct Webhook {
     client: ApiClient,
     /// The URL's path and query, POSTed to on the webhook's origin.
     path: String,
-    max_in_flight: usize,
-    in_flight: usize,
+    queue: WebhookQueue,
+}
+
+/// The `node` of a network's events: `network.cluster.node_id` when set,
+/// else the `HOSTNAME` environment variable (when not empty), else
+/// [`DEFAULT_NODE`].
+pub fn node_name(network: &NetworkConfig) -> String {
+    network
+        .cluster
+        .as_ref()
+        .and_then(|c| c.node_id.clone())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| DEFAULT_NODE.to_owned())
+}
+
+/// This process's `run`: 16 hex digits drawn on first use and the same for
+/// every later call, so every network of one process shares it.
+pub fn run_id() -> &'static str {
+    static RUN: OnceLock<String> = OnceLock::new();
+    RUN.get_or_init(|| {
+        // RandomState is seeded from the OS's randomness; the time and the
+        // process id keep two starts apart even if it were not.
+        let mut hasher = RandomState::new().build_hasher();
+        SystemTime::now().hash(&mut hasher);
+        std::process::id().hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    })
 }
 
 /// Everything [`AlertActor`] needs but the network handle, built by
@@ -633,13 +801,12 @@ impl AlertsSetup {
                 Some(Webhook {
                     client: ApiClient::new(upstream),
                     path,
-                    max_in_flight: config.webhook.max_in_flight,
-                    in_flight: 0,
+                    queue: WebhookQueue::new(config.webhook.max_in_flight, WEBHOOK_QUEUE),
                 })
             }
             None => None,
         };
-        let rules = AlertRules::new(config);
+        let rules = AlertRules::new(config, node_name(network));
         Ok(AlertsSetup {
             log,
             actor: Some((rules, config.interval(), webhook)),
@@ -746,58 +913,72 @@ impl AlertActor {
                     event.message
                 ),
             }
-            self.post(&event, ctx);
+            self.post(&event);
             self.log.record(event);
         }
         // After the history: whoever sees the count grow sees its events.
         self.log.set_rule_counts(self.rules.counters());
+        self.pump(ctx);
     }
 
-    /// Spawns the webhook POST of `event`, unless `max_in_flight` are out.
-    fn post(&mut self, event: &AlertEvent, ctx: &mut Context<Self>) {
+    /// Queues the webhook POST of `event` (see [`WebhookQueue::push`]).
+    fn post(&mut self, event: &AlertEvent) {
         let Some(webhook) = &mut self.webhook else {
             return;
         };
-        if webhook.in_flight >= webhook.max_in_flight {
+        if let Some(dropped) = webhook.queue.push(event.clone()) {
             self.log.webhook_dropped.fetch_add(1, Ordering::Relaxed);
             log::warn!(
-                "alert webhook: {} POSTs already in flight (network.alerts.webhook.max_in_flight); event {} ({} {} {:?}) not sent",
-                webhook.in_flight,
-                event.id,
-                event.rule.name(),
-                event.subject,
-                event.state
+                "alert webhook: {WEBHOOK_QUEUE} events already wait for it; event {} ({} {} {:?}) not sent",
+                dropped.id,
+                dropped.rule.name(),
+                dropped.subject,
+                dropped.state
             );
-            return;
         }
-        webhook.in_flight += 1;
-        // A POST is retried only when the caller says a repeat is harmless;
-        // it is here: the receiver can tell a repeat by the event's `id`.
-        let request = webhook
-            .client
-            .post(&webhook.path)
-            .json(event)
-            .retry_non_idempotent();
-        let id = event.id;
-        let send = async move { request.send().await };
-        ctx.spawn(send.into_actor(self).map(move |result, act, _| {
-            if let Some(webhook) = &mut act.webhook {
-                webhook.in_flight = webhook.in_flight.saturating_sub(1);
-            }
-            match result {
-                Ok(resp) if resp.status.is_success() => {
-                    act.log.webhook_sent.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(resp) => {
-                    act.log.webhook_failed.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("alert webhook: event {id} answered {}", resp.status);
-                }
-                Err(e) => {
-                    act.log.webhook_failed.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("alert webhook: event {id} not delivered: {e}");
-                }
-            }
-        }));
+    }
+
+    /// Spawns the POSTs the queue lets go now; each one that ends calls
+    /// this again.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        let Some(webhook) = &mut self.webhook else {
+            return;
+        };
+        while let Some(event) = webhook.queue.next() {
+            // A POST is retried only when the caller says a repeat is
+            // harmless; it is here: the receiver can tell a repeat by the
+            // event's (`node`, `run`, `id`).
+            let request = webhook
+                .client
+                .post(&webhook.path)
+                .json(&event)
+                .retry_non_idempotent();
+            let AlertEvent {
+                id, rule, subject, ..
+            } = event;
+            let send = async move { request.send().await };
+            ctx.spawn(
+                actix::fut::wrap_future::<_, Self>(send).map(move |result, act, ctx| {
+                    if let Some(webhook) = &mut act.webhook {
+                        webhook.queue.done(rule, &subject);
+                    }
+                    match result {
+                        Ok(resp) if resp.status.is_success() => {
+                            act.log.webhook_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(resp) => {
+                            act.log.webhook_failed.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("alert webhook: event {id} answered {}", resp.status);
+                        }
+                        Err(e) => {
+                            act.log.webhook_failed.fetch_add(1, Ordering::Relaxed);
+                            log::warn!("alert webhook: event {id} not delivered: {e}");
+                        }
+                    }
+                    act.pump(ctx);
+                }),
+            );
+        }
     }
 }
 
@@ -814,9 +995,13 @@ mod tests {
         crate::Config::from_json_str(&text).unwrap().network.alerts
     }
 
+    fn rules_for(config: &AlertsConfig) -> AlertRules {
+        AlertRules::new(config, "n1")
+    }
+
     /// Only the breaker rule, hold 10 s.
     fn breaker_only() -> AlertRules {
-        AlertRules::new(&config(
+        rules_for(&config(
             r#"{"hold_ms":10000,"rules":{"upstream_error_rate":{"enabled":false},
                 "slow_consumer_evictions":{"enabled":false},
                 "connections_near_max":{"enabled":false}}}"#,
@@ -927,8 +1112,12 @@ mod tests {
             states(&events),
             [(AlertRule::BreakerOpen, AlertState::Firing)]
         );
-        // No new opening since the last look: the value says so.
+        // No new opening since the last look: the value and message say so.
         assert_eq!(events[0].value, 0.0);
+        assert_eq!(
+            events[0].message,
+            "upstream up: circuit breaker still open (no new opening since the last check)"
+        );
     }
 
     #[test]
@@ -964,7 +1153,7 @@ mod tests {
     #[test]
     fn with_no_hold_every_flap_alerts() {
         let t0 = Instant::now();
-        let mut rules = AlertRules::new(&config(r#"{"hold_ms":0}"#));
+        let mut rules = rules_for(&config(r#"{"hold_ms":0}"#));
         let mut n = 0;
         for i in 0..6u64 {
             let (state, opened) = if i % 2 == 0 {
@@ -980,7 +1169,7 @@ mod tests {
     }
 
     fn error_rate_rules() -> AlertRules {
-        AlertRules::new(&config(
+        rules_for(&config(
             r#"{"hold_ms":0,"rules":{"breaker_open":{"enabled":false},
                 "upstream_error_rate":{"threshold":0.5,"window_ms":10000,"min_calls":20}}}"#,
         ))
@@ -1037,6 +1226,43 @@ mod tests {
     }
 
     #[test]
+    fn calls_the_open_breaker_refuses_keep_the_error_rate_firing() {
+        let t0 = Instant::now();
+        let mut rules = error_rate_rules();
+        let look = |rules: &mut AlertRules, at: u64, state, rejections| {
+            let b = BreakerSnapshot {
+                rejections,
+                ..breaker(state, 1, 20, 20)
+            };
+            rules.evaluate(t0 + ms(at), at, &input(b))
+        };
+        rules.evaluate(t0, 0, &input(breaker(Closed, 0, 0, 0)));
+        // 20 of 20 failed; the breaker opened.
+        let events = look(&mut rules, 1000, Open, 0);
+        assert_eq!(
+            states(&events),
+            [(AlertRule::UpstreamErrorRate, AlertState::Firing)]
+        );
+        // From here on no call is admitted: the breaker refuses them all.
+        // Past the 10 s window the admitted calls in it are 0, yet every
+        // request still fails.
+        for (at, rejections) in [(5000, 50), (12_000, 100), (30_000, 150), (45_000, 200)] {
+            assert!(look(&mut rules, at, Open, rejections).is_empty(), "{at}");
+            assert!(rules.is_firing(AlertRule::UpstreamErrorRate, "up"), "{at}");
+        }
+        // The breaker closes and healthy calls come back: resolved.
+        let b = BreakerSnapshot {
+            rejections: 200,
+            ..breaker(Closed, 1, 60, 20)
+        };
+        let events = rules.evaluate(t0 + ms(60_000), 60_000, &input(b));
+        assert_eq!(
+            states(&events),
+            [(AlertRule::UpstreamErrorRate, AlertState::Resolved)]
+        );
+    }
+
+    #[test]
     fn a_restarted_counter_starts_the_window_over() {
         let mut w = CounterWindow::new(Duration::from_secs(10));
         let t0 = Instant::now();
@@ -1062,7 +1288,7 @@ mod tests {
     #[test]
     fn evictions_per_minute() {
         let t0 = Instant::now();
-        let mut rules = AlertRules::new(&config(
+        let mut rules = rules_for(&config(
             r#"{"hold_ms":0,"rules":{"slow_consumer_evictions":{"per_minute":3}}}"#,
         ));
         let look = |rules: &mut AlertRules, at: u64, evicted| {
@@ -1093,7 +1319,7 @@ mod tests {
     #[test]
     fn connections_near_max() {
         let t0 = Instant::now();
-        let mut rules = AlertRules::new(&config(
+        let mut rules = rules_for(&config(
             r#"{"hold_ms":0,"rules":{"connections_near_max":{"ratio":0.9}}}"#,
         ));
         let look = |rules: &mut AlertRules, at: u64, open| {
@@ -1116,7 +1342,7 @@ mod tests {
     #[test]
     fn state_for_a_vanished_upstream_is_dropped() {
         let t0 = Instant::now();
-        let mut rules = AlertRules::new(&config("{}"));
+        let mut rules = rules_for(&config("{}"));
         rules.evaluate(t0, 0, &input(breaker(Open, 1, 0, 0)));
         assert!(rules.is_firing(AlertRule::BreakerOpen, "up"));
         let empty = AlertInput {
@@ -1131,7 +1357,6 @@ mod tests {
     #[test]
     fn the_event_json_has_the_documented_shape() {
         let event = AlertEvent {
-            id: 7,
             rule: AlertRule::UpstreamErrorRate,
             subject: "openai".into(),
             state: AlertState::Resolved,
@@ -1139,32 +1364,146 @@ mod tests {
             threshold: 0.5,
             at: 1_700_000_000_000,
             message: "m".into(),
+            ..event(7, AlertRule::BreakerOpen, "x", AlertState::Firing)
         };
         assert_eq!(
             serde_json::to_value(&event).unwrap(),
-            serde_json::json!({"id": 7, "rule": "upstream_error_rate", "subject": "openai",
+            serde_json::json!({"id": 7, "node": "n1", "run": "r1",
+                "rule": "upstream_error_rate", "subject": "openai",
                 "state": "resolved", "value": 0.25, "threshold": 0.5,
                 "at": 1_700_000_000_000u64, "message": "m"})
         );
     }
 
-    #[test]
-    fn the_history_keeps_the_newest() {
-        let log = AlertLog::new(2);
-        for id in 1..=3 {
-            log.record(AlertEvent {
-                id,
-                rule: AlertRule::BreakerOpen,
-                subject: "up".into(),
-                state: AlertState::Firing,
-                value: 1.0,
-                threshold: 1.0,
-                at: 0,
-                message: String::new(),
-            });
+    fn event(id: u64, rule: AlertRule, subject: &str, state: AlertState) -> AlertEvent {
+        AlertEvent {
+            id,
+            node: "n1".into(),
+            run: "r1".into(),
+            rule,
+            subject: subject.into(),
+            state,
+            value: 1.0,
+            threshold: 1.0,
+            at: 0,
+            message: String::new(),
         }
-        let ids: Vec<u64> = log.recent().iter().map(|e| e.id).collect();
-        assert_eq!(ids, [2, 3]);
+    }
+
+    fn ids(events: &[AlertEvent]) -> Vec<u64> {
+        events.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn the_history_keeps_the_newest_and_its_tail_copies_only_the_tail() {
+        let log = AlertLog::new(3);
+        for id in 1..=4 {
+            log.record(event(id, AlertRule::BreakerOpen, "up", AlertState::Firing));
+        }
+        assert_eq!(ids(&log.recent()), [2, 3, 4]);
+        assert_eq!(ids(&log.recent_tail(2)), [3, 4]);
+        assert_eq!(ids(&log.recent_tail(10)), [2, 3, 4]);
+        assert!(log.recent_tail(0).is_empty());
+    }
+
+    #[test]
+    fn events_carry_the_node_and_a_run_per_process() {
+        let t0 = Instant::now();
+        let mut rules = breaker_only();
+        let events = rules.evaluate(t0, 0, &input(breaker(Open, 1, 0, 0)));
+        assert_eq!(events[0].node, "n1");
+        assert_eq!(events[0].run, run_id());
+        assert_eq!(run_id().len(), 16);
+        assert!(run_id().chars().all(|c| c.is_ascii_hexdigit()));
+        // The same for every network of the process.
+        assert_eq!(breaker_only().run, rules.run);
+        let with_node = |json: &str| {
+            let text = format!(r#"{{"network":{{"cluster":{json}}}}}"#);
+            node_name(&crate::Config::from_json_str(&text).unwrap().network)
+        };
+        assert_eq!(
+            with_node(r#"{"redis_url":"redis://127.0.0.1:6379","node_id":"web-1"}"#),
+            "web-1"
+        );
+        let fallback = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| DEFAULT_NODE.to_owned());
+        assert_eq!(with_node("null"), fallback);
+    }
+
+    /// Takes what the queue lets go now.
+    fn drain(queue: &mut WebhookQueue) -> Vec<AlertEvent> {
+        std::iter::from_fn(|| queue.next()).collect()
+    }
+
+    #[test]
+    fn a_burst_beyond_max_in_flight_waits_and_all_of_it_goes_out() {
+        use AlertState::Firing;
+        let mut q = WebhookQueue::new(4, WEBHOOK_QUEUE);
+        for id in 1..=10 {
+            assert!(q
+                .push(event(
+                    id,
+                    AlertRule::BreakerOpen,
+                    &format!("up{id}"),
+                    Firing
+                ))
+                .is_none());
+        }
+        let first = drain(&mut q);
+        assert_eq!(ids(&first), [1, 2, 3, 4]);
+        // Each POST that ends lets one more go.
+        q.done(AlertRule::BreakerOpen, "up2");
+        assert_eq!(ids(&drain(&mut q)), [5]);
+        for e in first.iter().filter(|e| e.id != 2) {
+            q.done(e.rule, &e.subject);
+        }
+        assert_eq!(ids(&drain(&mut q)), [6, 7, 8]);
+        for id in [5, 6, 7, 8] {
+            q.done(AlertRule::BreakerOpen, &format!("up{id}"));
+        }
+        assert_eq!(ids(&drain(&mut q)), [9, 10]);
+        assert!(q.pending.is_empty());
+    }
+
+    #[test]
+    fn one_post_per_rule_and_subject_keeps_their_order() {
+        use AlertState::{Firing, Resolved};
+        let mut q = WebhookQueue::new(4, WEBHOOK_QUEUE);
+        q.push(event(1, AlertRule::BreakerOpen, "a", Firing));
+        q.push(event(2, AlertRule::BreakerOpen, "a", Resolved));
+        q.push(event(3, AlertRule::UpstreamErrorRate, "a", Firing));
+        q.push(event(4, AlertRule::BreakerOpen, "b", Firing));
+        // The resolved of (breaker_open, a) waits behind its firing, which
+        // may be retried with backoff; the others pass it.
+        assert_eq!(ids(&drain(&mut q)), [1, 3, 4]);
+        q.done(AlertRule::BreakerOpen, "b");
+        assert!(drain(&mut q).is_empty());
+        q.done(AlertRule::BreakerOpen, "a");
+        assert_eq!(ids(&drain(&mut q)), [2]);
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_firing_before_any_resolved() {
+        use AlertState::{Firing, Resolved};
+        let mut q = WebhookQueue::new(1, 3);
+        let rule = AlertRule::BreakerOpen;
+        q.push(event(1, rule, "a", Resolved));
+        q.push(event(2, rule, "b", Firing));
+        q.push(event(3, rule, "c", Firing));
+        let dropped = q.push(event(4, rule, "d", Resolved)).unwrap();
+        assert_eq!(dropped.id, 2);
+        let dropped = q.push(event(5, rule, "e", Resolved)).unwrap();
+        assert_eq!(dropped.id, 3);
+        // Only resolved events wait: a new firing is the one dropped…
+        assert_eq!(q.push(event(6, rule, "f", Firing)).unwrap().id, 6);
+        // …and a new resolved pushes out the oldest resolved.
+        assert_eq!(q.push(event(7, rule, "g", Resolved)).unwrap().id, 1);
+        assert_eq!(
+            ids(&q.pending.iter().cloned().collect::<Vec<_>>()),
+            [4, 5, 7]
+        );
     }
 
     #[test]

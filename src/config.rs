@@ -279,11 +279,15 @@ impl ClusterConfig {
 pub struct AlertsConfig {
     /// Whether the rules are evaluated at all. Default true.
     pub enabled: bool,
-    /// How often the rules are evaluated, milliseconds. Default 1000.
+    /// How often the rules are evaluated, milliseconds: at most 60000 (the
+    /// `slow_consumer_evictions` window) and at most
+    /// `rules.upstream_error_rate.window_ms`, so that no window stretches to
+    /// the interval. Default 1000.
     pub interval_ms: u64,
-    /// How long a rule must stay resolved before it may fire again,
-    /// milliseconds: a flapping condition alerts once per hold, not once per
-    /// flap. 0: no hold. Default 60000.
+    /// How long after resolving a rule may not fire again for the same
+    /// subject, milliseconds, measured from the resolve even if the condition
+    /// came back in between: a flapping condition alerts once per hold, not
+    /// once per flap. 0: no hold. Default 60000.
     pub hold_ms: u64,
     /// Events kept for `Network::recent_alerts`. Default 50.
     pub history: usize,
@@ -325,8 +329,8 @@ pub struct WebhookConfig {
     /// Overall deadline of one POST, retries included, milliseconds.
     /// Default: `timeout_ms × (retry_attempts + 1)`.
     pub deadline_ms: Option<u64>,
-    /// POSTs in flight at once; an event beyond it is dropped (counted and
-    /// logged) rather than queued. Default 4.
+    /// POSTs in flight at once; further events wait in a bounded queue
+    /// (`crate::alerts::WEBHOOK_QUEUE`). Default 4.
     pub max_in_flight: usize,
     /// Headers sent with every POST.
     pub headers: BTreeMap<String, String>,
@@ -484,6 +488,21 @@ impl AlertsConfig {
         let at = "rules.upstream_error_rate";
         fraction(&path(&format!("{at}.threshold")), r.threshold)?;
         millis(&path(&format!("{at}.window_ms")), r.window_ms)?;
+        // A window can only be judged as finely as the rules look: with a
+        // longer interval it would silently stretch to the interval.
+        let evictions_window = crate::alerts::EVICTIONS_WINDOW.as_millis();
+        if u128::from(self.interval_ms) > evictions_window {
+            return Err(ConfigError::invalid(
+                &path("interval_ms"),
+                format!("must be <= {evictions_window} (the slow_consumer_evictions window)"),
+            ));
+        }
+        if self.interval_ms > r.window_ms {
+            return Err(ConfigError::invalid(
+                &path("interval_ms"),
+                format!("must be <= network.alerts.{at}.window_ms ({})", r.window_ms),
+            ));
+        }
         if r.min_calls == 0 {
             return Err(ConfigError::invalid(
                 &path(&format!("{at}.min_calls")),

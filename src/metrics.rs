@@ -42,7 +42,7 @@
 //! | `happynet_hub_queued_broadcasts` | gauge (broadcasts not yet handled: the hub's mailbox depth for them) | |
 //! | `happynet_upstream_requests_total` | counter (calls by how they ended) | `upstream`, `outcome` = `ok`, `cache_hit`, `fallback`, `cancelled`, or an [`crate::HttpError::kind`]: `timeout`, `connect`, `status`, `breaker_open`, `rate_limited`, `overloaded`, `transport`, `decode`, `invalid_request`, `missing_secret`, `internal` (see [`crate::upstream::RequestOutcome`]) |
 //! | `happynet_upstream_responses_total` | counter (every attempt's response) | `upstream`, `class` = `1xx` … `5xx`, `other` |
-//! | `happynet_upstream_request_duration_seconds` | histogram (whole calls, retries and waits included; fresh cache hits and cancelled calls are not timed) | `upstream` |
+//! | `happynet_upstream_request_duration_seconds` | histogram (whole calls, retries and waits included; a streamed call (`call_stream`, e.g. SSE) is timed and counted `ok` when its response head arrives, so a stream that breaks later still counts as `ok`; fresh cache hits and cancelled calls are not timed) | `upstream` |
 //! | `happynet_upstream_retries_total`, `happynet_upstream_retry_budget_exhausted_total` | counter (attempts after the first; retries the budget refused) | `upstream` |
 //! | `happynet_upstream_in_flight`, `happynet_upstream_queued` | gauge | `upstream` |
 //! | `happynet_upstream_rejected_overloaded_total` | counter | `upstream` |
@@ -664,8 +664,8 @@ impl Exposition {
         );
         self.histograms(
             "happynet_upstream_request_duration_seconds",
-            "Duration of whole calls, retries and waits included (fresh cache hits and \
-             cancelled calls are not timed).",
+            "Duration of whole calls, retries and waits included, up to the response \
+             head for streamed calls (fresh cache hits and cancelled calls are not timed).",
             upstreams
                 .iter()
                 .map(|u| (vec![("upstream", u.name.clone())], u.calls.latency.clone()))
@@ -693,7 +693,7 @@ impl Exposition {
         let outcome = |s: &str| vec![("outcome", s.to_owned())];
         self.counters(
             "happynet_alert_webhook_posts",
-            "Alert webhook POSTs by outcome: sent (2xx), failed (after retries), dropped (too many in flight).",
+            "Alert webhook POSTs by outcome: sent (2xx), failed (after retries), dropped (the waiting queue was full).",
             [
                 (outcome("sent"), a.webhook_sent),
                 (outcome("failed"), a.webhook_failed),

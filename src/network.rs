@@ -213,6 +213,12 @@ impl Network {
         self.inner.alerts.recent()
     }
 
+    /// The newest `n` of [`Network::recent_alerts`], oldest first, copying
+    /// only those (what `/status` shows).
+    pub fn recent_alerts_tail(&self, n: usize) -> Vec<crate::alerts::AlertEvent> {
+        self.inner.alerts.recent_tail(n)
+    }
+
     /// What the alerts have done so far: events fired and resolved, firings
     /// held back, webhook POSTs sent, failed and dropped.
     pub fn alert_counters(&self) -> crate::alerts::AlertCounters {

@@ -9,9 +9,11 @@
 //! instead of failing the request.
 //!
 //! Exposure: the same as `/metrics` (mounted beside it by
-//! [`Network::configure`], no token) — it holds nothing `/metrics` or a
-//! presence frame does not already show: counters, upstream names and
-//! endpoints, room names with member counts. Unlike `/metrics` it is behind
+//! [`Network::configure`], no token) — counters, upstream names and
+//! endpoints, and room names with member counts, which a presence frame
+//! also shows. When `network.security.ws_tokens` is set, presence frames go
+//! only to clients with a token, so `/status` then leaves the room names
+//! out (`busiest` is empty; `count` stays). Unlike `/metrics` it is behind
 //! the per-IP request limiter ([`crate::security::Security::api_guard`]),
 //! because each request copies the hub's room table; loopback is exempt by
 //! default.
@@ -252,15 +254,31 @@ pub struct SecurityStatus {
 /// whose actor does not answer is `None`.
 pub async fn collect(net: &Network) -> Status {
     // Request/response with a deadline (STYLE 4), like the scrape itself.
-    let occupancy = net.hub().send(GetOccupancy).timeout(SCRAPE_REPLY_TIMEOUT);
+    // Room names are for the clients allowed in: with WebSocket tokens
+    // configured, an unauthenticated /status shows the count, not the names.
+    let names_are_public = net.config().network.security.ws_tokens.is_empty();
+    let occupancy = async {
+        if !names_are_public {
+            return Some(Occupancy::default());
+        }
+        net.hub()
+            .send(GetOccupancy)
+            .timeout(SCRAPE_REPLY_TIMEOUT)
+            .await
+            .map_err(|e| log::warn!("status: the hub's occupancy did not arrive: {e}"))
+            .ok()
+    };
     let (snap, occupancy) = futures::join!(snapshot(net), occupancy);
-    let occupancy = occupancy
-        .map_err(|e| log::warn!("status: the hub's occupancy did not arrive: {e}"))
-        .ok();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
-    build(&snap, occupancy, net.recent_alerts(), now, net.uptime())
+    build(
+        &snap,
+        occupancy,
+        net.recent_alerts_tail(MAX_ALERTS),
+        now,
+        net.uptime(),
+    )
 }
 
 /// Saturating milliseconds.
@@ -425,6 +443,8 @@ mod tests {
             threshold: 1.0,
             at,
             message: "up: breaker open".into(),
+            node: "n".into(),
+            run: "r".into(),
         }
     }
 

@@ -90,9 +90,11 @@ impl fmt::Display for TlsError {
             TlsError::BadPem { path, message } => write!(f, "{}: {message}", path.display()),
             TlsError::Rejected { cert, key, message } => write!(
                 f,
-                "the key {} does not fit the certificate {}: {message}",
-                key.display(),
-                cert.display()
+                "rustls refused the certificate {} with the key {} ({message}); \
+                 the key must match the first (leaf) certificate in the file, and \
+                 ring signs with RSA, ECDSA P-256/P-384 and Ed25519 keys only",
+                cert.display(),
+                key.display()
             ),
         }
     }

@@ -21,6 +21,8 @@ use happynet::actors::{BreakerStateKind, GetBreakerState};
 use happynet::alerts::{AlertEvent, AlertRule, AlertState};
 use happynet::{Config, Network};
 use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::{WsClient, WAIT};
@@ -117,8 +119,8 @@ fn unix_millis() -> u64 {
         .as_millis() as u64
 }
 
-async fn breaker_state(net: &Network) -> BreakerStateKind {
-    let client = net.api("flaky").unwrap();
+async fn breaker_state(net: &Network, name: &str) -> BreakerStateKind {
+    let client = net.api(name).unwrap();
     client
         .upstream()
         .breaker()
@@ -131,10 +133,18 @@ async fn breaker_state(net: &Network) -> BreakerStateKind {
 /// Calls `flaky` until its breaker is in `want` (calls an open breaker
 /// rejects cost nothing, so this is also how a probe gets through).
 async fn drive_breaker_to(net: &Network, want: BreakerStateKind) {
-    let client = net.api("flaky").unwrap();
+    drive_client_breaker_to(net, "flaky", want).await;
+}
+
+/// Calls the API client `name` until its breaker is in `want`.
+async fn drive_client_breaker_to(net: &Network, name: &str, want: BreakerStateKind) {
+    let client = net.api(name).unwrap();
     let deadline = Instant::now() + WAIT;
-    while breaker_state(net).await != want {
-        assert!(Instant::now() < deadline, "breaker never became {want}");
+    while breaker_state(net, name).await != want {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: breaker never became {want}"
+        );
         let _ = client.get("/work").send().await;
         actix_web::rt::time::sleep(POLL).await;
     }
@@ -239,7 +249,12 @@ async fn a_flapping_breaker_fires_once_and_resolves_once_at_the_webhook() {
         let at = body["at"].as_u64().unwrap();
         assert!(at >= started && at <= unix_millis(), "at = {at}");
         assert!(body["message"].as_str().unwrap().contains("flaky"));
-        assert_eq!(body.as_object().unwrap().len(), 8, "{body}");
+        // Receivers dedupe on (node, run, id).
+        assert_eq!(body["node"], event.node.as_str());
+        assert!(!event.node.is_empty());
+        assert_eq!(body["run"], event.run.as_str());
+        assert_eq!(event.run, happynet::alerts::run_id());
+        assert_eq!(body.as_object().unwrap().len(), 10, "{body}");
     }
     assert_eq!(accepted[0].2["value"], 1.0, "opened once");
     assert_eq!(net.alert_counters().webhook_failed, 0);
@@ -288,10 +303,35 @@ fn connection_states(net: &Network) -> Vec<AlertState> {
         .collect()
 }
 
+/// Reads what arrives on `stream` (non-blocking) until it holds `needle`.
+async fn read_until(stream: &mut TcpStream, needle: &str) -> String {
+    stream.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    wait_for(needle, || {
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = stream.read(&mut buf) {
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        text.contains(needle).then(|| text.into_owned())
+    })
+    .await
+}
+
+/// Answers the request on `stream` with 204 and closes the connection.
+fn answer_204(mut stream: TcpStream) {
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        .unwrap();
+}
+
 #[actix_web::test]
-async fn a_webhook_that_never_answers_delays_nothing() {
-    // Accepts connections (the kernel's backlog does) and never answers.
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+async fn a_webhook_that_does_not_answer_delays_nothing_and_the_next_event_waits() {
+    // Accepts connections (the kernel's backlog does) and answers only when
+    // the test says so.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    silent.set_nonblocking(true).unwrap();
     let webhook = format!(
         r#"{{"url":"http://{}/hook","timeout_ms":60000,"retry_attempts":0,"max_in_flight":1}}"#,
         silent.local_addr().unwrap()
@@ -305,18 +345,110 @@ async fn a_webhook_that_never_answers_delays_nothing() {
         (connection_states(&net) == [AlertState::Firing]).then_some(())
     })
     .await;
+    let mut first = wait_for("the first POST", || silent.accept().ok()).await.0;
     drop(client);
     wait_for("the resolved event", || {
         (connection_states(&net) == [AlertState::Firing, AlertState::Resolved]).then_some(())
     })
     .await;
     // Both events came while the first POST still hangs (it would take a
-    // minute to time out); the second found the one slot taken.
+    // minute to time out).
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+    // The second waits in the queue (one slot, and its rule and subject
+    // have a POST out): nothing else was sent, nothing dropped.
+    evaluations_pass(&net, 3).await;
+    assert!(silent.accept().is_err(), "a second POST went out");
     let c = net.alert_counters();
-    assert_eq!((c.webhook_sent, c.webhook_failed), (0, 0));
-    assert_eq!(c.webhook_dropped, 1);
+    assert_eq!(
+        (c.webhook_sent, c.webhook_failed, c.webhook_dropped),
+        (0, 0, 0)
+    );
+
+    // Once the first is answered, the waiting one goes out.
+    read_until(&mut first, r#""state":"firing""#).await;
+    answer_204(first);
+    let mut second = wait_for("the second POST", || silent.accept().ok()).await.0;
+    let request = read_until(&mut second, r#""state":"resolved""#).await;
+    assert!(request.starts_with("POST /hook "), "{request}");
+    answer_204(second);
+    wait_for("both POSTs sent", || {
+        (net.alert_counters().webhook_sent == 2).then_some(())
+    })
+    .await;
+    assert_eq!(net.alert_counters().webhook_dropped, 0);
     server.stop().await;
+}
+
+/// A network with six API clients on a failing upstream, each with a
+/// breaker that opens on its first failure and stays open a minute, only
+/// the breaker rule, evaluated every 1.5 s, and at most 2 webhook POSTs out.
+fn six_breakers_network(upstream: &FakeUpstream, receiver: &Receiver) -> Network {
+    let clients: Vec<String> = (1..=6)
+        .map(|i| {
+            format!(
+                r#""c{i}":{{"base_url":"{}","retry_attempts":0,"rate_limit":60000,
+                    "breaker":{{"window":1,"minimum_calls":1,"failure_rate":0.5,
+                        "open_duration":60,"half_open_probes":1}}}}"#,
+                upstream.url("")
+            )
+        })
+        .collect();
+    let json = format!(
+        r#"{{"network":{{"api_clients":{{{}}},
+            "alerts":{{"interval_ms":1500,"hold_ms":60000,
+                "webhook":{{"url":"http://{}/hook","max_in_flight":2}},
+                "rules":{{"upstream_error_rate":{{"enabled":false}},
+                    "slow_consumer_evictions":{{"enabled":false}},
+                    "connections_near_max":{{"enabled":false}}}}}}}}}}"#,
+        clients.join(","),
+        receiver.addr
+    );
+    Network::start(Config::from_json_str(&json).unwrap()).unwrap()
+}
+
+#[actix_web::test]
+async fn a_burst_beyond_max_in_flight_all_reaches_a_healthy_webhook() {
+    let upstream = FakeUpstream::start("burst", failing()).await.unwrap();
+    let receiver = start_receiver(0, false).await;
+    let net = six_breakers_network(&upstream, &receiver);
+    // Open all six well before the first look (1.5 s after the start), so
+    // that one look makes six events: three times `max_in_flight`.
+    for i in 1..=6 {
+        drive_client_breaker_to(&net, &format!("c{i}"), BreakerStateKind::Open).await;
+    }
+    let events = wait_for("six firing events", || {
+        let events = breaker_events(&net);
+        (events.len() == 6).then_some(events)
+    })
+    .await;
+    assert!(
+        events.iter().all(|e| e.at == events[0].at),
+        "not one look: {:?}",
+        events.iter().map(|e| e.at).collect::<Vec<_>>()
+    );
+    wait_for("six POSTs sent", || {
+        (net.alert_counters().webhook_sent == 6).then_some(())
+    })
+    .await;
+    let c = net.alert_counters();
+    assert_eq!((c.webhook_failed, c.webhook_dropped), (0, 0));
+    let mut got: Vec<(u64, String)> = receiver
+        .seen
+        .lock()
+        .unwrap()
+        .accepted
+        .iter()
+        .map(|(_, _, body)| {
+            (
+                body["id"].as_u64().unwrap(),
+                body["subject"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(u64, String)> = events.iter().map(|e| (e.id, e.subject.clone())).collect();
+    assert_eq!(got, want);
+    receiver.handle.stop(false).await;
 }
 
 #[actix_web::test]
@@ -419,6 +551,13 @@ fn bad_alert_settings_name_their_path() {
             "network.alerts.rules.slow_consumer_evictions.per_minute",
         ),
         (r#"{"interval_ms":0}"#, "network.alerts.interval_ms"),
+        // Longer than the evictions window (a minute)…
+        (r#"{"interval_ms":60001}"#, "network.alerts.interval_ms"),
+        // …or than the error-rate window: the window would stretch.
+        (
+            r#"{"interval_ms":5000,"rules":{"upstream_error_rate":{"window_ms":4000}}}"#,
+            "network.alerts.interval_ms",
+        ),
         (r#"{"hold_ms":86400001}"#, "network.alerts.hold_ms"),
         (r#"{"history":0}"#, "network.alerts.history"),
         (

@@ -190,3 +190,17 @@ async fn status_is_behind_the_per_ip_limiter_and_metrics_is_not() {
     );
     server.stop().await;
 }
+
+#[actix_web::test]
+async fn with_websocket_tokens_status_shows_no_room_names() {
+    let server = start(config(
+        r#"{"network":{"security":{"ws_tokens":["t0k3n-for-tests"]}}}"#,
+    ))
+    .await;
+    let _member = WsClient::connect(&server, "?room=dm-alice-bob&token=t0k3n-for-tests").await;
+    let s = status_until(&server, "the session registered", |s| s["sessions"] == 1).await;
+    // The count is there; who talks in which room is not.
+    assert_eq!(s["rooms"]["count"], 1);
+    assert_eq!(s["rooms"]["busiest"], serde_json::json!([]));
+    assert!(!s.to_string().contains("dm-alice-bob"), "{s}");
+}
