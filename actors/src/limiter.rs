@@ -309,9 +309,10 @@ struct Shared {
     limit: SharedLimit,
     script: GcraScript,
     link: SharedLink<MultiplexedConnection>,
-    /// The first connection attempt, while it is under way: checks made
-    /// before any connection existed wait for it (within their timeout)
-    /// rather than all going to the fallback while the node starts.
+    /// The very first connection attempt, while it is under way: checks
+    /// made meanwhile wait for it (within their timeout) rather than all
+    /// going to the fallback while the node starts. Never set for later
+    /// attempts ([`SharedLink::first_attempt_pending`]).
     first_connect: Option<FirstConnect>,
     decided: u64,
     fallbacks: u64,
@@ -444,7 +445,11 @@ impl RateLimiterActor {
         }
         .boxed_local()
         .shared();
-        if !shared.link.ever_connected() {
+        // Only the very first attempt is waited for: once it has failed,
+        // Redis is known to be unreachable, and waiting on every retry (one
+        // a second while it drops packets) would cost each check made
+        // meanwhile its full timeout.
+        if shared.link.first_attempt_pending() {
             shared.first_connect = Some(attempt.clone());
         }
         ctx.spawn(
@@ -460,7 +465,7 @@ impl RateLimiterActor {
                 };
                 shared.first_connect = None;
                 match result {
-                    Some(Ok(conn)) => shared.link.connected(conn),
+                    Some(Ok(conn)) => shared.link.connected(now, conn),
                     Some(Err(e)) => {
                         let t = shared.link.connect_failed(now);
                         actor.log_transition(t, &e);
@@ -765,6 +770,63 @@ mod tests {
         assert_eq!(sweep_interval(&q(100.0, 1)), MIN_SWEEP_INTERVAL);
         assert_eq!(sweep_interval(&q(1.0, 5)), Duration::from_secs(5));
         assert_eq!(sweep_interval(&q(0.001, 1000)), MAX_SWEEP_INTERVAL);
+    }
+
+    /// A Redis that accepts connections and never answers (as one behind
+    /// a firewall dropping packets would look): the checks made during the
+    /// first connection attempt wait for it, up to their timeout; the ones
+    /// made during a later attempt fall back at once. Paused tokio time
+    /// drives the timeouts.
+    #[test]
+    fn only_the_first_connection_attempt_delays_checks() {
+        actix::System::new().block_on(async {
+            tokio::time::pause();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let port = listener.local_addr().expect("local addr").port();
+            let silent = tokio::spawn(async move {
+                let mut held = Vec::new();
+                while let Ok((sock, _)) = listener.accept().await {
+                    held.push(sock);
+                }
+            });
+            let timeout = ms(300);
+            let limit = SharedLimit::new(
+                &format!("redis://127.0.0.1:{port}/"),
+                "t",
+                Fallback::Local,
+                timeout,
+            )
+            .expect("valid URL");
+            let quota = Quota::per_second(1000.0, 1000).expect("quota");
+            let limiter = RateLimiterActor::new("api", quota, 100)
+                .with_shared(limit)
+                .start();
+            let acquire = || Acquire { key: "k".into() };
+
+            // The first attempt (made as the actor starts) is waited for.
+            let t = tokio::time::Instant::now();
+            assert!(limiter.send(acquire()).await.expect("reply").is_ok());
+            assert!(t.elapsed() >= timeout, "the first check waited");
+
+            // It times out after CONNECT_TIMEOUT; after the gap the next
+            // check starts the second attempt, and neither it nor the
+            // checks made during it wait.
+            tokio::time::sleep(CONNECT_TIMEOUT + RETRY_GAP_HINT).await;
+            for _ in 0..3 {
+                let t = tokio::time::Instant::now();
+                assert!(limiter.send(acquire()).await.expect("reply").is_ok());
+                assert!(
+                    t.elapsed() < timeout,
+                    "a check waited {:?} for a later attempt",
+                    t.elapsed()
+                );
+            }
+            let stats = limiter.send(GetLimiterStats).await.expect("stats");
+            assert_eq!((stats.shared, stats.fallbacks), (0, 4), "{stats:?}");
+            silent.abort();
+        });
     }
 
     #[test]

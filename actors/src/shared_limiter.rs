@@ -19,9 +19,14 @@
 //! server must not stall every request), the limiter decides by its
 //! [`Fallback`]: the node's own local limiter (default), deny, or allow. After
 //! a failure the link skips Redis for [`RETRY_GAP`] rather than making every
-//! request wait out a timeout, and a connection that keeps failing is
-//! replaced. While the very first connection is being made, checks wait for
-//! it (within their timeout) instead of all falling back as the node starts.
+//! request wait out a timeout; when the gap ends exactly one check (the
+//! probe) goes to Redis while the others keep using the fallback at once,
+//! until the probe's answer reopens the link or its failure starts a new
+//! gap. A hung Redis thus costs one check one timeout per gap. A connection
+//! that keeps failing is replaced (a new connection made during an outage is
+//! probed the same way). While the very first connection attempt is under
+//! way, checks wait for it (within their timeout) instead of all falling
+//! back as the node starts; later attempts are not waited for.
 //! Keys are `{prefix}:rl:{limiter}:{key}`.
 
 use crate::gcra::{Decision, Quota};
@@ -83,8 +88,9 @@ return {0, r_s, r_ns}
 "#;
 
 /// After a failed check (timeout or error), checks skip Redis and use the
-/// fallback for this long: a hung Redis costs one timeout per gap, not one
-/// per request.
+/// fallback for this long; then one probe check goes to Redis while the
+/// others still use the fallback. A hung Redis costs one timeout per gap
+/// (the probe's), not one per request.
 pub const RETRY_GAP: Duration = Duration::from_millis(250);
 
 /// A connection that failed this many checks in a row, with no success in
@@ -246,6 +252,21 @@ pub enum Route<C> {
     },
 }
 
+/// Whether checks may go to Redis on the connection held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    /// Redis answered last: every check goes to it.
+    Open,
+    /// A check (or a connection) failed: none goes to Redis before `until`;
+    /// the first one at or after it is the probe. (A connection made during
+    /// an outage starts here too, with `until` already passed.)
+    Shut { until: Instant },
+    /// The probe is out: every other check uses the fallback at once until
+    /// it answers, so a hung Redis costs one timeout per gap, not one per
+    /// check made while the probe waits.
+    Probing,
+}
+
 /// The state of a shared limiter's link to Redis, as plain code: it takes
 /// `now`, does no I/O, and is generic over the connection (tests use a
 /// number). See the module docs for the policy.
@@ -253,8 +274,10 @@ pub enum Route<C> {
 pub struct SharedLink<C> {
     conn: Option<C>,
     connecting: bool,
-    /// No Redis before this instant (after a failure).
-    skip_until: Option<Instant>,
+    /// Connection attempts started so far (saturating): the first one is
+    /// the only one checks may wait for.
+    attempts: u32,
+    gate: Gate,
     failures: u32,
     /// When the link last stopped answering, while it has not answered
     /// since: for the "back after …" log line.
@@ -268,7 +291,8 @@ impl<C> Default for SharedLink<C> {
         SharedLink {
             conn: None,
             connecting: false,
-            skip_until: None,
+            attempts: 0,
+            gate: Gate::Open,
             failures: 0,
             down_since: None,
             fallbacks_this_outage: 0,
@@ -301,41 +325,72 @@ impl<C: Clone> SharedLink<C> {
         Self::default()
     }
 
-    /// Where a check at `now` goes.
+    /// Where a check at `now` goes. Every [`Route::Redis`] must be followed
+    /// by [`answered`](Self::answered) or [`failed`](Self::failed): after a
+    /// failure it may be the one probe, which the other checks wait out on
+    /// the fallback.
     pub fn route(&mut self, now: Instant) -> Route<C> {
-        let skipping = self.skip_until.is_some_and(|t| now < t);
+        let gap_over = match self.gate {
+            Gate::Open => true,
+            Gate::Shut { until } => now >= until,
+            Gate::Probing => false,
+        };
         match &self.conn {
-            Some(conn) if !skipping => Route::Redis(conn.clone()),
+            Some(conn) if gap_over => {
+                if self.gate != Gate::Open {
+                    self.gate = Gate::Probing;
+                }
+                Route::Redis(conn.clone())
+            }
             _ => {
                 self.fallbacks_this_outage += 1;
-                let connect = self.conn.is_none() && !self.connecting && !skipping;
+                let connect = self.conn.is_none() && !self.connecting && gap_over;
                 if connect {
                     self.connecting = true;
+                    self.attempts = self.attempts.saturating_add(1);
                 }
                 Route::Fallback { connect }
             }
         }
     }
 
-    /// A connection was made.
-    pub fn connected(&mut self, conn: C) {
+    /// True while the very first connection attempt is under way: the only
+    /// one that checks may wait for (within their timeout), so that a node
+    /// does not decide its first requests by the fallback merely because it
+    /// is starting. Later attempts — Redis still unreachable — are not
+    /// waited for: a Redis that drops packets would otherwise cost every
+    /// check made during each attempt its full timeout.
+    pub fn first_attempt_pending(&self) -> bool {
+        self.connecting && self.attempts == 1 && !self.ever_connected
+    }
+
+    /// A connection was made at `now`. During an outage it is probed by one
+    /// check before the others use it.
+    pub fn connected(&mut self, now: Instant, conn: C) {
         self.ever_connected = true;
         self.connecting = false;
         self.conn = Some(conn);
-        self.skip_until = None;
+        self.gate = if self.down_since.is_some() {
+            Gate::Shut { until: now }
+        } else {
+            Gate::Open
+        };
         self.failures = 0;
     }
 
     /// Making a connection failed at `now`: try again after [`RETRY_GAP`].
     pub fn connect_failed(&mut self, now: Instant) -> Transition {
         self.connecting = false;
-        self.skip_until = Some(now + RETRY_GAP);
+        self.gate = Gate::Shut {
+            until: now + RETRY_GAP,
+        };
         self.mark_down(now)
     }
 
-    /// Redis answered a check.
+    /// Redis answered a check: every check goes to it again.
     pub fn answered(&mut self, now: Instant) -> Transition {
         self.failures = 0;
+        self.gate = Gate::Open;
         match self.down_since.take() {
             Some(since) => Transition::CameBack {
                 down_for: now.saturating_duration_since(since),
@@ -349,11 +404,14 @@ impl<C: Clone> SharedLink<C> {
     }
 
     /// A check failed at `now` (timeout or error); `broken` when the error
-    /// says the connection itself is gone. The fallback decides it.
+    /// says the connection itself is gone. The fallback decides it, and
+    /// Redis is skipped for [`RETRY_GAP`].
     pub fn failed(&mut self, now: Instant, broken: bool) -> Transition {
         self.fallbacks_this_outage += 1;
         self.failures += 1;
-        self.skip_until = Some(now + RETRY_GAP);
+        self.gate = Gate::Shut {
+            until: now + RETRY_GAP,
+        };
         if broken || self.failures >= MAX_CONSECUTIVE_FAILURES {
             self.conn = None;
             self.failures = 0;
@@ -375,9 +433,10 @@ impl<C: Clone> SharedLink<C> {
         self.ever_connected
     }
 
-    /// True while a connection is held and no failure is being waited out.
-    pub fn is_up(&self, now: Instant) -> bool {
-        self.conn.is_some() && self.skip_until.is_none_or(|t| now >= t)
+    /// True while a connection is held and Redis answered last (no failure
+    /// is being waited out or probed).
+    pub fn is_up(&self) -> bool {
+        self.conn.is_some() && self.gate == Gate::Open
     }
 }
 
@@ -396,9 +455,10 @@ mod tests {
         assert_eq!(link.route(t0), Route::Fallback { connect: true });
         // While connecting, checks fall back without a second attempt.
         assert_eq!(link.route(t0), Route::Fallback { connect: false });
-        link.connected(7);
+        link.connected(t0, 7);
         assert_eq!(link.route(t0), Route::Redis(7));
-        assert!(link.is_up(t0));
+        assert_eq!(link.route(t0), Route::Redis(7), "no probing when up");
+        assert!(link.is_up());
     }
 
     #[test]
@@ -417,7 +477,7 @@ mod tests {
         );
         // A second failure is the same outage.
         assert_eq!(link.connect_failed(t0 + RETRY_GAP), Transition::None);
-        link.connected(1);
+        link.connected(t0 + ms(500), 1);
         assert_eq!(
             link.answered(t0 + ms(600)),
             Transition::CameBack {
@@ -433,9 +493,9 @@ mod tests {
         let t0 = Instant::now();
         let mut link = SharedLink::<u32>::new();
         link.route(t0);
-        link.connected(1);
+        link.connected(t0, 1);
         assert_eq!(link.failed(t0, false), Transition::WentDown);
-        assert!(!link.is_up(t0));
+        assert!(!link.is_up());
         assert_eq!(link.route(t0 + ms(1)), Route::Fallback { connect: false });
         assert_eq!(link.route(t0 + RETRY_GAP), Route::Redis(1));
         assert!(matches!(
@@ -449,7 +509,7 @@ mod tests {
         let t0 = Instant::now();
         let mut link = SharedLink::<u32>::new();
         link.route(t0);
-        link.connected(1);
+        link.connected(t0, 1);
         let mut now = t0;
         for _ in 0..MAX_CONSECUTIVE_FAILURES - 1 {
             link.failed(now, false);
@@ -459,12 +519,158 @@ mod tests {
         link.failed(now, false);
         now += RETRY_GAP;
         assert_eq!(link.route(now), Route::Fallback { connect: true });
-        link.connected(2);
+        link.connected(now, 2);
         link.failed(now, true);
         assert_eq!(
             link.route(now + RETRY_GAP),
             Route::Fallback { connect: true }
         );
+    }
+
+    #[test]
+    fn after_a_gap_exactly_one_probe_goes_to_redis() {
+        let t0 = Instant::now();
+        let mut link = SharedLink::<u32>::new();
+        link.route(t0);
+        link.connected(t0, 1);
+        link.failed(t0, false);
+        let t1 = t0 + RETRY_GAP;
+        assert_eq!(link.route(t1), Route::Redis(1), "the probe");
+        // Until the probe answers, the rest fall back at once.
+        for i in 0..10 {
+            assert_eq!(
+                link.route(t1 + ms(i * 10)),
+                Route::Fallback { connect: false }
+            );
+        }
+        assert!(!link.is_up());
+        // Its success reopens the link to every check.
+        assert!(matches!(
+            link.answered(t1 + ms(100)),
+            Transition::CameBack { .. }
+        ));
+        assert!(link.is_up());
+        assert_eq!(link.route(t1 + ms(100)), Route::Redis(1));
+        assert_eq!(link.route(t1 + ms(100)), Route::Redis(1));
+    }
+
+    #[test]
+    fn a_failed_probe_starts_a_new_gap() {
+        let t0 = Instant::now();
+        let mut link = SharedLink::<u32>::new();
+        link.route(t0);
+        link.connected(t0, 1);
+        link.failed(t0, false);
+        let t1 = t0 + RETRY_GAP;
+        assert_eq!(link.route(t1), Route::Redis(1));
+        assert_eq!(link.route(t1 + ms(49)), Route::Fallback { connect: false });
+        // The probe times out at t1 + 50 ms: a new gap from then.
+        assert_eq!(link.failed(t1 + ms(50), false), Transition::None);
+        let t2 = t1 + ms(50) + RETRY_GAP;
+        assert_eq!(link.route(t2 - ms(1)), Route::Fallback { connect: false });
+        assert_eq!(link.route(t2), Route::Redis(1), "the next probe");
+        assert_eq!(link.route(t2), Route::Fallback { connect: false });
+    }
+
+    #[test]
+    fn a_connection_made_during_an_outage_is_probed_first() {
+        let t0 = Instant::now();
+        let mut link = SharedLink::<u32>::new();
+        link.route(t0);
+        link.connected(t0, 1);
+        link.failed(t0, true); // the connection is gone
+        let t1 = t0 + RETRY_GAP;
+        assert_eq!(link.route(t1), Route::Fallback { connect: true });
+        link.connected(t1 + ms(5), 2);
+        assert_eq!(link.route(t1 + ms(5)), Route::Redis(2), "the probe");
+        assert_eq!(link.route(t1 + ms(6)), Route::Fallback { connect: false });
+        link.answered(t1 + ms(7));
+        assert_eq!(link.route(t1 + ms(7)), Route::Redis(2));
+        assert_eq!(link.route(t1 + ms(7)), Route::Redis(2));
+    }
+
+    /// A Redis that hangs for 10 s, a check every millisecond, 50 ms
+    /// timeouts: only the probes (one per gap + timeout) wait; before the
+    /// fix every check made while the first one after a gap waited did too
+    /// (about one in six).
+    #[test]
+    fn a_hung_redis_delays_one_check_per_gap() {
+        let timeout = ms(50);
+        let t0 = Instant::now();
+        let mut link = SharedLink::<u32>::new();
+        link.route(t0);
+        link.connected(t0, 1);
+        // Each check routed to Redis times out: when, for those pending.
+        let mut pending: Vec<Instant> = Vec::new();
+        let (mut to_redis, mut total) = (0u32, 0u32);
+        for i in 0..10_000u64 {
+            let now = t0 + ms(i);
+            pending.retain(|&at| {
+                if at <= now {
+                    link.failed(at, false);
+                    false
+                } else {
+                    true
+                }
+            });
+            total += 1;
+            match link.route(now) {
+                Route::Redis(_) => {
+                    to_redis += 1;
+                    pending.push(now + timeout);
+                }
+                Route::Fallback { connect } => {
+                    // Replaced connections reconnect at once (to the same
+                    // hung server).
+                    if connect {
+                        link.connected(now, 1);
+                    }
+                }
+            }
+        }
+        // The checks already in flight when it hung (one per millisecond
+        // of the first timeout) cannot be helped; after them, one probe
+        // per gap + timeout.
+        let in_flight = timeout.as_millis() as u32;
+        let per_gap = (timeout + RETRY_GAP).as_millis() as u32;
+        println!("hung Redis: {to_redis} of {total} checks waited a timeout");
+        assert!(
+            to_redis <= in_flight + total / per_gap + 2,
+            "{to_redis} checks went to a hung Redis"
+        );
+    }
+
+    #[test]
+    fn only_the_first_connection_attempt_may_be_waited_for() {
+        let t0 = Instant::now();
+        let mut link = SharedLink::<u32>::new();
+        assert!(!link.first_attempt_pending());
+        assert_eq!(link.route(t0), Route::Fallback { connect: true });
+        assert!(link.first_attempt_pending());
+        // Redis drops packets: the attempt times out.
+        let t1 = t0 + CONNECT_TIMEOUT;
+        link.connect_failed(t1);
+        assert!(!link.first_attempt_pending());
+        assert_eq!(
+            link.route(t1 + RETRY_GAP),
+            Route::Fallback { connect: true }
+        );
+        assert!(
+            !link.first_attempt_pending(),
+            "the second attempt is not waited for"
+        );
+        link.connected(t1 + RETRY_GAP + ms(1), 1);
+        assert!(!link.first_attempt_pending());
+        // Nor is a reconnection after the first connection was made.
+        let mut fresh = SharedLink::<u32>::new();
+        fresh.route(t0);
+        fresh.connected(t0, 1);
+        fresh.failed(t0, true);
+        assert_eq!(
+            fresh.route(t0 + RETRY_GAP),
+            Route::Fallback { connect: true }
+        );
+        assert!(!fresh.first_attempt_pending());
     }
 
     #[test]
