@@ -29,11 +29,18 @@
 //! back; a full outbox drops its oldest and counts them (`lost_outbound`).
 //! The reader resumes `XREAD` from the last id it saw, so entries still in
 //! the stream are replayed (`replayed`). The link reconnects with
-//! exponential backoff and jitter ([`LinkState`]). The guarantee, across
-//! nodes: at most once, and nothing lost while the outage is shorter than
-//! what the sender's outbox holds *and* the stream still holds the entries
-//! when the reader is back; anything beyond that is counted and logged,
-//! never silent.
+//! exponential backoff and jitter ([`LinkState`]), reset only once a read
+//! has succeeded. Replies are read raw and decoded entry by entry, so an
+//! entry that cannot be decoded is skipped and counted (`malformed`), never
+//! a broken link. The guarantee, across nodes: at most once, and nothing
+//! lost while the outage is shorter than what the sender's outbox holds
+//! *and* the stream still holds the entries when the reader is back. Losses
+//! beyond that are counted where they can be seen: the sender's outbox
+//! overflow (`lost_outbound`), a gap in an origin's sequence once its next
+//! entry arrives (`lost_inbound`: overflow, trimming, a Redis that lost
+//! data), a full hub mailbox (`dropped_inbound`). A node's last messages
+//! before it dies leave no later entry to reveal the gap and are not
+//! counted.
 //!
 //! **Presence.** Every `presence_interval_ms` the bridge writes this node's
 //! occupancy to the hash `{prefix}:presence:{node}` (expiring after three
@@ -54,7 +61,6 @@ use happynet_actors::hub::{
 };
 use happynet_actors::{Broadcast, BroadcastHub, RoomName, Target};
 use redis::aio::MultiplexedConnection;
-use redis::streams::StreamReadReply;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -74,6 +80,10 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long making a connection may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long setting the link up may take in all: both connections, naming
+/// them, and reading the stream's newest id.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The most entries one publishing pipeline carries.
 pub const PUBLISH_BATCH: usize = 256;
 
@@ -86,6 +96,10 @@ pub const ORIGIN_TTL: Duration = Duration::from_secs(600);
 
 /// The most other nodes whose presence is read per interval.
 pub const MAX_PRESENCE_NODES: usize = 256;
+
+/// The largest count read from another node's presence hash; larger ones
+/// are taken as this.
+pub const MAX_PRESENCE_COUNT: usize = 1 << 24;
 
 /// A node's presence hash expires after this many intervals without an
 /// update.
@@ -158,58 +172,197 @@ pub fn decode_target(text: &str) -> Result<Target, String> {
     }
 }
 
-/// One entry read from the stream.
-#[derive(Debug, Clone)]
+/// One entry read from the stream, decoded as far as it goes.
+///
+/// Entries are decoded from the raw reply one by one (field names as
+/// bytes), so a malformed entry — anything `XADD` accepts, binary field
+/// names included — is skipped and counted on its own instead of failing
+/// the whole read.
+#[derive(Debug, Clone, PartialEq)]
 pub struct InEntry {
-    /// Its stream id.
-    pub id: StreamId,
-    /// The node that published it.
-    pub origin: String,
-    /// Its sequence number at that node.
-    pub seq: u64,
-    /// Who receives it.
-    pub target: Target,
-    /// The text frame.
-    pub payload: ByteString,
+    /// Its stream id, if it parses (so the reader can move past it).
+    pub id: Option<StreamId>,
+    /// The node that published it and its sequence number there, if both
+    /// decode: the [`SeqTracker`] sees them even when the rest is bad, so a
+    /// malformed entry is not also counted as lost.
+    pub sender: Option<(String, u64)>,
+    /// Who receives it and the text frame, or why it is malformed.
+    pub content: Result<(Target, ByteString), String>,
 }
 
-fn field_text(map: &HashMap<String, redis::Value>, name: &str) -> Result<String, String> {
-    match map.get(name) {
-        Some(redis::Value::BulkString(bytes)) => {
-            String::from_utf8(bytes.clone()).map_err(|_| format!("field {name} is not UTF-8"))
-        }
-        Some(redis::Value::SimpleString(s)) => Ok(s.clone()),
+/// The most characters of an error message kept for logs, `last_error` and
+/// the `/ready` body: a Redis error may quote a whole reply, and with it
+/// other people's messages.
+pub const MAX_ERROR_CHARS: usize = 200;
+
+/// `error` as text, cut to [`MAX_ERROR_CHARS`] characters (marked `…`).
+pub fn short_error(error: impl fmt::Display) -> String {
+    let text = error.to_string();
+    match text.char_indices().nth(MAX_ERROR_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
+/// The name of a reply's type, for error messages (never its content).
+fn value_kind(value: &redis::Value) -> &'static str {
+    use redis::Value as V;
+    match value {
+        V::Nil => "nil",
+        V::Int(_) => "integer",
+        V::BulkString(_) => "bulk string",
+        V::Array(_) => "array",
+        V::SimpleString(_) => "simple string",
+        V::Okay => "OK",
+        V::Map(_) => "map",
+        V::Set(_) => "set",
+        V::Double(_) => "double",
+        V::Boolean(_) => "boolean",
+        V::ServerError(_) => "error",
+        _ => "other",
+    }
+}
+
+/// The bytes of a string reply, `None` for any other type.
+fn value_bytes(value: &redis::Value) -> Option<&[u8]> {
+    match value {
+        redis::Value::BulkString(bytes) => Some(bytes),
+        redis::Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+/// A field of an entry as text.
+fn field_text(fields: &[(&[u8], &redis::Value)], name: &str) -> Result<String, String> {
+    let value = fields
+        .iter()
+        .find(|(n, _)| *n == name.as_bytes())
+        .map(|(_, v)| *v);
+    match value {
         Some(redis::Value::Int(n)) => Ok(n.to_string()),
-        Some(_) => Err(format!("field {name} has an unexpected type")),
+        Some(v) => match value_bytes(v) {
+            Some(bytes) => {
+                String::from_utf8(bytes.to_vec()).map_err(|_| format!("field {name} is not UTF-8"))
+            }
+            None => Err(format!("field {name} is a {}", value_kind(v))),
+        },
         None => Err(format!("field {name} is missing")),
     }
 }
 
-/// Decodes one stream entry: its id (always, so the reader can move past
-/// it) and its content or why it is malformed.
-fn decode_entry(
-    id: &str,
-    map: &HashMap<String, redis::Value>,
-) -> (Option<StreamId>, Result<InEntry, String>) {
-    let Some(sid) = StreamId::parse(id) else {
-        return (None, Err(format!("bad stream id {id:?}")));
+/// Decodes one raw stream entry, `[id, [name, value, …]]`.
+pub fn decode_entry(raw: &redis::Value) -> InEntry {
+    let mut entry = InEntry {
+        id: None,
+        sender: None,
+        content: Err(String::new()),
     };
-    let entry = (|| {
-        let origin = field_text(map, "node")?;
-        let seq = field_text(map, "seq")?
+    let redis::Value::Array(parts) = raw else {
+        entry.content = Err(format!("an entry is a {}", value_kind(raw)));
+        return entry;
+    };
+    entry.id = parts
+        .first()
+        .and_then(value_bytes)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(StreamId::parse);
+    if entry.id.is_none() {
+        entry.content = Err("bad stream id".to_owned());
+        return entry;
+    }
+    // Field names stay bytes: one that is not UTF-8 is just not one of ours.
+    let fields: Vec<(&[u8], &redis::Value)> = match parts.get(1) {
+        Some(redis::Value::Array(flat)) => flat
+            .chunks_exact(2)
+            .filter_map(|kv| Some((value_bytes(&kv[0])?, &kv[1])))
+            .collect(),
+        Some(redis::Value::Map(pairs)) => pairs
+            .iter()
+            .filter_map(|(k, v)| Some((value_bytes(k)?, v)))
+            .collect(),
+        Some(other) => {
+            entry.content = Err(format!("the fields are a {}", value_kind(other)));
+            return entry;
+        }
+        None => {
+            entry.content = Err("no fields".to_owned());
+            return entry;
+        }
+    };
+    let sender = field_text(&fields, "node").and_then(|origin| {
+        let seq = field_text(&fields, "seq")?
             .parse::<u64>()
             .map_err(|e| format!("bad seq: {e}"))?;
-        let target = decode_target(&field_text(map, "target")?)?;
-        let payload = ByteString::from(field_text(map, "payload")?);
-        Ok(InEntry {
-            id: sid,
-            origin,
-            seq,
-            target,
-            payload,
-        })
-    })();
-    (Some(sid), entry)
+        Ok((origin, seq))
+    });
+    entry.content = match sender {
+        Ok(sender) => {
+            entry.sender = Some(sender);
+            field_text(&fields, "target")
+                .and_then(|t| decode_target(&t))
+                .and_then(|target| {
+                    let payload = ByteString::from(field_text(&fields, "payload")?);
+                    Ok((target, payload))
+                })
+        }
+        Err(e) => Err(e),
+    };
+    entry
+}
+
+/// Decodes a raw `XREAD` reply (RESP2 or RESP3; nil when the block expired
+/// with nothing new) into its entries. Only a reply of the wrong shape is an
+/// error, and its message never quotes the reply.
+pub fn decode_read_reply(reply: &redis::Value) -> Result<Vec<InEntry>, String> {
+    let mut out = Vec::new();
+    let mut read_entries = |entries: &redis::Value| match entries {
+        redis::Value::Array(entries) => {
+            out.extend(entries.iter().map(decode_entry));
+            Ok(())
+        }
+        redis::Value::Nil => Ok(()),
+        other => Err(format!(
+            "XREAD: a stream's entries are a {}",
+            value_kind(other)
+        )),
+    };
+    match reply {
+        redis::Value::Nil => {}
+        redis::Value::Array(streams) => {
+            for stream in streams {
+                match stream {
+                    redis::Value::Array(kv) if kv.len() == 2 => read_entries(&kv[1])?,
+                    other => return Err(format!("XREAD: a stream is a {}", value_kind(other))),
+                }
+            }
+        }
+        redis::Value::Map(streams) => {
+            for (_, entries) in streams {
+                read_entries(entries)?;
+            }
+        }
+        other => return Err(format!("XREAD: the reply is a {}", value_kind(other))),
+    }
+    Ok(out)
+}
+
+/// The id of the newest entry from a raw `XREVRANGE … COUNT 1` reply,
+/// `0-0` for an empty (or absent) stream. Reads the id only: the newest
+/// entry's fields may be anything.
+pub fn decode_top_id(reply: &redis::Value) -> Result<StreamId, String> {
+    let redis::Value::Array(entries) = reply else {
+        return Err(format!("XREVRANGE: the reply is a {}", value_kind(reply)));
+    };
+    let Some(newest) = entries.first() else {
+        return Ok(StreamId::default());
+    };
+    let id = match newest {
+        redis::Value::Array(parts) => parts.first().and_then(value_bytes),
+        _ => None,
+    };
+    id.and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(StreamId::parse)
+        .ok_or_else(|| "XREVRANGE: the newest entry has no valid id".to_owned())
 }
 
 // ---------------------------------------------------------------------------
@@ -355,12 +508,18 @@ pub enum Seen {
 
 /// The last sequence number seen from every other origin, in bounded
 /// memory: at most [`MAX_ORIGINS`], each forgotten after [`ORIGIN_TTL`]
-/// without news.
+/// without news *while linked*.
+///
+/// Origins age only while the link is up ([`pause`](Self::pause) /
+/// [`resume`](Self::resume)): a node cannot hear anyone while it is cut
+/// off, and forgetting an origin then would make the gap it missed
+/// uncountable once it is back.
 #[derive(Debug)]
 pub struct SeqTracker {
     own: String,
     last: HashMap<String, (u64, Instant)>,
     max_origins: usize,
+    paused_since: Option<Instant>,
 }
 
 impl SeqTracker {
@@ -370,6 +529,28 @@ impl SeqTracker {
             own: own.into(),
             last: HashMap::new(),
             max_origins: max_origins.max(1),
+            paused_since: None,
+        }
+    }
+
+    /// The link went down at `now`: origins stop aging (no sweeping).
+    pub fn pause(&mut self, now: Instant) {
+        if self.paused_since.is_none() {
+            self.paused_since = Some(now);
+        }
+    }
+
+    /// The link is back at `now`: every origin's age resumes from where it
+    /// was when the link went down.
+    pub fn resume(&mut self, now: Instant) {
+        let Some(since) = self.paused_since.take() else {
+            return;
+        };
+        let offline = now.saturating_duration_since(since);
+        for (_, heard) in self.last.values_mut() {
+            if let Some(shifted) = heard.checked_add(offline) {
+                *heard = shifted;
+            }
         }
     }
 
@@ -406,8 +587,12 @@ impl SeqTracker {
         Seen::New { lost: 0 }
     }
 
-    /// Forgets origins not heard from for [`ORIGIN_TTL`].
+    /// Forgets origins not heard from for [`ORIGIN_TTL`] of linked time;
+    /// does nothing while paused.
     pub fn sweep(&mut self, now: Instant) {
+        if self.paused_since.is_some() {
+            return;
+        }
         self.last
             .retain(|_, (_, heard)| now.saturating_duration_since(*heard) < ORIGIN_TTL);
     }
@@ -494,14 +679,25 @@ impl LinkState {
 
     /// The attempt succeeded at `now`. Returns how long the link was down,
     /// if it had been up before (a reconnect).
+    ///
+    /// The backoff is not reset here but by [`healthy`](Self::healthy): a
+    /// link that dies right after connecting keeps backing off instead of
+    /// retrying at the shortest wait forever.
     pub fn connected(&mut self, now: Instant) -> Option<Duration> {
         let since = self.down_since();
         self.phase = Phase::Up { since: now };
-        self.attempt = 0;
         since.map(|s| {
             self.reconnects += 1;
             now.saturating_duration_since(s)
         })
+    }
+
+    /// The link has proved itself (a read came back on it): the next outage
+    /// starts backing off from the shortest wait again.
+    pub fn healthy(&mut self) {
+        if self.is_up() {
+            self.attempt = 0;
+        }
     }
 
     /// The attempt failed; returns how long to wait before the next one.
@@ -570,14 +766,18 @@ pub fn sum_presence(
             continue;
         }
         for (field, value) in hash {
+            // Another node's numbers are capped and added saturating: a
+            // corrupt hash must not overflow (or dwarf) the totals.
             let Ok(n) = value.parse::<usize>() else {
                 continue;
             };
+            let n = n.min(MAX_PRESENCE_COUNT);
             if field == "sessions" {
-                total.sessions += n;
+                total.sessions = total.sessions.saturating_add(n);
             } else if let Some(room) = field.strip_prefix(ROOM_FIELD) {
                 if let Ok(room) = RoomName::new(room) {
-                    *total.rooms.entry(room).or_insert(0) += n;
+                    let count = total.rooms.entry(room).or_insert(0);
+                    *count = count.saturating_add(n);
                 }
             }
         }
@@ -649,7 +849,7 @@ pub struct Leave;
 #[rtype(result = "()")]
 struct Inbound {
     generation: u64,
-    entries: Vec<(Option<StreamId>, Result<InEntry, String>)>,
+    entries: Vec<InEntry>,
 }
 
 /// The node's name (presence, logs) and its origin id on the stream.
@@ -799,54 +999,66 @@ impl ClusterBridge {
         let client = self.client.clone();
         let stream = self.keys.stream.clone();
         let name = self.node.name.clone();
+        let setup = async move {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(COMMAND_TIMEOUT));
+            let mut publisher = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(short_error)?;
+            // The reader's reads block for READ_BLOCK; it has its own
+            // deadline (READ_BLOCK + READ_GRACE) instead.
+            let mut reader = client
+                .get_multiplexed_async_connection_with_config(
+                    &config.clone().set_response_timeout(None),
+                )
+                .await
+                .map_err(short_error)?;
+            // Named, so that an operator (or a test) can tell them apart
+            // in CLIENT LIST.
+            redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(format!("happynet-{name}-pub"))
+                .exec_async(&mut publisher)
+                .await
+                .map_err(short_error)?;
+            redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(format!("happynet-{name}-read"))
+                .exec_async(&mut reader)
+                .await
+                .map_err(short_error)?;
+            // The newest entry's id now: where a fresh node starts, and
+            // the end of what a reconnecting node replays. Read raw and
+            // only the id: the entry's fields may be anything.
+            let newest: redis::Value = redis::cmd("XREVRANGE")
+                .arg(&stream)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut publisher)
+                .await
+                .map_err(short_error)?;
+            let top = decode_top_id(&newest)?;
+            Ok::<_, String>((publisher, reader, top))
+        };
         ctx.spawn(
             async move {
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(COMMAND_TIMEOUT));
-                let mut publisher = client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await?;
-                // The reader's reads block for READ_BLOCK; it has its own
-                // deadline (READ_BLOCK + READ_GRACE) instead.
-                let mut reader = client
-                    .get_multiplexed_async_connection_with_config(
-                        &config.clone().set_response_timeout(None),
-                    )
-                    .await?;
-                // Named, so that an operator (or a test) can tell them apart
-                // in CLIENT LIST.
-                redis::cmd("CLIENT")
-                    .arg("SETNAME")
-                    .arg(format!("happynet-{name}-pub"))
-                    .exec_async(&mut publisher)
-                    .await?;
-                redis::cmd("CLIENT")
-                    .arg("SETNAME")
-                    .arg(format!("happynet-{name}-read"))
-                    .exec_async(&mut reader)
-                    .await?;
-                // The newest entry now: where a fresh node starts, and the
-                // end of what a reconnecting node replays.
-                let newest: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-                    .arg(&stream)
-                    .arg("+")
-                    .arg("-")
-                    .arg("COUNT")
-                    .arg(1)
-                    .query_async(&mut publisher)
-                    .await?;
-                let top = newest
-                    .ids
-                    .first()
-                    .and_then(|e| StreamId::parse(&e.id))
-                    .unwrap_or_default();
-                Ok::<_, redis::RedisError>((publisher, reader, top))
+                // The reader's connection has no response timeout (its
+                // reads have their own deadline), so its setup would wait
+                // forever on a server that accepts and never answers: the
+                // whole setup has one deadline.
+                tokio::time::timeout(SETUP_TIMEOUT, setup)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {SETUP_TIMEOUT:?}")))
             }
             .into_actor(self)
             .map(|result, bridge, ctx| match result {
                 Ok((publisher, reader, top)) => bridge.link_up(ctx, publisher, reader, top),
                 Err(e) => {
+                    let e = short_error(e);
                     let wait = bridge.link.connect_failed(bridge.jitter.unit());
                     let first = bridge.stats.last_error.is_none();
                     bridge.stats.last_error = Some(format!("connect: {e}"));
@@ -873,6 +1085,7 @@ impl ClusterBridge {
         let now = Instant::now();
         self.generation += 1;
         let down_for = self.link.connected(now);
+        self.seqs.resume(now);
         self.stats.reconnects = self.link.reconnects();
         self.stats.last_error = None;
         self.publisher = Some(publisher);
@@ -908,9 +1121,12 @@ impl ClusterBridge {
     }
 
     fn link_lost(&mut self, ctx: &mut Context<Self>, why: String) {
-        let Some(wait) = self.link.lost(Instant::now(), self.jitter.unit()) else {
+        let now = Instant::now();
+        let Some(wait) = self.link.lost(now, self.jitter.unit()) else {
             return;
         };
+        let why = short_error(why);
+        self.seqs.pause(now);
         self.generation += 1;
         if let Some(reader) = self.reader.take() {
             ctx.cancel_future(reader);
@@ -956,7 +1172,9 @@ impl ClusterBridge {
                         .arg("STREAMS")
                         .arg(&stream)
                         .arg(last.to_string());
-                    let read = xread.query_async::<Option<StreamReadReply>>(&mut conn);
+                    // Raw: each entry is decoded on its own, so one that is
+                    // malformed cannot fail the whole read.
+                    let read = xread.query_async::<redis::Value>(&mut conn);
                     let reply = match tokio::time::timeout(READ_BLOCK + READ_GRACE, read).await {
                         Err(_) => {
                             return format!(
@@ -964,18 +1182,15 @@ impl ClusterBridge {
                                 READ_BLOCK + READ_GRACE
                             )
                         }
-                        Ok(Err(e)) => return format!("XREAD: {e}"),
+                        Ok(Err(e)) => return short_error(format!("XREAD: {e}")),
                         Ok(Ok(reply)) => reply,
                     };
-                    let mut entries = Vec::new();
-                    for key in reply.map(|r| r.keys).unwrap_or_default() {
-                        for e in key.ids {
-                            let (id, entry) = decode_entry(&e.id, &e.map);
-                            if let Some(id) = id {
-                                last = last.max(id);
-                            }
-                            entries.push((id, entry));
-                        }
+                    let entries = match decode_read_reply(&reply) {
+                        Ok(entries) => entries,
+                        Err(e) => return e,
+                    };
+                    for id in entries.iter().filter_map(|e| e.id) {
+                        last = last.max(id);
                     }
                     // An empty batch (the block expired) still goes: it
                     // tells a reconnected bridge that it has caught up.
@@ -1033,7 +1248,7 @@ impl ClusterBridge {
                     Ok(Err(e)) => {
                         bridge.outbox.failed();
                         if bridge.generation == generation {
-                            bridge.link_lost(ctx, format!("XADD: {e}"));
+                            bridge.link_lost(ctx, short_error(format!("XADD: {e}")));
                         } else {
                             bridge.flush(ctx);
                         }
@@ -1142,6 +1357,7 @@ impl ClusterBridge {
             }
             Ok::<_, String>((total, others.len() - dead.len()))
         };
+        let generation = self.generation;
         let handle = ctx.spawn(
             async move {
                 tokio::time::timeout(COMMAND_TIMEOUT, round)
@@ -1149,8 +1365,13 @@ impl ClusterBridge {
                     .unwrap_or_else(|_| Err("presence: no answer in time".to_owned()))
             }
             .into_actor(self)
-            .map(|result, bridge, _| {
+            .map(move |result, bridge, _| {
                 bridge.presence_round = None;
+                // A round from before the link dropped would overwrite the
+                // reset (link_lost) with stale totals.
+                if bridge.generation != generation {
+                    return;
+                }
                 match result {
                     Ok((total, peers)) => {
                         bridge.stats.peers = peers;
@@ -1159,7 +1380,7 @@ impl ClusterBridge {
                         bridge.hub.do_send(total);
                     }
                     // The reader notices a dead link; this is only logged.
-                    Err(e) => log::debug!("cluster: {e}"),
+                    Err(e) => log::debug!("cluster: {}", short_error(e)),
                 }
             }),
         );
@@ -1172,57 +1393,69 @@ impl ClusterBridge {
     /// counts gaps, hands the rest to the hub. Returns the delivery of the
     /// batch's last broadcast, which completes once the hub has handled the
     /// whole batch (its mailbox is FIFO).
-    fn on_inbound(
-        &mut self,
-        entries: Vec<(Option<StreamId>, Result<InEntry, String>)>,
-    ) -> Option<Broadcast> {
+    fn on_inbound(&mut self, entries: Vec<InEntry>) -> Option<Broadcast> {
         let now = Instant::now();
         let mut deliveries: Vec<Broadcast> = Vec::new();
         let mut newest = None;
-        for (id, entry) in entries {
-            if let Some(id) = id {
+        for entry in entries {
+            if let Some(id) = entry.id {
                 self.last_id = Some(self.last_id.map_or(id, |l| l.max(id)));
                 newest = Some(id);
             }
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) => {
+            // The sequence is tracked even when the rest is malformed: the
+            // entry was published, so it is not a gap.
+            let seen = entry
+                .sender
+                .as_ref()
+                .map(|(origin, seq)| (origin, *seq, self.seqs.observe(origin, *seq, now)));
+            if let Some((origin, seq, Seen::New { lost })) = seen {
+                if lost > 0 {
+                    self.stats.lost_inbound = self.stats.lost_inbound.saturating_add(lost);
+                    if let Some(c) = &mut self.catch_up {
+                        c.lost = c.lost.saturating_add(lost);
+                    }
+                    log::warn!(
+                        "cluster: {lost} messages from node {origin} were lost (sequence {}..={}), e.g. trimmed from the stream or dropped from its outbox",
+                        seq.saturating_sub(lost),
+                        seq.saturating_sub(1)
+                    );
+                }
+            }
+            let (target, payload) = match (seen.map(|(_, _, seen)| seen), entry.content) {
+                (Some(Seen::New { .. }), Ok(content)) => content,
+                (Some(Seen::Own), Ok(_)) => {
+                    self.stats.skipped_own += 1;
+                    continue;
+                }
+                (Some(Seen::Duplicate), Ok(_)) => {
+                    self.stats.duplicates += 1;
+                    continue;
+                }
+                (_, Err(e)) => {
                     self.stats.malformed += 1;
                     if self.stats.malformed.is_power_of_two() {
                         log::warn!(
-                            "cluster: skipped a malformed stream entry ({e}); {} so far",
+                            "cluster: skipped a malformed stream entry ({}); {} so far",
+                            short_error(e),
                             self.stats.malformed
                         );
                     }
                     continue;
                 }
+                // Content decodes only with a sender (decode_entry).
+                (None, Ok(_)) => {
+                    self.stats.malformed += 1;
+                    continue;
+                }
             };
-            match self.seqs.observe(&entry.origin, entry.seq, now) {
-                Seen::Own => self.stats.skipped_own += 1,
-                Seen::Duplicate => self.stats.duplicates += 1,
-                Seen::New { lost } => {
-                    if lost > 0 {
-                        self.stats.lost_inbound += lost;
-                        if let Some(c) = &mut self.catch_up {
-                            c.lost += lost;
-                        }
-                        log::warn!(
-                            "cluster: {lost} messages from node {} were lost (sequence {}..={}), e.g. trimmed from the stream or dropped from its outbox",
-                            entry.origin,
-                            entry.seq - lost,
-                            entry.seq - 1
-                        );
-                    }
-                    self.stats.received += 1;
-                    if let Some(c) = &mut self.catch_up {
-                        if entry.id <= c.top {
-                            c.replayed += 1;
-                            self.stats.replayed += 1;
-                        }
-                    }
-                    deliveries.push(Broadcast::from_cluster(entry.target, entry.payload));
+            self.stats.received += 1;
+            if let Some(c) = &mut self.catch_up {
+                if entry.id.is_some_and(|id| id <= c.top) {
+                    c.replayed += 1;
+                    self.stats.replayed += 1;
                 }
             }
+            deliveries.push(Broadcast::from_cluster(target, payload));
         }
         if let Some(c) = self.catch_up {
             // Caught up once a read ends past the old top (or comes back
@@ -1285,6 +1518,11 @@ impl Handler<Relay> for ClusterBridge {
     type Result = ();
 
     fn handle(&mut self, msg: Relay, ctx: &mut Self::Context) {
+        // Nobody to deliver to anywhere; published, it would only be a
+        // malformed entry on every other node.
+        if matches!(&msg.target, RelayTarget::Rooms(rooms) if rooms.is_empty()) {
+            return;
+        }
         match self.outbox.push(msg.target, msg.payload) {
             Pushed::Queued => {}
             Pushed::DroppedOldest | Pushed::DroppedNew => {
@@ -1308,6 +1546,8 @@ impl Handler<Inbound> for ClusterBridge {
         if msg.generation != self.generation {
             return Box::pin(async {});
         }
+        // A read came back on this connection: it works.
+        self.link.healthy();
         let last = self.on_inbound(msg.entries);
         let hub = self.hub.clone();
         // send (not try_send) for the last one: waiting for its answer is
@@ -1428,23 +1668,120 @@ mod tests {
         assert!(decode_target(r#"[""]"#).is_err(), "an empty room name");
     }
 
+    fn bulk(s: &[u8]) -> redis::Value {
+        redis::Value::BulkString(s.to_vec())
+    }
+
+    /// A raw entry as Redis sends it: `[id, [name, value, …]]`.
+    fn raw_entry(id: &str, fields: &[(&[u8], &[u8])]) -> redis::Value {
+        let flat = fields
+            .iter()
+            .flat_map(|(k, v)| [bulk(k), bulk(v)])
+            .collect();
+        redis::Value::Array(vec![bulk(id.as_bytes()), redis::Value::Array(flat)])
+    }
+
+    fn good(id: &str, node: &str, seq: &str) -> redis::Value {
+        raw_entry(
+            id,
+            &[
+                (b"node", node.as_bytes()),
+                (b"seq", seq.as_bytes()),
+                (b"target", b"all"),
+                (b"payload", b"hello"),
+            ],
+        )
+    }
+
     #[test]
     fn entries_decode_or_say_why_not() {
-        let mut map = HashMap::new();
-        let bulk = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
-        map.insert("node".to_owned(), bulk("n1"));
-        map.insert("seq".to_owned(), bulk("7"));
-        map.insert("target".to_owned(), bulk("all"));
-        map.insert("payload".to_owned(), bulk("hello"));
-        let (id, entry) = decode_entry("5-1", &map);
-        assert_eq!(id, Some(StreamId { ms: 5, seq: 1 }));
-        let entry = entry.expect("decodes");
-        assert_eq!((entry.origin.as_str(), entry.seq), ("n1", 7));
-        assert_eq!(&*entry.payload, "hello");
-        map.remove("seq");
-        let (id, entry) = decode_entry("5-2", &map);
-        assert!(id.is_some(), "the reader can still move past it");
-        assert_eq!(entry.err(), Some("field seq is missing".to_owned()));
+        let entry = decode_entry(&good("5-1", "n1", "7"));
+        assert_eq!(entry.id, Some(StreamId { ms: 5, seq: 1 }));
+        assert_eq!(entry.sender, Some(("n1".to_owned(), 7)));
+        assert_eq!(entry.content, Ok((Target::All, text("hello"))));
+
+        let no_seq = decode_entry(&raw_entry("5-2", &[(b"node", b"n1")]));
+        assert!(no_seq.id.is_some(), "the reader can still move past it");
+        assert_eq!(no_seq.sender, None);
+        assert_eq!(no_seq.content, Err("field seq is missing".to_owned()));
+
+        // A good sender with a bad target: the tracker still sees the seq.
+        let bad_target = decode_entry(&raw_entry(
+            "5-3",
+            &[(b"node", b"n1"), (b"seq", b"8"), (b"target", b"[]")],
+        ));
+        assert_eq!(bad_target.sender, Some(("n1".to_owned(), 8)));
+        assert!(bad_target.content.is_err());
+
+        // Binary field names and values are just not ours.
+        let binary = decode_entry(&raw_entry("5-4", &[(b"\xff", b"x")]));
+        assert_eq!(binary.id, Some(StreamId { ms: 5, seq: 4 }));
+        assert_eq!(binary.content, Err("field node is missing".to_owned()));
+        let binary_payload = decode_entry(&raw_entry(
+            "5-5",
+            &[
+                (b"node", b"n1"),
+                (b"seq", b"9"),
+                (b"target", b"all"),
+                (b"payload", b"\xff"),
+            ],
+        ));
+        assert_eq!(binary_payload.sender, Some(("n1".to_owned(), 9)));
+        assert_eq!(
+            binary_payload.content,
+            Err("field payload is not UTF-8".to_owned())
+        );
+        let not_an_entry = decode_entry(&redis::Value::Int(3));
+        assert_eq!((not_an_entry.id, not_an_entry.sender), (None, None));
+    }
+
+    #[test]
+    fn a_malformed_entry_does_not_fail_the_read() {
+        let stream = |entries: Vec<redis::Value>| {
+            redis::Value::Array(vec![redis::Value::Array(vec![
+                bulk(b"happynet:broadcasts"),
+                redis::Value::Array(entries),
+            ])])
+        };
+        let reply = stream(vec![
+            raw_entry("1-0", &[(b"\xff", b"x")]),
+            good("2-0", "n1", "1"),
+        ]);
+        let entries = decode_read_reply(&reply).expect("the read decodes");
+        assert_eq!(entries.len(), 2);
+        assert!(entries[0].content.is_err());
+        assert_eq!(entries[1].content, Ok((Target::All, text("hello"))));
+        // RESP3 shape, and the nil of an expired block.
+        let resp3 = redis::Value::Map(vec![(
+            bulk(b"happynet:broadcasts"),
+            redis::Value::Array(vec![good("3-0", "n1", "2")]),
+        )]);
+        assert_eq!(decode_read_reply(&resp3).map(|e| e.len()), Ok(1));
+        assert_eq!(decode_read_reply(&redis::Value::Nil), Ok(Vec::new()));
+        // A reply of the wrong shape is an error that quotes nothing.
+        let secret = bulk(b"a private message");
+        let err = decode_read_reply(&secret).expect_err("not a reply");
+        assert!(!err.contains("private"), "{err}");
+    }
+
+    #[test]
+    fn the_top_id_is_read_without_the_entry() {
+        let reply = redis::Value::Array(vec![raw_entry("9-3", &[(b"\xff", b"\xfe")])]);
+        assert_eq!(decode_top_id(&reply), Ok(StreamId { ms: 9, seq: 3 }));
+        assert_eq!(
+            decode_top_id(&redis::Value::Array(Vec::new())),
+            Ok(StreamId::default())
+        );
+        assert!(decode_top_id(&redis::Value::Nil).is_err());
+    }
+
+    #[test]
+    fn errors_are_cut_short() {
+        assert_eq!(short_error("short"), "short");
+        let long = "é".repeat(MAX_ERROR_CHARS + 50);
+        let cut = short_error(&long);
+        assert_eq!(cut.chars().count(), MAX_ERROR_CHARS + 1);
+        assert!(cut.ends_with('…'));
     }
 
     #[test]
@@ -1539,7 +1876,8 @@ mod tests {
         assert!(l.start_connect());
         assert_eq!(l.connected(t0), None, "never up before: not a reconnect");
         assert!(l.is_up());
-        assert_eq!(l.lost(t0 + ms(10), 0.0), Some(ms(100)), "attempts reset");
+        l.healthy();
+        assert_eq!(l.lost(t0 + ms(10), 0.99), Some(ms(199)), "attempts reset");
         assert_eq!(l.lost(t0 + ms(10), 0.0), None, "already down");
         assert_eq!(l.down_since(), Some(t0 + ms(10)));
         for _ in 0..10 {
@@ -1549,6 +1887,71 @@ mod tests {
         assert!(l.start_connect());
         assert_eq!(l.connected(t0 + ms(510)), Some(ms(500)));
         assert_eq!(l.reconnects(), 1);
+    }
+
+    #[test]
+    fn a_link_that_dies_at_once_keeps_backing_off() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut l = LinkState::new(ms(100), ms(10_000));
+        let mut waits = Vec::new();
+        for i in 0..5 {
+            assert!(l.start_connect());
+            l.connected(t0 + ms(i));
+            // Dies before a single read came back: no reset.
+            waits.push(l.lost(t0 + ms(i), 0.99).expect("was up"));
+        }
+        assert!(waits.windows(2).all(|w| w[1] > w[0]), "{waits:?}");
+        // Once a read succeeds, the next outage starts from the bottom.
+        assert!(l.start_connect());
+        l.connected(t0);
+        l.healthy();
+        assert_eq!(l.lost(t0, 0.99), Some(ms(199)));
+    }
+
+    #[test]
+    fn origins_do_not_age_while_the_link_is_down() {
+        let t0 = Instant::now();
+        let mut t = SeqTracker::new("me", 10);
+        t.observe("a", 5, t0);
+        t.pause(t0 + Duration::from_secs(1));
+        // Down for twice the TTL: nothing is forgotten.
+        t.sweep(t0 + ORIGIN_TTL * 2);
+        assert_eq!(t.len(), 1);
+        t.resume(t0 + ORIGIN_TTL * 2);
+        t.sweep(t0 + ORIGIN_TTL * 2 + Duration::from_secs(1));
+        assert_eq!(t.len(), 1, "only 2 s of linked time have passed");
+        assert_eq!(
+            t.observe("a", 9, t0 + ORIGIN_TTL * 2 + Duration::from_secs(2)),
+            Seen::New { lost: 3 },
+            "the gap is still counted"
+        );
+        // Linked time does age it.
+        t.sweep(t0 + ORIGIN_TTL * 3 + Duration::from_secs(3));
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn remote_numbers_cannot_overflow() {
+        let t0 = Instant::now();
+        let mut t = SeqTracker::new("me", 10);
+        t.observe("a", 1, t0);
+        assert_eq!(
+            t.observe("a", u64::MAX, t0),
+            Seen::New { lost: u64::MAX - 2 }
+        );
+        assert_eq!(t.observe("a", u64::MAX, t0), Seen::Duplicate);
+        let huge = |n: &str| {
+            [("sessions", n), ("r:lobby", n)]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>()
+        };
+        let max = usize::MAX.to_string();
+        let nodes = vec!["a".to_owned(), "b".to_owned()];
+        let (total, _) = sum_presence(&nodes, &[huge(&max), huge(&max)]);
+        assert_eq!(total.sessions, 2 * MAX_PRESENCE_COUNT);
+        assert_eq!(total.rooms[&room("lobby")], 2 * MAX_PRESENCE_COUNT);
     }
 
     #[test]

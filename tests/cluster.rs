@@ -817,6 +817,74 @@ async fn a_node_that_lost_its_link_replays_what_it_missed_from_the_stream() {
     assert_eq!((s1.lost_inbound, s1.duplicates), (0, 0));
 }
 
+/// `XADD`s `fields` (any bytes) to the cluster's stream with a plain Redis
+/// connection, as a foreign or broken writer would.
+fn xadd_raw(admin: &mut redis::Connection, fields: &[(&[u8], &[u8])]) {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg("happynet:broadcasts").arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    let _: String = cmd.query(admin).expect("XADD");
+}
+
+#[actix_web::test]
+async fn a_malformed_entry_is_skipped_and_counted_and_the_link_stays_up() {
+    init_logs();
+    let redis = Redis::start();
+    let (nodes, _a, mut b) = two_linked_nodes(&redis, "").await;
+    let mut admin = redis.conn();
+
+    // A field name that is not UTF-8: once, this failed every node's reads.
+    xadd_raw(&mut admin, &[(b"\xff", b"x")]);
+    // While it is the newest entry, a fresh node can still link up.
+    let fresh = Node::start(node_config(&redis, "", ""));
+    fresh.wait_ready(200).await;
+
+    assert_eq!(nodes[0].broadcast(None, "after-binary").await, 202);
+    let mut seen = Vec::new();
+    collect_until(&mut b, &mut seen, |s| !s.is_empty()).await;
+    assert_eq!(seen, ["after-binary"]);
+    let s1 = nodes[1]
+        .wait_stats("the good entry received", |s| s.received == 2)
+        .await;
+    assert_eq!(s1.malformed, 1, "{s1:?}");
+    assert!(s1.link_up && s1.last_error.is_none(), "{s1:?}");
+    assert_eq!((s1.reconnects, s1.lost_inbound), (0, 0), "{s1:?}");
+    assert_eq!(nodes[1].ready_status().await, 200);
+    let s2 = fresh
+        .wait_stats("the fresh node reads past it", |s| s.received == 1)
+        .await;
+    assert_eq!((s2.malformed, s2.reconnects), (0, 0), "it started after it");
+
+    // A good origin and sequence with a bad target (an empty room list):
+    // skipped as malformed, but its sequence is no gap.
+    let entry = |seq: &'static [u8], target: &'static [u8], payload: &'static [u8]| {
+        [
+            (&b"node"[..], &b"foreign"[..]),
+            (b"seq", seq),
+            (b"target", target),
+            (b"payload", payload),
+        ]
+    };
+    xadd_raw(&mut admin, &entry(b"1", b"all", b"foreign-1"));
+    xadd_raw(&mut admin, &entry(b"2", b"[]", b"foreign-2"));
+    xadd_raw(&mut admin, &entry(b"3", b"all", b"foreign-3"));
+    let mut seen = Vec::new();
+    collect_until(&mut b, &mut seen, |s| s.len() >= 2).await;
+    assert_eq!(seen, ["foreign-1", "foreign-3"]);
+    let s1 = nodes[1]
+        .wait_stats("the foreign entries counted", |s| s.malformed == 2)
+        .await;
+    assert_eq!(
+        (s1.received, s1.lost_inbound, s1.reconnects),
+        (4, 0, 0),
+        "{s1:?}"
+    );
+    assert!(s1.link_up, "{s1:?}");
+    assert_eq!(nodes[1].ready_status().await, 200);
+}
+
 // ---------------------------------------------------------------------------
 // Shared rate limits
 // ---------------------------------------------------------------------------

@@ -637,7 +637,12 @@ impl BroadcastHub {
             let mut rooms: Vec<(RoomName, usize)> = self
                 .rooms
                 .occupancy()
-                .map(|(r, n)| (r.clone(), n + remote.get(r).copied().unwrap_or(0)))
+                .map(|(r, n)| {
+                    (
+                        r.clone(),
+                        n.saturating_add(remote.get(r).copied().unwrap_or(0)),
+                    )
+                })
                 .collect();
             rooms.extend(
                 remote
@@ -646,7 +651,9 @@ impl BroadcastHub {
                     .map(|(r, &n)| (r.clone(), n)),
             );
             protocol::presence_frame(
-                self.sessions.len() + self.remote_presence.sessions,
+                self.sessions
+                    .len()
+                    .saturating_add(self.remote_presence.sessions),
                 rooms.iter().map(|(r, n)| (r, *n)),
             )
         };
