@@ -587,6 +587,12 @@ pub const WEBHOOK_UPSTREAM: &str = "alerts.webhook";
 /// Like [`validate_url`], but a query string is allowed: many webhook
 /// services put a routing key there.
 fn validate_webhook_url(path: &str, url: &str) -> Result<(), ConfigError> {
+    parse_http_url(path, url).map(|_| ())
+}
+
+/// An absolute `http://` or `https://` URL with a host, or an error naming
+/// `path`.
+fn parse_http_url(path: &str, url: &str) -> Result<actix_web::http::Uri, ConfigError> {
     let uri: actix_web::http::Uri = url
         .parse()
         .map_err(|e| ConfigError::invalid(path, format!("is not a URL: {e}")))?;
@@ -596,7 +602,7 @@ fn validate_webhook_url(path: &str, url: &str) -> Result<(), ConfigError> {
             "must be an http:// or https:// URL with a host",
         ));
     }
-    Ok(())
+    Ok(uri)
 }
 
 fn validate_headers(at: &str, headers: &BTreeMap<String, String>) -> Result<(), ConfigError> {
@@ -1412,15 +1418,7 @@ impl NetworkConfig {
 }
 
 fn validate_url(path: &str, url: &str) -> Result<(), ConfigError> {
-    let uri: actix_web::http::Uri = url
-        .parse()
-        .map_err(|e| ConfigError::invalid(path, format!("is not a URL: {e}")))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-        return Err(ConfigError::invalid(
-            path,
-            "must be an http:// or https:// URL with a host",
-        ));
-    }
+    let uri = parse_http_url(path, url)?;
     if uri.query().is_some() {
         return Err(ConfigError::invalid(path, "must not have a query string"));
     }
