@@ -390,6 +390,11 @@ pub struct OutEntry {
 #[derive(Debug)]
 pub struct Outbox {
     max: usize,
+    /// The payload bytes the outbox may hold: broadcasts can be large, so a
+    /// count alone does not bound memory during an outage.
+    max_bytes: usize,
+    /// Payload bytes held now (waiting or being sent).
+    bytes: usize,
     queue: VecDeque<OutEntry>,
     next_seq: u64,
     in_flight: usize,
@@ -408,10 +413,13 @@ pub enum Pushed {
 }
 
 impl Outbox {
-    /// An empty outbox holding at most `max` entries (at least one).
-    pub fn new(max: usize) -> Self {
+    /// An empty outbox holding at most `max` entries (at least one) and
+    /// `max_bytes` payload bytes.
+    pub fn new(max: usize, max_bytes: usize) -> Self {
         Outbox {
             max: max.max(1),
+            max_bytes,
+            bytes: 0,
             queue: VecDeque::new(),
             next_seq: 1,
             in_flight: 0,
@@ -420,20 +428,32 @@ impl Outbox {
     }
 
     /// Queues a broadcast under the next sequence number, dropping the
-    /// oldest entry not being sent if the outbox is full.
+    /// oldest entries not being sent while the outbox is over its count or
+    /// its bytes. A broadcast that cannot fit beside what is being sent (or
+    /// is larger than `max_bytes` on its own) is dropped itself.
     pub fn push(&mut self, target: RelayTarget, payload: ByteString) -> Pushed {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let mut pushed = Pushed::Queued;
-        if self.queue.len() >= self.max {
+        let size = payload.len();
+        if size > self.max_bytes {
+            // It could never fit: evict nothing for it.
             self.lost += 1;
-            if self.in_flight < self.queue.len() {
-                self.queue.remove(self.in_flight);
-                pushed = Pushed::DroppedOldest;
-            } else {
+            return Pushed::DroppedNew;
+        }
+        let mut pushed = Pushed::Queued;
+        while self.queue.len() >= self.max || self.bytes.saturating_add(size) > self.max_bytes {
+            if self.in_flight >= self.queue.len() {
+                // Only entries being sent are left: they stay.
+                self.lost += 1;
                 return Pushed::DroppedNew;
             }
+            if let Some(old) = self.queue.remove(self.in_flight) {
+                self.bytes -= old.payload.len();
+            }
+            self.lost += 1;
+            pushed = Pushed::DroppedOldest;
         }
+        self.bytes += size;
         self.queue.push_back(OutEntry {
             seq,
             target,
@@ -455,7 +475,8 @@ impl Outbox {
     /// The batch from [`take`](Self::take) was published.
     pub fn acked(&mut self) -> usize {
         let n = self.in_flight;
-        self.queue.drain(..n);
+        let sent: usize = self.queue.drain(..n).map(|e| e.payload.len()).sum();
+        self.bytes -= sent;
         self.in_flight = 0;
         n
     }
@@ -468,7 +489,14 @@ impl Outbox {
     /// Every entry not being sent, for a last flush (the outbox is
     /// emptied of them).
     pub fn drain_waiting(&mut self) -> Vec<OutEntry> {
-        self.queue.drain(self.in_flight..).collect()
+        let waiting: Vec<OutEntry> = self.queue.drain(self.in_flight..).collect();
+        self.bytes -= waiting.iter().map(|e| e.payload.len()).sum::<usize>();
+        waiting
+    }
+
+    /// Payload bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Entries waiting or being sent.
@@ -962,7 +990,7 @@ impl ClusterBridge {
             flushing: false,
             presence_round: None,
             leaving: false,
-            outbox: Outbox::new(config.outbox_max),
+            outbox: Outbox::new(config.outbox_max, config.outbox_max_bytes),
             outbox_warned: false,
             seqs: SeqTracker::new(node.origin.clone(), MAX_ORIGINS),
             last_id: None,
@@ -1529,8 +1557,9 @@ impl Handler<Relay> for ClusterBridge {
                 if !self.outbox_warned {
                     self.outbox_warned = true;
                     log::warn!(
-                        "cluster: outbox full ({} broadcasts); dropping the oldest broadcasts meant for other nodes until the link catches up",
-                        self.outbox.max
+                        "cluster: outbox full ({} broadcasts or {} bytes); dropping the oldest broadcasts meant for other nodes until the link catches up",
+                        self.outbox.max,
+                        self.outbox.max_bytes
                     );
                 }
             }
@@ -1786,7 +1815,7 @@ mod tests {
 
     #[test]
     fn the_outbox_numbers_entries_and_drops_the_oldest_when_full() {
-        let mut o = Outbox::new(3);
+        let mut o = Outbox::new(3, usize::MAX);
         for i in 0..3 {
             assert_eq!(
                 o.push(RelayTarget::All, text(&i.to_string())),
@@ -1812,8 +1841,39 @@ mod tests {
     }
 
     #[test]
+    fn the_outbox_holds_at_most_max_bytes_of_payload() {
+        let mut o = Outbox::new(100, 10);
+        assert_eq!(o.push(RelayTarget::All, text("aaaa")), Pushed::Queued);
+        assert_eq!(o.push(RelayTarget::All, text("bbbb")), Pushed::Queued);
+        assert_eq!(o.bytes(), 8);
+        // 8 + 4 > 10: the oldest goes.
+        assert_eq!(
+            o.push(RelayTarget::All, text("cccc")),
+            Pushed::DroppedOldest
+        );
+        assert_eq!((o.len(), o.bytes(), o.lost()), (2, 8, 1));
+        // Larger than the whole bound on its own: only it is dropped.
+        assert_eq!(
+            o.push(RelayTarget::All, text("0123456789x")),
+            Pushed::DroppedNew
+        );
+        assert_eq!((o.len(), o.bytes(), o.lost()), (2, 8, 2));
+        // What is being sent stays, and the bytes follow acks and drains.
+        assert_eq!(o.take(1).len(), 1);
+        assert_eq!(
+            o.push(RelayTarget::All, text("dddd")),
+            Pushed::DroppedOldest
+        );
+        assert_eq!((o.len(), o.bytes()), (2, 8));
+        assert_eq!(o.acked(), 1);
+        assert_eq!(o.bytes(), 4);
+        assert_eq!(o.drain_waiting().len(), 1);
+        assert_eq!(o.bytes(), 0);
+    }
+
+    #[test]
     fn a_full_outbox_never_drops_what_is_being_sent() {
-        let mut o = Outbox::new(2);
+        let mut o = Outbox::new(2, usize::MAX);
         o.push(RelayTarget::All, text("a"));
         o.push(RelayTarget::All, text("b"));
         assert_eq!(o.take(2).len(), 2);

@@ -160,6 +160,9 @@ pub struct ClusterConfig {
     /// Broadcasts for other nodes kept while the link is down; beyond it the
     /// oldest are dropped, counted and logged. Default 10000.
     pub outbox_max: usize,
+    /// The payload bytes the outbox may hold, whatever the count; the
+    /// oldest are dropped (and counted) beyond it. Default 67108864 (64 MiB).
+    pub outbox_max_bytes: usize,
     /// Stream entries read per `XREAD`. Default 512.
     pub read_batch: usize,
     /// The first wait before reconnecting, milliseconds. Default 100.
@@ -192,6 +195,7 @@ impl Default for ClusterConfig {
             node_id: None,
             stream_max_len: 100_000,
             outbox_max: 10_000,
+            outbox_max_bytes: 64 << 20,
             read_batch: 512,
             reconnect_min_ms: 100,
             reconnect_max_ms: 5_000,
@@ -244,6 +248,7 @@ impl ClusterConfig {
         }
         at_least_one(&path("stream_max_len"), self.stream_max_len)?;
         at_least_one(&path("outbox_max"), self.outbox_max)?;
+        at_least_one(&path("outbox_max_bytes"), self.outbox_max_bytes)?;
         at_least_one(&path("read_batch"), self.read_batch)?;
         at_least_one(&path("reconnect_min_ms"), self.reconnect_min_ms as usize)?;
         if self.reconnect_max_ms < self.reconnect_min_ms {
