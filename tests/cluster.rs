@@ -185,13 +185,7 @@ impl Node {
     }
 
     async fn stats(&self) -> ClusterStats {
-        self.server
-            .net
-            .cluster()
-            .expect("a cluster node")
-            .send(GetClusterStats)
-            .await
-            .expect("the bridge answers")
+        bridge_stats(&self.server).await
     }
 
     async fn ready_status(&self) -> u16 {
@@ -296,6 +290,17 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The cluster bridge's counters on `server`.
+async fn bridge_stats(server: &TestServer) -> ClusterStats {
+    server
+        .net
+        .cluster()
+        .expect("a cluster node")
+        .send(GetClusterStats)
+        .await
+        .expect("the bridge answers")
 }
 
 /// A node's configuration: `cluster` and `network` are extra keys (with a
@@ -468,13 +473,7 @@ async fn a_node_without_redis_is_not_ready_but_delivers_locally() {
         .await
         .expect("hub");
     assert_eq!(client.next_text().await, "local");
-    let stats = server
-        .net
-        .cluster()
-        .expect("bridge")
-        .send(GetClusterStats)
-        .await
-        .expect("stats");
+    let stats = bridge_stats(&server).await;
     assert!(!stats.link_up);
     assert_eq!(stats.outbox, 1, "waiting for the link: {stats:?}");
 }
@@ -493,13 +492,7 @@ async fn ready_requires_link_false_keeps_a_node_ready_without_redis() {
         .expect("GET /ready");
     assert_eq!(ready.status().as_u16(), 200);
     // The link is still reported as down where operators look.
-    let stats = server
-        .net
-        .cluster()
-        .expect("bridge")
-        .send(GetClusterStats)
-        .await
-        .expect("stats");
+    let stats = bridge_stats(&server).await;
     assert!(!stats.link_up);
 }
 

@@ -9,29 +9,15 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+mod common;
+
+use common::hub_config;
+
 use actix::prelude::*;
 use happynet_actors::hub::queued_broadcasts;
-use happynet_actors::liveness::EvictionPolicy;
 use happynet_actors::{
-    Broadcast, BroadcastHub, GetStats, HubConfig, Relay, RelayTarget, RoomName, SetRelay, Target,
+    Broadcast, BroadcastHub, GetStats, Relay, RelayTarget, RoomName, SetRelay, Target,
 };
-use std::time::Duration;
-
-fn hub_config() -> HubConfig {
-    HubConfig {
-        heartbeat_interval: Duration::from_secs(30),
-        eviction: EvictionPolicy {
-            client_timeout: Duration::from_secs(60),
-            max_outbound_bytes: 1 << 20,
-        },
-        max_rooms_per_session: 4,
-        max_rooms: 100,
-        presence_interval: Duration::ZERO,
-        shutdown_timeout: Duration::from_secs(5),
-        mailbox_capacity: 1024,
-        default_room: RoomName::new("lobby").unwrap(),
-    }
-}
 
 /// Records what the hub relays, in order.
 struct Recorder(Vec<Relay>);

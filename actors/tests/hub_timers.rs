@@ -7,6 +7,10 @@
 
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
+mod common;
+
+use common::{hub_config, HEARTBEAT};
+
 use actix::prelude::*;
 use actix_codec::{Decoder, Encoder};
 use actix_http::ws::{Codec, Frame, Message};
@@ -17,31 +21,10 @@ use futures::channel::mpsc;
 use futures::{FutureExt, Stream, StreamExt};
 use happynet_actors::gcra::Quota;
 use happynet_actors::liveness::EvictionPolicy;
-use happynet_actors::{
-    Broadcast, BroadcastHub, GetStats, HubConfig, RoomName, SessionConfig, WsSessionActor,
-};
+use happynet_actors::{Broadcast, BroadcastHub, GetStats, RoomName, SessionConfig, WsSessionActor};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-
-const HEARTBEAT: Duration = Duration::from_secs(30);
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn hub_config() -> HubConfig {
-    HubConfig {
-        heartbeat_interval: HEARTBEAT,
-        eviction: EvictionPolicy {
-            client_timeout: CLIENT_TIMEOUT,
-            max_outbound_bytes: 1 << 20,
-        },
-        max_rooms_per_session: 4,
-        max_rooms: 100,
-        presence_interval: Duration::ZERO,
-        shutdown_timeout: Duration::from_secs(5),
-        mailbox_capacity: 1024,
-        default_room: RoomName::new("lobby").unwrap(),
-    }
-}
 
 /// A session with a client-side codec: `send` feeds it frames as a client
 /// would, `next_frame` reads what it wrote.
