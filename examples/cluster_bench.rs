@@ -46,7 +46,6 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 /// Every broadcast is exactly this long.
 const PAYLOAD_BYTES: usize = 64;
@@ -319,31 +318,6 @@ impl Seen {
     }
 }
 
-async fn open(addr: SocketAddr) -> Result<(TcpStream, raw_ws::RecvBuf), String> {
-    let mut stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream
-        .write_all(raw_ws::handshake_request(addr, "/ws").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut buf = raw_ws::RecvBuf::new();
-    loop {
-        if let Some(len) = raw_ws::response_head_len(buf.filled()) {
-            raw_ws::check_upgrade_response(&buf.filled()[..len])?;
-            buf.consume(len);
-            return Ok((stream, buf));
-        }
-        if buf
-            .read_from(&mut stream)
-            .await
-            .map_err(|e| e.to_string())?
-            == 0
-        {
-            return Err("closed during the handshake".into());
-        }
-    }
-}
-
 async fn client(
     idx: usize,
     node: usize,
@@ -353,7 +327,7 @@ async fn client(
 ) {
     let opened = {
         let _turn = gate.acquire().await;
-        open(addr).await
+        raw_ws::upgrade(addr).await
     };
     let (mut stream, mut buf) = match opened {
         Ok(o) => o,

@@ -165,35 +165,7 @@ impl Shared {
 /// Connects, upgrades and waits for the welcome frame.
 async fn open_client(addr: SocketAddr, gate: &Semaphore) -> Result<(TcpStream, RecvBuf), String> {
     let _turn = gate.acquire().await.map_err(|e| e.to_string())?;
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
-    stream
-        .write_all(raw_ws::handshake_request(addr, "/ws").as_bytes())
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let mut buf = RecvBuf::new();
-    loop {
-        if let Some(len) = raw_ws::response_head_len(buf.filled()) {
-            raw_ws::check_upgrade_response(&buf.filled()[..len])?;
-            buf.consume(len);
-            break;
-        }
-        if buf.head_too_large() {
-            return Err("upgrade response head too large".into());
-        }
-        if buf
-            .read_from(&mut stream)
-            .await
-            .map_err(|e| e.to_string())?
-            == 0
-        {
-            return Err("closed during the handshake".into());
-        }
-    }
+    let (mut stream, mut buf) = raw_ws::upgrade(addr).await?;
     loop {
         let mut answer = Vec::new();
         while let Some(frame) = raw_ws::parse_frame(buf.filled())? {

@@ -12,7 +12,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Text frame opcode.
@@ -206,5 +206,40 @@ mod tests {
         long.extend(std::iter::repeat(b'x').take(200));
         assert_eq!(parse_frame(&long).map(|f| f.map(|f| f.len)), Ok(Some(204)));
         assert!(parse_frame(&[0x81, 0x83, 0, 0, 0, 0]).is_err());
+    }
+}
+
+/// Connects to `addr` with `TCP_NODELAY`, sends the opening handshake for
+/// `/ws` and reads the `101` response head. Returns the stream and a buffer
+/// holding whatever the server sent after the head.
+pub(crate) async fn upgrade(addr: SocketAddr) -> Result<(TcpStream, RecvBuf), String> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY: {e}"))?;
+    stream
+        .write_all(handshake_request(addr, "/ws").as_bytes())
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let mut buf = RecvBuf::new();
+    loop {
+        if let Some(len) = response_head_len(buf.filled()) {
+            check_upgrade_response(&buf.filled()[..len])?;
+            buf.consume(len);
+            return Ok((stream, buf));
+        }
+        if buf.head_too_large() {
+            return Err("upgrade response head too large".into());
+        }
+        if buf
+            .read_from(&mut stream)
+            .await
+            .map_err(|e| e.to_string())?
+            == 0
+        {
+            return Err("closed during the handshake".into());
+        }
     }
 }
