@@ -793,6 +793,14 @@ async fn a_node_that_lost_its_link_replays_what_it_missed_from_the_stream() {
         assert_eq!(nodes[0].broadcast(None, &format!("missed-{i}")).await, 202);
         assert_eq!(a.next_text().await, format!("missed-{i}"));
     }
+    // Node 0's client has them all, but the bridge publishes after the
+    // local fan-out has begun: wait until it says all of them are in the
+    // stream (the warm-up message was the first).
+    nodes[0]
+        .wait_stats("the missed ones published", |s| {
+            s.published == 1 + MISSED as u64
+        })
+        .await;
     let len: usize = redis::cmd("XLEN")
         .arg("happynet:broadcasts")
         .query(&mut admin)
