@@ -1061,6 +1061,69 @@ mod tests {
     use super::*;
     use crate::upstream::RequestOutcome;
 
+    const GAP: Duration = Duration::from_millis(250);
+
+    /// A snapshot that takes `d` and reports how many were taken before it.
+    async fn slow_take(gate: &SnapshotGate<u64>, d: Duration) -> u64 {
+        let n = gate.taken();
+        gate.get(|| async move {
+            tokio::time::sleep(d).await;
+            n
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_share_one_snapshot_and_the_next_waits_the_gap() {
+        let gate = SnapshotGate::new(GAP);
+        let t0 = Instant::now();
+        // Ten at once: one snapshot, every caller gets it.
+        let got = futures::future::join_all((0..10).map(|_| slow_take(&gate, GAP / 5))).await;
+        assert_eq!(got, vec![0; 10]);
+        assert_eq!(gate.taken(), 1);
+        // The next one arrived after that snapshot began: it gets a fresh
+        // one, but not before the gap since the last began.
+        assert_eq!(slow_take(&gate, Duration::ZERO).await, 1);
+        assert_eq!(gate.taken(), 2);
+        assert!(t0.elapsed() >= GAP, "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_over_time_takes_one_snapshot_per_gap() {
+        let gate = SnapshotGate::new(GAP);
+        let t0 = Instant::now();
+        // A request every 10 ms for two seconds, each waiting its answer.
+        let requests = (0..200u32).map(|i| {
+            let gate = &gate;
+            async move {
+                tokio::time::sleep(Duration::from_millis(10) * i).await;
+                slow_take(gate, Duration::from_millis(1)).await
+            }
+        });
+        futures::future::join_all(requests).await;
+        let spent = t0.elapsed();
+        let most = 1 + (spent.as_millis() / GAP.as_millis()) as u64;
+        assert!(
+            gate.taken() <= most,
+            "{} snapshots in {spent:?}",
+            gate.taken()
+        );
+        assert!(gate.taken() >= 8, "{} snapshots", gate.taken());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_hangs_up_mid_snapshot_frees_the_gate() {
+        let gate = SnapshotGate::new(GAP);
+        // Cut off by its deadline while taking the snapshot: the lock goes
+        // with it, and the next caller takes its own.
+        let cut = tokio::time::timeout(GAP / 10, slow_take(&gate, GAP * 4)).await;
+        assert!(cut.is_err());
+        let t1 = Instant::now();
+        assert_eq!(slow_take(&gate, Duration::ZERO).await, 1);
+        assert_eq!(gate.taken(), 2);
+        assert!(t1.elapsed() < GAP, "it waited {:?}", t1.elapsed());
+    }
+
     fn empty() -> Snapshot {
         Snapshot {
             shutting_down: false,
