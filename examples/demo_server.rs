@@ -26,7 +26,7 @@
 //! use exits with status 1. Ctrl-C or SIGTERM shuts down gracefully: every
 //! WebSocket is closed with 1001 (going away) before the HTTP server stops.
 
-use actix_web::{middleware, App, HttpServer};
+use actix_web::{App, HttpServer};
 use happynet::assets::StaticAssets;
 use happynet::{Config, ConfigError, Network};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -302,7 +302,9 @@ async fn serve(
     let assets = demo_assets().configure();
     let server = HttpServer::new(move || {
         App::new()
-            .wrap(middleware::Logger::new(r#"%a "%r" %s %Dms"#))
+            // The access log with `?token=` values redacted: `/ws` accepts
+            // its token in the query string.
+            .wrap(happynet::security::access_log_format(r#"%a "%r" %s %Dms"#))
             .configure(routes.clone())
             // ANY /proxy/{client}/{tail…} → network.api_clients.<client>
             .configure(gateways.clone())

@@ -8,6 +8,9 @@
 //! rejected, so a typo is an error that names its path rather than a setting
 //! silently ignored.
 
+use happynet_actors::backoff::{self, Backoff, RetryBudget};
+use happynet_actors::breaker::{Breaker, BreakerConfig};
+use happynet_actors::cache::ResponseCache;
 use happynet_actors::gcra::Quota;
 use happynet_actors::liveness::EvictionPolicy;
 use happynet_actors::shared_limiter::{Fallback, SharedLimit};
@@ -703,9 +706,30 @@ pub struct SecurityConfig {
     /// `Sec-WebSocket-Protocol: happynet, token.<token>` or `Authorization:
     /// Bearer`). Empty: no token is required. Default empty.
     pub ws_tokens: Vec<String>,
-    /// Origins (`scheme://host[:port]`) a browser's upgrade may come from;
-    /// others get 403. Upgrades without `Origin` (non-browser clients) are
-    /// allowed. Empty: any origin. Default empty.
+    /// Tokens `POST /broadcast` requires (`Authorization: Bearer <token>`;
+    /// 401 without one). Empty: no token is required. Default empty.
+    pub broadcast_tokens: Vec<String>,
+    /// Tokens `GET /status` requires (`Authorization: Bearer <token>`).
+    /// Empty: none. Default empty.
+    pub status_tokens: Vec<String>,
+    /// Tokens `GET /metrics` requires (`Authorization: Bearer <token>`, as
+    /// Prometheus' `authorization` scrape setting sends it). Empty: none.
+    /// Default empty.
+    pub metrics_tokens: Vec<String>,
+    /// The shortest time between two snapshots of the node behind
+    /// `/status` (and, separately, `/metrics`), seconds: requests that
+    /// arrive meanwhile wait for the next one and share it, so a flood costs
+    /// the hub one question per interval. Each answer is taken after its
+    /// request arrived. 0: no spacing (one snapshot at a time, shared by
+    /// the requests waiting for it). At most 10. Default 0.25.
+    pub snapshot_interval: Seconds,
+    /// Origins (`scheme://host[:port]`) a browser may come from, besides the
+    /// server's own: a `/ws` upgrade from another origin gets 403 when the
+    /// list is not empty, and a state-changing request (`POST /broadcast`,
+    /// a non-GET `/proxy/…` or `/v1/…`, any route behind `api_guard`) from
+    /// neither the server's own origin nor one of these always does.
+    /// Requests without `Origin` (non-browser clients) are allowed. Default
+    /// empty.
     pub allowed_origins: Vec<String>,
     /// How long a client has to send a connection's first request head,
     /// seconds; then 408 and the connection is closed. The app applies it:
@@ -717,9 +741,13 @@ pub struct SecurityConfig {
     /// closed. 0: no timeout. Default 30.
     pub request_body_timeout: Seconds,
     /// Addresses and CIDR ranges the per-IP limits do not apply to (token,
-    /// origin and timeouts still do). Default `["127.0.0.0/8", "::1"]`: a
-    /// local reverse proxy or tool is not one client.
-    pub exempt_ips: Vec<String>,
+    /// origin and timeouts still do). Unset: `["127.0.0.0/8", "::1"]`
+    /// ([`DEFAULT_EXEMPT_IPS`]), a local tool is not one client — but behind
+    /// a reverse proxy on the same host every client is 127.0.0.1, so the
+    /// guards then limit nobody, and a warning says so at start unless
+    /// `trust_forwarded_for` is set or this key is written out (even as the
+    /// same list, or `[]`): see [`SecurityConfig::exempt_ips`].
+    pub exempt_ips: Option<Vec<String>>,
     /// Take the client IP from the last `X-Forwarded-For` entry rather than
     /// the peer address. Only for servers reachable solely through a proxy
     /// that appends it. Default false.
@@ -741,17 +769,41 @@ impl Default for SecurityConfig {
             request_burst: 100,
             max_tracked_ips: 65_536,
             ws_tokens: Vec::new(),
+            broadcast_tokens: Vec::new(),
+            status_tokens: Vec::new(),
+            metrics_tokens: Vec::new(),
+            snapshot_interval: Seconds(DEFAULT_SNAPSHOT_INTERVAL),
             allowed_origins: Vec::new(),
             request_header_timeout: Seconds::secs(5),
             request_body_timeout: Seconds::secs(30),
-            exempt_ips: vec!["127.0.0.0/8".to_owned(), "::1".to_owned()],
+            exempt_ips: None,
             trust_forwarded_for: false,
             shared_rate_limits: false,
         }
     }
 }
 
+/// What `network.security.exempt_ips` is when the file does not set it.
+pub const DEFAULT_EXEMPT_IPS: [&str; 2] = ["127.0.0.0/8", "::1"];
+
+/// `network.security.snapshot_interval`'s default: a dashboard polling
+/// every second never waits, a flood costs four snapshots a second.
+pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The longest `network.security.snapshot_interval`: a request may wait
+/// this long for its snapshot, which must stay well inside any client's
+/// timeout.
+pub const MAX_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(10);
+
 impl SecurityConfig {
+    /// The ranges the per-IP limits skip: `exempt_ips`, or
+    /// [`DEFAULT_EXEMPT_IPS`] when it is unset.
+    pub fn effective_exempt_ips(&self) -> Vec<String> {
+        self.exempt_ips
+            .clone()
+            .unwrap_or_else(|| DEFAULT_EXEMPT_IPS.iter().map(|r| (*r).to_owned()).collect())
+    }
+
     /// Checks `network.security`; the error names the key's path.
     fn validate(&self) -> Result<(), ConfigError> {
         let path = |key: &str| format!("network.security.{key}");
@@ -783,28 +835,42 @@ impl SecurityConfig {
                     "must be >= 0 (0: no limit)",
                 ));
             }
-            if rate > MAX_RATE_PER_MINUTE / 60.0 {
-                return Err(ConfigError::invalid(
-                    &path(rate_key),
-                    "must be <= 1e9 (one per nanosecond)",
-                ));
-            }
+            // 0 turns the limit off; any other rate is the limiter's to judge.
             if rate > 0.0 {
-                at_least_one(&path(burst_key), burst as usize)?;
+                validate_quota(
+                    &path(rate_key),
+                    &path(burst_key),
+                    rate,
+                    Duration::from_secs(1),
+                    burst,
+                )?;
             }
         }
         at_least_one(&path("max_tracked_ips"), self.max_tracked_ips)?;
-        for (i, token) in self.ws_tokens.iter().enumerate() {
-            crate::security::check_token(token).map_err(|e| {
-                ConfigError::invalid(&format!("network.security.ws_tokens[{i}]"), e)
-            })?;
+        for (key, tokens) in [
+            ("ws_tokens", &self.ws_tokens),
+            ("broadcast_tokens", &self.broadcast_tokens),
+            ("status_tokens", &self.status_tokens),
+            ("metrics_tokens", &self.metrics_tokens),
+        ] {
+            for (i, token) in tokens.iter().enumerate() {
+                crate::security::check_token(token).map_err(|e| {
+                    ConfigError::invalid(&format!("network.security.{key}[{i}]"), e)
+                })?;
+            }
+        }
+        if self.snapshot_interval.0 > MAX_SNAPSHOT_INTERVAL {
+            return Err(ConfigError::invalid(
+                &path("snapshot_interval"),
+                format!("must be at most {} s", MAX_SNAPSHOT_INTERVAL.as_secs()),
+            ));
         }
         for (i, origin) in self.allowed_origins.iter().enumerate() {
             crate::security::normalize_origin(origin).map_err(|e| {
                 ConfigError::invalid(&format!("network.security.allowed_origins[{i}]"), e)
             })?;
         }
-        for (i, range) in self.exempt_ips.iter().enumerate() {
+        for (i, range) in self.exempt_ips.iter().flatten().enumerate() {
             crate::security::IpRange::parse(range).map_err(|e| {
                 ConfigError::invalid(&format!("network.security.exempt_ips[{i}]"), e)
             })?;
@@ -901,23 +967,26 @@ pub struct RetrySettings {
     pub base_delay: Seconds,
     /// Largest backoff ceiling, seconds. Default 10.
     pub max_delay: Seconds,
-    /// Retries may be at most this fraction of recent requests (a retry
-    /// budget against retry storms). Default 0.2.
+    /// Retries may be at most this many per recent request (a retry budget
+    /// against retry storms), 0 to 1000. Default 0.2.
     pub budget_ratio: f64,
     /// Retries per second always allowed by the budget. Default 10.
     pub budget_min_per_second: u32,
-    /// The window the budget counts over, seconds. Default 10.
+    /// The window the budget counts over, seconds (at least 0.001).
+    /// Default 10.
     pub budget_window: Seconds,
 }
 
 impl Default for RetrySettings {
+    /// The retry policy's own defaults (`happynet_actors::backoff`): one
+    /// source of truth.
     fn default() -> Self {
         RetrySettings {
-            base_delay: Seconds(Duration::from_millis(100)),
-            max_delay: Seconds::secs(10),
-            budget_ratio: 0.2,
-            budget_min_per_second: 10,
-            budget_window: Seconds::secs(10),
+            base_delay: Seconds(backoff::DEFAULT_BASE),
+            max_delay: Seconds(backoff::DEFAULT_MAX),
+            budget_ratio: backoff::DEFAULT_RETRY_RATIO,
+            budget_min_per_second: backoff::DEFAULT_MIN_RETRIES_PER_SEC,
+            budget_window: Seconds(backoff::DEFAULT_BUDGET_TTL),
         }
     }
 }
@@ -926,32 +995,53 @@ impl Default for RetrySettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerSettings {
-    /// Outcomes kept in the sliding window. Default 20.
+    /// Outcomes kept in the sliding window, 1 to 100000. Default 20.
     pub window: usize,
-    /// Calls in the window before the breaker may open. Default 10.
+    /// Calls in the window before the breaker may open, 1 to `window`.
+    /// Default 10.
     pub minimum_calls: usize,
-    /// Failure rate (0–1) that opens it. Default 0.5.
+    /// Failure rate (above 0, at most 1) that opens it. Default 0.5.
     pub failure_rate: f64,
-    /// Slow-call rate (0–1) that opens it; 1 turns it off. Default 1.
+    /// Slow-call rate (above 0, at most 1) that opens it; 1 turns it off.
+    /// Default 1.
     pub slow_call_rate: f64,
     /// A call slower than this is slow, seconds. Default 5.
     pub slow_call_duration: Seconds,
-    /// How long it stays open before probing, seconds. Default 30.
+    /// How long it stays open before probing, seconds, at most 86400.
+    /// Default 30.
     pub open_duration: Seconds,
-    /// Probe calls admitted while half-open. Default 3.
+    /// Probe calls admitted while half-open, 1 to 10000. Default 3.
     pub half_open_probes: u32,
 }
 
 impl Default for BreakerSettings {
+    /// The breaker's own defaults ([`BreakerConfig::default`]): one source
+    /// of truth.
     fn default() -> Self {
+        let c = BreakerConfig::default();
         BreakerSettings {
-            window: 20,
-            minimum_calls: 10,
-            failure_rate: 0.5,
-            slow_call_rate: 1.0,
-            slow_call_duration: Seconds::secs(5),
-            open_duration: Seconds::secs(30),
-            half_open_probes: 3,
+            window: c.window,
+            minimum_calls: c.minimum_calls,
+            failure_rate: c.failure_rate_threshold,
+            slow_call_rate: c.slow_call_rate_threshold,
+            slow_call_duration: Seconds(c.slow_call_duration),
+            open_duration: Seconds(c.open_duration),
+            half_open_probes: c.half_open_probes,
+        }
+    }
+}
+
+impl BreakerSettings {
+    /// The breaker state machine's settings.
+    pub fn breaker_config(&self) -> BreakerConfig {
+        BreakerConfig {
+            window: self.window,
+            minimum_calls: self.minimum_calls,
+            failure_rate_threshold: self.failure_rate,
+            slow_call_rate_threshold: self.slow_call_rate,
+            slow_call_duration: self.slow_call_duration.0,
+            open_duration: self.open_duration.0,
+            half_open_probes: self.half_open_probes,
         }
     }
 }
@@ -1438,54 +1528,110 @@ fn fraction(path: &str, value: f64) -> Result<(), ConfigError> {
     }
 }
 
-/// The most requests per minute a limiter can express: one per nanosecond.
-const MAX_RATE_PER_MINUTE: f64 = 60e9;
+/// A policy constructor's error, under the key of the field it names: the
+/// policy in `happynet_actors` is the one judge of its settings, and this
+/// file only says where in the JSON they came from. `renames` pairs a
+/// policy field with its config key where the two differ.
+fn policy_error(
+    at: &str,
+    field: &str,
+    requirement: String,
+    renames: &[(&str, &str)],
+) -> ConfigError {
+    let key = renames
+        .iter()
+        .find(|(policy, _)| *policy == field)
+        .map_or(field, |(_, key)| key);
+    ConfigError::invalid(&format!("{at}.{key}"), requirement)
+}
 
-fn validate_rate(path: &str, value: f64) -> Result<(), ConfigError> {
-    if !(value.is_finite() && value > 0.0) {
-        Err(ConfigError::invalid(path, "must be > 0"))
-    } else if value > MAX_RATE_PER_MINUTE {
-        Err(ConfigError::invalid(
-            path,
-            format!("must be <= {MAX_RATE_PER_MINUTE:e} (one request per nanosecond)"),
-        ))
-    } else {
+/// Checks a rate limit with the limiter's own constructor ([`Quota::new`]):
+/// `count` per `period` with bursts of `burst`. A bad rate is reported
+/// under `rate_path`, a bad burst under `burst_path`.
+fn validate_quota(
+    rate_path: &str,
+    burst_path: &str,
+    count: f64,
+    period: Duration,
+    burst: u32,
+) -> Result<Quota, ConfigError> {
+    Quota::new(count, period, burst).map_err(|e| {
+        let path = if e.field() == "burst" {
+            burst_path
+        } else {
+            rate_path
+        };
+        ConfigError::invalid(path, e.requirement())
+    })
+}
+
+/// A rate in requests per minute and its burst (`rate_burst`, or ten
+/// seconds' worth when unset), as the upstream limiter will build it.
+fn validate_rate_per_minute(at: &str, rate: f64, burst: Option<u32>) -> Result<(), ConfigError> {
+    let burst = burst.unwrap_or_else(|| default_burst(rate));
+    validate_quota(
+        &format!("{at}.rate_limit"),
+        &format!("{at}.rate_burst"),
+        rate,
+        Duration::from_secs(60),
+        burst,
+    )
+    .map(drop)
+}
+
+impl RetrySettings {
+    /// Checked by the retry policy's own constructors, [`Backoff::try_new`]
+    /// and [`RetryBudget::new`].
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        Backoff::try_new(self.base_delay.0, self.max_delay.0).map_err(|e| {
+            policy_error(
+                at,
+                e.field(),
+                e.requirement(),
+                &[("base", "base_delay"), ("max", "max_delay")],
+            )
+        })?;
+        RetryBudget::new(
+            self.budget_window.0,
+            self.budget_min_per_second,
+            self.budget_ratio,
+        )
+        .map_err(|e| {
+            policy_error(
+                at,
+                e.field(),
+                e.requirement(),
+                &[("ttl", "budget_window"), ("ratio", "budget_ratio")],
+            )
+        })?;
         Ok(())
     }
 }
 
-impl RetrySettings {
+impl BreakerSettings {
+    /// Checked by the breaker's own constructor, [`Breaker::new`].
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        positive(&format!("{at}.base_delay"), self.base_delay)?;
-        if self.max_delay < self.base_delay {
-            return Err(ConfigError::invalid(
-                &format!("{at}.max_delay"),
-                "must be >= base_delay",
-            ));
-        }
-        fraction(&format!("{at}.budget_ratio"), self.budget_ratio)?;
-        positive(&format!("{at}.budget_window"), self.budget_window)
+        Breaker::new(at, self.breaker_config()).map_err(|e| {
+            policy_error(
+                at,
+                e.field(),
+                e.requirement(),
+                &[
+                    ("failure_rate_threshold", "failure_rate"),
+                    ("slow_call_rate_threshold", "slow_call_rate"),
+                ],
+            )
+        })?;
+        Ok(())
     }
 }
 
-impl BreakerSettings {
+impl CacheSettings {
+    /// Checked by the cache's own constructor, [`ResponseCache::new`].
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        at_least_one(&format!("{at}.window"), self.window)?;
-        at_least_one(&format!("{at}.minimum_calls"), self.minimum_calls)?;
-        if self.minimum_calls > self.window {
-            return Err(ConfigError::invalid(
-                &format!("{at}.minimum_calls"),
-                "must be <= window",
-            ));
-        }
-        fraction(&format!("{at}.failure_rate"), self.failure_rate)?;
-        fraction(&format!("{at}.slow_call_rate"), self.slow_call_rate)?;
-        positive(&format!("{at}.slow_call_duration"), self.slow_call_duration)?;
-        positive(&format!("{at}.open_duration"), self.open_duration)?;
-        at_least_one(
-            &format!("{at}.half_open_probes"),
-            self.half_open_probes as usize,
-        )
+        ResponseCache::new(self.cache_config())
+            .map_err(|e| policy_error(at, e.field(), e.requirement(), &[]))?;
+        Ok(())
     }
 }
 
@@ -1560,10 +1706,7 @@ impl Config {
             positive("network.http.deadline", d)?;
         }
         positive("network.http.connect_timeout", http.connect_timeout)?;
-        validate_rate("network.http.rate_limit", http.rate_limit)?;
-        if let Some(b) = http.rate_burst {
-            at_least_one("network.http.rate_burst", b as usize)?;
-        }
+        validate_rate_per_minute("network.http", http.rate_limit, http.rate_burst)?;
         at_least_one("network.http.max_origins", http.max_origins)?;
         at_least_one("network.http.max_response_bytes", http.max_response_bytes)?;
         http.retry.validate("network.http.retry")?;
@@ -1593,13 +1736,13 @@ impl Config {
                 "must be >= network.websocket.max_message_bytes",
             ));
         }
-        if !(ws.max_messages_per_second.is_finite() && ws.max_messages_per_second > 0.0) {
-            return Err(ConfigError::invalid(
-                "network.websocket.max_messages_per_second",
-                "must be > 0",
-            ));
-        }
-        at_least_one("network.websocket.message_burst", ws.message_burst as usize)?;
+        validate_quota(
+            "network.websocket.max_messages_per_second",
+            "network.websocket.message_burst",
+            ws.max_messages_per_second,
+            Duration::from_secs(1),
+            ws.message_burst,
+        )?;
         at_least_one(
             "network.websocket.max_rooms_per_session",
             ws.max_rooms_per_session,
@@ -1641,10 +1784,7 @@ impl Config {
             for (i, e) in client.endpoints.iter().enumerate() {
                 validate_url(&format!("{at}.endpoints[{i}]"), e)?;
             }
-            validate_rate(&path("rate_limit"), client.rate_limit)?;
-            if let Some(b) = client.rate_burst {
-                at_least_one(&path("rate_burst"), b as usize)?;
-            }
+            validate_rate_per_minute(&at, client.rate_limit, client.rate_burst)?;
             for (key, value) in [
                 ("timeout", client.timeout),
                 ("deadline", client.deadline),
@@ -1673,12 +1813,7 @@ impl Config {
                 e.validate(&path("ejection"))?;
             }
             if let Some(c) = &client.cache {
-                let config = c.cache_config();
-                // The cache's own check names the field; put it on its path.
-                config.validate().map_err(|e| {
-                    let (field, rest) = e.split_once(' ').unwrap_or((&e, ""));
-                    ConfigError::invalid(&format!("{at}.cache.{field}"), rest)
-                })?;
+                c.validate(&path("cache"))?;
             }
             if client.auth.is_some() && client.api_key_env.is_some() {
                 return Err(ConfigError::invalid(

@@ -73,6 +73,19 @@
 //!
 //! The body is the Prometheus text format 0.0.4, served as
 //! [`CONTENT_TYPE`] (`text/plain; version=0.0.4; charset=utf-8`).
+//!
+//! # Floods
+//!
+//! A scrape asks the hub and every upstream's actors, so a flood of
+//! `/metrics` (or `/status`) requests must not become a flood of questions
+//! to them. Each view goes through a [`SnapshotGate`]: snapshots are taken
+//! one at a time and at least `network.security.snapshot_interval` apart
+//! (default 0.25 s), and every request that arrives before a snapshot
+//! begins is answered with that snapshot. So whatever the request rate, the
+//! hub hears at most one question per view per interval, and no answer is
+//! older than its request. [`Network::snapshots_taken`] counts them. With
+//! `network.security.metrics_tokens` set, `/metrics` needs
+//! `Authorization: Bearer <token>` (Prometheus' `authorization` setting).
 
 use crate::alerts::AlertCounters;
 use crate::client::ApiClient;
@@ -96,7 +109,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use serde_json::json;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a scrape waits for each actor's snapshot. Short, because a
 /// Prometheus scrape has its own timeout (10 s by default) and one stuck
@@ -216,6 +232,99 @@ pub(crate) async fn snapshot(net: &Network) -> Snapshot {
         upstreams,
         security: net.security().stats(),
     }
+}
+
+/// Spaces out the snapshots behind one view (`/metrics` or `/status`) and
+/// shares each among the requests waiting for it; see the module docs.
+///
+/// The lock is held while a snapshot is taken, and while waiting for the
+/// interval to pass: requests queue behind it (their number is bounded by
+/// the connections the server admits) and are answered in turn from what
+/// it took. A request that hangs up while it holds the lock drops it, and
+/// the next one takes over.
+#[derive(Debug)]
+pub(crate) struct SnapshotGate<T> {
+    interval: Duration,
+    latest: tokio::sync::Mutex<Option<Taken<T>>>,
+    taken: AtomicU64,
+}
+
+/// A snapshot and when it was begun.
+#[derive(Debug)]
+struct Taken<T> {
+    began: Instant,
+    value: T,
+}
+
+impl<T: Clone> SnapshotGate<T> {
+    /// A gate taking snapshots at least `interval` apart.
+    pub(crate) fn new(interval: Duration) -> Self {
+        SnapshotGate {
+            interval,
+            latest: tokio::sync::Mutex::new(None),
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    /// A snapshot begun after this call, from `take` or shared with the
+    /// other callers that were waiting for the same one.
+    pub(crate) async fn get<F, Fut>(&self, take: F) -> T
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let arrived = Instant::now();
+        let mut latest = self.latest.lock().await;
+        if let Some(last) = latest.as_ref() {
+            if last.began >= arrived {
+                return last.value.clone();
+            }
+            tokio::time::sleep_until(last.began + self.interval).await;
+        }
+        let began = Instant::now();
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        let value = take().await;
+        *latest = Some(Taken {
+            began,
+            value: value.clone(),
+        });
+        value
+    }
+
+    /// How many snapshots have been taken.
+    pub(crate) fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
+    }
+}
+
+/// The gates of `/metrics` and `/status`, one per [`Network`].
+#[derive(Debug)]
+pub(crate) struct Views {
+    /// The encoded exposition, or the encoder's error.
+    pub(crate) metrics: SnapshotGate<Result<actix_web::web::Bytes, String>>,
+    /// The `/status` document, serialized.
+    pub(crate) status: SnapshotGate<actix_web::web::Bytes>,
+}
+
+impl Views {
+    /// Gates `snapshot_interval` apart.
+    pub(crate) fn new(snapshot_interval: Duration) -> Self {
+        Views {
+            metrics: SnapshotGate::new(snapshot_interval),
+            status: SnapshotGate::new(snapshot_interval),
+        }
+    }
+}
+
+/// How many snapshots `/metrics` and `/status` have taken: what a flood of
+/// either costs the hub ([`Network::snapshots_taken`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SnapshotsTaken {
+    /// For `/metrics`.
+    pub metrics: u64,
+    /// For `/status`.
+    pub status: u64,
 }
 
 /// Saturating conversion for gauges, which prometheus-client keeps as `i64`.
@@ -917,7 +1026,17 @@ pub async fn readiness(net: &Network) -> Result<(), NotReady> {
 
 /// `GET /metrics`.
 pub(crate) async fn metrics_route(net: web::Data<Network>) -> HttpResponse {
-    match render(&net).await {
+    let rendered = net
+        .views()
+        .metrics
+        .get(|| async {
+            render(&net)
+                .await
+                .map(actix_web::web::Bytes::from)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+    match rendered {
         Ok(body) => HttpResponse::Ok()
             .insert_header((actix_web::http::header::CONTENT_TYPE, CONTENT_TYPE))
             .body(body),
@@ -941,6 +1060,69 @@ pub(crate) async fn ready_route(net: web::Data<Network>) -> HttpResponse {
 mod tests {
     use super::*;
     use crate::upstream::RequestOutcome;
+
+    const GAP: Duration = Duration::from_millis(250);
+
+    /// A snapshot that takes `d` and reports how many were taken before it.
+    async fn slow_take(gate: &SnapshotGate<u64>, d: Duration) -> u64 {
+        let n = gate.taken();
+        gate.get(|| async move {
+            tokio::time::sleep(d).await;
+            n
+        })
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_share_one_snapshot_and_the_next_waits_the_gap() {
+        let gate = SnapshotGate::new(GAP);
+        let t0 = Instant::now();
+        // Ten at once: one snapshot, every caller gets it.
+        let got = futures::future::join_all((0..10).map(|_| slow_take(&gate, GAP / 5))).await;
+        assert_eq!(got, vec![0; 10]);
+        assert_eq!(gate.taken(), 1);
+        // The next one arrived after that snapshot began: it gets a fresh
+        // one, but not before the gap since the last began.
+        assert_eq!(slow_take(&gate, Duration::ZERO).await, 1);
+        assert_eq!(gate.taken(), 2);
+        assert!(t0.elapsed() >= GAP, "{:?}", t0.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_over_time_takes_one_snapshot_per_gap() {
+        let gate = SnapshotGate::new(GAP);
+        let t0 = Instant::now();
+        // A request every 10 ms for two seconds, each waiting its answer.
+        let requests = (0..200u32).map(|i| {
+            let gate = &gate;
+            async move {
+                tokio::time::sleep(Duration::from_millis(10) * i).await;
+                slow_take(gate, Duration::from_millis(1)).await
+            }
+        });
+        futures::future::join_all(requests).await;
+        let spent = t0.elapsed();
+        let most = 1 + (spent.as_millis() / GAP.as_millis()) as u64;
+        assert!(
+            gate.taken() <= most,
+            "{} snapshots in {spent:?}",
+            gate.taken()
+        );
+        assert!(gate.taken() >= 8, "{} snapshots", gate.taken());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_hangs_up_mid_snapshot_frees_the_gate() {
+        let gate = SnapshotGate::new(GAP);
+        // Cut off by its deadline while taking the snapshot: the lock goes
+        // with it, and the next caller takes its own.
+        let cut = tokio::time::timeout(GAP / 10, slow_take(&gate, GAP * 4)).await;
+        assert!(cut.is_err());
+        let t1 = Instant::now();
+        assert_eq!(slow_take(&gate, Duration::ZERO).await, 1);
+        assert_eq!(gate.taken(), 2);
+        assert!(t1.elapsed() < GAP, "it waited {:?}", t1.elapsed());
+    }
 
     fn empty() -> Snapshot {
         Snapshot {

@@ -20,11 +20,13 @@
 //! The flood and abuse guards of `network.security` ([`crate::security`])
 //! sit in front: `on_connect` caps TCP connections per IP, `/ws` checks the
 //! upgrade rate, origin, token and WebSockets per IP before upgrading, the
-//! API routes (`POST /broadcast`, `/proxy/…`, `/v1/…`) are wrapped in the
-//! per-IP request limiter and body deadline; the app passes
+//! API routes (`POST /broadcast`, `GET /status`, `/proxy/…`, `/v1/…`) are
+//! wrapped in the per-IP request limiter, the cross-site check for
+//! state-changing methods and the body deadline; `POST /broadcast`,
+//! `/status` and `/metrics` take optional tokens; the app passes
 //! `net.security().request_header_timeout()` to
 //! `HttpServer::client_request_timeout`. `/health`, `/ready` and `/metrics`
-//! are never limited.
+//! are never rate limited.
 
 use crate::client::{ApiClient, HttpClient, Upstreams};
 use crate::cluster::ClusterBridge;
@@ -71,6 +73,8 @@ struct Inner {
     alerts: Arc<crate::alerts::AlertLog>,
     /// The cluster bridge, when `network.cluster` is configured.
     cluster: Option<Addr<ClusterBridge>>,
+    /// The snapshot gates of `/metrics` and `/status`.
+    views: crate::metrics::Views,
 }
 
 /// A handle to a [`Network`] that does not keep it alive: what the actors it
@@ -131,6 +135,7 @@ impl Network {
             upstreams,
             security,
             alerts: alerts.log(),
+            views: crate::metrics::Views::new(config.network.security.snapshot_interval.0),
             config,
         };
         let gateway = &inner.config.network.gateway;
@@ -197,6 +202,21 @@ impl Network {
         &self.inner.security
     }
 
+    /// How many snapshots `/metrics` and `/status` have taken so far: what
+    /// their requests have cost the hub, at most one per
+    /// `network.security.snapshot_interval` each, however many came.
+    pub fn snapshots_taken(&self) -> crate::metrics::SnapshotsTaken {
+        let views = &self.inner.views;
+        crate::metrics::SnapshotsTaken {
+            metrics: views.metrics.taken(),
+            status: views.status.taken(),
+        }
+    }
+
+    pub(crate) fn views(&self) -> &crate::metrics::Views {
+        &self.inner.views
+    }
+
     /// WebSocket connections open now.
     pub fn open_connections(&self) -> usize {
         self.inner.gate.open()
@@ -228,28 +248,41 @@ impl Network {
     /// Mounts `/ws`, `POST /broadcast`, `GET /health`, `GET /ready`,
     /// `GET /metrics` and `GET /status`:
     /// `App::new().configure(net.configure())`. `POST /broadcast` and
-    /// `GET /status` are behind the per-IP request limiter
-    /// ([`Security::api_guard`]).
+    /// `GET /status` are behind the per-IP request limiter and the
+    /// cross-site check ([`Security::api_guard`]); `POST /broadcast`,
+    /// `GET /status` and `GET /metrics` require a token when
+    /// `broadcast_tokens`, `status_tokens` or `metrics_tokens` is set
+    /// ([`Security::token_guard`]).
     pub fn configure(&self) -> impl Fn(&mut web::ServiceConfig) + Clone + 'static {
+        use crate::security::TokenScope;
         let net = self.clone();
         move |cfg: &mut web::ServiceConfig| {
             let body_limit = net.inner.config.network.websocket.max_message_bytes;
+            let security = &net.inner.security;
+            // The last `wrap` runs first: the limiter and the cross-site
+            // check before the token, so that guessing is rate limited.
             cfg.app_data(web::Data::new(net.clone()))
                 .route("/ws", web::get().to(ws_route))
                 .service(
                     web::resource("/broadcast")
-                        .wrap(net.inner.security.api_guard())
+                        .wrap(security.token_guard(TokenScope::Broadcast))
+                        .wrap(security.api_guard())
                         .app_data(web::PayloadConfig::new(body_limit))
                         .route(web::post().to(broadcast_route)),
                 )
                 .route("/health", web::get().to(health_route))
                 .route("/ready", web::get().to(crate::metrics::ready_route))
-                .route("/metrics", web::get().to(crate::metrics::metrics_route))
+                .service(
+                    web::resource("/metrics")
+                        .wrap(security.token_guard(TokenScope::Metrics))
+                        .route(web::get().to(crate::metrics::metrics_route)),
+                )
                 // Behind the per-IP limiter, unlike /metrics: each request
                 // copies the room table (see crate::status).
                 .service(
                     web::resource("/status")
-                        .wrap(net.inner.security.api_guard())
+                        .wrap(security.token_guard(TokenScope::Status))
+                        .wrap(security.api_guard())
                         .route(web::get().to(crate::status::status_route)),
                 );
         }

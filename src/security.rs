@@ -14,11 +14,27 @@
 //! | token | `GET /ws` | `401` (`400` for a token offered as a subprotocol without `happynet`) |
 //! | open WebSockets per IP | `GET /ws` | `429` + `Retry-After` |
 //! | requests per second per IP (GCRA) | API routes, via [`ApiGuard`] | `429` + `Retry-After` |
+//! | cross-site check (state-changing methods) | API routes, via [`ApiGuard`] | `403` |
 //! | request body deadline | API routes, via [`ApiGuard`] | `408`, connection closed |
+//! | route tokens (`broadcast_tokens`, `status_tokens`, `metrics_tokens`) | `POST /broadcast`, `GET /status`, `GET /metrics`, via [`TokenGuard`] | `401` |
 //! | request head deadline (slowloris) | the server: `HttpServer::client_request_timeout(`[`Security::request_header_timeout`]`())` | `408`, connection closed |
 //!
 //! The upgrade checks run in that order. The rate comes first, so that
-//! guessing tokens is rate limited too.
+//! guessing tokens is rate limited too; on the API routes the rate and the
+//! cross-site check come before a route's token for the same reason.
+//!
+//! **Cross-site requests.** A page on another site, open in an operator's
+//! browser, can send a `POST` with `text/plain` or a form body without
+//! asking (a CORS "simple" request), and the browser attaches no warning.
+//! So every state-changing request (any method but GET, HEAD, OPTIONS,
+//! TRACE) behind [`ApiGuard`] whose `Origin` is neither the server's own
+//! (the scheme, host and port the request arrived for, directly or as a
+//! proxy in front reports it) nor in `allowed_origins` gets 403
+//! `cross_site_request`; so does one with `Sec-Fetch-Site: cross-site`
+//! unless its `Origin` is allowed, and `Origin: null`. Requests without
+//! `Origin` pass: browsers send it on every cross-origin POST, so such a
+//! request comes from curl or an SDK, which a token (not an origin) must
+//! stop.
 //!
 //! **Why these status codes.** A client over one of *its own* limits gets 429
 //! (RFC 6585): it is the one that should slow down, and `Retry-After` tells
@@ -47,7 +63,19 @@
 //! `happynet`, as RFC 6455 requires — a browser fails a handshake that echoes
 //! nothing it offered), `Authorization: Bearer <token>` (non-browser
 //! clients) or `?token=<token>` (simplest, but the query string shows up in
-//! proxies' and `middleware::Logger`'s access logs).
+//! proxies' access logs and in `middleware::Logger`'s). The route tokens
+//! are bearer tokens only.
+//!
+//! **The access log.** [`access_log`] is actix-web's `Logger` with the
+//! value of every secret-looking query parameter ([`is_secret_param`]) in
+//! the request line and the `Referer` written as `REDACTED`: wrap the app
+//! in it rather than in `Logger::default()`.
+//!
+//! **Behind a reverse proxy** on the same host, every client is 127.0.0.1,
+//! which `exempt_ips` exempts by default: the per-IP guards would then
+//! limit nobody. Starting the guards warns about it unless
+//! `trust_forwarded_for` is set or `exempt_ips` is written in the config
+//! (an explicit choice, whatever its value).
 //!
 //! **Known gap.** actix-web's head deadline covers only a connection's first
 //! request; a keep-alive connection that starts its second request and then
@@ -268,6 +296,79 @@ struct TokenQuery {
     token: Option<String>,
 }
 
+/// Which route's tokens a [`TokenGuard`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenScope {
+    /// `POST /broadcast`: `network.security.broadcast_tokens`.
+    Broadcast,
+    /// `GET /status`: `network.security.status_tokens`.
+    Status,
+    /// `GET /metrics`: `network.security.metrics_tokens`.
+    Metrics,
+}
+
+impl TokenScope {
+    /// The key under `network.security` that holds the scope's tokens.
+    pub fn config_key(&self) -> &'static str {
+        match self {
+            TokenScope::Broadcast => "broadcast_tokens",
+            TokenScope::Status => "status_tokens",
+            TokenScope::Metrics => "metrics_tokens",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            TokenScope::Broadcast => 0,
+            TokenScope::Status => 1,
+            TokenScope::Metrics => 2,
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (the scheme's
+/// case does not matter, RFC 9110 §11.1).
+fn bearer_token(req: &HttpRequest) -> Option<&str> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Methods that must not change state (RFC 9110 §9.2.1): the cross-site
+/// check leaves them alone, so links, images and `fetch` GETs from other
+/// sites work as before.
+fn is_safe_method(method: &actix_web::http::Method) -> bool {
+    use actix_web::http::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE].contains(method)
+}
+
+/// The origins a request to this server may come from as same-origin: the
+/// scheme it arrived on with its `Host` (or, over HTTP/2, its authority),
+/// and the same as seen through `Forwarded` / `X-Forwarded-Host` /
+/// `X-Forwarded-Proto` when a proxy in front sets them. A cross-site page
+/// cannot forge either: a browser sends a custom header only after a CORS
+/// preflight, which happynet does not grant.
+fn own_origins(req: &HttpRequest) -> [Option<String>; 2] {
+    let scheme = if req.app_config().secure() {
+        "https"
+    } else {
+        "http"
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let direct = host.and_then(|h| normalize_origin(&format!("{scheme}://{h}")).ok());
+    let info = req.connection_info();
+    let forwarded = normalize_origin(&format!("{}://{}", info.scheme(), info.host())).ok();
+    [direct, forwarded]
+}
+
 // ---------------------------------------------------------------------------
 // Open connections per IP
 // ---------------------------------------------------------------------------
@@ -445,6 +546,21 @@ pub enum Refusal {
     SubprotocolRequired,
     /// 403: the browser's `Origin` is not in `allowed_origins`.
     OriginNotAllowed,
+    /// 403: a browser's state-changing request from another site: its
+    /// `Origin` is neither the server's own nor in `allowed_origins` (or
+    /// `Sec-Fetch-Site` says `cross-site`).
+    CrossSiteRequest,
+    /// 401: the route has tokens (`broadcast_tokens`, `status_tokens`,
+    /// `metrics_tokens`) and no `Authorization: Bearer` was presented.
+    BearerRequired {
+        /// Which route's tokens.
+        scope: TokenScope,
+    },
+    /// 401: the bearer token presented is not one of the route's tokens.
+    BearerInvalid {
+        /// Which route's tokens.
+        scope: TokenScope,
+    },
     /// 408: the body did not arrive within `request_body_timeout`.
     BodyTimeout {
         /// The timeout.
@@ -462,10 +578,11 @@ impl Refusal {
             Refusal::TooManyUpgrades { .. } => "connection_rate_limited",
             Refusal::TooManyConnections { .. } => "too_many_connections_from_ip",
             Refusal::TooManyTcpConnections { .. } => "too_many_tcp_connections_from_ip",
-            Refusal::TokenRequired => "token_required",
-            Refusal::TokenInvalid => "invalid_token",
+            Refusal::TokenRequired | Refusal::BearerRequired { .. } => "token_required",
+            Refusal::TokenInvalid | Refusal::BearerInvalid { .. } => "invalid_token",
             Refusal::SubprotocolRequired => "subprotocol_required",
             Refusal::OriginNotAllowed => "origin_not_allowed",
+            Refusal::CrossSiteRequest => "cross_site_request",
             Refusal::BodyTimeout { .. } => "request_body_timeout",
             Refusal::LimiterUnavailable => "limiter_unavailable",
         }
@@ -516,6 +633,21 @@ impl fmt::Display for Refusal {
             Refusal::OriginNotAllowed => {
                 f.write_str("this origin may not connect (network.security.allowed_origins)")
             }
+            Refusal::CrossSiteRequest => f.write_str(
+                "a cross-site browser request may not change state here: its Origin is \
+                 neither this server's own nor in network.security.allowed_origins",
+            ),
+            Refusal::BearerRequired { scope } => write!(
+                f,
+                "this route requires a token (network.security.{}): \
+                 Authorization: Bearer <token>",
+                scope.config_key()
+            ),
+            Refusal::BearerInvalid { scope } => write!(
+                f,
+                "the token is not valid (network.security.{})",
+                scope.config_key()
+            ),
             Refusal::BodyTimeout { after } => write!(
                 f,
                 "the request body did not arrive within {} s (network.security.request_body_timeout)",
@@ -541,9 +673,12 @@ impl ResponseError for Refusal {
             | Refusal::TooManyUpgrades { .. }
             | Refusal::TooManyConnections { .. }
             | Refusal::TooManyTcpConnections { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Refusal::TokenRequired | Refusal::TokenInvalid => StatusCode::UNAUTHORIZED,
+            Refusal::TokenRequired
+            | Refusal::TokenInvalid
+            | Refusal::BearerRequired { .. }
+            | Refusal::BearerInvalid { .. } => StatusCode::UNAUTHORIZED,
             Refusal::SubprotocolRequired => StatusCode::BAD_REQUEST,
-            Refusal::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Refusal::OriginNotAllowed | Refusal::CrossSiteRequest => StatusCode::FORBIDDEN,
             Refusal::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Refusal::LimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -555,7 +690,10 @@ impl ResponseError for Refusal {
             resp.insert_header((header::RETRY_AFTER, retry_after_secs(after)));
         }
         match self {
-            Refusal::TokenRequired | Refusal::TokenInvalid => {
+            Refusal::TokenRequired
+            | Refusal::TokenInvalid
+            | Refusal::BearerRequired { .. }
+            | Refusal::BearerInvalid { .. } => {
                 resp.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"happynet\""));
             }
             // The client is still sending, or should not be here at all.
@@ -594,6 +732,12 @@ pub struct SecurityStats {
     pub upgrades_subprotocol_required: u64,
     /// Upgrades refused by `allowed_origins`.
     pub upgrades_origin_not_allowed: u64,
+    /// State-changing requests refused as cross-site.
+    pub requests_cross_site: u64,
+    /// Requests to a route with tokens that presented none.
+    pub requests_token_required: u64,
+    /// Requests to a route with tokens that presented a wrong one.
+    pub requests_token_invalid: u64,
     /// API requests refused by `requests_per_second`.
     pub requests_rate_limited: u64,
     /// API requests whose body missed `request_body_timeout`.
@@ -612,7 +756,9 @@ pub struct SecurityStats {
 impl SecurityStats {
     /// The refusal counters by reason, named by [`Refusal::kind`] (the
     /// `error` field clients see): one list for `/status` and `/metrics`.
-    pub fn refusals(&self) -> [(&'static str, u64); 10] {
+    /// A missing or wrong token counts under one reason whether it was an
+    /// upgrade's or a route's.
+    pub fn refusals(&self) -> [(&'static str, u64); 11] {
         [
             ("rate_limited", self.requests_rate_limited),
             ("connection_rate_limited", self.upgrades_rate_limited),
@@ -621,10 +767,17 @@ impl SecurityStats {
                 "too_many_tcp_connections_from_ip",
                 self.connections_over_ip_cap,
             ),
-            ("token_required", self.upgrades_token_required),
-            ("invalid_token", self.upgrades_token_invalid),
+            (
+                "token_required",
+                self.upgrades_token_required + self.requests_token_required,
+            ),
+            (
+                "invalid_token",
+                self.upgrades_token_invalid + self.requests_token_invalid,
+            ),
             ("subprotocol_required", self.upgrades_subprotocol_required),
             ("origin_not_allowed", self.upgrades_origin_not_allowed),
+            ("cross_site_request", self.requests_cross_site),
             ("request_body_timeout", self.request_body_timeouts),
             ("limiter_unavailable", self.limiter_unavailable),
         ]
@@ -639,6 +792,9 @@ struct Counters {
     upgrades_token_invalid: AtomicU64,
     upgrades_subprotocol_required: AtomicU64,
     upgrades_origin_not_allowed: AtomicU64,
+    requests_cross_site: AtomicU64,
+    requests_token_required: AtomicU64,
+    requests_token_invalid: AtomicU64,
     requests_rate_limited: AtomicU64,
     request_body_timeouts: AtomicU64,
     connections_over_ip_cap: AtomicU64,
@@ -657,6 +813,9 @@ impl Counters {
             Refusal::TokenInvalid => &self.upgrades_token_invalid,
             Refusal::SubprotocolRequired => &self.upgrades_subprotocol_required,
             Refusal::OriginNotAllowed => &self.upgrades_origin_not_allowed,
+            Refusal::CrossSiteRequest => &self.requests_cross_site,
+            Refusal::BearerRequired { .. } => &self.requests_token_required,
+            Refusal::BearerInvalid { .. } => &self.requests_token_invalid,
             Refusal::BodyTimeout { .. } => &self.request_body_timeouts,
             Refusal::LimiterUnavailable => &self.limiter_unavailable,
         };
@@ -713,6 +872,9 @@ struct Shared {
     upgrade_limiter: Option<Addr<RateLimiterActor>>,
     request_limiter: Option<Addr<RateLimiterActor>>,
     tokens: Vec<String>,
+    /// `broadcast_tokens`, `status_tokens`, `metrics_tokens`, by
+    /// [`TokenScope::index`].
+    route_tokens: [Vec<String>; 3],
     /// Normalised ([`normalize_origin`]).
     origins: Vec<String>,
     exempt: Vec<IpRange>,
@@ -774,7 +936,7 @@ impl Security {
             .map(|o| normalize_origin(o).map_err(|e| invalid("allowed_origins", e)))
             .collect::<Result<_, _>>()?;
         let exempt = config
-            .exempt_ips
+            .effective_exempt_ips()
             .iter()
             .map(|r| IpRange::parse(r).map_err(|e| invalid("exempt_ips", e)))
             .collect::<Result<_, _>>()?;
@@ -789,6 +951,7 @@ impl Security {
         )
         .into_bytes();
         let per_ip = |max: usize| (max > 0).then(|| ConnectionsPerIp::new(max));
+        warn_if_proxy_clients_are_exempt(config);
         Ok(Security {
             inner: Arc::new(Shared {
                 ws_per_ip: per_ip(config.max_connections_per_ip),
@@ -797,6 +960,11 @@ impl Security {
                 upgrade_limiter,
                 request_limiter,
                 tokens: config.ws_tokens.clone(),
+                route_tokens: [
+                    config.broadcast_tokens.clone(),
+                    config.status_tokens.clone(),
+                    config.metrics_tokens.clone(),
+                ],
                 origins,
                 exempt,
                 trust_forwarded_for: config.trust_forwarded_for,
@@ -807,6 +975,62 @@ impl Security {
                 log_gate: LogGate::new(),
             }),
         })
+    }
+
+    /// Refuses a browser's state-changing request from another site (see
+    /// [`Refusal::CrossSiteRequest`]). Safe methods and requests without
+    /// `Origin` (curl, SDKs: not a browser, which always sends `Origin` on a
+    /// cross-origin POST) pass; so does an `Origin` that is the server's own
+    /// or in `allowed_origins`. `Sec-Fetch-Site: cross-site` is refused
+    /// unless its `Origin` is allowed, whether or not `Origin` came with it.
+    fn check_same_origin(&self, req: &HttpRequest) -> Result<(), Refusal> {
+        if is_safe_method(req.method()) {
+            return Ok(());
+        }
+        let cross_site = req
+            .headers()
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("cross-site"));
+        let Some(origin) = req.headers().get(header::ORIGIN) else {
+            return if cross_site {
+                Err(Refusal::CrossSiteRequest)
+            } else {
+                Ok(())
+            };
+        };
+        // `Origin: null` (sandboxed frames, `file:` pages) is nobody's.
+        let Some(origin) = origin.to_str().ok().and_then(|o| normalize_origin(o).ok()) else {
+            return Err(Refusal::CrossSiteRequest);
+        };
+        if self.inner.origins.contains(&origin) {
+            return Ok(());
+        }
+        if !cross_site && own_origins(req).iter().flatten().any(|own| *own == origin) {
+            return Ok(());
+        }
+        Err(Refusal::CrossSiteRequest)
+    }
+
+    /// Whether `req` carries one of `scope`'s tokens, when it has any.
+    fn check_bearer(&self, scope: TokenScope, req: &HttpRequest) -> Result<(), Refusal> {
+        let tokens = &self.inner.route_tokens[scope.index()];
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let Some(presented) = bearer_token(req) else {
+            return Err(Refusal::BearerRequired { scope });
+        };
+        // Every known token is compared, so timing does not tell which one
+        // came close.
+        let valid = tokens.iter().fold(false, |found, known| {
+            constant_time_eq(known.as_bytes(), presented.as_bytes()) | found
+        });
+        if valid {
+            Ok(())
+        } else {
+            Err(Refusal::BearerInvalid { scope })
+        }
     }
 
     /// The client's address: the peer's, or with `trust_forwarded_for` the
@@ -855,6 +1079,9 @@ impl Security {
             upgrades_token_invalid: get(&c.upgrades_token_invalid),
             upgrades_subprotocol_required: get(&c.upgrades_subprotocol_required),
             upgrades_origin_not_allowed: get(&c.upgrades_origin_not_allowed),
+            requests_cross_site: get(&c.requests_cross_site),
+            requests_token_required: get(&c.requests_token_required),
+            requests_token_invalid: get(&c.requests_token_invalid),
             requests_rate_limited: get(&c.requests_rate_limited),
             request_body_timeouts: get(&c.request_body_timeouts),
             connections_over_ip_cap: get(&c.connections_over_ip_cap),
@@ -1001,8 +1228,10 @@ impl Security {
         Ok(())
     }
 
-    /// The API routes' checks: the connection's TCP cap and the request
-    /// rate of the client IP.
+    /// The API routes' checks: the connection's TCP cap, the request rate
+    /// of the client IP, then (for a state-changing method) that a browser's
+    /// request comes from this server's own origin or an allowed one. The
+    /// rate comes first, so that a flood of refused requests is limited too.
     pub async fn admit_request(&self, req: &HttpRequest) -> Result<(), Refusal> {
         let s = &self.inner;
         let result = if let (Some(_), Some(tcp)) = (req.conn_data::<OverTcpCap>(), &s.tcp_per_ip) {
@@ -1016,7 +1245,8 @@ impl Security {
             })
         } else {
             Ok(())
-        };
+        }
+        .and_then(|()| self.check_same_origin(req));
         if let Err(refusal) = &result {
             self.refused(refusal, self.client_ip(req));
         }
@@ -1068,6 +1298,39 @@ impl Security {
         ApiGuard {
             security: self.clone(),
         }
+    }
+
+    /// The middleware that makes a route require one of `scope`'s tokens
+    /// (`Authorization: Bearer <token>`, 401 otherwise); with none
+    /// configured it lets everything through. `Network::configure` puts it
+    /// on `POST /broadcast`, `GET /status` and `GET /metrics`, inside the
+    /// [`ApiGuard`] where there is one, so that guessing is rate limited.
+    pub fn token_guard(&self, scope: TokenScope) -> TokenGuard {
+        TokenGuard {
+            security: self.clone(),
+            scope,
+        }
+    }
+}
+
+/// Warns when the per-IP guards would exempt every client of a reverse
+/// proxy on the same host: loopback is exempt by default, and such a proxy
+/// makes every request come from 127.0.0.1. Quiet once the operator has
+/// chosen: `trust_forwarded_for`, or `exempt_ips` written in the config
+/// (whatever its value — even the default list or `[]`).
+fn warn_if_proxy_clients_are_exempt(config: &SecurityConfig) {
+    let per_ip_guards = config.max_connections_per_ip > 0
+        || config.max_tcp_connections_per_ip > 0
+        || config.connections_per_second > 0.0
+        || config.requests_per_second > 0.0;
+    if per_ip_guards && !config.trust_forwarded_for && config.exempt_ips.is_none() {
+        log::warn!(
+            "network.security: loopback is exempt from the per-IP limits by default, \
+             and behind a reverse proxy on this host every client is 127.0.0.1, so \
+             nobody would be limited. Set network.security.trust_forwarded_for if a \
+             proxy that appends X-Forwarded-For is in front, or set \
+             network.security.exempt_ips explicitly to keep the exemption knowingly."
+        );
     }
 }
 
@@ -1203,6 +1466,225 @@ where
             }
         })
     }
+}
+
+/// Middleware that makes a route require one of a [`TokenScope`]'s tokens
+/// (see [`Security::token_guard`]). Refusals are counted and logged like
+/// the other guards', never with the token.
+#[derive(Clone)]
+pub struct TokenGuard {
+    security: Security,
+    scope: TokenScope,
+}
+
+impl<S, B> Transform<S, ServiceRequest> for TokenGuard
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Transform = TokenGuardService<S>;
+    type InitError = ();
+    type Future = Ready<Result<Self::Transform, Self::InitError>>;
+
+    fn new_transform(&self, service: S) -> Self::Future {
+        ready(Ok(TokenGuardService {
+            service,
+            guard: self.clone(),
+        }))
+    }
+}
+
+/// The service [`TokenGuard`] wraps a route in.
+pub struct TokenGuardService<S> {
+    service: S,
+    guard: TokenGuard,
+}
+
+impl<S, B> Service<ServiceRequest> for TokenGuardService<S>
+where
+    S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error> + 'static,
+    B: MessageBody + 'static,
+{
+    type Response = ServiceResponse<EitherBody<B>>;
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    forward_ready!(service);
+
+    fn call(&self, req: ServiceRequest) -> Self::Future {
+        let security = &self.guard.security;
+        if let Err(refusal) = security.check_bearer(self.guard.scope, req.request()) {
+            security.refused(&refusal, security.client_ip(req.request()));
+            let res = req.into_response(refusal.error_response());
+            return Box::pin(ready(Ok(res.map_into_right_body())));
+        }
+        let fut = self.service.call(req);
+        Box::pin(async move { fut.await.map(ServiceResponse::map_into_left_body) })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The access log
+// ---------------------------------------------------------------------------
+
+/// The access-log format of [`access_log`]: actix-web's default
+/// (`%a "%r" %s %b "%{Referer}i" "%{User-Agent}i" %T`), whose request line
+/// and referer [`access_log_format`] redacts.
+pub const ACCESS_LOG_FORMAT: &str = r#"%a "%r" %s %b "%{Referer}i" "%{User-Agent}i" %T"#;
+
+/// What a secret query value is replaced with in the access log.
+pub const REDACTED: &str = "REDACTED";
+
+/// The labels [`access_log_format`] puts in place of `%r` and
+/// `%{Referer}i`.
+const REQUEST_LINE_LABEL: &str = "happynet_request_line";
+const REFERER_LABEL: &str = "happynet_referer";
+
+/// Whether a query parameter's value is a secret the access log must not
+/// show: its name (percent-decoded, any case) is `token` or ends in
+/// `token`, `key`, `secret`, `password`, `auth`, `authorization` or
+/// `signature` (`?token=` of `/ws`, `access_token`, `api_key`, …).
+pub fn is_secret_param(name: &str) -> bool {
+    const SUFFIXES: [&str; 7] = [
+        "token",
+        "key",
+        "secret",
+        "password",
+        "auth",
+        "authorization",
+        "signature",
+    ];
+    let name = percent_decode_lossy(name).to_ascii_lowercase();
+    SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+/// `query` (without its `?`) with the value of every secret parameter
+/// ([`is_secret_param`]) replaced by [`REDACTED`]; everything else as it was.
+pub fn redact_query(query: &str) -> std::borrow::Cow<'_, str> {
+    let secret = |pair: &str| {
+        pair.split_once('=')
+            .is_some_and(|(name, value)| !value.is_empty() && is_secret_param(name))
+    };
+    if !query.split('&').any(secret) {
+        return std::borrow::Cow::Borrowed(query);
+    }
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if secret(pair) => format!("{name}={REDACTED}"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    std::borrow::Cow::Owned(pairs.join("&"))
+}
+
+/// `%XX` and `+` decoded; invalid escapes kept as they are.
+fn percent_decode_lossy(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A URL (a `Referer`) with its query redacted as by [`redact_query`].
+fn redact_url(url: &str) -> String {
+    let (before_fragment, fragment) = match url.split_once('#') {
+        Some((u, f)) => (u, Some(f)),
+        None => (url, None),
+    };
+    let mut out = match before_fragment.split_once('?') {
+        Some((base, query)) => format!("{base}?{}", redact_query(query)),
+        None => before_fragment.to_owned(),
+    };
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
+/// `format` with `%r` and `%{Referer}i` (any case) turned into the labels
+/// that [`access_log_format`] fills in redacted. `%%` stays a literal `%`.
+fn redacting_format(format: &str) -> String {
+    let referer = "%{referer}i";
+    let mut out = String::with_capacity(format.len() + 32);
+    let mut rest = format;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let (replacement, skip) = if tail.starts_with("%%") {
+            ("%%".to_owned(), 2)
+        } else if tail.starts_with("%r") {
+            (format!("%{{{REQUEST_LINE_LABEL}}}xi"), 2)
+        } else if tail
+            .get(..referer.len())
+            .is_some_and(|t| t.eq_ignore_ascii_case(referer))
+        {
+            (format!("%{{{REFERER_LABEL}}}xi"), referer.len())
+        } else {
+            ("%".to_owned(), 1)
+        };
+        out.push_str(&replacement);
+        rest = &tail[skip..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// actix-web's access-log middleware ([`Logger`](actix_web::middleware::Logger))
+/// with [`ACCESS_LOG_FORMAT`], which never writes a token from a query
+/// string: `App::new().wrap(happynet::security::access_log())`. Use it
+/// instead of `Logger::default()`, whose `%r` would log `/ws?token=…` as it
+/// came. Lines go to the `log` crate at `info`, target
+/// `actix_web::middleware::logger`.
+pub fn access_log() -> actix_web::middleware::Logger {
+    access_log_format(ACCESS_LOG_FORMAT)
+}
+
+/// [`access_log`] with an actix-web `Logger` format of your own. `%r` and
+/// `%{Referer}i` are written with secret query values ([`is_secret_param`])
+/// replaced by [`REDACTED`]; the other directives are actix-web's. Do not
+/// log `%{Authorization}i` or similar headers yourself.
+pub fn access_log_format(format: &str) -> actix_web::middleware::Logger {
+    actix_web::middleware::Logger::new(&redacting_format(format))
+        .custom_request_replace(REQUEST_LINE_LABEL, |req| {
+            let query = req.query_string();
+            if query.is_empty() {
+                format!("{} {} {:?}", req.method(), req.path(), req.version())
+            } else {
+                format!(
+                    "{} {}?{} {:?}",
+                    req.method(),
+                    req.path(),
+                    redact_query(query),
+                    req.version()
+                )
+            }
+        })
+        .custom_request_replace(REFERER_LABEL, |req| {
+            req.headers()
+                .get(header::REFERER)
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(|| "-".to_owned(), redact_url)
+        })
 }
 
 /// What `Payload::Stream` holds (actix-http's `BoxedPayloadStream`).
@@ -1372,6 +1854,35 @@ mod tests {
     }
 
     #[test]
+    fn secret_query_values_are_redacted_and_the_rest_kept() {
+        assert_eq!(redact_query("room=a&token=s3"), "room=a&token=REDACTED");
+        assert_eq!(
+            redact_query("API_KEY=1&x=2&access_token=3&%74oken=4&client_secret=5"),
+            "API_KEY=REDACTED&x=2&access_token=REDACTED&%74oken=REDACTED&client_secret=REDACTED"
+        );
+        // Nothing secret: borrowed as it was, odd pairs and all.
+        assert!(matches!(
+            redact_query("a=1&&b&token=&=x"),
+            std::borrow::Cow::Borrowed("a=1&&b&token=&=x")
+        ));
+        assert_eq!(
+            redact_url("http://h/p?token=1#f"),
+            "http://h/p?token=REDACTED#f"
+        );
+        assert_eq!(redact_url("http://h/p#token=1"), "http://h/p#token=1");
+        assert_eq!(percent_decode_lossy("a%2Bb+c%zz%4"), "a+b c%zz%4");
+    }
+
+    #[test]
+    fn the_access_log_format_swaps_the_request_line_and_referer_only() {
+        assert_eq!(
+            redacting_format(r#"%a "%r" %s "%{referer}i" %{User-Agent}i 100%% %{r}a"#),
+            r#"%a "%{happynet_request_line}xi" %s "%{happynet_referer}xi" %{User-Agent}i 100%% %{r}a"#
+        );
+        assert_eq!(redacting_format("%%r %"), "%%r %");
+    }
+
+    #[test]
     fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
         assert_eq!(retry_after_secs(Duration::ZERO), 1);
         assert_eq!(retry_after_secs(Duration::from_millis(20)), 1);
@@ -1406,6 +1917,16 @@ mod tests {
             Refusal::OriginNotAllowed.status_code(),
             StatusCode::FORBIDDEN
         );
+        assert_eq!(
+            Refusal::CrossSiteRequest.status_code(),
+            StatusCode::FORBIDDEN
+        );
+        let bearer = Refusal::BearerRequired {
+            scope: TokenScope::Metrics,
+        };
+        assert_eq!(bearer.status_code(), StatusCode::UNAUTHORIZED);
+        assert_eq!(bearer.kind(), "token_required");
+        assert!(bearer.to_string().contains("metrics_tokens"));
         assert_eq!(
             Refusal::TooManyConnections { max: 3 }.status_code(),
             StatusCode::TOO_MANY_REQUESTS

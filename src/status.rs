@@ -9,14 +9,16 @@
 //! instead of failing the request.
 //!
 //! Exposure: the same as `/metrics` (mounted beside it by
-//! [`Network::configure`], no token) — counters, upstream names and
+//! [`Network::configure`]; with `network.security.status_tokens` set it
+//! needs `Authorization: Bearer <token>`) — counters, upstream names and
 //! endpoints, and room names with member counts, which a presence frame
 //! also shows. When `network.security.ws_tokens` is set, presence frames go
 //! only to clients with a token, so `/status` then leaves the room names
 //! out (`busiest` is empty; `count` stays). Unlike `/metrics` it is behind
 //! the per-IP request limiter ([`crate::security::Security::api_guard`]),
 //! because each request copies the hub's room table; loopback is exempt by
-//! default.
+//! default. Either way a flood costs the hub at most one snapshot per
+//! `network.security.snapshot_interval` (see [`crate::metrics`], "Floods").
 //!
 //! # Schema
 //!
@@ -401,12 +403,26 @@ fn security(s: &SecurityStats) -> SecurityStatus {
     }
 }
 
-/// `GET /status`: `200` with the [`Status`] document, never cached.
+/// `GET /status`: `200` with the [`Status`] document, never cached by
+/// the client. The document comes through the network's snapshot gate
+/// (see [`crate::metrics`], "Floods"): taken after the request arrived,
+/// shared with the requests that arrived with it.
 pub(crate) async fn status_route(net: web::Data<Network>) -> HttpResponse {
+    let body = net
+        .views()
+        .status
+        .get(|| async {
+            // A `Status` is plain data; serializing it cannot fail.
+            serde_json::to_vec(&collect(&net).await)
+                .map(web::Bytes::from)
+                .unwrap_or_default()
+        })
+        .await;
     HttpResponse::Ok()
         // A dashboard polls it: a cached copy would freeze the panel.
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .json(collect(&net).await)
+        .content_type(mime::APPLICATION_JSON)
+        .body(body)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::web::Bytes;
 use happynet_actors::backoff::{parse_retry_after, Backoff, Jitter, RetryBudget, RetryDecision};
 use happynet_actors::balancer::{EjectionConfig, Strategy};
-use happynet_actors::breaker::{BreakerActor, BreakerConfig, CallOutcome, Outcome, Permit};
+use happynet_actors::breaker::{BreakerActor, CallOutcome, Outcome, Permit};
 use happynet_actors::cache::{
     CacheCounters, CacheKey, Lookup, ResponseCache, StoredResponse, Validators,
 };
@@ -87,16 +87,7 @@ impl Upstream {
             settings.rate_burst,
         )
         .map_err(|e| format!("{name}: rate limit: {e}"))?;
-        let b = &settings.breaker;
-        let breaker_config = BreakerConfig {
-            window: b.window,
-            minimum_calls: b.minimum_calls,
-            failure_rate_threshold: b.failure_rate,
-            slow_call_rate_threshold: b.slow_call_rate,
-            slow_call_duration: b.slow_call_duration.0,
-            open_duration: b.open_duration.0,
-            half_open_probes: b.half_open_probes,
-        };
+        let breaker_config = settings.breaker.breaker_config();
         let pool_config = PoolConfig {
             name: name.clone(),
             endpoints: settings.endpoints.clone(),

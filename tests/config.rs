@@ -147,3 +147,164 @@ fn broken_json_and_missing_files_are_clear_errors() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Policy settings the policy itself refuses: each must be refused when
+/// the config is loaded, under the key's exact path — not accepted here
+/// and then refused by the actor at start under `network.api_clients`.
+const BAD_POLICIES: &[(&str, &str, &str)] = &[
+    (
+        r#"{"network":{"api_clients":{"openai":{"base_url":"https://x","breaker":{"failure_rate":0}}}}}"#,
+        "network.api_clients.openai.breaker.failure_rate",
+        "must be > 0 and <= 1, got 0",
+    ),
+    (
+        r#"{"network":{"http":{"breaker":{"slow_call_rate":0}}}}"#,
+        "network.http.breaker.slow_call_rate",
+        "must be > 0 and <= 1",
+    ),
+    (
+        r#"{"network":{"http":{"breaker":{"window":200000,"minimum_calls":10}}}}"#,
+        "network.http.breaker.window",
+        "between 1 and 100000",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","breaker":{"half_open_probes":20000}}}}}"#,
+        "network.api_clients.a.breaker.half_open_probes",
+        "between 1 and 10000",
+    ),
+    (
+        r#"{"network":{"http":{"breaker":{"open_duration":1e12}}}}"#,
+        "network.http.breaker.open_duration",
+        "at most 86400 s",
+    ),
+    (
+        r#"{"network":{"http":{"breaker":{"minimum_calls":30}}}}"#,
+        "network.http.breaker.minimum_calls",
+        "between 1 and window (20)",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","retry":{"budget_window":0.0001}}}}}"#,
+        "network.api_clients.a.retry.budget_window",
+        "must be at least 0.001 s",
+    ),
+    (
+        r#"{"network":{"http":{"retry":{"budget_ratio":-0.5}}}}"#,
+        "network.http.retry.budget_ratio",
+        "between 0 and 1000",
+    ),
+    (
+        r#"{"network":{"http":{"retry":{"base_delay":0}}}}"#,
+        "network.http.retry.base_delay",
+        "must be > 0",
+    ),
+    (
+        r#"{"network":{"http":{"retry":{"base_delay":2,"max_delay":1}}}}"#,
+        "network.http.retry.max_delay",
+        "must be >= base (2 s)",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","cache":{"max_entry_bytes":10}}}}}"#,
+        "network.api_clients.a.cache.max_entry_bytes",
+        "must be between 257 and max_bytes",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","cache":{"max_entries":0}}}}}"#,
+        "network.api_clients.a.cache.max_entries",
+        "must be >= 1",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","rate_limit":1e-18}}}}"#,
+        "network.api_clients.a.rate_limit",
+        "too low",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","rate_limit":1e11}}}}"#,
+        "network.api_clients.a.rate_limit",
+        "one per nanosecond",
+    ),
+    (
+        r#"{"network":{"http":{"rate_limit":60,"rate_burst":0}}}"#,
+        "network.http.rate_burst",
+        "must be >= 1",
+    ),
+    (
+        r#"{"network":{"websocket":{"max_messages_per_second":1e-300}}}"#,
+        "network.websocket.max_messages_per_second",
+        "too low",
+    ),
+    (
+        r#"{"network":{"security":{"requests_per_second":1e-8,"request_burst":100}}}"#,
+        "network.security.request_burst",
+        "too large",
+    ),
+];
+
+#[test]
+fn each_invalid_policy_value_is_refused_at_load_with_its_exact_path() {
+    for (json, path, needle) in BAD_POLICIES {
+        let (got_path, message) = error_for(json);
+        assert_eq!(&got_path, path, "for {json}: {message}");
+        assert!(message.starts_with(path), "{message}");
+        assert!(message.contains(needle), "for {json}: {message}");
+    }
+}
+
+/// One validator: the edges the policies accept, loading accepts too, and
+/// `Network::start` then starts them (on main, a `budget_ratio` above 1 was
+/// refused by the loader that the retry budget accepts).
+#[actix_web::test]
+async fn what_loads_starts() {
+    let accepted = [
+        r#"{"network":{"http":{"breaker":{"failure_rate":1,"slow_call_rate":0.01,"window":100000,"minimum_calls":100000,"half_open_probes":10000,"open_duration":86400}}}}"#,
+        r#"{"network":{"http":{"retry":{"budget_ratio":1000,"budget_window":0.001,"base_delay":0.001,"max_delay":0.001}}}}"#,
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","rate_limit":1e-6,"rate_burst":1,"cache":{"max_entry_bytes":257,"max_bytes":257}}}}}"#,
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","rate_limit":6e10}}}}"#,
+        r#"{"network":{"websocket":{"max_messages_per_second":1e-6,"message_burst":1}}}"#,
+    ];
+    for json in accepted {
+        let config = Config::from_json_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        if let Err(e) = happynet::Network::start(config) {
+            panic!("loaded but did not start: {json}: {e}");
+        }
+    }
+}
+
+#[test]
+fn the_policy_defaults_are_the_policies_own() {
+    use happynet::actors::backoff::{self, Backoff, RetryBudget};
+    use happynet::actors::breaker::BreakerConfig;
+    use happynet::config::{BreakerSettings, RetrySettings};
+    assert_eq!(
+        BreakerSettings::default().breaker_config(),
+        BreakerConfig::default()
+    );
+    let retry = RetrySettings::default();
+    assert_eq!(
+        Backoff::try_new(retry.base_delay.0, retry.max_delay.0),
+        Ok(Backoff::default())
+    );
+    assert_eq!(retry.budget_ratio, backoff::DEFAULT_RETRY_RATIO);
+    assert_eq!(retry.budget_window.0, backoff::DEFAULT_BUDGET_TTL);
+    assert_eq!(
+        retry.budget_min_per_second,
+        backoff::DEFAULT_MIN_RETRIES_PER_SEC
+    );
+    assert!(RetryBudget::new(retry.budget_window.0, 10, retry.budget_ratio).is_ok());
+}
+
+#[test]
+fn the_seed_config_still_loads_with_the_policy_checks() {
+    let shared = "/work/shared/config/seed-network.json";
+    for path in [
+        shared,
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/seed-network.json"
+        ),
+    ] {
+        if path == shared && !std::path::Path::new(path).exists() {
+            continue;
+        }
+        Config::from_file(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    }
+}

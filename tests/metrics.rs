@@ -450,3 +450,46 @@ async fn a_scripted_scenario_shows_up_in_the_metrics_and_ready_follows_shutdown(
     assert_eq!(gauge(&m, "happynet_shutting_down", &[]), 1.0);
     server.stop().await;
 }
+
+/// Concurrent requests in the flood tests: far more than one snapshot's
+/// worth.
+const FLOOD: usize = 50;
+
+#[actix_web::test]
+async fn a_flood_of_scrapes_costs_the_hub_one_snapshot_per_interval() {
+    const INTERVAL_SECS: u64 = 1;
+    let server = start(config(&format!(
+        r#"{{"network":{{"security":{{"snapshot_interval":{INTERVAL_SECS}}}}}}}"#
+    )))
+    .await;
+    let first = scrape(&server).await;
+    assert_eq!(counter(&first, "happynet_ws_broadcasts_total", &[]), 0.0);
+    assert_eq!(server.net.snapshots_taken().metrics, 1);
+
+    // A broadcast after that snapshot: every answer below must show it, as
+    // no answer may be older than its request.
+    server
+        .net
+        .hub()
+        .send(Broadcast::text("counted"))
+        .await
+        .expect("hub");
+    let started = std::time::Instant::now();
+    let scrapes = futures::future::join_all((0..FLOOD).map(|_| scrape(&server))).await;
+    let elapsed = started.elapsed();
+    for s in &scrapes {
+        assert_eq!(counter(s, "happynet_ws_broadcasts_total", &[]), 1.0);
+    }
+    // The flood shared one fresh snapshot. The snapshots it caused begin
+    // at least an interval apart within its `elapsed`, so even a machine
+    // slow enough to spread it over several intervals took at most one
+    // more per interval.
+    let taken = server.net.snapshots_taken().metrics;
+    let bound = 2 + elapsed.as_secs() / INTERVAL_SECS;
+    assert!(
+        (2..=bound).contains(&taken),
+        "{FLOOD} scrapes over {elapsed:?} took {taken} snapshots (at most {bound})"
+    );
+    // /status has a gate of its own, untouched by scrapes.
+    assert_eq!(server.net.snapshots_taken().status, 0);
+}

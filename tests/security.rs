@@ -665,6 +665,26 @@ fn bad_security_settings_are_rejected_with_their_path() {
             r#"{"exempt_ips":["10.0.0.0/99"]}"#,
             "network.security.exempt_ips[0]",
         ),
+        (
+            r#"{"broadcast_tokens":["has space"]}"#,
+            "network.security.broadcast_tokens[0]",
+        ),
+        (
+            r#"{"status_tokens":[""]}"#,
+            "network.security.status_tokens[0]",
+        ),
+        (
+            r#"{"metrics_tokens":["a/b="]}"#,
+            "network.security.metrics_tokens[0]",
+        ),
+        (
+            r#"{"snapshot_interval":11}"#,
+            "network.security.snapshot_interval",
+        ),
+        (
+            r#"{"snapshot_interval":-1}"#,
+            "network.security.snapshot_interval",
+        ),
         (r#"{"max_conections_per_ip":3}"#, "network.security"),
     ] {
         let err = Config::from_json_str(&format!(r#"{{"network":{{"security":{json}}}}}"#))
@@ -683,5 +703,237 @@ fn bad_security_settings_are_rejected_with_their_path() {
     .expect("all guards off");
     let defaults = Config::embedded().network.security;
     assert_eq!(defaults.max_connections_per_ip, 64);
+    assert!(defaults.broadcast_tokens.is_empty() && defaults.status_tokens.is_empty());
+    assert!(defaults.metrics_tokens.is_empty());
+    assert_eq!(defaults.snapshot_interval.0, Duration::from_millis(250));
+    assert_eq!(defaults.exempt_ips, None, "unset: loopback, and a warning");
+    assert_eq!(defaults.effective_exempt_ips(), ["127.0.0.0/8", "::1"]);
     assert_eq!(defaults.request_header_timeout.0, Duration::from_secs(5));
+}
+
+/// A request from the bystander with `headers`: its status and JSON body
+/// (`Null` when the body is not JSON).
+async fn request_with(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &'static str,
+) -> (u16, Value) {
+    let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut req = client_from(BYSTANDER).request(method, server.url(path));
+    for (name, value) in headers {
+        req = req.insert_header((*name, *value));
+    }
+    let mut resp = req
+        .content_type("text/plain")
+        .send_body(body)
+        .await
+        .expect("request");
+    let bytes = resp.body().await.expect("body");
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (resp.status().as_u16(), json)
+}
+
+/// Broadcasts the hub has handled, from `/health`.
+async fn broadcasts(server: &TestServer) -> u64 {
+    server.health().await["hub"]["broadcasts"]
+        .as_u64()
+        .expect("hub.broadcasts")
+}
+
+#[actix_web::test]
+async fn a_cross_site_browser_cannot_broadcast_but_the_same_origin_and_curl_can() {
+    let server = start(config(
+        r#"{"network":{"security":{"allowed_origins":["https://app.example"]}}}"#,
+    ))
+    .await;
+    let own = format!("http://{}", server.addr);
+    let before = broadcasts(&server).await;
+
+    // A page on another site: `text/plain` is a CORS-simple request, so
+    // the browser sends it without asking. It must not reach the hub.
+    for headers in [
+        vec![("origin", "https://evil.example")],
+        vec![
+            ("origin", "https://evil.example"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+        // Sandboxed frames and file: pages send `Origin: null`.
+        vec![("origin", "null")],
+        // A browser that says cross-site, whatever else it sends.
+        vec![("sec-fetch-site", "cross-site")],
+        vec![("origin", own.as_str()), ("sec-fetch-site", "cross-site")],
+    ] {
+        let (status, body) = request_with(&server, "POST", "/broadcast", &headers, "pwned").await;
+        assert_eq!(status, 403, "{headers:?}: {body}");
+        assert_eq!(body["error"], "cross_site_request", "{headers:?}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("allowed_origins")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        broadcasts(&server).await,
+        before,
+        "a refused POST was broadcast"
+    );
+
+    // The server's own page, an allowed origin (default port written or
+    // not), and clients without Origin (curl, SDKs) are served.
+    for headers in [
+        vec![("origin", own.as_str())],
+        vec![("origin", own.as_str()), ("sec-fetch-site", "same-origin")],
+        vec![("origin", "https://app.example:443")],
+        vec![
+            ("origin", "https://app.example"),
+            ("sec-fetch-site", "cross-site"),
+        ],
+        vec![],
+    ] {
+        let (status, body) = request_with(&server, "POST", "/broadcast", &headers, "ok").await;
+        assert_eq!(status, 202, "{headers:?}: {body}");
+    }
+    assert_eq!(broadcasts(&server).await, before + 5);
+
+    // Every state-changing route behind the guard, gateways included; safe
+    // methods are not refused (they go on to the route, which answers them).
+    for (method, path) in [
+        ("POST", "/proxy/nope/x"),
+        ("PUT", "/proxy/nope/x"),
+        ("PATCH", "/proxy/nope/x"),
+        ("DELETE", "/proxy/nope/x"),
+        ("POST", "/v1/chat/completions"),
+    ] {
+        let (status, body) = request_with(
+            &server,
+            method,
+            path,
+            &[("origin", "https://evil.example")],
+            "{}",
+        )
+        .await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert_eq!(body["error"], "cross_site_request");
+    }
+    for path in ["/proxy/nope/x", "/status"] {
+        let (status, body) = request_with(
+            &server,
+            "GET",
+            path,
+            &[("origin", "https://evil.example")],
+            "",
+        )
+        .await;
+        assert_ne!(status, 403, "GET {path}: {body}");
+    }
+    let stats = server.net.security().stats();
+    assert_eq!(stats.requests_cross_site, 10);
+    let refusals = stats.refusals();
+    assert!(
+        refusals.contains(&("cross_site_request", 10)),
+        "{refusals:?}"
+    );
+}
+
+#[actix_web::test]
+async fn broadcast_needs_its_token_once_one_is_configured() {
+    let server = start(config(
+        r#"{"network":{"security":{"broadcast_tokens":["bc-old","bc-new"],"ws_tokens":["ws-t"]}}}"#,
+    ))
+    .await;
+    let before = broadcasts(&server).await;
+    for (headers, error) in [
+        (vec![], "token_required"),
+        (vec![("authorization", "Bearer wrong")], "invalid_token"),
+        // Another route's token is not this route's.
+        (vec![("authorization", "Bearer ws-t")], "invalid_token"),
+        (
+            vec![("authorization", "Basic YmMtbmV3Og==")],
+            "token_required",
+        ),
+    ] {
+        let mut req = client_from(BYSTANDER).post(server.url("/broadcast"));
+        for (name, value) in &headers {
+            req = req.insert_header((*name, *value));
+        }
+        let mut resp = req
+            .content_type("text/plain")
+            .send_body("x")
+            .await
+            .expect("POST /broadcast");
+        assert_eq!(resp.status(), 401, "{headers:?}");
+        assert_eq!(
+            resp.headers()
+                .get("www-authenticate")
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer realm=\"happynet\"")
+        );
+        let body = resp.json::<Value>().await.expect("JSON");
+        assert_eq!(body["error"], error, "{headers:?}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("broadcast_tokens")),
+            "{body}"
+        );
+    }
+    assert_eq!(broadcasts(&server).await, before);
+    for token in ["Bearer bc-old", "bearer bc-new"] {
+        let (status, body) = request_with(
+            &server,
+            "POST",
+            "/broadcast",
+            &[("authorization", token)],
+            "hi",
+        )
+        .await;
+        assert_eq!(status, 202, "{token}: {body}");
+    }
+    assert_eq!(broadcasts(&server).await, before + 2);
+    let stats = server.net.security().stats();
+    assert_eq!(
+        (stats.requests_token_required, stats.requests_token_invalid),
+        (2, 2)
+    );
+}
+
+#[actix_web::test]
+async fn status_and_metrics_take_optional_tokens_of_their_own() {
+    // Without tokens both are open (the default).
+    let open = start(Config::default()).await;
+    for path in ["/status", "/metrics"] {
+        let (status, _) = request_with(&open, "GET", path, &[], "").await;
+        assert_eq!(status, 200, "{path}");
+    }
+
+    let server = start(config(
+        r#"{"network":{"security":{"status_tokens":["st-1"],"metrics_tokens":["mt-1"]}}}"#,
+    ))
+    .await;
+    for (path, right, wrong) in [("/status", "st-1", "mt-1"), ("/metrics", "mt-1", "st-1")] {
+        let (status, body) = request_with(&server, "GET", path, &[], "").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("token_required"))
+        );
+        let wrong = format!("Bearer {wrong}");
+        let (status, body) =
+            request_with(&server, "GET", path, &[("authorization", &wrong)], "").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("invalid_token"))
+        );
+        let right = format!("Bearer {right}");
+        let (status, _) =
+            request_with(&server, "GET", path, &[("authorization", &right)], "").await;
+        assert_eq!(status, 200, "{path}");
+    }
+    // Liveness and readiness stay open for load balancers.
+    for path in ["/health", "/ready"] {
+        let (status, _) = request_with(&server, "GET", path, &[], "").await;
+        assert_eq!(status, 200, "{path}");
+    }
 }

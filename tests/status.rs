@@ -204,3 +204,40 @@ async fn with_websocket_tokens_status_shows_no_room_names() {
     assert_eq!(s["rooms"]["busiest"], serde_json::json!([]));
     assert!(!s.to_string().contains("dm-alice-bob"), "{s}");
 }
+
+#[actix_web::test]
+async fn a_flood_of_status_requests_costs_the_hub_one_snapshot_per_interval() {
+    const FLOOD: usize = 50;
+    const INTERVAL_SECS: u64 = 1;
+    let server = start(config(&format!(
+        r#"{{"network":{{"security":{{"snapshot_interval":{INTERVAL_SECS}}}}}}}"#
+    )))
+    .await;
+    assert_eq!(status(&server).await["broadcasts_total"], 0);
+    assert_eq!(server.net.snapshots_taken().status, 1);
+
+    // Broadcast after that snapshot: no answer may be older than its
+    // request, so every one of the flood must count it.
+    server
+        .net
+        .hub()
+        .send(Broadcast::text("counted"))
+        .await
+        .expect("hub");
+    let started = std::time::Instant::now();
+    let answers = futures::future::join_all((0..FLOOD).map(|_| status(&server))).await;
+    let elapsed = started.elapsed();
+    for a in &answers {
+        assert_eq!(a["broadcasts_total"], 1, "{a}");
+    }
+    // Snapshots caused by the flood begin at least an interval apart
+    // within its `elapsed`: one shared fresh snapshot, plus at most one per
+    // interval the flood took to arrive.
+    let taken = server.net.snapshots_taken().status;
+    let bound = 2 + elapsed.as_secs() / INTERVAL_SECS;
+    assert!(
+        (2..=bound).contains(&taken),
+        "{FLOOD} requests over {elapsed:?} took {taken} snapshots (at most {bound})"
+    );
+    assert_eq!(server.net.snapshots_taken().metrics, 0);
+}

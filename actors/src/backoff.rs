@@ -89,7 +89,68 @@ impl std::fmt::Display for GiveUpReason {
 
 impl std::error::Error for GiveUpReason {}
 
+/// Why [`Backoff::try_new`] refused its arguments. [`BackoffError::field`]
+/// names the argument, so that a configuration can report it under its own
+/// key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackoffError {
+    /// `base` was zero: every wait would be zero, a retry storm.
+    ZeroBase,
+    /// `max` was below `base`.
+    MaxBelowBase {
+        /// The base given.
+        base: Duration,
+        /// The max given.
+        max: Duration,
+    },
+}
+
+impl BackoffError {
+    /// The argument that was wrong: `"base"` or `"max"`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            BackoffError::ZeroBase => "base",
+            BackoffError::MaxBelowBase { .. } => "max",
+        }
+    }
+
+    /// What the argument must be, without its name.
+    pub fn requirement(&self) -> String {
+        match self {
+            BackoffError::ZeroBase => "must be > 0".to_owned(),
+            BackoffError::MaxBelowBase { base, max } => format!(
+                "must be >= base ({} s), got {} s",
+                base.as_secs_f64(),
+                max.as_secs_f64()
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for BackoffError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.field(), self.requirement())
+    }
+}
+
+impl std::error::Error for BackoffError {}
+
 impl Backoff {
+    /// A backoff policy for retries: `base` must be above zero (a zero base
+    /// retries at once, every time) and `max` at least `base`. The struct's
+    /// fields stay public for code that wants any values (see the type's
+    /// docs); configuration goes through here.
+    pub fn try_new(base: Duration, max: Duration) -> Result<Self, BackoffError> {
+        if base.is_zero() {
+            return Err(BackoffError::ZeroBase);
+        }
+        if max < base {
+            return Err(BackoffError::MaxBelowBase { base, max });
+        }
+        Ok(Backoff { base, max })
+    }
+
     /// The upper bound of the wait before retry number `attempt` (from 0):
     /// `min(max, base × 2^attempt)`, exact and without overflow for every
     /// `attempt`.
@@ -327,18 +388,33 @@ pub enum BudgetError {
     InvalidRatio(f64),
 }
 
+impl BudgetError {
+    /// The argument that was wrong: `"ttl"` or `"ratio"`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            BudgetError::TtlTooShort(_) => "ttl",
+            BudgetError::InvalidRatio(_) => "ratio",
+        }
+    }
+
+    /// What the argument must be, and what it was, without its name.
+    pub fn requirement(&self) -> String {
+        match self {
+            BudgetError::TtlTooShort(ttl) => format!(
+                "must be at least {} s, got {} s",
+                MIN_BUDGET_TTL.as_secs_f64(),
+                ttl.as_secs_f64()
+            ),
+            BudgetError::InvalidRatio(r) => {
+                format!("must be between 0 and {MAX_RETRY_RATIO}, got {r}")
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for BudgetError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BudgetError::TtlTooShort(ttl) => write!(
-                f,
-                "retry budget window {ttl:?} is shorter than {MIN_BUDGET_TTL:?}"
-            ),
-            BudgetError::InvalidRatio(r) => write!(
-                f,
-                "retry budget ratio {r} must be between 0 and {MAX_RETRY_RATIO}"
-            ),
-        }
+        write!(f, "retry budget {} {}", self.field(), self.requirement())
     }
 }
 
@@ -787,6 +863,27 @@ mod tests {
         ));
         assert!(RetryBudget::new(secs(10), 10, 0.0).is_ok());
         assert!(RetryBudget::new(secs(3600), u32::MAX, MAX_RETRY_RATIO).is_ok());
+        let err = RetryBudget::new(Duration::ZERO, 10, 0.2).unwrap_err();
+        assert_eq!(err.field(), "ttl");
+        assert_eq!(
+            BudgetError::InvalidRatio(-1.0).requirement(),
+            format!("must be between 0 and {MAX_RETRY_RATIO}, got -1")
+        );
+    }
+
+    #[test]
+    fn backoff_try_new_refuses_a_zero_base_and_a_max_below_it() {
+        assert_eq!(
+            Backoff::try_new(Duration::ZERO, secs(1)),
+            Err(BackoffError::ZeroBase)
+        );
+        let err = Backoff::try_new(secs(2), secs(1)).unwrap_err();
+        assert_eq!(err.field(), "max");
+        assert_eq!(err.to_string(), "max must be >= base (2 s), got 1 s");
+        assert_eq!(
+            Backoff::try_new(DEFAULT_BASE, DEFAULT_MAX),
+            Ok(Backoff::default())
+        );
     }
 
     /// Property: at every granted withdrawal at `t`, the withdrawals in

@@ -107,42 +107,124 @@ impl Default for BreakerConfig {
     }
 }
 
+/// The longest `open_duration` (and so the longest wait for a half-open
+/// verdict) [`BreakerConfig::validate`] accepts: a day. A breaker open for
+/// longer is a switch, not a breaker; the bound also keeps
+/// `now + open_duration` from overflowing an `Instant`.
+pub const MAX_OPEN_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Why [`BreakerConfig::validate`] (and so [`Breaker::new`]) refused a
+/// configuration: the first field that is wrong, with what it was.
+/// [`BreakerConfigError::field`] names the field, so that a configuration
+/// file can report the error under its own key.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum BreakerConfigError {
+    /// `window` is 0 or above [`MAX_WINDOW`].
+    Window(usize),
+    /// `minimum_calls` is 0 or above `window`.
+    MinimumCalls {
+        /// The value given.
+        got: usize,
+        /// The window it must fit in.
+        window: usize,
+    },
+    /// `failure_rate_threshold` is not in `(0, 1]`.
+    FailureRateThreshold(f64),
+    /// `slow_call_rate_threshold` is not in `(0, 1]`.
+    SlowCallRateThreshold(f64),
+    /// `slow_call_duration` is zero.
+    SlowCallDuration,
+    /// `open_duration` is zero or above [`MAX_OPEN_DURATION`].
+    OpenDuration(Duration),
+    /// `half_open_probes` is 0 or above [`MAX_HALF_OPEN_PROBES`].
+    HalfOpenProbes(u32),
+}
+
+impl BreakerConfigError {
+    /// The [`BreakerConfig`] field that is wrong.
+    pub fn field(&self) -> &'static str {
+        match self {
+            BreakerConfigError::Window(_) => "window",
+            BreakerConfigError::MinimumCalls { .. } => "minimum_calls",
+            BreakerConfigError::FailureRateThreshold(_) => "failure_rate_threshold",
+            BreakerConfigError::SlowCallRateThreshold(_) => "slow_call_rate_threshold",
+            BreakerConfigError::SlowCallDuration => "slow_call_duration",
+            BreakerConfigError::OpenDuration(_) => "open_duration",
+            BreakerConfigError::HalfOpenProbes(_) => "half_open_probes",
+        }
+    }
+
+    /// What the field must be, and what it was, without the field's name:
+    /// `"must be > 0 and <= 1, got 0"`.
+    pub fn requirement(&self) -> String {
+        match self {
+            BreakerConfigError::Window(got) => {
+                format!("must be between 1 and {MAX_WINDOW}, got {got}")
+            }
+            BreakerConfigError::MinimumCalls { got, window } => {
+                format!("must be between 1 and window ({window}), got {got}")
+            }
+            BreakerConfigError::FailureRateThreshold(got)
+            | BreakerConfigError::SlowCallRateThreshold(got) => {
+                format!("must be > 0 and <= 1, got {got}")
+            }
+            BreakerConfigError::SlowCallDuration => "must be > 0".to_owned(),
+            BreakerConfigError::OpenDuration(got) => format!(
+                "must be > 0 and at most {} s, got {} s",
+                MAX_OPEN_DURATION.as_secs(),
+                got.as_secs_f64()
+            ),
+            BreakerConfigError::HalfOpenProbes(got) => {
+                format!("must be between 1 and {MAX_HALF_OPEN_PROBES}, got {got}")
+            }
+        }
+    }
+}
+
+impl fmt::Display for BreakerConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field(), self.requirement())
+    }
+}
+
+impl std::error::Error for BreakerConfigError {}
+
 impl BreakerConfig {
     /// Checks every field; the error names the first field that is wrong and
     /// why, e.g. `"minimum_calls must be between 1 and window (20), got 30"`.
-    pub fn validate(&self) -> Result<(), String> {
+    /// This is the one check of a breaker's settings: [`Breaker::new`] runs
+    /// it, and so does happynet's configuration loader.
+    pub fn validate(&self) -> Result<(), BreakerConfigError> {
         if self.window == 0 || self.window > MAX_WINDOW {
-            return Err(format!(
-                "window must be between 1 and {MAX_WINDOW}, got {}",
-                self.window
-            ));
+            return Err(BreakerConfigError::Window(self.window));
         }
         if self.minimum_calls == 0 || self.minimum_calls > self.window {
-            return Err(format!(
-                "minimum_calls must be between 1 and window ({}), got {}",
-                self.window, self.minimum_calls
+            return Err(BreakerConfigError::MinimumCalls {
+                got: self.minimum_calls,
+                window: self.window,
+            });
+        }
+        // `!(x > 0)` rather than `x <= 0` so that NaN is refused too.
+        let is_rate = |rate: f64| rate > 0.0 && rate <= 1.0;
+        if !is_rate(self.failure_rate_threshold) {
+            return Err(BreakerConfigError::FailureRateThreshold(
+                self.failure_rate_threshold,
             ));
         }
-        for (name, rate) in [
-            ("failure_rate_threshold", self.failure_rate_threshold),
-            ("slow_call_rate_threshold", self.slow_call_rate_threshold),
-        ] {
-            // `!(x > 0)` rather than `x <= 0` so that NaN is refused too.
-            if !(rate > 0.0 && rate <= 1.0) {
-                return Err(format!("{name} must be > 0 and <= 1, got {rate}"));
-            }
+        if !is_rate(self.slow_call_rate_threshold) {
+            return Err(BreakerConfigError::SlowCallRateThreshold(
+                self.slow_call_rate_threshold,
+            ));
         }
         if self.slow_call_duration.is_zero() {
-            return Err("slow_call_duration must be > 0".to_owned());
+            return Err(BreakerConfigError::SlowCallDuration);
         }
-        if self.open_duration.is_zero() {
-            return Err("open_duration must be > 0".to_owned());
+        if self.open_duration.is_zero() || self.open_duration > MAX_OPEN_DURATION {
+            return Err(BreakerConfigError::OpenDuration(self.open_duration));
         }
         if self.half_open_probes == 0 || self.half_open_probes > MAX_HALF_OPEN_PROBES {
-            return Err(format!(
-                "half_open_probes must be between 1 and {MAX_HALF_OPEN_PROBES}, got {}",
-                self.half_open_probes
-            ));
+            return Err(BreakerConfigError::HalfOpenProbes(self.half_open_probes));
         }
         Ok(())
     }
@@ -459,9 +541,9 @@ pub struct Breaker {
 
 impl Breaker {
     /// A closed breaker named `name` (the name appears in its log lines).
-    /// Fails with [`BreakerConfig::validate`]'s message if `config` is
+    /// Fails with [`BreakerConfig::validate`]'s error if `config` is
     /// invalid.
-    pub fn new(name: impl Into<String>, config: BreakerConfig) -> Result<Self, String> {
+    pub fn new(name: impl Into<String>, config: BreakerConfig) -> Result<Self, BreakerConfigError> {
         config.validate()?;
         Ok(Breaker {
             name: name.into(),
@@ -756,8 +838,11 @@ pub struct BreakerActor {
 
 impl BreakerActor {
     /// A closed breaker for `upstream`. Fails with
-    /// [`BreakerConfig::validate`]'s message if `config` is invalid.
-    pub fn new(upstream: impl Into<String>, config: BreakerConfig) -> Result<Self, String> {
+    /// [`BreakerConfig::validate`]'s error if `config` is invalid.
+    pub fn new(
+        upstream: impl Into<String>,
+        config: BreakerConfig,
+    ) -> Result<Self, BreakerConfigError> {
         Ok(BreakerActor {
             breaker: Breaker::new(upstream, config)?,
         })
@@ -883,7 +968,7 @@ mod tests {
     #[test]
     fn validate_names_the_wrong_field() {
         type Spoil = fn(&mut BreakerConfig);
-        let bad: [(&str, Spoil); 10] = [
+        let bad: [(&str, Spoil); 12] = [
             ("window", |c| c.window = 0),
             ("window", |c| c.window = MAX_WINDOW + 1),
             ("minimum_calls", |c| c.minimum_calls = 0),
@@ -899,14 +984,23 @@ mod tests {
                 c.slow_call_duration = Duration::ZERO
             }),
             ("open_duration", |c| c.open_duration = Duration::ZERO),
+            ("open_duration", |c| {
+                c.open_duration = MAX_OPEN_DURATION + Duration::from_secs(1)
+            }),
             ("half_open_probes", |c| c.half_open_probes = 0),
+            ("half_open_probes", |c| {
+                c.half_open_probes = MAX_HALF_OPEN_PROBES + 1
+            }),
         ];
         for (field, spoil) in bad {
             let mut c = BreakerConfig::default();
             spoil(&mut c);
             let err = c.validate().unwrap_err();
-            assert!(err.starts_with(field), "{field}: {err}");
-            assert!(Breaker::new("x", c).is_err());
+            assert_eq!(err.field(), field, "{err}");
+            assert!(err.to_string().starts_with(field), "{field}: {err}");
+            // By text: a NaN in the error is not equal to itself.
+            let from_new = Breaker::new("x", c).err().map(|e| e.to_string());
+            assert_eq!(from_new, Some(err.to_string()));
         }
     }
 

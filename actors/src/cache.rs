@@ -130,38 +130,95 @@ impl Default for CacheConfig {
     }
 }
 
+/// Why [`CacheConfig::validate`] (and so [`ResponseCache::new`]) refused a
+/// configuration: the first field that is wrong. [`CacheConfigError::field`]
+/// names it, so that a configuration file can report the error under its
+/// own key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheConfigError {
+    /// `max_entries` is 0.
+    MaxEntries,
+    /// `max_bytes` is no more than [`ENTRY_OVERHEAD_BYTES`].
+    MaxBytes(usize),
+    /// `max_entry_bytes` is outside `ENTRY_OVERHEAD_BYTES + 1 ..= max_bytes`.
+    MaxEntryBytes {
+        /// The value given.
+        got: usize,
+        /// `max_bytes`.
+        max_bytes: usize,
+    },
+    /// `default_ttl` is above [`MAX_DELTA_SECONDS`].
+    DefaultTtl(Duration),
+    /// `stale_if_error` is above [`MAX_DELTA_SECONDS`].
+    StaleIfError(Duration),
+}
+
+impl CacheConfigError {
+    /// The [`CacheConfig`] field that is wrong.
+    pub fn field(&self) -> &'static str {
+        match self {
+            CacheConfigError::MaxEntries => "max_entries",
+            CacheConfigError::MaxBytes(_) => "max_bytes",
+            CacheConfigError::MaxEntryBytes { .. } => "max_entry_bytes",
+            CacheConfigError::DefaultTtl(_) => "default_ttl",
+            CacheConfigError::StaleIfError(_) => "stale_if_error",
+        }
+    }
+
+    /// What the field must be, and what it was, without the field's name.
+    pub fn requirement(&self) -> String {
+        match self {
+            CacheConfigError::MaxEntries => "must be >= 1, got 0".to_owned(),
+            CacheConfigError::MaxBytes(got) => format!(
+                "must be more than the per-entry overhead ({ENTRY_OVERHEAD_BYTES}), got {got}"
+            ),
+            CacheConfigError::MaxEntryBytes { got, max_bytes } => format!(
+                "must be between {} and max_bytes ({max_bytes}), got {got}",
+                ENTRY_OVERHEAD_BYTES + 1
+            ),
+            CacheConfigError::DefaultTtl(got) | CacheConfigError::StaleIfError(got) => {
+                format!("must be at most {MAX_DELTA_SECONDS} s, got {got:?}")
+            }
+        }
+    }
+}
+
+impl fmt::Display for CacheConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field(), self.requirement())
+    }
+}
+
+impl std::error::Error for CacheConfigError {}
+
 impl CacheConfig {
     /// Checks every field; the error names the first field that is wrong and
     /// why, e.g. `"max_entry_bytes must be between 257 and max_bytes (4096), got 8192"`.
-    pub fn validate(&self) -> Result<(), String> {
+    /// This is the one check of a cache's settings: [`ResponseCache::new`]
+    /// runs it, and so does happynet's configuration loader.
+    pub fn validate(&self) -> Result<(), CacheConfigError> {
         if self.max_entries == 0 {
-            return Err("max_entries must be >= 1, got 0".to_owned());
+            return Err(CacheConfigError::MaxEntries);
         }
         if self.max_bytes <= ENTRY_OVERHEAD_BYTES {
-            return Err(format!(
-                "max_bytes must be more than the per-entry overhead ({ENTRY_OVERHEAD_BYTES}), got {}",
-                self.max_bytes
-            ));
+            return Err(CacheConfigError::MaxBytes(self.max_bytes));
         }
         // An entry larger than `max_bytes` could never fit, and one no larger
         // than the overhead would have to be empty: both are typos.
         let smallest = ENTRY_OVERHEAD_BYTES + 1;
         if self.max_entry_bytes < smallest || self.max_entry_bytes > self.max_bytes {
-            return Err(format!(
-                "max_entry_bytes must be between {smallest} and max_bytes ({}), got {}",
-                self.max_bytes, self.max_entry_bytes
-            ));
+            return Err(CacheConfigError::MaxEntryBytes {
+                got: self.max_entry_bytes,
+                max_bytes: self.max_bytes,
+            });
         }
         let max = Duration::from_secs(MAX_DELTA_SECONDS);
-        for (name, value) in [
-            ("default_ttl", self.default_ttl),
-            ("stale_if_error", self.stale_if_error),
-        ] {
-            if value > max {
-                return Err(format!(
-                    "{name} must be at most {MAX_DELTA_SECONDS} s, got {value:?}"
-                ));
-            }
+        if self.default_ttl > max {
+            return Err(CacheConfigError::DefaultTtl(self.default_ttl));
+        }
+        if self.stale_if_error > max {
+            return Err(CacheConfigError::StaleIfError(self.stale_if_error));
         }
         Ok(())
     }
@@ -669,9 +726,9 @@ pub struct ResponseCache {
 }
 
 impl ResponseCache {
-    /// An empty cache, or the message of [`CacheConfig::validate`] if
-    /// `config` is not usable.
-    pub fn new(config: CacheConfig) -> Result<Self, String> {
+    /// An empty cache, or [`CacheConfig::validate`]'s error if `config` is
+    /// not usable.
+    pub fn new(config: CacheConfig) -> Result<Self, CacheConfigError> {
         config.validate()?;
         Ok(ResponseCache {
             config,
@@ -1641,8 +1698,9 @@ mod tests {
         ];
         for (config, field) in cases {
             let err = config.validate().unwrap_err();
-            assert!(err.starts_with(field), "{err}");
-            assert!(ResponseCache::new(config).is_err());
+            assert_eq!(err.field(), field, "{err}");
+            assert!(err.to_string().starts_with(field), "{err}");
+            assert_eq!(ResponseCache::new(config).err(), Some(err));
         }
     }
 }

@@ -19,30 +19,72 @@ pub struct Quota {
     burst: u32,
 }
 
-/// The error returned by [`Quota::per_second`] and friends for a rate that
-/// cannot be honoured.
+/// The longest a [`Quota`] may make a key wait or remember: its
+/// `interval × burst`. About a hundred years: no real limit comes near it,
+/// and it keeps `now + interval × burst` far from overflowing an `Instant`
+/// (a rate of `1e-18` per minute would otherwise panic in the arithmetic).
+pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+/// The error returned by [`Quota::new`] and [`Quota::per_second`] for a rate
+/// that cannot be honoured. [`QuotaError::field`] says which argument was
+/// wrong, so that a configuration can report it under its own key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum QuotaError {
     /// The rate was zero, negative or not a number.
     NonPositiveRate,
+    /// The rate was so high that its interval rounds to zero (more than one
+    /// request per nanosecond).
+    RateTooHigh,
+    /// The rate was so low that one interval exceeds [`MAX_SPAN`].
+    RateTooLow,
     /// The burst was zero: nothing could ever be admitted.
     ZeroBurst,
+    /// `interval × burst` exceeds [`MAX_SPAN`].
+    BurstTooLarge,
+}
+
+impl QuotaError {
+    /// The argument that was wrong: `"rate"` or `"burst"`.
+    pub fn field(&self) -> &'static str {
+        match self {
+            QuotaError::NonPositiveRate | QuotaError::RateTooHigh | QuotaError::RateTooLow => {
+                "rate"
+            }
+            QuotaError::ZeroBurst | QuotaError::BurstTooLarge => "burst",
+        }
+    }
+
+    /// What the argument must be, without its name: `"must be > 0"`.
+    pub fn requirement(&self) -> String {
+        match self {
+            QuotaError::NonPositiveRate => "must be > 0".to_owned(),
+            QuotaError::RateTooHigh => "must be at most one per nanosecond".to_owned(),
+            QuotaError::RateTooLow => format!(
+                "is too low: the time between two requests must be within {} s",
+                MAX_SPAN.as_secs()
+            ),
+            QuotaError::ZeroBurst => "must be >= 1".to_owned(),
+            QuotaError::BurstTooLarge => format!(
+                "is too large: burst / rate must be within {} s",
+                MAX_SPAN.as_secs()
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for QuotaError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            QuotaError::NonPositiveRate => f.write_str("rate must be > 0"),
-            QuotaError::ZeroBurst => f.write_str("burst must be >= 1"),
-        }
+        write!(f, "{} {}", self.field(), self.requirement())
     }
 }
 
 impl std::error::Error for QuotaError {}
 
 impl Quota {
-    /// `count` requests per `period`, with bursts of up to `burst`.
+    /// `count` requests per `period`, with bursts of up to `burst`. Every
+    /// value that would make the limiter's arithmetic overflow is refused
+    /// (see [`QuotaError`]); what this accepts never panics later.
     pub fn new(count: f64, period: Duration, burst: u32) -> Result<Self, QuotaError> {
         if !(count.is_finite() && count > 0.0) || period.is_zero() {
             return Err(QuotaError::NonPositiveRate);
@@ -50,10 +92,21 @@ impl Quota {
         if burst == 0 {
             return Err(QuotaError::ZeroBurst);
         }
-        let interval = period.div_f64(count);
-        if interval.is_zero() {
-            return Err(QuotaError::NonPositiveRate);
+        // Nanoseconds are the clock's grain: a shorter interval would round
+        // to one that admits more (or, at zero, everything).
+        if period.as_nanos() as f64 / count < 1.0 {
+            return Err(QuotaError::RateTooHigh);
         }
+        // What `Duration::div_f64` computes, but checked: it panics when the
+        // quotient does not fit.
+        let interval = Duration::try_from_secs_f64(period.as_secs_f64() / count)
+            .ok()
+            .filter(|i| *i <= MAX_SPAN)
+            .ok_or(QuotaError::RateTooLow)?;
+        interval
+            .checked_mul(burst)
+            .filter(|span| *span <= MAX_SPAN)
+            .ok_or(QuotaError::BurstTooLarge)?;
         Ok(Quota { interval, burst })
     }
 
@@ -202,6 +255,19 @@ mod tests {
             Err(QuotaError::NonPositiveRate)
         );
         assert_eq!(Quota::per_second(1.0, 0), Err(QuotaError::ZeroBurst));
+        assert_eq!(Quota::per_second(2e9, 1), Err(QuotaError::RateTooHigh));
+        // One per 6e19 s: `Duration::div_f64` would have panicked.
+        assert_eq!(
+            Quota::new(1e-18, Duration::from_secs(60), 1),
+            Err(QuotaError::RateTooLow)
+        );
+        assert_eq!(
+            Quota::per_second(1e-9, u32::MAX),
+            Err(QuotaError::BurstTooLarge)
+        );
+        assert_eq!(QuotaError::ZeroBurst.field(), "burst");
+        assert_eq!(QuotaError::RateTooLow.field(), "rate");
+        assert_eq!(QuotaError::NonPositiveRate.to_string(), "rate must be > 0");
     }
 
     /// Property: over any run of request times, the number admitted in
