@@ -85,14 +85,20 @@ impl std::error::Error for ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Seconds(pub Duration);
 
+/// The longest duration any key takes: a year. Nothing happynet waits for
+/// is longer, and a bound keeps `now + duration` and `timeout × attempts`
+/// far from overflowing, which would panic.
+pub const MAX_SECONDS: u64 = 365 * 24 * 3600;
+
 impl<'de> Deserialize<'de> for Seconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map(Seconds).map_err(|_| {
-            serde::de::Error::custom(format!(
-                "must be a non-negative number of seconds, got {secs}"
-            ))
-        })
+        match Duration::try_from_secs_f64(secs) {
+            Ok(d) if d <= Duration::from_secs(MAX_SECONDS) => Ok(Seconds(d)),
+            _ => Err(serde::de::Error::custom(format!(
+                "must be a number of seconds between 0 and {MAX_SECONDS} (a year), got {secs}"
+            ))),
+        }
     }
 }
 
@@ -1417,7 +1423,7 @@ fn trim_base(url: &str) -> String {
 
 impl NetworkConfig {
     fn deadline_for(explicit: Option<Seconds>, attempt: Duration, retries: u32) -> Duration {
-        explicit.map_or(attempt * (retries + 1), |d| d.0)
+        explicit.map_or(attempt.saturating_mul(retries.saturating_add(1)), |d| d.0)
     }
 
     /// The settings of `api_clients.<name>`, with `network.http` filling in
@@ -1701,7 +1707,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let http = &self.network.http;
         positive("network.http.timeout", http.timeout)?;
-        at_least_one("network.http.max_connections", http.max_connections)?;
+        upstream_connections("network.http.max_connections", http.max_connections)?;
         if let Some(d) = http.deadline {
             positive("network.http.deadline", d)?;
         }
@@ -1795,7 +1801,7 @@ impl Config {
                 }
             }
             if let Some(n) = client.max_connections {
-                at_least_one(&path("max_connections"), n)?;
+                upstream_connections(&path("max_connections"), n)?;
             }
             if let Some(n) = client.max_response_bytes {
                 at_least_one(&path("max_response_bytes"), n)?;
@@ -1866,6 +1872,22 @@ fn at_least_one(path: &str, value: usize) -> Result<(), ConfigError> {
     } else {
         Ok(())
     }
+}
+
+/// The most connections one upstream endpoint may keep. awc's connection
+/// limit is a semaphore, which panics above 2^61 permits; a million is far
+/// beyond what one process can hold open and keeps the bound meaningful.
+pub const MAX_UPSTREAM_CONNECTIONS: usize = 1 << 20;
+
+fn upstream_connections(path: &str, value: usize) -> Result<(), ConfigError> {
+    at_least_one(path, value)?;
+    if value > MAX_UPSTREAM_CONNECTIONS {
+        return Err(ConfigError::invalid(
+            path,
+            format!("must be <= {MAX_UPSTREAM_CONNECTIONS}"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{json, Map, Value};
 use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Every section, with the keys a user is likely to touch, all valid.
@@ -348,8 +349,17 @@ fn the_full_config_is_valid_and_starts() {
     starts(config).expect("the full config starts");
 }
 
+/// Panics on any thread (an actor's arbiter, say), counted by a hook: a
+/// panic there does not fail `Network::start`, but leaves a dead actor.
+static PANICS: AtomicUsize = AtomicUsize::new(0);
+
 #[test]
 fn any_edit_is_refused_with_a_path_or_loads_and_starts() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICS.fetch_add(1, Ordering::SeqCst);
+        default_hook(info);
+    }));
     let mut runner = TestRunner::new(ProptestConfig {
         // Each case is a load and, when it loads, a start: cheap enough to
         // cover every leaf with every edge value many times over.
@@ -364,6 +374,7 @@ fn any_edit_is_refused_with_a_path_or_loads_and_starts() {
             apply(&mut value, e);
         }
         let text = value.to_string();
+        let panics_before = PANICS.load(Ordering::SeqCst);
         match Config::from_json_str(&text) {
             Err(e) => {
                 refused.set(refused.get() + 1);
@@ -381,6 +392,12 @@ fn any_edit_is_refused_with_a_path_or_loads_and_starts() {
                 if let Err(e) = starts(config) {
                     prop_assert!(false, "accepted at load but refused at start: {e}\n{text}");
                 }
+                prop_assert_eq!(
+                    PANICS.load(Ordering::SeqCst),
+                    panics_before,
+                    "a thread panicked while starting\n{}",
+                    text
+                );
             }
         }
         Ok(())
