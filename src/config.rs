@@ -96,7 +96,7 @@ impl<'de> Deserialize<'de> for Seconds {
         match Duration::try_from_secs_f64(secs) {
             Ok(d) if d <= Duration::from_secs(MAX_SECONDS) => Ok(Seconds(d)),
             _ => Err(serde::de::Error::custom(format!(
-                "must be a number of seconds between 0 and {MAX_SECONDS} (a year), got {secs}"
+                "must be a non-negative number of seconds, at most {MAX_SECONDS} (a year), got {secs}"
             ))),
         }
     }

@@ -173,7 +173,7 @@ const BAD_POLICIES: &[(&str, &str, &str)] = &[
         "between 1 and 10000",
     ),
     (
-        r#"{"network":{"http":{"breaker":{"open_duration":1e12}}}}"#,
+        r#"{"network":{"http":{"breaker":{"open_duration":1e6}}}}"#,
         "network.http.breaker.open_duration",
         "at most 86400 s",
     ),
