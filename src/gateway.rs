@@ -133,6 +133,28 @@ fn relay(status: StatusCode, headers: &HeaderMap, body: web::Bytes) -> HttpRespo
     out.body(body)
 }
 
+/// The answer to a HEAD: as [`relay`], keeping the upstream's
+/// `Content-Length`, which describes the body a GET would get (an empty body
+/// would make actix write `Content-Length: 0`, a different representation).
+fn relay_head(status: StatusCode, headers: &HeaderMap) -> HttpResponse {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(len) = declared else {
+        return relay(status, headers, web::Bytes::new());
+    };
+    let mut out = HttpResponse::build(status);
+    for (name, value) in end_to_end(headers) {
+        out.append_header((name.clone(), value.clone()));
+    }
+    // An unsized body with chunking off is how actix keeps a set length;
+    // for a HEAD it writes no body at all.
+    out.no_chunking(len).streaming(futures::stream::empty::<
+        Result<web::Bytes, std::convert::Infallible>,
+    >())
+}
+
 /// The HTTP answer for a failed upstream call.
 pub fn error_response(e: &HttpError) -> HttpResponse {
     if let HttpError::Status { response, .. } = e {
@@ -292,7 +314,9 @@ async fn proxy_route(req: HttpRequest, body: web::Bytes, net: web::Data<Network>
     for (name, value) in forwarded {
         call = call.typed_header(name.clone(), value.clone());
     }
+    let head_request = req.method() == Method::HEAD;
     match call.send().await {
+        Ok(resp) if head_request => relay_head(resp.status, &resp.headers),
         Ok(resp) => relay(resp.status, &resp.headers, resp.body),
         Err(e) => {
             log::info!("proxy {client_name}{path}: {e}");

@@ -441,3 +441,35 @@ async fn the_cache_keeps_decoded_and_passed_through_answers_apart() {
     assert!(resp.from_cache);
     assert_eq!(resp.json::<Value>().unwrap(), expected);
 }
+
+#[actix_web::test]
+async fn a_head_answer_keeps_the_length_a_get_would_have() {
+    let fake = fake(false).await;
+    let server = server_for(&fake.url(""), "").await;
+    let direct = raw_http::request(fake.addr, "HEAD /cache/k HTTP/1.1\r\nHost: x", b"").await;
+    let proxied = raw_http::request(
+        server.addr,
+        "HEAD /proxy/up/cache/k HTTP/1.1\r\nHost: x",
+        b"",
+    )
+    .await;
+    assert_eq!(proxied.status, 200);
+    let length = direct.header("content-length").unwrap();
+    assert_ne!(length, "0");
+    assert_eq!(proxied.header("content-length"), Some(length));
+    assert!(proxied.body.is_empty(), "{:?}", proxied.body);
+    assert_eq!(proxied.header("etag"), direct.header("etag"));
+    // On a kept-alive connection too: the next request is answered.
+    let client = http_client();
+    for _ in 0..2 {
+        let resp = client
+            .head(server.url("/proxy/up/cache/k"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers().get("content-length").unwrap(), length);
+    }
+    let resp = client.get(server.url("/proxy/up/cache/k")).send().await;
+    assert_eq!(resp.unwrap().status(), 200);
+}

@@ -69,7 +69,9 @@ pub async fn request(addr: SocketAddr, head: &str, body: &[u8]) -> RawResponse {
         .expect("write head");
     stream.write_all(body).await.expect("write body");
     let raw = read_to_end(&mut stream).await;
-    parse_response(&raw).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&raw)))
+    let bodiless = head.starts_with("HEAD ");
+    parse_response(&raw, bodiless)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&raw)))
 }
 
 /// `GET target` to `addr` with `headers` (`"Name: value"` lines).
@@ -124,8 +126,10 @@ pub async fn read_until(stream: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
     raw
 }
 
-/// Parses a complete response (head and body as far as it arrived).
-pub fn parse_response(raw: &[u8]) -> Result<RawResponse, String> {
+/// Parses a complete response (head and body as far as it arrived); the
+/// answer to a HEAD request (`bodiless`) has no body whatever its length
+/// headers say.
+pub fn parse_response(raw: &[u8], bodiless: bool) -> Result<RawResponse, String> {
     let end = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -153,7 +157,9 @@ pub fn parse_response(raw: &[u8]) -> Result<RawResponse, String> {
     let chunked = response
         .header("transfer-encoding")
         .is_some_and(|te| te.eq_ignore_ascii_case("chunked"));
-    if chunked {
+    if bodiless {
+        response.body = rest.to_vec();
+    } else if chunked {
         let (body, complete) = dechunk(rest)?;
         response.body = body;
         response.chunked_complete = Some(complete);
