@@ -176,6 +176,9 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Options, ArgsErr
             chunk_delay_ms,
             "a whole number of ms",
         )?,
+        // Set through `POST /__fault` (tests of slow readers need it, a
+        // person running the program rarely does).
+        ..Faults::default()
     };
     // The same checks as `POST /__fault`, so the message names the field.
     faults
@@ -218,6 +221,7 @@ async fn serve(options: Options) -> ExitCode {
     let start = StartOptions {
         bind: options.bind,
         api_key: options.api_key,
+        ..StartOptions::default()
     };
     let upstream = match FakeUpstream::start_with(&options.name, options.faults, start).await {
         Ok(u) => u,

@@ -666,6 +666,12 @@ pub struct GatewayConfig {
     pub tokens: Vec<String>,
     /// The largest request body, bytes. Default 1 MiB.
     pub max_body_bytes: usize,
+    /// How long a streamed answer's reader may take nothing, once the
+    /// buffers between it and the upstream are full, before the upstream
+    /// call is abandoned (its connection and bulkhead slot freed, the
+    /// reader's connection cut, `happynet_upstream_stream_write_timeouts_total`
+    /// counted), seconds; > 0. Default 30.
+    pub stream_write_timeout: Seconds,
 }
 
 impl Default for GatewayConfig {
@@ -674,6 +680,7 @@ impl Default for GatewayConfig {
             clients: vec!["openai".to_owned()],
             tokens: Vec::new(),
             max_body_bytes: 1 << 20,
+            stream_write_timeout: Seconds::secs(30),
         }
     }
 }
@@ -1766,6 +1773,10 @@ impl Config {
             ws.session_mailbox_capacity,
         )?;
 
+        positive(
+            "network.gateway.stream_write_timeout",
+            self.network.gateway.stream_write_timeout,
+        )?;
         self.network.security.validate()?;
         if let Some(cluster) = &self.network.cluster {
             cluster.validate()?;
@@ -1899,6 +1910,19 @@ mod tests {
         let c = Config::from_json_str(EMBEDDED_DEFAULT).unwrap();
         assert_eq!(c.network.websocket.heartbeat_interval, Seconds::secs(30));
         assert_eq!(c.network.api_clients["openai"].rate_limit, 60.0);
+    }
+
+    #[test]
+    fn the_stream_write_timeout_defaults_to_30_s_and_must_be_positive() {
+        let c = Config::from_json_str("{}").unwrap();
+        assert_eq!(c.network.gateway.stream_write_timeout, Seconds::secs(30));
+        let e = Config::from_json_str(r#"{"network":{"gateway":{"stream_write_timeout":0}}}"#)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("network.gateway.stream_write_timeout"),
+            "{e}"
+        );
     }
 
     #[test]

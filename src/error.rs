@@ -1,5 +1,44 @@
 //! `HttpError`: why an upstream call failed, naming the upstream and the
 //! cause, so a log line or an HTTP error body says what went wrong where.
+//!
+//! # Whose fault: the audit
+//!
+//! The rule: nothing the caller did wrong counts against the upstream. A
+//! mistake of the caller's is answered 400 (or 405/413/431) before any
+//! attempt: it never reaches the breaker, the balancer's ejection or the
+//! retry loop. Every way a call ends, where that is decided, and what it
+//! counts as ("breaker": the outcome reported for the attempt; "eject": the
+//! pool's health signal for the endpoint; "retry": for idempotent calls;
+//! "next": `/v1` tries the next `network.gateway.clients` entry):
+//!
+//! | cause | decided in | error | gateway answers | breaker | eject | retry | next |
+//! |---|---|---|---|---|---|---|---|
+//! | target the client cannot send (bad characters, no leading `/`) | `Upstream::outgoing` | `InvalidRequest` | 400 | not asked | no | no | no |
+//! | `/proxy` tail climbing above the base path (`..`, `%2e%2e`, `..%2f`, …) | `gateway` | — | 400 | not asked | no | no | — |
+//! | caller headers over `gateway::MAX_FORWARDED_HEADER_BYTES` | `gateway` | — | 431 | not asked | no | no | — |
+//! | `TRACE`/`CONNECT` through `/proxy` | `gateway` | — | 405 | not asked | no | no | — |
+//! | body over the route's limit | actix `PayloadConfig` | — | 413 | not asked | no | no | — |
+//! | awc cannot build the request (URL, header, body) | `pool::send_error` → `PoolError::Invalid` | `InvalidRequest` | 400 | ignored | no | no | no |
+//! | credential variable unset | `Auth::apply` | `MissingSecret` | 502 | not asked | no | no | yes |
+//! | our rate limit | `Upstream::pipeline` | `RateLimited` | 429 + `Retry-After` | not asked | no | no | yes |
+//! | breaker open | `Upstream::pipeline` | `BreakerOpen` | 503 + `Retry-After` | — | no | no | yes |
+//! | bulkhead full; deadline passed in the queue | `PoolActor::admit`, `prepare` | `Overloaded`; `Timeout` | 503; 504 | ignored | no | no | yes |
+//! | cannot connect | `pool::send_error` | `Connect` | 502 | failure | yes | yes | yes |
+//! | closed before a response, reset, malformed response, send error | `pool::send_error` | `Transport` | 502 | failure | yes | no | yes |
+//! | attempt timed out after it was sent | `PoolActor::launch_*` | `Timeout` | 504 | failure | yes | no | yes |
+//! | response head over `upstream::MAX_RESPONSE_HEADER_BYTES` | `Upstream::head_too_large` | `Transport` | 502 | failure | no | no | yes |
+//! | response body over `max_response_bytes` | `PoolActor::launch_*` | `Transport` | 502 | ignored | no | no | yes |
+//! | 5xx | `Upstream::judge`, `outcome_of`; pool | `Status` | passed through | failure | yes | 502/503/504 | yes |
+//! | 429 | same | `Status` | passed through | ignored | no | yes (unless `give_up_if`) | yes |
+//! | other 4xx (the upstream judged the request) | same | `Status` | passed through | success | no | no | no |
+//! | streamed body: reader took nothing for the write timeout | `PoolActor::launch_stream` | `Transport` (ends the stream) | connection cut | head already counted | no | no | — |
+//! | streamed body: upstream idle past the timeout | `PoolActor::launch_stream` | `Timeout` (ends the stream) | connection cut | head already counted | yes | no | — |
+//! | the app could not decode a body it asked for | `Response::json`, `text` | `Decode` | — | — | — | — | — |
+//!
+//! "Decided in" names where the code is; the predicates are
+//! `PoolError::is_upstream_failure` (eject, and the breaker for pool
+//! errors), `Upstream::outcome_of` (the breaker), `Upstream::judge` and
+//! `judge_pool_error` (retry) and `llm_gateway::try_next` (next).
 
 use crate::upstream::Response;
 use actix_web::http::StatusCode;
@@ -115,6 +154,9 @@ impl HttpError {
                 upstream,
                 message: "connection pool stopped".into(),
             },
+            PoolError::Invalid { upstream, message } => HttpError::InvalidRequest {
+                reason: format!("upstream {upstream}: {message}"),
+            },
             other => HttpError::Transport {
                 upstream: other_upstream(&other),
                 message: other.to_string(),
@@ -169,9 +211,9 @@ impl HttpError {
 
 fn other_upstream(e: &PoolError) -> String {
     match e {
-        PoolError::Transport { upstream, .. } | PoolError::BodyTooLarge { upstream, .. } => {
-            upstream.clone()
-        }
+        PoolError::Transport { upstream, .. }
+        | PoolError::BodyTooLarge { upstream, .. }
+        | PoolError::ReaderStalled { upstream, .. } => upstream.clone(),
         _ => String::new(),
     }
 }

@@ -10,6 +10,16 @@
 //! is forwarded as the caller sent it (it is only parsed to see `stream`), so
 //! the gateway adds no re-serialisation cost and drops no field the upstream
 //! understands.
+//!
+//! Answers are built here, not relayed: the upstream's body is decoded (awc
+//! undoes its `Content-Encoding`) and sent as identity with its own
+//! `Content-Type`; error answers relayed through [`error_response`] carry
+//! no `Content-Encoding` either, since `crate::upstream` drops it from
+//! decoded responses. A streamed answer whose caller stops reading for
+//! `network.gateway.stream_write_timeout` once the buffers are full is cut
+//! off: the upstream call ends, its connection and bulkhead slot go to the
+//! next caller, the caller's connection is closed without the stream's
+//! end, and `happynet_upstream_stream_write_timeouts_total` counts it.
 
 use crate::error::HttpError;
 use crate::gateway::error_response;
@@ -147,13 +157,19 @@ async fn chat_completions(
             ))
         };
         let result = if stream {
-            call.send_streaming().await.map(|resp| {
-                HttpResponse::Ok()
-                    .content_type("text/event-stream")
-                    .insert_header((header::CACHE_CONTROL, "no-cache"))
-                    .insert_header(("x-upstream", resp.upstream.clone()))
-                    .streaming(resp.into_stream())
-            })
+            // A caller that stops reading must not hold the upstream's
+            // connection and bulkhead slot for as long as it likes.
+            let write_timeout = net.config().network.gateway.stream_write_timeout.0;
+            call.stream_write_timeout(write_timeout)
+                .send_streaming()
+                .await
+                .map(|resp| {
+                    HttpResponse::Ok()
+                        .content_type("text/event-stream")
+                        .insert_header((header::CACHE_CONTROL, "no-cache"))
+                        .insert_header(("x-upstream", resp.upstream.clone()))
+                        .streaming(resp.into_stream())
+                })
         } else {
             call.send().await.map(|resp| {
                 HttpResponse::build(resp.status)

@@ -48,6 +48,7 @@
 //! | `happynet_upstream_rejected_overloaded_total` | counter | `upstream` |
 //! | `happynet_upstream_sent_total` | counter | `upstream`, `endpoint` |
 //! | `happynet_upstream_ejections_total` | counter | `upstream` |
+//! | `happynet_upstream_stream_write_timeouts_total` | counter (streamed calls cut off because their reader took nothing for the stream write timeout: their connection and bulkhead slot were freed) | `upstream` |
 //! | `happynet_upstream_endpoints_ejected` | gauge | `upstream` |
 //! | `happynet_breaker_state` | gauge (1 for the current state) | `upstream`, `state` = `closed`, `open`, `half_open` |
 //! | `happynet_breaker_calls_total`, `_failures_total`, `_rejections_total`, `_transitions_total` | counter | `upstream` |
@@ -537,6 +538,12 @@ impl Exposition {
                     "happynet_upstream_ejections",
                     "Endpoint ejections so far.",
                     |p: &PoolStats| p.ejections,
+                ),
+                (
+                    "happynet_upstream_stream_write_timeouts",
+                    "Streamed calls abandoned because their reader stopped reading for the \
+                     stream write timeout.",
+                    |p: &PoolStats| p.stream_write_timeouts,
                 ),
             ],
             &[

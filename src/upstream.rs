@@ -19,6 +19,17 @@
 //!    jittered backoff or the upstream's `Retry-After` — never less, and never
 //!    past the deadline.
 //!
+//! What the caller gets back keeps one framing: by default the body is
+//! decoded (awc advertises and undoes gzip, brotli, deflate and zstd) and
+//! `Content-Encoding`/`Content-Length` are dropped from the headers, so an
+//! app never sees an encoding that its bytes no longer have;
+//! [`RequestBuilder::keep_content_encoding`] (the `/proxy` gateway) instead
+//! passes the upstream's encoded bytes through untouched under its own
+//! headers, and its cache entries vary on the `Accept-Encoding` sent. A
+//! response head over [`MAX_RESPONSE_HEADER_BYTES`] is refused as the
+//! upstream's fault (a breaker failure, [`HttpError::Transport`]). Which
+//! errors count against the upstream is tabled in [`crate::error`].
+//!
 //! Every call is also counted, in one [`CallStats`] per upstream behind a
 //! `Mutex` (read by [`Upstream::call_stats`], exposed by `GET /metrics`):
 //! how it ended ([`RequestOutcome`]), every attempt's status class, the
@@ -58,6 +69,40 @@ type CollapsedWaiter = tokio::sync::oneshot::Sender<Result<Response, HttpError>>
 /// Keys a limiter tracks at once: per-caller keys (API keys, client IPs)
 /// beyond this are refused until idle ones are swept.
 const MAX_LIMITER_KEYS: usize = 100_000;
+
+/// The largest response head accepted from an upstream, counted as
+/// [`header_bytes`] does: 64 KiB. Above what real APIs send (a few KiB, a
+/// cookie-heavy site tens), below the 128 KiB awc parses at all, so that an
+/// upstream cannot make every cached entry, and every caller of a gateway,
+/// carry its bloat. Over it, the attempt is a [`HttpError::Transport`] and a
+/// breaker failure: the upstream's fault.
+pub const MAX_RESPONSE_HEADER_BYTES: usize = 64 << 10;
+
+/// The size of headers as they go on the wire in HTTP/1.1: each line's
+/// name, value, `": "` and CRLF.
+pub fn header_bytes<'a>(
+    headers: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) -> usize {
+    headers
+        .into_iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum()
+}
+
+/// Drops the headers that describe an encoding the body no longer has: the
+/// body was decoded (when `Content-Encoding` names a coding awc decodes;
+/// any other is left, with its bytes, as it came), so the encoded length is
+/// wrong too.
+fn drop_decoded_encoding(headers: &mut HeaderMap) {
+    let decoded = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.parse::<header::ContentEncoding>().is_ok());
+    if decoded {
+        headers.remove(header::CONTENT_ENCODING);
+        headers.remove(header::CONTENT_LENGTH);
+    }
+}
 
 /// One upstream's actors and policy. Shared by every request to it.
 pub struct Upstream {
@@ -354,8 +399,27 @@ impl Upstream {
             .find(|(n, _)| n == header::ACCEPT)
             .and_then(|(_, v)| v.to_str().ok())
             .unwrap_or("");
-        cacheable
-            .then(|| CacheKey::for_request(&req.method, &req.path_and_query, &[("accept", accept)]))
+        if !cacheable {
+            return None;
+        }
+        let key = CacheKey::for_request(&req.method, &req.path_and_query, &[("accept", accept)]);
+        // A passed-through body is in the encoding the request accepted: one
+        // entry per `Accept-Encoding`, and never the decoded entry an app's
+        // call made (nor the other way round).
+        Some(if req.keep_encoding {
+            let accept_encoding = req
+                .headers
+                .iter()
+                .find(|(n, _)| n == header::ACCEPT_ENCODING)
+                .and_then(|(_, v)| v.to_str().ok())
+                .unwrap_or("");
+            key.varying(&[
+                ("content-coding", "as-sent"),
+                ("accept-encoding", accept_encoding),
+            ])
+        } else {
+            key
+        })
     }
 
     fn with_cache<T>(
@@ -485,7 +549,37 @@ impl Upstream {
         if let Some(auth) = &self.auth {
             auth.apply(&self.settings.name, &mut path, &mut headers)?;
         }
+        // A target awc would refuse is the caller's mistake: refused here,
+        // before the limiter, breaker and pool, so it is never an attempt.
+        if !path.starts_with('/')
+            || actix_web::http::uri::PathAndQuery::try_from(path.as_str()).is_err()
+        {
+            return Err(HttpError::InvalidRequest {
+                reason: format!("{:?} is not a valid request target", req.path_and_query),
+            });
+        }
         Ok((path, headers))
+    }
+
+    /// A response head over [`MAX_RESPONSE_HEADER_BYTES`], as the attempt's
+    /// verdict (the upstream's fault: a breaker failure).
+    fn head_too_large(
+        &self,
+        headers: &HeaderMap,
+        elapsed: Duration,
+    ) -> Option<(HttpError, Outcome)> {
+        let size = header_bytes(headers);
+        (size > MAX_RESPONSE_HEADER_BYTES).then(|| {
+            (
+                HttpError::Transport {
+                    upstream: self.settings.name.clone(),
+                    message: format!(
+                        "response headers of {size} bytes, over the limit of {MAX_RESPONSE_HEADER_BYTES}"
+                    ),
+                },
+                Outcome::Failure { elapsed },
+            )
+        })
     }
 
     /// Classifies a complete response: done, worth retrying, or final.
@@ -666,6 +760,7 @@ impl Upstream {
                 headers: headers.clone(),
                 body: req.body.clone(),
                 deadline: attempt_deadline,
+                decompress: !req.keep_encoding,
             };
             async move {
                 let started = Instant::now();
@@ -676,9 +771,16 @@ impl Upstream {
                 });
                 let elapsed = started.elapsed();
                 match result {
-                    Ok(resp) => {
+                    Ok(mut resp) => {
                         self.count(|s| s.responded(resp.status));
+                        if let Some((error, outcome)) = self.head_too_large(&resp.headers, elapsed)
+                        {
+                            return (Attempt::Fail(error), outcome);
+                        }
                         let outcome = Self::outcome_of(Some(resp.status), None, elapsed);
+                        if !req.keep_encoding {
+                            drop_decoded_encoding(&mut resp.headers);
+                        }
                         let resp = Response::from_upstream(&self.settings.name, resp, attempts);
                         (self.judge(req, resp), outcome)
                     }
@@ -733,8 +835,12 @@ impl Upstream {
                     headers: headers.clone(),
                     body: req.body.clone(),
                     deadline: attempt_deadline,
+                    decompress: !req.keep_encoding,
                 },
                 idle_timeout: self.settings.attempt_timeout,
+                write_timeout: req
+                    .stream_write_timeout
+                    .unwrap_or(self.settings.attempt_timeout),
             };
             let name = name.clone();
             async move {
@@ -753,7 +859,13 @@ impl Upstream {
                     }
                 };
                 self.count(|s| s.responded(head.status));
+                if let Some((error, outcome)) = self.head_too_large(&head.headers, elapsed) {
+                    return (Attempt::Fail(error), outcome);
+                }
                 let outcome = Self::outcome_of(Some(head.status), None, elapsed);
+                if !req.keep_encoding {
+                    drop_decoded_encoding(&mut head.headers);
+                }
                 if head.status.as_u16() < 400 {
                     let streamed = StreamedResponse {
                         status: head.status,
@@ -761,6 +873,7 @@ impl Upstream {
                         upstream: name,
                         attempts,
                         body: head.body,
+                        ended: Some(head.ended),
                     };
                     return (Attempt::Done(streamed), outcome);
                 }
@@ -1064,6 +1177,8 @@ pub struct Request {
     pub(crate) fallback: Option<Fallback>,
     pub(crate) give_up_if: Option<GiveUpIf>,
     pub(crate) cache_key: Option<CacheKey>,
+    pub(crate) keep_encoding: bool,
+    pub(crate) stream_write_timeout: Option<Duration>,
 }
 
 /// Says whether an otherwise retryable error response is final (an
@@ -1084,6 +1199,8 @@ impl Request {
             fallback: None,
             give_up_if: None,
             cache_key: None,
+            keep_encoding: false,
+            stream_write_timeout: None,
         }
     }
 }
@@ -1198,6 +1315,28 @@ impl RequestBuilder {
         self
     }
 
+    /// Passes the response body through as the upstream encoded it, under
+    /// its own `Content-Encoding` and `Content-Length`, instead of decoding
+    /// it: for a proxy, whose caller negotiated the encoding with its own
+    /// `Accept-Encoding` (forward it as a header; without one the upstream
+    /// is asked for nothing but identity). Cached answers vary on it.
+    pub fn keep_content_encoding(mut self) -> Self {
+        self.request.keep_encoding = true;
+        self
+    }
+
+    /// For [`send_streaming`](Self::send_streaming): how long the body's
+    /// reader may take no chunk, once the pool's chunk queue is full, before
+    /// the call is abandoned — the upstream connection and the bulkhead slot
+    /// freed, the stream ended with an error, and
+    /// `PoolStats::stream_write_timeouts` counted. Default: the client's
+    /// per-attempt `timeout`, the same time the upstream may take between
+    /// chunks. The gateways use `network.gateway.stream_write_timeout`.
+    pub fn stream_write_timeout(mut self, timeout: Duration) -> Self {
+        self.request.stream_write_timeout = Some(timeout);
+        self
+    }
+
     /// Runs the request through limiter → breaker → pool, with retries.
     pub async fn send(self) -> Result<Response, HttpError> {
         let upstream = self.target?;
@@ -1244,15 +1383,30 @@ pub struct StreamedResponse {
     /// How many attempts it took.
     pub attempts: u32,
     body: tokio::sync::mpsc::Receiver<Result<Bytes, PoolError>>,
+    /// Says, once `body` is dry, whether the stream was whole (taken when
+    /// read, so an error is given once).
+    ended: Option<tokio::sync::oneshot::Receiver<Result<(), PoolError>>>,
 }
 
 impl StreamedResponse {
-    /// The next body chunk; `None` at the end.
+    /// The next body chunk; `None` at the end. A stream cut short without
+    /// an error chunk (its reader stalled past the write timeout, or the
+    /// pool stopped) ends with an `Err`, never with a `None` that would pass
+    /// for a complete body.
     pub async fn next_chunk(&mut self) -> Option<Result<Bytes, HttpError>> {
-        self.body
-            .recv()
-            .await
-            .map(|chunk| chunk.map_err(HttpError::from_pool))
+        match self.body.recv().await {
+            Some(chunk) => Some(chunk.map_err(HttpError::from_pool)),
+            // The pool says how the body ended before it drops the body's
+            // sender, so the verdict is there by now.
+            None => match self.ended.take()?.try_recv() {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(Err(HttpError::from_pool(e))),
+                Err(_) => Some(Err(HttpError::Internal {
+                    upstream: self.upstream.clone(),
+                    message: "the connection pool stopped mid-stream".into(),
+                })),
+            },
+        }
     }
 
     /// The body as a `Stream` of chunks (for `HttpResponse::streaming`).

@@ -15,7 +15,17 @@
 //!
 //! Each call goes to the endpoint the [`Balancer`] picks (round-robin or
 //! power-of-two-choices on peak-EWMA latency) and its outcome feeds back into
-//! the balancer's latency estimate and passive outlier ejection.
+//! the balancer's latency estimate and passive outlier ejection: a 5xx or a
+//! [`PoolError::is_upstream_failure`] counts against the endpoint, nothing
+//! else does (a request awc could not even build is [`PoolError::Invalid`]).
+//!
+//! Bodies are decoded (`Content-Encoding`) when [`Execute::decompress`] says
+//! so, and passed through as the upstream encoded them otherwise.
+//!
+//! A streamed body whose reader stops taking chunks for longer than
+//! [`ExecuteStream::write_timeout`] is abandoned: the upstream connection is
+//! dropped, the slot freed, the reader told ([`StreamingResponse::ended`])
+//! and [`PoolStats::stream_write_timeouts`] counts it.
 
 use crate::backoff::Jitter;
 use crate::balancer::{Balancer, EjectionConfig, Strategy};
@@ -73,6 +83,11 @@ pub struct Execute {
     pub body: Bytes,
     /// When this attempt must be over, queueing included.
     pub deadline: Instant,
+    /// Decode the response body as its `Content-Encoding` says (awc's
+    /// default, which also sends awc's own `Accept-Encoding` when the
+    /// request has none). False passes the encoded bytes through untouched
+    /// and sends only the `Accept-Encoding` the request carries: for a proxy.
+    pub decompress: bool,
 }
 
 /// One HTTP call whose response body is streamed to the caller as it
@@ -91,6 +106,10 @@ pub struct ExecuteStream {
     pub request: Execute,
     /// The longest wait for the next body chunk.
     pub idle_timeout: Duration,
+    /// The longest wait for the reader to take a chunk once
+    /// [`STREAM_CHUNK_BUFFER`] are waiting: past it the call is abandoned
+    /// (see the module docs).
+    pub write_timeout: Duration,
 }
 
 /// How many body chunks may wait between the pool and a streaming caller.
@@ -109,6 +128,13 @@ pub struct StreamingResponse {
     pub latency: Duration,
     /// The body, chunk by chunk; an `Err` ends it.
     pub body: tokio::sync::mpsc::Receiver<Result<Bytes, PoolError>>,
+    /// How the body ended, for a reader to check once `body` runs dry:
+    /// `Ok(())` when everything was queued (the whole body, or the `Err`
+    /// chunk that ended it); an `Err` when the pool had to give up without
+    /// queueing one (the reader was not reading); nothing at all (the
+    /// sender dropped) when the pool stopped. Only `Ok(())` means the body
+    /// was not cut short without a word.
+    pub ended: oneshot::Receiver<Result<(), PoolError>>,
 }
 
 /// A response read in full.
@@ -174,11 +200,29 @@ pub enum PoolError {
         /// The upstream.
         upstream: String,
     },
+    /// awc refused to build the request (a malformed URL or header, a body
+    /// that failed): nothing was sent, and the endpoint is not to blame.
+    Invalid {
+        /// The upstream.
+        upstream: String,
+        /// What awc said.
+        message: String,
+    },
+    /// A streamed body's reader took no chunk for the write timeout; the
+    /// call was abandoned. The reader's doing, not the endpoint's.
+    ReaderStalled {
+        /// The upstream.
+        upstream: String,
+        /// The write timeout that passed.
+        after: Duration,
+    },
 }
 
 impl PoolError {
     /// True when the failure says the endpoint is unhealthy (for the
-    /// breaker and the balancer), as opposed to local back-pressure.
+    /// breaker and the balancer), as opposed to local back-pressure, a
+    /// request that could not be built, a reader that stalled, or a body
+    /// over our own limit.
     pub fn is_upstream_failure(&self) -> bool {
         matches!(
             self,
@@ -229,6 +273,14 @@ impl fmt::Display for PoolError {
                 write!(f, "upstream {upstream}: response body over {limit} bytes")
             }
             PoolError::Closed { upstream } => write!(f, "upstream {upstream}: pool stopped"),
+            PoolError::Invalid { upstream, message } => {
+                write!(f, "upstream {upstream}: invalid request: {message}")
+            }
+            PoolError::ReaderStalled { upstream, after } => write!(
+                f,
+                "upstream {upstream}: the stream's reader took nothing for {after:?}; \
+                 the stream was cut off"
+            ),
         }
     }
 }
@@ -255,14 +307,26 @@ pub struct PoolStats {
     pub ejections: u64,
     /// Endpoints ejected now.
     pub ejected_now: usize,
+    /// Streamed calls abandoned because their reader stopped taking chunks
+    /// for the write timeout.
+    pub stream_write_timeouts: u64,
 }
 
 /// What a failed send means. awc reports a connection that closed before
 /// any response as a connect error; the request may have reached the
 /// upstream, so it is a transport failure (not retried as "never sent").
+/// A request awc could not build (URL, header, body) never left: it is
+/// [`PoolError::Invalid`], which blames no one upstream.
 fn send_error(e: awc::error::SendRequestError, upstream: &str, endpoint: &str) -> PoolError {
     use awc::error::{ConnectError, SendRequestError};
     match e {
+        e @ (SendRequestError::Url(_)
+        | SendRequestError::Http(_)
+        | SendRequestError::Body(_)
+        | SendRequestError::TunnelNotSupported) => PoolError::Invalid {
+            upstream: upstream.to_owned(),
+            message: e.to_string(),
+        },
         SendRequestError::Connect(ConnectError::Disconnected) => PoolError::Transport {
             upstream: upstream.to_owned(),
             endpoint: endpoint.to_owned(),
@@ -369,6 +433,9 @@ impl PoolActor {
         let endpoint = self.config.endpoints[idx].clone();
         let url = format!("{endpoint}{}", msg.path_and_query);
         let mut req = self.client.request(msg.method.clone(), url);
+        if !msg.decompress {
+            req = req.no_decompress();
+        }
         for (name, value) in std::mem::take(&mut msg.headers) {
             req = req.append_header((name, value));
         }
@@ -454,6 +521,7 @@ impl PoolActor {
         let ExecuteStream {
             request: mut msg,
             idle_timeout,
+            write_timeout,
         } = msg;
         let (idx, endpoint, req) = match self.prepare(&mut msg) {
             Ok(prepared) => prepared,
@@ -477,29 +545,33 @@ impl PoolActor {
             let mut resp = match head {
                 Ok(Ok(resp)) => resp,
                 Ok(Err(e)) => {
-                    let _ = reply.send(Err(send_error(e, &upstream, &endpoint)));
-                    return (started.elapsed(), false);
+                    let e = send_error(e, &upstream, &endpoint);
+                    let healthy = !e.is_upstream_failure();
+                    let _ = reply.send(Err(e));
+                    return (started.elapsed(), healthy, false);
                 }
                 Err(_) => {
                     let _ = reply.send(Err(PoolError::Timeout {
                         upstream: upstream.clone(),
                         endpoint: Some(endpoint.clone()),
                     }));
-                    return (started.elapsed(), false);
+                    return (started.elapsed(), false, false);
                 }
             };
             let latency = started.elapsed();
             let status = resp.status();
             let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNK_BUFFER);
+            let (ended, ended_rx) = oneshot::channel();
             let head = StreamingResponse {
                 status,
                 headers: resp.headers().clone(),
                 endpoint: idx,
                 latency,
                 body: rx,
+                ended: ended_rx,
             };
             if reply.send(Ok(head)).is_err() {
-                return (latency, !status.is_server_error());
+                return (latency, !status.is_server_error(), false);
             }
             let mut total = 0usize;
             let healthy = loop {
@@ -508,7 +580,10 @@ impl PoolActor {
                         upstream: upstream.clone(),
                         endpoint: Some(endpoint.clone()),
                     }),
-                    Ok(None) => break !status.is_server_error(),
+                    Ok(None) => {
+                        let _ = ended.send(Ok(()));
+                        break !status.is_server_error();
+                    }
                     Ok(Some(Err(e))) => Err(transport(e.to_string())),
                     Ok(Some(Ok(chunk))) => {
                         total += chunk.len();
@@ -524,16 +599,38 @@ impl PoolActor {
                 };
                 let failed = chunk.is_err();
                 // A consumer that went away ends the call; a slow one holds
-                // this send, and so the upstream, back.
-                if tx.send(chunk).await.is_err() || failed {
-                    break !failed;
+                // this send, and so the upstream, back — for the write
+                // timeout at most. Then the call is abandoned: the response
+                // (and its connection) dropped, the slot freed, and the
+                // reader told through `ended`, since the queue is full.
+                match tokio::time::timeout(write_timeout, tx.send(chunk)).await {
+                    Ok(Ok(())) if !failed => {}
+                    Ok(Ok(())) => {
+                        let _ = ended.send(Ok(()));
+                        break false;
+                    }
+                    Ok(Err(_)) => break !failed,
+                    Err(_) => {
+                        let _ = ended.send(Err(PoolError::ReaderStalled {
+                            upstream: upstream.clone(),
+                            after: write_timeout,
+                        }));
+                        return (latency, true, true);
+                    }
                 }
             };
-            (latency, healthy)
+            (latency, healthy, false)
         };
         ctx.spawn(
             call.into_actor(self)
-                .map(move |(latency, healthy), pool, ctx| {
+                .map(move |(latency, healthy, stalled), pool, ctx| {
+                    if stalled {
+                        pool.stats.stream_write_timeouts += 1;
+                        log::debug!(
+                            "upstream {}: a stream's reader stalled; call abandoned",
+                            pool.config.name
+                        );
+                    }
                     pool.finish(idx, latency, healthy, ctx);
                 }),
         );
@@ -628,5 +725,40 @@ impl Handler<GetPoolStats> for PoolActor {
         stats.ejections = self.balancer.ejections();
         stats.ejected_now = self.balancer.ejected_count(Instant::now().into_std());
         MessageResult(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use awc::error::{ConnectError, InvalidUrl, SendRequestError};
+
+    #[test]
+    fn a_request_awc_cannot_build_blames_no_endpoint() {
+        let invalid = [
+            SendRequestError::Url(InvalidUrl::MissingHost),
+            SendRequestError::Http(awc::error::HttpError::from(
+                actix_web::http::uri::Uri::try_from("/a b").unwrap_err(),
+            )),
+            SendRequestError::TunnelNotSupported,
+        ];
+        for e in invalid {
+            let mapped = send_error(e, "up", "http://127.0.0.1:1");
+            assert!(matches!(mapped, PoolError::Invalid { .. }), "{mapped:?}");
+            assert!(!mapped.is_upstream_failure());
+        }
+        // What the endpoint did (or the way to it) still counts.
+        for e in [
+            SendRequestError::Connect(ConnectError::Disconnected),
+            SendRequestError::Connect(ConnectError::Timeout),
+            SendRequestError::Send(std::io::Error::other("reset")),
+        ] {
+            assert!(send_error(e, "up", "x").is_upstream_failure());
+        }
+        let stalled = PoolError::ReaderStalled {
+            upstream: "up".into(),
+            after: Duration::from_secs(1),
+        };
+        assert!(!stalled.is_upstream_failure());
     }
 }

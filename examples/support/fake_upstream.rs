@@ -30,7 +30,9 @@
 //! - per-request headers, which override the server-wide plan for that one
 //!   request: `x-fault-latency-ms: N`, `x-fault-status: S`,
 //!   `x-fault-retry-after: V`, `x-fault-reset: 1`, `x-fault-hang: 1`,
-//!   `x-fault-quota: 1` and, for streamed completions,
+//!   `x-fault-quota: 1`, `x-fault-header-bytes: N` (the answer carries an
+//!   extra `x-fault-padding` header of N bytes, at most
+//!   [`MAX_HEADER_PADDING`]) and, for streamed completions,
 //!   `x-fault-chunk-delay-ms: N`.
 //!
 //! Each counted request goes through the same steps: count it, read its
@@ -68,6 +70,17 @@
 //! exactly the plain content), one with `finish_reason` and an empty delta,
 //! a usage chunk if `include_usage` was asked for, then `data: [DONE]`. Each
 //! event is its own body chunk, the chunks `stream_chunk_delay_ms` apart.
+//! With `stream_padding_bytes`, every event is preceded by an SSE comment
+//! line (`: xxx…`) of that many bytes, which readers ignore: a long stream
+//! for tests of slow readers, without a long prompt.
+//!
+//! # Compression
+//!
+//! With [`StartOptions::compress`] the whole app is wrapped in actix-web's
+//! `middleware::Compress`: answers are encoded as the request's
+//! `Accept-Encoding` asks (gzip, brotli, zstd, deflate), chunked, with
+//! `Content-Encoding` and `Vary: accept-encoding` — a real third-party
+//! encoder, as most production APIs have in front of them.
 //!
 //! If the server was started with an API key ([`FakeUpstream::start_with_key`]
 //! or [`StartOptions::api_key`]), every request under `/v1/` must present it,
@@ -160,6 +173,17 @@ pub const FAULT_QUOTA_HEADER: &str = "x-fault-quota";
 /// Per-request override of the pause between streamed chunks, in
 /// milliseconds (at most [`MAX_CHUNK_DELAY`]).
 pub const FAULT_CHUNK_DELAY_HEADER: &str = "x-fault-chunk-delay-ms";
+/// Per-request: the answer carries a [`PADDING_HEADER`] of this many bytes
+/// (at most [`MAX_HEADER_PADDING`]), for tests of response-header caps.
+pub const FAULT_HEADER_BYTES_HEADER: &str = "x-fault-header-bytes";
+/// The response header [`FAULT_HEADER_BYTES_HEADER`] asks for.
+pub const PADDING_HEADER: &str = "x-fault-padding";
+/// The largest [`PADDING_HEADER`]: above any proxy's header cap, below the
+/// 128 KiB response head an HTTP client (awc, Node, Go) parses at all.
+pub const MAX_HEADER_PADDING: usize = 120 * 1024;
+/// The largest `stream_padding_bytes`: one comment line per event, kept
+/// below the 1 MiB line limit of happynet's own SSE parser.
+pub const MAX_STREAM_PADDING: u64 = 512 * 1024;
 
 /// Control route: `POST` replaces the server-wide faults, `GET` shows them.
 pub const FAULT_PATH: &str = "/__fault";
@@ -253,13 +277,17 @@ pub struct Faults {
     /// Pause between the chunks of a streamed completion, in milliseconds
     /// (at most [`MAX_CHUNK_DELAY`]); 0 sends them back to back.
     pub stream_chunk_delay_ms: u64,
+    /// Bytes of SSE comment sent before each event of a streamed completion
+    /// (at most [`MAX_STREAM_PADDING`]); 0, the default, sends none.
+    pub stream_padding_bytes: u64,
 }
 
 impl Faults {
     /// Checks that the plan can be carried out: rates are in 0..=1 and sum to
     /// at most 1 (they split one roll of the dice), `error_status` is 0 or
     /// 400..=599, `latency_ms` is at most [`HANG_LIMIT`],
-    /// `stream_chunk_delay_ms` at most [`MAX_CHUNK_DELAY`], and `retry_after`
+    /// `stream_chunk_delay_ms` at most [`MAX_CHUNK_DELAY`],
+    /// `stream_padding_bytes` at most [`MAX_STREAM_PADDING`], and `retry_after`
     /// is a valid header value. The message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         for (field, rate) in [
@@ -295,6 +323,12 @@ impl Faults {
                 "stream_chunk_delay_ms must be at most {}, got {}",
                 MAX_CHUNK_DELAY.as_millis(),
                 self.stream_chunk_delay_ms
+            ));
+        }
+        if self.stream_padding_bytes > MAX_STREAM_PADDING {
+            return Err(format!(
+                "stream_padding_bytes must be at most {MAX_STREAM_PADDING}, got {}",
+                self.stream_padding_bytes
             ));
         }
         if let Some(value) = &self.retry_after {
@@ -560,6 +594,8 @@ impl FakeState {
                 .chunk_delay_ms
                 .unwrap_or(faults.stream_chunk_delay_ms),
         );
+        // Validated to at most MAX_STREAM_PADDING, which fits a usize.
+        let stream_padding = usize::try_from(faults.stream_padding_bytes).unwrap_or(0);
         // Validated on the way in; an unparsable value is dropped rather
         // than failing a request over it.
         let retry_after = overrides.retry_after.clone().or_else(|| {
@@ -582,6 +618,7 @@ impl FakeState {
         Choice {
             latency,
             chunk_delay,
+            stream_padding,
             outcome,
             retry_after,
         }
@@ -711,6 +748,8 @@ struct Choice {
     latency: Duration,
     /// Pause between streamed chunks (streamed completions only).
     chunk_delay: Duration,
+    /// SSE comment bytes before each streamed event.
+    stream_padding: usize,
     outcome: Outcome,
     retry_after: Option<HeaderValue>,
 }
@@ -722,6 +761,7 @@ struct Overrides {
     status: Option<StatusCode>,
     retry_after: Option<HeaderValue>,
     chunk_delay_ms: Option<u64>,
+    header_bytes: Option<usize>,
     reset: bool,
     hang: bool,
     quota: bool,
@@ -752,6 +792,7 @@ impl Overrides {
             status,
             retry_after: headers.get(FAULT_RETRY_AFTER_HEADER).cloned(),
             chunk_delay_ms: header_millis(headers, FAULT_CHUNK_DELAY_HEADER, MAX_CHUNK_DELAY)?,
+            header_bytes: header_size(headers, FAULT_HEADER_BYTES_HEADER, MAX_HEADER_PADDING)?,
             reset: header_flag(headers, FAULT_RESET_HEADER)?,
             hang: header_flag(headers, FAULT_HANG_HEADER)?,
             quota: header_flag(headers, FAULT_QUOTA_HEADER)?,
@@ -778,6 +819,21 @@ fn header_flag(headers: &HeaderMap, name: &str) -> Result<bool, String> {
         Some("0") | Some("false") => Ok(false),
         Some(other) => Err(format!("{name} {other:?} is not 1 or 0")),
     }
+}
+
+/// A size header in bytes, at most `limit`.
+fn header_size(headers: &HeaderMap, name: &str, limit: usize) -> Result<Option<usize>, String> {
+    let Some(text) = header_text(headers, name)? else {
+        return Ok(None);
+    };
+    let bytes: usize = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{name} {text:?} is not a whole number of bytes"))?;
+    if bytes > limit {
+        return Err(format!("{name} {bytes} is over the limit of {limit} bytes"));
+    }
+    Ok(Some(bytes))
 }
 
 /// A duration header in whole milliseconds, at most `limit`.
@@ -894,8 +950,9 @@ async fn serve_cache(
 /// Every other non-control request: see [`serve`].
 ///
 /// The normal answer is `200` with
-/// `{"upstream", "method", "path" (with query), "n" (this request's number,
-/// from 1), "body_bytes", "headers" (those of ECHOED_HEADERS present)}`;
+/// `{"upstream", "method", "path" (with query, as sent), "n" (this request's
+/// number, from 1), "body_bytes", "headers" (those of ECHOED_HEADERS
+/// present), "header_names" (every request header's name, sorted)}`;
 /// an injected error's body is `{"upstream", "error", "status", "n"}`
 /// (`"error"` is `"injected fault"`, or `"insufficient_quota"` for a quota
 /// fault) outside `/v1/`.
@@ -971,10 +1028,17 @@ async fn serve(
         tokio::time::sleep(choice.latency).await;
     }
 
-    match outcome {
+    let mut response = match outcome {
         Outcome::Normal(status) => match prepared {
             Prepared::Echo => echo_response(&req, &state, status, n, body.len()),
-            Prepared::Chat(call) => chat_response(&state, status, call, n, choice.chunk_delay),
+            Prepared::Chat(call) => chat_response(
+                &state,
+                status,
+                call,
+                n,
+                choice.chunk_delay,
+                choice.stream_padding,
+            ),
             Prepared::Models => HttpResponse::build(status).json(json!({
                 "object": "list",
                 "data": [{ "id": FAKE_MODEL, "object": "model", "owned_by": "fake" }],
@@ -1021,7 +1085,16 @@ async fn serve(
             drop(hang_slot);
             aborted_response()
         }
+    };
+    if let Some(bytes) = overrides.header_bytes {
+        // Visible ASCII, so always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&"p".repeat(bytes)) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(PADDING_HEADER), value);
+        }
     }
+    response
 }
 
 /// The echo: see [`serve_echo`].
@@ -1044,6 +1117,9 @@ fn echo_response(
         .uri()
         .path_and_query()
         .map_or_else(|| req.path().to_owned(), |pq| pq.as_str().to_owned());
+    let mut header_names: Vec<&str> = req.headers().keys().map(HeaderName::as_str).collect();
+    header_names.sort_unstable();
+    header_names.dedup();
     HttpResponse::build(status).json(json!({
         "upstream": state.name,
         "method": req.method().as_str(),
@@ -1051,6 +1127,7 @@ fn echo_response(
         "n": n,
         "body_bytes": body_bytes,
         "headers": headers,
+        "header_names": header_names,
     }))
 }
 
@@ -1407,13 +1484,15 @@ impl Iterator for StreamEvents {
 }
 
 /// A completion, as JSON or as an event stream whose chunks are
-/// `chunk_delay` apart; counted here, when it is answered.
+/// `chunk_delay` apart, each event after `padding` bytes of SSE comment;
+/// counted here, when it is answered.
 fn chat_response(
     state: &FakeState,
     status: StatusCode,
     call: ChatCall,
     n: u64,
     chunk_delay: Duration,
+    padding: usize,
 ) -> HttpResponse {
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1425,11 +1504,25 @@ fn chat_response(
     }
     state.chat_streams.fetch_add(1, Ordering::SeqCst);
     let events = StreamEvents::new(completion, call.include_usage).enumerate();
-    let stream = futures::stream::iter(events).then(move |(i, event)| async move {
-        if i > 0 && !chunk_delay.is_zero() {
-            tokio::time::sleep(chunk_delay).await;
+    // One comment line, shared by every event (a cheap clone).
+    let comment = (padding > 0).then(|| {
+        let mut line = Vec::with_capacity(padding + 3);
+        line.extend_from_slice(b": ");
+        line.resize(padding + 2, b'x');
+        line.push(b'\n');
+        Bytes::from(line)
+    });
+    let stream = futures::stream::iter(events).then(move |(i, event)| {
+        let comment = comment.clone();
+        async move {
+            if i > 0 && !chunk_delay.is_zero() {
+                tokio::time::sleep(chunk_delay).await;
+            }
+            Ok::<Bytes, io::Error>(match comment {
+                Some(comment) => [comment, event].concat().into(),
+                None => event,
+            })
         }
-        Ok::<Bytes, io::Error>(event)
     });
     HttpResponse::build(status)
         .insert_header((CONTENT_TYPE, "text/event-stream"))
@@ -1626,6 +1719,10 @@ pub struct StartOptions {
     /// token, `x-api-key` or `?api_key=`); `None`, the default, checks
     /// nothing.
     pub api_key: Option<String>,
+    /// Encode answers as the request's `Accept-Encoding` asks, with
+    /// actix-web's `middleware::Compress` (see the module docs). Default
+    /// false: every answer is identity-encoded.
+    pub compress: bool,
 }
 
 impl Default for StartOptions {
@@ -1633,6 +1730,7 @@ impl Default for StartOptions {
         StartOptions {
             bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             api_key: None,
+            compress: false,
         }
     }
 }
@@ -1702,11 +1800,16 @@ impl FakeUpstream {
             Arc::new(FakeState::with_api_key(name, faults, options.api_key).map_err(invalid)?);
         let data = web::Data::from(Arc::clone(&state));
         let upstream_header = HeaderName::from_static(UPSTREAM_HEADER);
+        let compress = options.compress;
 
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
                 .app_data(web::PayloadConfig::new(CONTROL_BODY_LIMIT))
+                .wrap(middleware::Condition::new(
+                    compress,
+                    middleware::Compress::default(),
+                ))
                 .wrap(
                     middleware::DefaultHeaders::new()
                         .add((upstream_header.clone(), upstream_value.clone())),
@@ -1992,5 +2095,10 @@ mod tests {
             ..Faults::default()
         };
         assert!(slow.validate().is_err());
+        let padded = Faults {
+            stream_padding_bytes: MAX_STREAM_PADDING + 1,
+            ..Faults::default()
+        };
+        assert!(padded.validate().is_err());
     }
 }
