@@ -9,7 +9,9 @@
 //! silently ignored.
 
 use happynet_actors::gcra::Quota;
-use happynet_actors::liveness::EvictionPolicy;
+use happynet_actors::liveness::{
+    EvictionPolicy, MAX_ENVELOPE_BYTES, OUTBOUND_HEADROOM_MESSAGES, PER_MESSAGE_OVERHEAD,
+};
 use happynet_actors::shared_limiter::{Fallback, SharedLimit};
 use happynet_actors::{HubConfig, RoomName, SessionConfig};
 use serde::{Deserialize, Deserializer};
@@ -1011,7 +1013,10 @@ pub struct WebSocketConfig {
     /// Default 1000.
     pub max_connections: usize,
     /// Bytes queued for one session and not yet written; beyond it the
-    /// session is a slow consumer and is disconnected. Default 1 MiB.
+    /// session is a slow consumer and is disconnected. Default 1 MiB. At
+    /// least `4 × (max_message_bytes + 384)`
+    /// ([`EvictionPolicy::min_outbound_bytes`]), so that a burst of the
+    /// largest messages never evicts a client that is reading.
     pub max_outbound_bytes: usize,
     /// The largest message a client may send (frame or reassembled message);
     /// beyond it the connection is closed with 1009. Default 64 KiB. Also the
@@ -1587,10 +1592,16 @@ impl Config {
         }
         at_least_one("network.websocket.max_connections", ws.max_connections)?;
         at_least_one("network.websocket.max_message_bytes", ws.max_message_bytes)?;
-        if ws.max_outbound_bytes < ws.max_message_bytes {
+        let min_outbound = EvictionPolicy::min_outbound_bytes(ws.max_message_bytes);
+        if ws.max_outbound_bytes < min_outbound {
             return Err(ConfigError::invalid(
                 "network.websocket.max_outbound_bytes",
-                "must be >= network.websocket.max_message_bytes",
+                format!(
+                    "must be >= {min_outbound}: {OUTBOUND_HEADROOM_MESSAGES} × \
+                     (network.websocket.max_message_bytes + {} bytes of framing), so that a \
+                     burst of the largest messages cannot evict a client that is reading",
+                    MAX_ENVELOPE_BYTES + PER_MESSAGE_OVERHEAD
+                ),
             ));
         }
         if !(ws.max_messages_per_second.is_finite() && ws.max_messages_per_second > 0.0) {

@@ -100,6 +100,18 @@ fn bad_values_name_their_path() {
             "network.websocket.max_outbound_bytes",
             "must be >=",
         ),
+        // One largest message would fill the whole budget: the first one
+        // would evict every reader. Four of them (and their framing) must fit.
+        (
+            r#"{"network":{"websocket":{"max_message_bytes":65536,"max_outbound_bytes":65536}}}"#,
+            "network.websocket.max_outbound_bytes",
+            "must be >= 263680: 4 × (network.websocket.max_message_bytes + 384",
+        ),
+        (
+            r#"{"network":{"websocket":{"max_message_bytes":65536,"max_outbound_bytes":263679}}}"#,
+            "network.websocket.max_outbound_bytes",
+            "must be >= 263680",
+        ),
         (
             r#"{"network":{"http":{"timeout":0}}}"#,
             "network.http.timeout",
