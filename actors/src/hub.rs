@@ -21,7 +21,13 @@
 //! being written, so actix never polls it). The hub therefore also holds a
 //! duplicate of each session's socket, when the server gave it one, and shuts
 //! the socket down itself: that ends the connection, which drops the frozen
-//! actor and frees everything queued for it.
+//! actor and frees everything queued for it. When the hub cuts a
+//! connection off like that (a slow consumer, or a session that did not
+//! close within its grace), it aborts it: `SO_LINGER` 0 first, so that the
+//! last close sends a reset and the kernel frees the socket's send buffer at
+//! once, instead of keeping it (up to a few MiB) for minutes while it probes
+//! a peer that does not read. A session that closes itself, as every healthy
+//! one does on a graceful shutdown (1001), is never aborted.
 
 use crate::histogram::Histogram;
 use crate::liveness::{ClosedBy, EvictionPolicy, OutboundBudget, SessionLink, Verdict};
@@ -378,6 +384,16 @@ struct Member {
     socket: Option<Arc<Socket>>,
 }
 
+/// Ends a connection at once: `SO_LINGER` 0, so the last close of the socket
+/// sends a reset and drops whatever the kernel still holds to send, then a
+/// shutdown, which wakes the server's own handle on it (its actor may be
+/// frozen) so that the HTTP layer drops the connection and that last close
+/// happens now.
+fn abort(socket: &Socket) {
+    let _ = socket.set_linger(Some(Duration::ZERO));
+    let _ = socket.shutdown(SocketShutdown::Both);
+}
+
 /// A socket whose session was asked to close and has until `deadline` to do
 /// so before the hub shuts the socket down.
 struct Closing {
@@ -577,7 +593,7 @@ impl BroadcastHub {
         };
         if why == Eviction::SlowConsumer || !asked {
             // It is not reading: a close frame would never reach it.
-            let _ = socket.shutdown(SocketShutdown::Both);
+            abort(&socket);
         } else {
             // Give a live session time to send its close frame; a frozen one
             // is cut off when that time is up.
@@ -600,7 +616,8 @@ impl BroadcastHub {
         let now = Instant::now();
         self.closing.retain(|_, c| {
             if c.deadline <= now {
-                let _ = c.socket.shutdown(SocketShutdown::Both);
+                // It did not close within its grace: it is not reading.
+                abort(&c.socket);
                 false
             } else {
                 true
@@ -941,8 +958,10 @@ impl Handler<Shutdown> for BroadcastHub {
             }
             .into_actor(self)
             .map(move |_, hub, ctx| {
+                // Those that closed are gone from `closing`; what is left
+                // did not read its 1001 within shutdown_timeout.
                 for (_, c) in hub.closing.drain() {
-                    let _ = c.socket.shutdown(SocketShutdown::Both);
+                    abort(&c.socket);
                 }
                 ctx.stop();
                 open
