@@ -1032,6 +1032,13 @@ pub struct WebSocketConfig {
     pub max_rooms_per_session: usize,
     /// Rooms that may exist at once. Default 10000.
     pub max_rooms: usize,
+    /// Rooms that one client address (the per-IP key of
+    /// `network.security`: an IPv4 address or an IPv6 /64) may have created
+    /// and that still exist; beyond it its joins of new rooms are refused
+    /// (`too_many_rooms`), joins of existing rooms are not. Addresses in
+    /// `network.security.exempt_ips` (loopback by default) are not counted.
+    /// 0 turns it off. Default 256: 40 addresses to fill `max_rooms`.
+    pub max_rooms_per_ip: usize,
     /// The room a client starts in when `/ws` names none. Default `lobby`.
     pub default_room: String,
     /// How often presence frames go out (when something changed), seconds;
@@ -1068,6 +1075,7 @@ impl Default for WebSocketConfig {
             message_burst: 40,
             max_rooms_per_session: 16,
             max_rooms: 10_000,
+            max_rooms_per_ip: 256,
             default_room: "lobby".to_owned(),
             presence_interval: Seconds::secs(1),
             shutdown_timeout: Seconds::secs(5),
@@ -1096,6 +1104,7 @@ impl WebSocketConfig {
             },
             max_rooms_per_session: self.max_rooms_per_session,
             max_rooms: self.max_rooms,
+            max_rooms_per_ip: self.max_rooms_per_ip,
             presence_interval: self.presence_interval.0,
             shutdown_timeout: self.shutdown_timeout.0,
             mailbox_capacity: self.hub_mailbox_capacity,

@@ -34,6 +34,7 @@ fn the_seed_config_loads_unchanged_with_its_meaning() {
     assert_eq!(n.websocket.max_outbound_bytes, 1 << 20);
     assert_eq!(n.websocket.max_message_bytes, 64 << 10);
     assert_eq!(n.websocket.default_room, "lobby");
+    assert_eq!(n.websocket.max_rooms_per_ip, 256);
 }
 
 #[test]

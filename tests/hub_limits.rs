@@ -1,8 +1,8 @@
 //! The hub's safe defaults against hostile and unlucky clients, on a real
-//! server with real clients: headroom that keeps a reading client from
-//! being evicted by a burst of the largest messages, and slow consumers
-//! whose connections are aborted (a reset, the kernel's send buffer freed at
-//! once) while a graceful shutdown stays graceful.
+//! server with real clients: rooms per client address, headroom that keeps
+//! a reading client from being evicted by a burst of the largest messages,
+//! and slow consumers whose connections are aborted (a reset, the kernel's
+//! send buffer freed at once) while a graceful shutdown stays graceful.
 
 mod support;
 
@@ -23,6 +23,99 @@ async fn try_join(c: &mut WsClient, room: &str) -> Value {
         if v["type"] == "joined" || v["type"] == "error" {
             return v;
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Rooms per address
+// ---------------------------------------------------------------------------
+
+/// One flooding address, IPv6, so that its two hosts in one /64 count as
+/// one client (the per-IP key of `network.security`).
+const FLOODER: [&str; 2] = ["2001:db8:7:7::1", "2001:db8:7:7::ffff"];
+/// Another client, which must still be able to create rooms.
+const NEIGHBOUR: &str = "198.51.100.9";
+
+async fn from(server: &support::TestServer, ip: &str, query: &str) -> WsClient {
+    WsClient::try_connect_with(server, query, &[("x-forwarded-for", ip)])
+        .await
+        .unwrap_or_else(|e| panic!("connect from {ip}: {e}"))
+}
+
+#[actix_web::test]
+async fn one_address_flooding_joins_hits_its_room_quota_and_others_still_create_rooms() {
+    const QUOTA: usize = 10;
+    let server = start(config(&format!(
+        r#"{{"network":{{"websocket":{{"max_rooms_per_ip":{QUOTA},"max_rooms_per_session":4}},
+            "security":{{"trust_forwarded_for":true,"exempt_ips":[]}}}}}}"#
+    )))
+    .await;
+    // The neighbour creates the room everyone starts in.
+    let mut neighbour = from(&server, NEIGHBOUR, "?room=square").await;
+    // Six flooding sessions from one /64, each trying its 3 other rooms.
+    let mut flood = Vec::new();
+    for i in 0..6 {
+        flood.push(from(&server, FLOODER[i % 2], "?room=square").await);
+    }
+    let (mut created, mut refused) = (Vec::new(), 0);
+    for (s, c) in flood.iter_mut().enumerate() {
+        for r in 0..3 {
+            let room = format!("flood-{s}-{r}");
+            let v = try_join(c, &room).await;
+            if v["type"] == "joined" {
+                created.push((s, room));
+            } else {
+                assert_eq!(v["code"], "too_many_rooms", "{v}");
+                assert!(
+                    v["message"].as_str().unwrap().contains("your address"),
+                    "{v}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((created.len(), refused), (QUOTA, 18 - QUOTA));
+    assert_eq!(server.health().await["hub"]["rooms"], 1 + QUOTA);
+
+    // The flooder may still join a room that exists.
+    assert_eq!(try_join(&mut flood[5], "square").await["type"], "joined");
+    // Its neighbour is not affected: it creates rooms of its own.
+    for r in 0..3 {
+        let v = try_join(&mut neighbour, &format!("mine-{r}")).await;
+        assert_eq!(v["type"], "joined", "{v}");
+    }
+    // A room the flooder created and leaves disappears, and frees its
+    // quota for a new one.
+    let (s, room) = created[0].clone();
+    flood[s]
+        .send_text(&serde_json::json!({"type":"leave","room":room}).to_string())
+        .await;
+    assert_eq!(flood[s].next_of_type("left").await["room"], room.as_str());
+    assert_eq!(
+        try_join(&mut flood[s], "flood-again").await["type"],
+        "joined"
+    );
+    // And the quota holds again for every host of that /64.
+    let v = try_join(&mut flood[5], "flood-one-more").await;
+    assert_eq!(v["code"], "too_many_rooms", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("your address"),
+        "{v}"
+    );
+}
+
+#[actix_web::test]
+async fn exempt_addresses_are_not_counted_per_address() {
+    // Loopback is exempt by default: the quota does not apply to it (the
+    // per-session quota and max_rooms still do).
+    let server = start(config(
+        r#"{"network":{"websocket":{"max_rooms_per_ip":2,"max_rooms_per_session":8}}}"#,
+    ))
+    .await;
+    let mut c = WsClient::connect(&server, "?room=a").await;
+    for r in 0..5 {
+        let v = try_join(&mut c, &format!("more-{r}")).await;
+        assert_eq!(v["type"], "joined", "{v}");
     }
 }
 

@@ -40,7 +40,7 @@ use bytestring::ByteString;
 use serde::Serialize;
 use socket2::Socket;
 use std::collections::{HashMap, HashSet};
-use std::net::Shutdown as SocketShutdown;
+use std::net::{IpAddr, Shutdown as SocketShutdown};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +58,9 @@ pub struct HubConfig {
     pub max_rooms_per_session: usize,
     /// How many rooms may exist at once.
     pub max_rooms: usize,
+    /// How many existing rooms one client address may have created (see
+    /// [`crate::rooms`]); 0 turns the quota off.
+    pub max_rooms_per_ip: usize,
     /// How often presence frames go to sessions that asked for them
     /// (only when something changed). Zero disables presence.
     pub presence_interval: Duration,
@@ -337,6 +340,10 @@ pub struct Connect {
     /// a session whose actor is frozen. `None` when the server was not set up
     /// to provide one (see `happynet::Network::on_connect`).
     pub socket: Option<Arc<Socket>>,
+    /// The client's per-IP key (its IPv4 address, or its IPv6 /64), which
+    /// rooms it creates are charged to; `None` for an exempt or unknown
+    /// address, whose rooms are not counted per address.
+    pub ip_key: Option<IpAddr>,
 }
 
 /// Sent when a session's actor is dropped: forget me.
@@ -382,6 +389,7 @@ struct Member {
     link: Arc<SessionLink>,
     budget: OutboundBudget,
     socket: Option<Arc<Socket>>,
+    ip_key: Option<IpAddr>,
 }
 
 /// Ends a connection at once: `SO_LINGER` 0, so the last close of the socket
@@ -392,6 +400,18 @@ struct Member {
 fn abort(socket: &Socket) {
     let _ = socket.set_linger(Some(Duration::ZERO));
     let _ = socket.shutdown(SocketShutdown::Both);
+}
+
+/// The error frame for a refused join.
+fn join_error_frame(e: &JoinError) -> ByteString {
+    let code = match e {
+        // The client's own quotas: leaving a room is what it can do.
+        JoinError::TooManyRoomsForSession { .. } | JoinError::TooManyRoomsForAddress { .. } => {
+            "too_many_rooms"
+        }
+        _ => "server_full",
+    };
+    protocol::error_frame(code, &e.to_string())
 }
 
 /// A socket whose session was asked to close and has until `deadline` to do
@@ -429,7 +449,8 @@ impl BroadcastHub {
     /// A hub with `config`; start it with `Actor::start`.
     pub fn new(config: HubConfig) -> Self {
         BroadcastHub {
-            rooms: RoomTable::new(config.max_rooms_per_session, config.max_rooms),
+            rooms: RoomTable::new(config.max_rooms_per_session, config.max_rooms)
+                .with_max_rooms_per_ip(config.max_rooms_per_ip),
             config,
             epoch: Instant::now(),
             sessions: HashMap::new(),
@@ -716,7 +737,8 @@ impl BroadcastHub {
                 self.fan_out(mates, &text);
             }
             ClientFrame::Join(room) => {
-                let reply = match self.rooms.join(id, &room) {
+                let ip_key = self.sessions.get(&id).and_then(|m| m.ip_key);
+                let reply = match self.rooms.join_from(id, &room, ip_key) {
                     Ok(Joined::Added) => {
                         self.presence_dirty = true;
                         protocol::joined_frame(&room, self.rooms.member_count(&room))
@@ -724,10 +746,7 @@ impl BroadcastHub {
                     Ok(Joined::AlreadyMember) => {
                         protocol::joined_frame(&room, self.rooms.member_count(&room))
                     }
-                    Err(e @ JoinError::TooManyRoomsForSession { .. }) => {
-                        protocol::error_frame("too_many_rooms", &e.to_string())
-                    }
-                    Err(e) => protocol::error_frame("server_full", &e.to_string()),
+                    Err(e) => join_error_frame(&e),
                 };
                 self.send_to(id, reply);
             }
@@ -802,12 +821,14 @@ impl Handler<Connect> for BroadcastHub {
                 link: msg.link,
                 budget: OutboundBudget::default(),
                 socket: msg.socket,
+                ip_key: msg.ip_key,
             },
         );
         // A fresh session is in no room, so this join can only fail on the
-        // table-wide room limit; the session then starts in no room.
-        if let Err(e) = self.rooms.join(id, &msg.room) {
-            self.send_to(id, protocol::error_frame("server_full", &e.to_string()));
+        // table-wide or the per-address room limit; the session then starts
+        // in no room.
+        if let Err(e) = self.rooms.join_from(id, &msg.room, msg.ip_key) {
+            self.send_to(id, join_error_frame(&e));
         }
         if msg.presence {
             self.presence.insert(id);
