@@ -12,6 +12,7 @@ use happynet_actors::gcra::Quota;
 use happynet_actors::liveness::{
     EvictionPolicy, MAX_ENVELOPE_BYTES, OUTBOUND_HEADROOM_MESSAGES, PER_MESSAGE_OVERHEAD,
 };
+use happynet_actors::presence::PresenceLimits;
 use happynet_actors::shared_limiter::{Fallback, SharedLimit};
 use happynet_actors::{HubConfig, RoomName, SessionConfig};
 use serde::{Deserialize, Deserializer};
@@ -1105,6 +1106,7 @@ impl WebSocketConfig {
             max_rooms_per_session: self.max_rooms_per_session,
             max_rooms: self.max_rooms,
             max_rooms_per_ip: self.max_rooms_per_ip,
+            presence_limits: PresenceLimits::new(self.max_message_bytes),
             presence_interval: self.presence_interval.0,
             shutdown_timeout: self.shutdown_timeout.0,
             mailbox_capacity: self.hub_mailbox_capacity,

@@ -1,14 +1,18 @@
 //! The hub's safe defaults against hostile and unlucky clients, on a real
-//! server with real clients: rooms per client address, headroom that keeps
-//! a reading client from being evicted by a burst of the largest messages,
-//! and slow consumers whose connections are aborted (a reset, the kernel's
-//! send buffer freed at once) while a graceful shutdown stays graceful.
+//! server with real clients: rooms per client address, presence frames that
+//! stay small however many rooms exist, headroom that keeps a reading
+//! client from being evicted by a burst of the largest messages, and slow
+//! consumers whose connections are aborted (a reset, the kernel's send
+//! buffer freed at once) while a graceful shutdown stays graceful.
 
 mod support;
 
 use happynet::actors::liveness::OUTBOUND_HEADROOM_MESSAGES;
+use happynet::actors::presence::{PRESENCE_MAX_BYTES, PRESENCE_MAX_ROOMS};
+use happynet::actors::ClusterPresence;
 use happynet::{Broadcast, Config, RoomName};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::time::Duration;
 use support::{config, start, wait_for_hub, RawWsClient, WsClient, WAIT};
@@ -117,6 +121,66 @@ async fn exempt_addresses_are_not_counted_per_address() {
         let v = try_join(&mut c, &format!("more-{r}")).await;
         assert_eq!(v["type"], "joined", "{v}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// Presence
+// ---------------------------------------------------------------------------
+
+#[actix_web::test]
+async fn presence_with_ten_thousand_rooms_lists_the_busiest_within_the_byte_bound() {
+    const REMOTE_ROOMS: usize = 10_000;
+    let server = start(config(
+        r#"{"network":{"websocket":{"presence_interval":0.05}}}"#,
+    ))
+    .await;
+    let mut watcher = WsClient::connect(&server, "?presence=1&room=x").await;
+    let _local = WsClient::connect(&server, "?room=local-only").await;
+    // What a cluster bridge reports for the other nodes: 10,000 rooms with
+    // 1 to 50 members, one giant room, and more members in room x.
+    let mut rooms: HashMap<RoomName, usize> = (0..REMOTE_ROOMS)
+        .map(|i| {
+            (
+                RoomName::new(&format!("remote-{i:05}")).unwrap(),
+                1 + i % 50,
+            )
+        })
+        .collect();
+    rooms.insert(RoomName::new("giant").unwrap(), 1000);
+    rooms.insert(RoomName::new("x").unwrap(), 499);
+    let remote_sessions = 40_000;
+    server.net.hub().do_send(ClusterPresence {
+        sessions: remote_sessions,
+        rooms: rooms.clone(),
+    });
+    let (frame, v) = loop {
+        let text = watcher.next_text().await;
+        let v: Value = serde_json::from_str(&text).unwrap();
+        if v["type"] == "presence" && v["clients"] == 2 + remote_sessions {
+            break (text, v);
+        }
+    };
+    assert!(
+        frame.len() <= PRESENCE_MAX_BYTES,
+        "a presence frame of {} bytes",
+        frame.len()
+    );
+    let listed = v["rooms"].as_object().unwrap();
+    assert_eq!(listed.len(), PRESENCE_MAX_ROOMS);
+    // Every room is counted: listed plus `more` (10,000 remote, giant, x,
+    // local-only).
+    assert_eq!(
+        v["more"].as_u64().unwrap() as usize + listed.len(),
+        REMOTE_ROOMS + 3
+    );
+    // The biggest first, merged with this node's members.
+    assert_eq!(listed["giant"], 1000);
+    assert_eq!(listed["x"], 500);
+    assert!(frame.find("\"giant\"").unwrap() < frame.find("\"x\"").unwrap());
+    // The rest are the 50-member rooms: nothing smaller was listed first.
+    let smallest = listed.values().filter_map(Value::as_u64).min().unwrap();
+    assert_eq!(smallest, 50);
+    assert!(!listed.contains_key("local-only"));
 }
 
 // ---------------------------------------------------------------------------

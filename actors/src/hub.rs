@@ -31,6 +31,7 @@
 
 use crate::histogram::Histogram;
 use crate::liveness::{ClosedBy, EvictionPolicy, OutboundBudget, SessionLink, Verdict};
+use crate::presence::{self, PresenceLimits};
 use crate::protocol::{self, ClientFrame};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
 use crate::session::{Close, Deliver, Heartbeat, WsSessionActor};
@@ -61,6 +62,8 @@ pub struct HubConfig {
     /// How many existing rooms one client address may have created (see
     /// [`crate::rooms`]); 0 turns the quota off.
     pub max_rooms_per_ip: usize,
+    /// How big a presence frame may get (see [`crate::presence`]).
+    pub presence_limits: PresenceLimits,
     /// How often presence frames go to sessions that asked for them
     /// (only when something changed). Zero disables presence.
     pub presence_interval: Duration,
@@ -666,35 +669,16 @@ impl BroadcastHub {
             return;
         }
         self.presence_dirty = false;
-        let frame = if self.remote_presence.sessions == 0 && self.remote_presence.rooms.is_empty() {
-            protocol::presence_frame(self.sessions.len(), self.rooms.occupancy())
+        // Cluster-wide when clustered: this node's rooms plus the other
+        // nodes'. Bounded in bytes either way (crate::presence).
+        let remote = &self.remote_presence;
+        let rooms = if remote.rooms.is_empty() {
+            self.rooms.occupancy().collect()
         } else {
-            // Cluster-wide: this node's rooms plus the rooms only other
-            // nodes have.
-            let remote = &self.remote_presence.rooms;
-            let mut rooms: Vec<(RoomName, usize)> = self
-                .rooms
-                .occupancy()
-                .map(|(r, n)| {
-                    (
-                        r.clone(),
-                        n.saturating_add(remote.get(r).copied().unwrap_or(0)),
-                    )
-                })
-                .collect();
-            rooms.extend(
-                remote
-                    .iter()
-                    .filter(|(r, _)| self.rooms.member_count(r) == 0)
-                    .map(|(r, &n)| (r.clone(), n)),
-            );
-            protocol::presence_frame(
-                self.sessions
-                    .len()
-                    .saturating_add(self.remote_presence.sessions),
-                rooms.iter().map(|(r, n)| (r, *n)),
-            )
+            presence::merge(self.rooms.occupancy(), &remote.rooms)
         };
+        let clients = self.sessions.len().saturating_add(remote.sessions);
+        let frame = presence::presence_frame(clients, rooms, &self.config.presence_limits);
         let to: Vec<SessionId> = self.presence.iter().copied().collect();
         self.fan_out(to, &frame);
     }
