@@ -359,19 +359,22 @@ async fn read_until_close_frame(stream: &mut tokio::net::TcpStream) -> u16 {
         let len = match head[1] & 0x7f {
             126 => {
                 let mut b = [0u8; 2];
-                stream.read_exact(&mut b).await.unwrap();
+                stream.read_exact(&mut b).await.expect("frame length");
                 u64::from(u16::from_be_bytes(b))
             }
             127 => {
                 let mut b = [0u8; 8];
-                stream.read_exact(&mut b).await.unwrap();
+                stream.read_exact(&mut b).await.expect("frame length");
                 u64::from_be_bytes(b)
             }
             n => u64::from(n),
         };
         assert!(len < 1 << 20, "a frame of {len} bytes");
         let mut payload = vec![0u8; len as usize];
-        stream.read_exact(&mut payload).await.unwrap();
+        stream
+            .read_exact(&mut payload)
+            .await
+            .expect("frame payload");
         if head[0] & 0x0f == 0x8 {
             assert!(payload.len() >= 2, "a close frame without a code");
             return u16::from_be_bytes([payload[0], payload[1]]);
