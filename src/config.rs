@@ -12,7 +12,10 @@ use happynet_actors::backoff::{self, Backoff, RetryBudget};
 use happynet_actors::breaker::{Breaker, BreakerConfig};
 use happynet_actors::cache::ResponseCache;
 use happynet_actors::gcra::Quota;
-use happynet_actors::liveness::EvictionPolicy;
+use happynet_actors::liveness::{
+    EvictionPolicy, MAX_ENVELOPE_BYTES, OUTBOUND_HEADROOM_MESSAGES, PER_MESSAGE_OVERHEAD,
+};
+use happynet_actors::presence::PresenceLimits;
 use happynet_actors::shared_limiter::{Fallback, SharedLimit};
 use happynet_actors::{HubConfig, RoomName, SessionConfig};
 use serde::{Deserialize, Deserializer};
@@ -1114,7 +1117,10 @@ pub struct WebSocketConfig {
     /// Default 1000.
     pub max_connections: usize,
     /// Bytes queued for one session and not yet written; beyond it the
-    /// session is a slow consumer and is disconnected. Default 1 MiB.
+    /// session is a slow consumer and is disconnected. Default 1 MiB. At
+    /// least `4 × (max_message_bytes + 384)`
+    /// ([`EvictionPolicy::min_outbound_bytes`]), so that a burst of the
+    /// largest messages never evicts a client that is reading.
     pub max_outbound_bytes: usize,
     /// The largest message a client may send (frame or reassembled message);
     /// beyond it the connection is closed with 1009. Default 64 KiB. Also the
@@ -1130,6 +1136,13 @@ pub struct WebSocketConfig {
     pub max_rooms_per_session: usize,
     /// Rooms that may exist at once. Default 10000.
     pub max_rooms: usize,
+    /// Rooms that one client address (the per-IP key of
+    /// `network.security`: an IPv4 address or an IPv6 /64) may have created
+    /// and that still exist; beyond it its joins of new rooms are refused
+    /// (`too_many_rooms`), joins of existing rooms are not. Addresses in
+    /// `network.security.exempt_ips` (loopback by default) are not counted.
+    /// 0 turns it off. Default 256: 40 addresses to fill `max_rooms`.
+    pub max_rooms_per_ip: usize,
     /// The room a client starts in when `/ws` names none. Default `lobby`.
     pub default_room: String,
     /// How often presence frames go out (when something changed), seconds;
@@ -1166,6 +1179,7 @@ impl Default for WebSocketConfig {
             message_burst: 40,
             max_rooms_per_session: 16,
             max_rooms: 10_000,
+            max_rooms_per_ip: 256,
             default_room: "lobby".to_owned(),
             presence_interval: Seconds::secs(1),
             shutdown_timeout: Seconds::secs(5),
@@ -1194,6 +1208,8 @@ impl WebSocketConfig {
             },
             max_rooms_per_session: self.max_rooms_per_session,
             max_rooms: self.max_rooms,
+            max_rooms_per_ip: self.max_rooms_per_ip,
+            presence_limits: PresenceLimits::new(self.max_message_bytes),
             presence_interval: self.presence_interval.0,
             shutdown_timeout: self.shutdown_timeout.0,
             mailbox_capacity: self.hub_mailbox_capacity,
@@ -1743,10 +1759,16 @@ impl Config {
         }
         at_least_one("network.websocket.max_connections", ws.max_connections)?;
         at_least_one("network.websocket.max_message_bytes", ws.max_message_bytes)?;
-        if ws.max_outbound_bytes < ws.max_message_bytes {
+        let min_outbound = EvictionPolicy::min_outbound_bytes(ws.max_message_bytes);
+        if ws.max_outbound_bytes < min_outbound {
             return Err(ConfigError::invalid(
                 "network.websocket.max_outbound_bytes",
-                "must be >= network.websocket.max_message_bytes",
+                format!(
+                    "must be >= {min_outbound}: {OUTBOUND_HEADROOM_MESSAGES} × \
+                     (network.websocket.max_message_bytes + {} bytes of framing), so that a \
+                     burst of the largest messages cannot evict a client that is reading",
+                    MAX_ENVELOPE_BYTES + PER_MESSAGE_OVERHEAD
+                ),
             ));
         }
         validate_quota(

@@ -30,9 +30,9 @@
 //!   parser; [`gateway`] (`/proxy/…`) and [`llm_gateway`] (`/v1/…`): the
 //!   HTTP faces of the upstream stack;
 //! - the `happynet-actors` crate (re-exported as [`actors`]): the five actors,
-//!   their messages and the plain state machines inside (rooms, eviction
-//!   policy, GCRA, breaker, keyed limiter, backoff and retry budget,
-//!   balancer, response cache).
+//!   their messages and the plain state machines inside (rooms and their
+//!   quotas, bounded presence frames, eviction policy, GCRA, breaker, keyed
+//!   limiter, backoff and retry budget, balancer, response cache).
 //!
 //! ```text
 //!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► every WsSessionActor in the room

@@ -464,7 +464,10 @@ async fn ws_route(
         truthy(query.presence.as_deref()),
         socket,
         Some(slot),
-    );
+    )
+    // The rooms this client creates count against its address (the same
+    // key, and the same exemptions, as the per-IP guards).
+    .with_ip_key(room_quota_key(&inner.security, &req));
     let response = ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(inner.session_config.max_message_bytes)
         // Echoes `happynet` when the client offers it (RFC 6455: a token
@@ -472,6 +475,16 @@ async fn ws_route(
         .protocols(UpgradePass::PROTOCOLS)
         .start()?;
     Ok(pass.hold_until_closed(response))
+}
+
+/// The key `websocket.max_rooms_per_ip` counts `req`'s client under: the
+/// per-IP key of `network.security` (honouring `trust_forwarded_for`, IPv6
+/// by /64), or `None` for an exempt or unknown address.
+fn room_quota_key(security: &Security, req: &HttpRequest) -> Option<std::net::IpAddr> {
+    security
+        .client_ip(req)
+        .filter(|ip| !security.is_exempt(*ip))
+        .map(crate::security::limit_key)
 }
 
 /// The paths [`Network::configure_gateways`] mounts.

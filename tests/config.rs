@@ -34,6 +34,7 @@ fn the_seed_config_loads_unchanged_with_its_meaning() {
     assert_eq!(n.websocket.max_outbound_bytes, 1 << 20);
     assert_eq!(n.websocket.max_message_bytes, 64 << 10);
     assert_eq!(n.websocket.default_room, "lobby");
+    assert_eq!(n.websocket.max_rooms_per_ip, 256);
 }
 
 #[test]
@@ -99,6 +100,18 @@ fn bad_values_name_their_path() {
             r#"{"network":{"websocket":{"max_outbound_bytes":10}}}"#,
             "network.websocket.max_outbound_bytes",
             "must be >=",
+        ),
+        // One largest message would fill the whole budget: the first one
+        // would evict every reader. Four of them (and their framing) must fit.
+        (
+            r#"{"network":{"websocket":{"max_message_bytes":65536,"max_outbound_bytes":65536}}}"#,
+            "network.websocket.max_outbound_bytes",
+            "must be >= 263680: 4 × (network.websocket.max_message_bytes + 384",
+        ),
+        (
+            r#"{"network":{"websocket":{"max_message_bytes":65536,"max_outbound_bytes":263679}}}"#,
+            "network.websocket.max_outbound_bytes",
+            "must be >= 263680",
         ),
         (
             r#"{"network":{"http":{"timeout":0}}}"#,

@@ -13,7 +13,7 @@ async fn a_client_that_stops_reading_is_evicted_and_the_others_get_everything() 
     const BROADCASTS: usize = 10_000; // 40 MiB in all: far beyond the cap
     let server = start(config(&format!(
         r#"{{"network":{{"websocket":{{"max_outbound_bytes":{CAP},"socket_send_buffer":16384,
-            "max_message_bytes":65536}}}}}}"#
+            "max_message_bytes":16384}}}}}}"#
     )))
     .await;
     let mut reader = WsClient::connect(&server, "").await;

@@ -21,10 +21,17 @@
 //! being written, so actix never polls it). The hub therefore also holds a
 //! duplicate of each session's socket, when the server gave it one, and shuts
 //! the socket down itself: that ends the connection, which drops the frozen
-//! actor and frees everything queued for it.
+//! actor and frees everything queued for it. When the hub cuts a
+//! connection off like that (a slow consumer, or a session that did not
+//! close within its grace), it aborts it: `SO_LINGER` 0 first, so that the
+//! last close sends a reset and the kernel frees the socket's send buffer at
+//! once, instead of keeping it (up to a few MiB) for minutes while it probes
+//! a peer that does not read. A session that closes itself, as every healthy
+//! one does on a graceful shutdown (1001), is never aborted.
 
 use crate::histogram::Histogram;
 use crate::liveness::{ClosedBy, EvictionPolicy, OutboundBudget, SessionLink, Verdict};
+use crate::presence::{self, PresenceLimits};
 use crate::protocol::{self, ClientFrame};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
 use crate::session::{Close, Deliver, Heartbeat, WsSessionActor};
@@ -34,7 +41,7 @@ use bytestring::ByteString;
 use serde::Serialize;
 use socket2::Socket;
 use std::collections::{HashMap, HashSet};
-use std::net::Shutdown as SocketShutdown;
+use std::net::{IpAddr, Shutdown as SocketShutdown};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,6 +59,11 @@ pub struct HubConfig {
     pub max_rooms_per_session: usize,
     /// How many rooms may exist at once.
     pub max_rooms: usize,
+    /// How many existing rooms one client address may have created (see
+    /// [`crate::rooms`]); 0 turns the quota off.
+    pub max_rooms_per_ip: usize,
+    /// How big a presence frame may get (see [`crate::presence`]).
+    pub presence_limits: PresenceLimits,
     /// How often presence frames go to sessions that asked for them
     /// (only when something changed). Zero disables presence.
     pub presence_interval: Duration,
@@ -331,6 +343,10 @@ pub struct Connect {
     /// a session whose actor is frozen. `None` when the server was not set up
     /// to provide one (see `happynet::Network::on_connect`).
     pub socket: Option<Arc<Socket>>,
+    /// The client's per-IP key (its IPv4 address, or its IPv6 /64), which
+    /// rooms it creates are charged to; `None` for an exempt or unknown
+    /// address, whose rooms are not counted per address.
+    pub ip_key: Option<IpAddr>,
 }
 
 /// Sent when a session's actor is dropped: forget me.
@@ -376,6 +392,29 @@ struct Member {
     link: Arc<SessionLink>,
     budget: OutboundBudget,
     socket: Option<Arc<Socket>>,
+    ip_key: Option<IpAddr>,
+}
+
+/// Ends a connection at once: `SO_LINGER` 0, so the last close of the socket
+/// sends a reset and drops whatever the kernel still holds to send, then a
+/// shutdown, which wakes the server's own handle on it (its actor may be
+/// frozen) so that the HTTP layer drops the connection and that last close
+/// happens now.
+fn abort(socket: &Socket) {
+    let _ = socket.set_linger(Some(Duration::ZERO));
+    let _ = socket.shutdown(SocketShutdown::Both);
+}
+
+/// The error frame for a refused join.
+fn join_error_frame(e: &JoinError) -> ByteString {
+    let code = match e {
+        // The client's own quotas: leaving a room is what it can do.
+        JoinError::TooManyRoomsForSession { .. } | JoinError::TooManyRoomsForAddress { .. } => {
+            "too_many_rooms"
+        }
+        _ => "server_full",
+    };
+    protocol::error_frame(code, &e.to_string())
 }
 
 /// A socket whose session was asked to close and has until `deadline` to do
@@ -413,7 +452,8 @@ impl BroadcastHub {
     /// A hub with `config`; start it with `Actor::start`.
     pub fn new(config: HubConfig) -> Self {
         BroadcastHub {
-            rooms: RoomTable::new(config.max_rooms_per_session, config.max_rooms),
+            rooms: RoomTable::new(config.max_rooms_per_session, config.max_rooms)
+                .with_max_rooms_per_ip(config.max_rooms_per_ip),
             config,
             epoch: Instant::now(),
             sessions: HashMap::new(),
@@ -577,7 +617,7 @@ impl BroadcastHub {
         };
         if why == Eviction::SlowConsumer || !asked {
             // It is not reading: a close frame would never reach it.
-            let _ = socket.shutdown(SocketShutdown::Both);
+            abort(&socket);
         } else {
             // Give a live session time to send its close frame; a frozen one
             // is cut off when that time is up.
@@ -600,7 +640,8 @@ impl BroadcastHub {
         let now = Instant::now();
         self.closing.retain(|_, c| {
             if c.deadline <= now {
-                let _ = c.socket.shutdown(SocketShutdown::Both);
+                // It did not close within its grace: it is not reading.
+                abort(&c.socket);
                 false
             } else {
                 true
@@ -628,35 +669,16 @@ impl BroadcastHub {
             return;
         }
         self.presence_dirty = false;
-        let frame = if self.remote_presence.sessions == 0 && self.remote_presence.rooms.is_empty() {
-            protocol::presence_frame(self.sessions.len(), self.rooms.occupancy())
+        // Cluster-wide when clustered: this node's rooms plus the other
+        // nodes'. Bounded in bytes either way (crate::presence).
+        let remote = &self.remote_presence;
+        let rooms = if remote.rooms.is_empty() {
+            self.rooms.occupancy().collect()
         } else {
-            // Cluster-wide: this node's rooms plus the rooms only other
-            // nodes have.
-            let remote = &self.remote_presence.rooms;
-            let mut rooms: Vec<(RoomName, usize)> = self
-                .rooms
-                .occupancy()
-                .map(|(r, n)| {
-                    (
-                        r.clone(),
-                        n.saturating_add(remote.get(r).copied().unwrap_or(0)),
-                    )
-                })
-                .collect();
-            rooms.extend(
-                remote
-                    .iter()
-                    .filter(|(r, _)| self.rooms.member_count(r) == 0)
-                    .map(|(r, &n)| (r.clone(), n)),
-            );
-            protocol::presence_frame(
-                self.sessions
-                    .len()
-                    .saturating_add(self.remote_presence.sessions),
-                rooms.iter().map(|(r, n)| (r, *n)),
-            )
+            presence::merge(self.rooms.occupancy(), &remote.rooms)
         };
+        let clients = self.sessions.len().saturating_add(remote.sessions);
+        let frame = presence::presence_frame(clients, rooms, &self.config.presence_limits);
         let to: Vec<SessionId> = self.presence.iter().copied().collect();
         self.fan_out(to, &frame);
     }
@@ -699,7 +721,8 @@ impl BroadcastHub {
                 self.fan_out(mates, &text);
             }
             ClientFrame::Join(room) => {
-                let reply = match self.rooms.join(id, &room) {
+                let ip_key = self.sessions.get(&id).and_then(|m| m.ip_key);
+                let reply = match self.rooms.join_from(id, &room, ip_key) {
                     Ok(Joined::Added) => {
                         self.presence_dirty = true;
                         protocol::joined_frame(&room, self.rooms.member_count(&room))
@@ -707,10 +730,7 @@ impl BroadcastHub {
                     Ok(Joined::AlreadyMember) => {
                         protocol::joined_frame(&room, self.rooms.member_count(&room))
                     }
-                    Err(e @ JoinError::TooManyRoomsForSession { .. }) => {
-                        protocol::error_frame("too_many_rooms", &e.to_string())
-                    }
-                    Err(e) => protocol::error_frame("server_full", &e.to_string()),
+                    Err(e) => join_error_frame(&e),
                 };
                 self.send_to(id, reply);
             }
@@ -785,12 +805,14 @@ impl Handler<Connect> for BroadcastHub {
                 link: msg.link,
                 budget: OutboundBudget::default(),
                 socket: msg.socket,
+                ip_key: msg.ip_key,
             },
         );
         // A fresh session is in no room, so this join can only fail on the
-        // table-wide room limit; the session then starts in no room.
-        if let Err(e) = self.rooms.join(id, &msg.room) {
-            self.send_to(id, protocol::error_frame("server_full", &e.to_string()));
+        // table-wide or the per-address room limit; the session then starts
+        // in no room.
+        if let Err(e) = self.rooms.join_from(id, &msg.room, msg.ip_key) {
+            self.send_to(id, join_error_frame(&e));
         }
         if msg.presence {
             self.presence.insert(id);
@@ -941,8 +963,10 @@ impl Handler<Shutdown> for BroadcastHub {
             }
             .into_actor(self)
             .map(move |_, hub, ctx| {
+                // Those that closed are gone from `closing`; what is left
+                // did not read its 1001 within shutdown_timeout.
                 for (_, c) in hub.closing.drain() {
-                    let _ = c.socket.shutdown(SocketShutdown::Both);
+                    abort(&c.socket);
                 }
                 ctx.stop();
                 open

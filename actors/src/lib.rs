@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Each actor is a thin shell around a state machine that takes `now` and does
-//! no I/O: [`rooms::RoomTable`] (who is in which room),
+//! no I/O: [`rooms::RoomTable`] (who is in which room, with quotas per
+//! session and per address), [`presence`] (bounded presence frames),
 //! [`liveness::EvictionPolicy`] (silent and slow sessions), and
 //! [`gcra::Gcra`] (message rates). Those are unit-tested directly; the actors
 //! are tested through real sockets in the `happynet` crate's `tests/`.
@@ -29,6 +30,7 @@ pub mod hub;
 pub mod limiter;
 pub mod liveness;
 pub mod pool;
+pub mod presence;
 pub mod protocol;
 pub mod rooms;
 pub mod session;

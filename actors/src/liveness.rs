@@ -18,6 +18,18 @@ use tokio::time::Instant;
 /// it keeps a flood of tiny messages inside the same byte cap as a few big ones.
 pub const PER_MESSAGE_OVERHEAD: usize = 128;
 
+/// The most that the frame a client receives for a message adds to that
+/// message's own bytes: a `POST /broadcast` JSON body `{"data":…}` of
+/// `max_message_bytes` becomes `{"type":"message","room":…,"data":…}` with a
+/// room name from the query of up to 64 bytes, each of which may be escaped
+/// to two (the largest case, 155 bytes; a client's publish becomes a frame
+/// no longer than itself). Rounded up for headroom.
+pub const MAX_ENVELOPE_BYTES: usize = 256;
+
+/// How many of the largest frames `max_outbound_bytes` must hold at once,
+/// none of them delivered yet (see [`EvictionPolicy::min_outbound_bytes`]).
+pub const OUTBOUND_HEADROOM_MESSAGES: usize = 4;
+
 /// State shared between one session and the hub, updated without messages so
 /// that a frozen session still reads as frozen.
 ///
@@ -202,6 +214,29 @@ impl EvictionPolicy {
     pub fn cost_of(payload_len: usize) -> usize {
         payload_len + PER_MESSAGE_OVERHEAD
     }
+
+    /// The smallest `max_outbound_bytes` that is safe with messages of up
+    /// to `max_message_bytes`: room for [`OUTBOUND_HEADROOM_MESSAGES`]
+    /// frames of the largest kind (message, envelope and per-message
+    /// overhead), none of them delivered yet.
+    ///
+    /// Why four. A session's budget is released only when its actor runs and
+    /// hands the frame to the socket writer; the hub charges it when it
+    /// queues. Between two runs of a healthy receiver's actor (its worker
+    /// thread busy with other sessions) the hub may queue several frames:
+    /// a burst of messages from the room, plus the presence frame and a
+    /// reply of its own, each at most this size (presence frames are bounded
+    /// by `max_message_bytes`, see [`crate::presence`]). With a cap of one
+    /// frame (`max_outbound_bytes == max_message_bytes`, which used to be
+    /// accepted) the first largest message evicted every receiver; with
+    /// four, a reader survives any four such frames arriving at once, and
+    /// only a backlog that keeps growing — a client not reading — reaches
+    /// the cap. Saturates rather than overflow.
+    pub fn min_outbound_bytes(max_message_bytes: usize) -> usize {
+        max_message_bytes
+            .saturating_add(MAX_ENVELOPE_BYTES + PER_MESSAGE_OVERHEAD)
+            .saturating_mul(OUTBOUND_HEADROOM_MESSAGES)
+    }
 }
 
 #[cfg(test)]
@@ -301,6 +336,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_envelope_bound_covers_the_largest_wrapped_message() {
+        use crate::protocol::{message_frame, parse_client_text, ClientFrame};
+        use crate::rooms::{RoomName, MAX_ROOM_NAME_BYTES};
+        use serde_json::value::RawValue;
+        let max_message = 4096;
+        // POST /broadcast?room=… with a JSON body of exactly max_message
+        // bytes, the room name all quotes (each escaped to two bytes).
+        let room = RoomName::new(&"\"".repeat(MAX_ROOM_NAME_BYTES)).unwrap();
+        let data = format!("\"{}\"", "x".repeat(max_message - r#"{"data":""}"#.len()));
+        let body = format!(r#"{{"data":{data}}}"#);
+        assert_eq!(body.len(), max_message);
+        let raw = RawValue::from_string(data).unwrap();
+        let frame = message_frame(Some(&room), &raw);
+        assert!(
+            frame.len() <= max_message + MAX_ENVELOPE_BYTES,
+            "{}",
+            frame.len()
+        );
+        // A client's publish of max_message bytes: the frame is no longer.
+        let escaped = serde_json::to_string(room.as_str()).unwrap();
+        let head = format!(r#"{{"type":"publish","room":{escaped},"data":""#);
+        let publish = format!("{head}{}\"}}", "y".repeat(max_message - head.len() - 2));
+        assert_eq!(publish.len(), max_message);
+        match parse_client_text(publish.into()) {
+            Ok(ClientFrame::Publish { room, data }) => {
+                assert!(message_frame(Some(&room), &data).len() <= max_message);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_smallest_safe_cap_holds_a_burst_of_the_largest_frames() {
+        for max_message in [1, 1000, 64 << 10, 1 << 20] {
+            let cap = EvictionPolicy::min_outbound_bytes(max_message);
+            let largest = EvictionPolicy::cost_of(max_message + MAX_ENVELOPE_BYTES);
+            let mut b = OutboundBudget::default();
+            for _ in 0..OUTBOUND_HEADROOM_MESSAGES {
+                assert!(b.try_charge(largest, cap, || 0), "{max_message}");
+            }
+            // It is a bound, not a blank cheque: one more is refused.
+            assert!(!b.try_charge(largest, cap, || 0));
+        }
+        // The default (64 KiB messages, 1 MiB cap) is safe.
+        assert!(EvictionPolicy::min_outbound_bytes(64 << 10) <= 1 << 20);
+        assert_eq!(EvictionPolicy::min_outbound_bytes(usize::MAX), usize::MAX);
     }
 
     #[test]

@@ -2,12 +2,26 @@
 //!
 //! The `BroadcastHub` owns one `RoomTable` and consults it for every room
 //! broadcast. It is bounded on every axis a client can push on: the length and
-//! characters of a room name, how many rooms one session may be in, and how
-//! many rooms exist at all. A room disappears with its last member, so the
-//! table never holds more than `sessions × max_rooms_per_session` entries.
+//! characters of a room name, how many rooms one session may be in, how many
+//! rooms one client address may have created, and how many rooms exist at
+//! all. A room disappears with its last member, so the table never holds more
+//! than `sessions × max_rooms_per_session` entries.
+//!
+//! **Rooms per address.** The per-session quota alone lets one address fill
+//! the table for everyone: open many sessions, join many new rooms from each.
+//! So a room is charged to the address (the per-IP key: an IPv4 address or
+//! an IPv6 /64) of the session whose join created it, and stays charged until
+//! it disappears, whoever else joins it later. An address with
+//! `max_rooms_per_ip` rooms charged to it may still join existing rooms, but
+//! not create new ones. Charging the creator, rather than "rooms only that
+//! address is in", cannot be dodged by two addresses joining each other's
+//! rooms. Its one cost: a room another address keeps alive after its creator
+//! left stays charged to the creator. Sessions without a key (exempt
+//! addresses, see `network.security.exempt_ips`) create rooms uncharged.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// A session's identity, unique for the life of the process.
@@ -95,6 +109,12 @@ pub enum JoinError {
         /// The configured limit.
         limit: usize,
     },
+    /// The session's address has already created `max_rooms_per_ip` rooms
+    /// that still exist, and this one would be new.
+    TooManyRoomsForAddress {
+        /// The configured limit.
+        limit: usize,
+    },
 }
 
 impl fmt::Display for JoinError {
@@ -106,6 +126,11 @@ impl fmt::Display for JoinError {
             JoinError::TooManyRooms { limit } => {
                 write!(f, "the server already has its maximum of {limit} rooms")
             }
+            JoinError::TooManyRoomsForAddress { limit } => write!(
+                f,
+                "your address has created its maximum of {limit} rooms; join an existing room \
+                 or leave one you created"
+            ),
         }
     }
 }
@@ -128,22 +153,53 @@ pub struct RoomTable {
     memberships: HashMap<SessionId, Vec<RoomName>>,
     max_rooms_per_session: usize,
     max_rooms: usize,
+    /// 0: no per-address quota.
+    max_rooms_per_ip: usize,
+    /// The address each charged room is charged to (rooms created by a
+    /// session without a key are not here).
+    creators: HashMap<RoomName, IpAddr>,
+    /// Rooms charged to each address; an address leaves the map at zero, so
+    /// it holds at most one entry per existing room.
+    created_by: HashMap<IpAddr, usize>,
 }
 
 impl RoomTable {
     /// An empty table that lets a session be in up to `max_rooms_per_session`
-    /// rooms and holds at most `max_rooms` rooms in all.
+    /// rooms and holds at most `max_rooms` rooms in all, with no quota per
+    /// address (see [`RoomTable::with_max_rooms_per_ip`]).
     pub fn new(max_rooms_per_session: usize, max_rooms: usize) -> Self {
         RoomTable {
             rooms: HashMap::new(),
             memberships: HashMap::new(),
             max_rooms_per_session,
             max_rooms,
+            max_rooms_per_ip: 0,
+            creators: HashMap::new(),
+            created_by: HashMap::new(),
         }
     }
 
-    /// Puts `session` in `room`, creating the room if needed.
+    /// Lets each address have created at most `max` rooms that still exist
+    /// (see the module docs); 0 turns the quota off.
+    pub fn with_max_rooms_per_ip(mut self, max: usize) -> Self {
+        self.max_rooms_per_ip = max;
+        self
+    }
+
+    /// Puts `session` in `room`, creating the room if needed, with no
+    /// address to charge a new room to.
     pub fn join(&mut self, session: SessionId, room: &RoomName) -> Result<Joined, JoinError> {
+        self.join_from(session, room, None)
+    }
+
+    /// Puts `session`, whose client's per-IP key is `ip` (`None`: exempt or
+    /// unknown), in `room`. A room this creates is charged to `ip`.
+    pub fn join_from(
+        &mut self,
+        session: SessionId,
+        room: &RoomName,
+        ip: Option<IpAddr>,
+    ) -> Result<Joined, JoinError> {
         let mine = self
             .memberships
             .get(&session)
@@ -156,10 +212,26 @@ impl RoomTable {
                 limit: self.max_rooms_per_session,
             });
         }
-        if !self.rooms.contains_key(room) && self.rooms.len() >= self.max_rooms {
+        let creates = !self.rooms.contains_key(room);
+        // A charged key, when this join would create a room under a quota.
+        let charge = ip.filter(|_| creates && self.max_rooms_per_ip > 0);
+        if let Some(ip) = charge {
+            // Checked before the table-wide limit: leaving its own rooms is
+            // what this client can do about it.
+            if self.rooms_created_by(ip) >= self.max_rooms_per_ip {
+                return Err(JoinError::TooManyRoomsForAddress {
+                    limit: self.max_rooms_per_ip,
+                });
+            }
+        }
+        if creates && self.rooms.len() >= self.max_rooms {
             return Err(JoinError::TooManyRooms {
                 limit: self.max_rooms,
             });
+        }
+        if let Some(ip) = charge {
+            self.creators.insert(room.clone(), ip);
+            *self.created_by.entry(ip).or_insert(0) += 1;
         }
         self.rooms.entry(room.clone()).or_default().insert(session);
         self.memberships
@@ -199,8 +271,32 @@ impl RoomTable {
             members.remove(&session);
             if members.is_empty() {
                 self.rooms.remove(room);
+                self.uncharge(room);
             }
         }
+    }
+
+    /// A room disappeared: its creator's address may create another.
+    fn uncharge(&mut self, room: &RoomName) {
+        let Some(ip) = self.creators.remove(room) else {
+            return;
+        };
+        if let Some(n) = self.created_by.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.created_by.remove(&ip);
+            }
+        }
+    }
+
+    /// How many existing rooms are charged to the address `ip`.
+    pub fn rooms_created_by(&self, ip: IpAddr) -> usize {
+        self.created_by.get(&ip).copied().unwrap_or(0)
+    }
+
+    /// How many addresses have rooms charged to them.
+    pub fn creator_count(&self) -> usize {
+        self.created_by.len()
     }
 
     /// The members of `room` (empty if the room does not exist).
@@ -320,6 +416,155 @@ mod tests {
         // Leaving frees a slot for the session.
         t.leave(1, &room("a"));
         assert_eq!(t.join(1, &room("c")), Ok(Joined::Added));
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_address_cannot_fill_the_table_for_everyone() {
+        // Eight sessions from one address, each allowed 16 rooms: without a
+        // per-address quota they could create 128 of the table's 100.
+        let mut t = RoomTable::new(16, 100).with_max_rooms_per_ip(10);
+        let flooder = ip("203.0.113.7");
+        let mut created = 0;
+        let mut refused = 0;
+        for s in 0..8u64 {
+            for r in 0..16 {
+                match t.join_from(s, &room(&format!("flood-{s}-{r}")), Some(flooder)) {
+                    Ok(Joined::Added) => created += 1,
+                    Err(JoinError::TooManyRoomsForAddress { limit: 10 }) => refused += 1,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!((created, refused), (10, 118));
+        assert_eq!(t.rooms_created_by(flooder), 10);
+        assert_eq!(t.room_count(), 10);
+        // Another address still creates rooms, up to its own quota.
+        let other = ip("198.51.100.9");
+        for r in 0..10 {
+            assert_eq!(
+                t.join_from(100, &room(&format!("mine-{r}")), Some(other)),
+                Ok(Joined::Added)
+            );
+        }
+        // The flooder may still join rooms that exist: it creates nothing.
+        assert_eq!(
+            t.join_from(7, &room("mine-0"), Some(flooder)),
+            Ok(Joined::Added)
+        );
+        assert_eq!(t.rooms_created_by(flooder), 10);
+        assert_eq!(t.rooms_created_by(other), 10);
+    }
+
+    #[test]
+    fn a_room_stays_charged_to_its_creator_until_it_disappears() {
+        let mut t = RoomTable::new(4, 100).with_max_rooms_per_ip(1);
+        let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
+        t.join_from(1, &room("r"), Some(a)).unwrap();
+        // b joining does not move the charge, and a's creator leaving does
+        // not free it while b keeps the room alive.
+        t.join_from(2, &room("r"), Some(b)).unwrap();
+        t.leave(1, &room("r"));
+        assert_eq!(
+            t.join_from(1, &room("s"), Some(a)),
+            Err(JoinError::TooManyRoomsForAddress { limit: 1 })
+        );
+        assert_eq!(t.rooms_created_by(b), 0);
+        // The room goes with its last member, and so does the charge.
+        t.remove_session(2);
+        assert_eq!(t.room_count(), 0);
+        assert_eq!(t.rooms_created_by(a), 0);
+        assert_eq!(
+            t.creator_count(),
+            0,
+            "no entry is kept for an address at zero"
+        );
+        assert_eq!(t.join_from(1, &room("s"), Some(a)), Ok(Joined::Added));
+    }
+
+    #[test]
+    fn uncharged_sessions_and_a_zero_quota_are_not_limited_per_address() {
+        // No key (an exempt address): rooms are created uncharged.
+        let mut t = RoomTable::new(64, 100).with_max_rooms_per_ip(2);
+        for r in 0..50 {
+            t.join_from(1, &room(&format!("r{r}")), None).unwrap();
+        }
+        assert_eq!(t.creator_count(), 0);
+        // Quota 0: off.
+        let mut t = RoomTable::new(64, 50);
+        for r in 0..50 {
+            t.join_from(1, &room(&format!("r{r}")), Some(ip("192.0.2.1")))
+                .unwrap();
+        }
+        assert_eq!(t.rooms_created_by(ip("192.0.2.1")), 0);
+        // The table-wide limit still holds for everyone.
+        assert_eq!(
+            t.join_from(2, &room("one-too-many"), None),
+            Err(JoinError::TooManyRooms { limit: 50 })
+        );
+    }
+
+    #[test]
+    fn the_address_quota_is_checked_before_the_table_limit() {
+        let mut t = RoomTable::new(8, 2).with_max_rooms_per_ip(2);
+        let a = ip("192.0.2.1");
+        t.join_from(1, &room("x"), Some(a)).unwrap();
+        t.join_from(1, &room("y"), Some(a)).unwrap();
+        // Full table and a at its quota: a is told about its own quota.
+        assert_eq!(
+            t.join_from(1, &room("z"), Some(a)),
+            Err(JoinError::TooManyRoomsForAddress { limit: 2 })
+        );
+        assert_eq!(
+            t.join_from(2, &room("z"), Some(ip("192.0.2.2"))),
+            Err(JoinError::TooManyRooms { limit: 2 })
+        );
+    }
+
+    /// Property: after any interleaving of joins, leaves and disconnects,
+    /// each address's charge is exactly the rooms that exist and were
+    /// created by it, and never over the quota.
+    #[test]
+    fn charges_match_the_rooms_that_exist() {
+        let mut rng = crate::backoff::Jitter::with_seed(0x9E37_79B9_7F4A_7C15);
+        let mut next = move |n: u64| rng.next_u64() % n;
+        let addrs = [ip("192.0.2.1"), ip("192.0.2.2"), ip("2001:db8::")];
+        let mut t = RoomTable::new(4, 40).with_max_rooms_per_ip(6);
+        let mut creator_of: HashMap<RoomName, Option<IpAddr>> = HashMap::new();
+        for _ in 0..20_000 {
+            let s = next(30);
+            let key = match s % 4 {
+                3 => None,
+                k => Some(addrs[k as usize]),
+            };
+            let r = room(&format!("r{}", next(60)));
+            match next(10) {
+                0..=5 => {
+                    let existed = t.member_count(&r) > 0;
+                    if t.join_from(s, &r, key) == Ok(Joined::Added) && !existed {
+                        creator_of.insert(r, key);
+                    }
+                }
+                6..=8 => {
+                    t.leave(s, &r);
+                }
+                _ => t.remove_session(s),
+            }
+            creator_of.retain(|r, _| t.member_count(r) > 0);
+        }
+        for a in addrs {
+            let expected = creator_of.values().filter(|k| **k == Some(a)).count();
+            assert_eq!(t.rooms_created_by(a), expected);
+            assert!(expected <= 6);
+        }
+        for s in 0..30 {
+            t.remove_session(s);
+        }
+        assert_eq!(t.creator_count(), 0);
+        assert!(t.creators.is_empty());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use actix_web::web::{Bytes, BytesMut};
 use actix_web_actors::ws::{self, CloseCode, CloseReason};
 use bytestring::ByteString;
 use socket2::Socket;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -118,6 +119,7 @@ struct Registration {
     room: RoomName,
     presence: bool,
     socket: Option<Arc<Socket>>,
+    ip_key: Option<IpAddr>,
 }
 
 /// A fragmented message being reassembled.
@@ -167,10 +169,21 @@ impl WsSessionActor {
                 room,
                 presence,
                 socket,
+                ip_key: None,
             }),
             fragments: None,
             _slot: slot,
         }
+    }
+
+    /// Sets the client's per-IP key (see [`Connect::ip_key`]), which the
+    /// rooms this session creates are charged to. Without it the session's
+    /// rooms are not counted per address.
+    pub fn with_ip_key(mut self, ip_key: Option<IpAddr>) -> Self {
+        if let Some(reg) = &mut self.registration {
+            reg.ip_key = ip_key;
+        }
+        self
     }
 
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
@@ -287,6 +300,7 @@ impl Actor for WsSessionActor {
                 room: reg.room,
                 presence: reg.presence,
                 socket: reg.socket,
+                ip_key: reg.ip_key,
             });
         }
     }

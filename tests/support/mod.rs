@@ -113,15 +113,26 @@ impl WsClient {
     }
 
     pub async fn try_connect(server: &TestServer, query: &str) -> Result<WsClient, String> {
-        let (_, framed) = http_client()
+        Self::try_connect_with(server, query, &[]).await
+    }
+
+    /// [`try_connect`](Self::try_connect) with extra request headers (e.g.
+    /// `X-Forwarded-For`, for a server that trusts it).
+    pub async fn try_connect_with(
+        server: &TestServer,
+        query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<WsClient, String> {
+        let mut request = http_client()
             .ws(server.ws_url(query))
-            .max_frame_size(1 << 20)
-            .connect()
-            .await
-            .map_err(|e| match e {
-                awc::error::WsClientError::InvalidResponseStatus(s) => format!("status {s}"),
-                other => other.to_string(),
-            })?;
+            .max_frame_size(1 << 20);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let (_, framed) = request.connect().await.map_err(|e| match e {
+            awc::error::WsClientError::InvalidResponseStatus(s) => format!("status {s}"),
+            other => other.to_string(),
+        })?;
         let mut client = WsClient {
             framed,
             session: 0,

@@ -22,6 +22,8 @@ pub(crate) fn hub_config() -> HubConfig {
         },
         max_rooms_per_session: 4,
         max_rooms: 100,
+        max_rooms_per_ip: 0,
+        presence_limits: happynet_actors::presence::PresenceLimits::default(),
         presence_interval: Duration::ZERO,
         shutdown_timeout: Duration::from_secs(5),
         mailbox_capacity: 1024,
