@@ -33,6 +33,7 @@ pub mod protocol;
 pub mod rooms;
 pub mod session;
 pub mod shared_limiter;
+pub mod single_flight;
 
 pub use breaker::{
     BreakerActor, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerStateKind, CallOutcome,
