@@ -520,6 +520,7 @@ mod tests {
                     ..LimiterStats::default()
                 }),
                 cache: None,
+                flights: None,
                 calls: Default::default(),
             }],
             ..snap()

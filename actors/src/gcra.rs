@@ -144,6 +144,9 @@ impl Gcra {
     /// were made on top of it and the state without it is not recoverable
     /// from one timestamp; refusing is the safe side (the limit is never
     /// exceeded, a refund is merely missed). Returns whether it refunded.
+    ///
+    /// Refund each admission at most once (a `limiter::Grant` does): after a
+    /// refund the next admission leaves the TAT where the refunded one did.
     pub fn refund(&mut self, quota: &Quota, granted_tat: Instant) -> bool {
         if self.tat != Some(granted_tat) {
             return false;
