@@ -28,6 +28,7 @@ use fake_upstream::{FakeUpstream, Faults, FAULT_HANG_HEADER};
 use futures::future::join_all;
 use happynet::actors::breaker::GetBreakerState;
 use happynet::actors::pool::{GetPoolStats, PoolStats};
+use happynet::actors::single_flight::DEFAULT_MAX_WAITERS;
 use happynet::actors::BreakerStateKind;
 use happynet::upstream::RequestOutcome;
 use happynet::{ApiClient, Config, HttpError, Network, Response};
@@ -95,6 +96,25 @@ async fn queued(api: &ApiClient, n: usize) {
         pool_stats(api).await.queued == n
     })
     .await;
+}
+
+/// Waits until the call `next` waits in the bulkhead queue; fails at once,
+/// with its answer, if it was answered instead (refused, say).
+async fn waits_in_queue(
+    api: &ApiClient,
+    next: JoinHandle<Result<Response, HttpError>>,
+) -> JoinHandle<Result<Response, HttpError>> {
+    wait_until("the next call to queue", || async {
+        next.is_finished() || pool_stats(api).await.queued == 1
+    })
+    .await;
+    if next.is_finished() {
+        panic!(
+            "the next caller was answered instead of queued: {:?}",
+            next.await
+        );
+    }
+    next
 }
 
 /// A call that the upstream holds without answering, in a task of its own.
@@ -213,11 +233,43 @@ async fn a_cache_follower_that_hangs_up_gives_up_its_place() {
     })
     .await;
     hang_up(&api, follower).await;
+    // Its place in the bounded waiter list was given up at once, not when
+    // the leader ends.
+    assert_eq!(api.upstream().flight_stats().unwrap().left, 1);
     // The leader is still there and still times out on its own...
     let err = leader.await.unwrap().unwrap_err();
     assert!(matches!(err, HttpError::Timeout { .. }), "{err}");
     // ...and then the key is free.
     succeeds_at_once(&api, "/cache/p").await;
+}
+
+#[actix_web::test]
+async fn callers_beyond_the_waiter_bound_are_refused_at_once_and_the_rest_released() {
+    let fake = FakeUpstream::start("fake", Faults::default())
+        .await
+        .unwrap();
+    let net = client(&fake, r#","cache":{}"#);
+    let api = net.api("up").unwrap();
+    let leader = hung_call(&api, "/cache/herd");
+    upstream_received(&fake, 1).await;
+    let followers: Vec<_> = (0..DEFAULT_MAX_WAITERS)
+        .map(|_| spawned_call(&api, "/cache/herd"))
+        .collect();
+    wait_until("a full waiter list", || async {
+        api.upstream().cache_stats().unwrap().1 == DEFAULT_MAX_WAITERS as u64
+    })
+    .await;
+    let started = Instant::now();
+    let err = api.get("/cache/herd").send().await.unwrap_err();
+    assert!(matches!(err, HttpError::Overloaded { .. }), "{err}");
+    assert!(started.elapsed() < AT_ONCE);
+    assert_eq!(api.upstream().flight_stats().unwrap().refused, 1);
+    // The leader goes; the whole herd is answered by one new call.
+    hang_up(&api, leader).await;
+    for result in join_all(followers).await {
+        assert_eq!(result.unwrap().unwrap().status, 200);
+    }
+    assert_eq!(fake.requests(), 2);
 }
 
 // ---------------------------------------------------------------------------
@@ -298,8 +350,7 @@ async fn a_queued_caller_that_hangs_up_leaves_the_queue_at_once() {
     queued(&api, 0).await;
     // The next caller gets that place, not "overloaded", and runs as soon as
     // the running call's caller hangs up too.
-    let next = spawned_call(&api, "/x");
-    queued(&api, 1).await;
+    let next = waits_in_queue(&api, spawned_call(&api, "/x")).await;
     let started = Instant::now();
     hang_up(&api, running).await;
     let resp = next.await.unwrap().unwrap();
@@ -371,8 +422,7 @@ async fn a_rate_limit_unit_held_by_a_caller_that_hangs_up_unsent_is_refunded() {
     hang_up(&api, waiting).await;
     queued(&api, 0).await;
     // Its unit came back: the next caller is admitted, not told to wait.
-    let next = spawned_call(&api, "/x");
-    queued(&api, 1).await;
+    let next = waits_in_queue(&api, spawned_call(&api, "/x")).await;
     hang_up(&api, running).await;
     let resp = next.await.unwrap().unwrap();
     assert_eq!(resp.status, 200);
