@@ -387,8 +387,9 @@ where
                     let _ = tx.send(answer.unwrap_or(Err(PoolError::Closed { upstream })));
                 }
                 None => {
-                    // A call in flight has seen it already; a queued one is
-                    // removed now, so that the queue counts live callers.
+                    // Dropping `result` tells the call: one in flight aborts
+                    // itself; a queued one is removed now (CallerLeft), so
+                    // that the queue counts live callers only.
                     drop(result);
                     pool.do_send(CallerLeft);
                 }
@@ -725,7 +726,11 @@ impl Handler<CallerLeft> for PoolActor {
     type Result = ();
 
     fn handle(&mut self, _: CallerLeft, _: &mut Self::Context) {
-        self.drop_abandoned();
+        // One scan of the queue per caller that leaves: at most `max_queue`
+        // cheap checks (an atomic load each).
+        if !self.queue.is_empty() {
+            self.drop_abandoned();
+        }
     }
 }
 
