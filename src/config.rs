@@ -1667,7 +1667,15 @@ impl CacheSettings {
 impl BulkheadSettings {
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
         if let Some(n) = self.max_in_flight {
-            at_least_one(&format!("{at}.max_in_flight"), n)?;
+            upstream_connections(&format!("{at}.max_in_flight"), n)?;
+        }
+        // The pool's mailbox holds max_in_flight + max_queue; actix's
+        // channel arithmetic overflows (a panic) far below usize::MAX.
+        if self.max_queue > MAX_UPSTREAM_CONNECTIONS {
+            return Err(ConfigError::invalid(
+                &format!("{at}.max_queue"),
+                format!("must be <= {MAX_UPSTREAM_CONNECTIONS}"),
+            ));
         }
         Ok(())
     }
@@ -1907,9 +1915,11 @@ fn at_least_one(path: &str, value: usize) -> Result<(), ConfigError> {
     }
 }
 
-/// The most connections one upstream endpoint may keep. awc's connection
-/// limit is a semaphore, which panics above 2^61 permits; a million is far
-/// beyond what one process can hold open and keeps the bound meaningful.
+/// The most connections one upstream endpoint may keep, and the most calls
+/// its bulkhead may run or queue. awc's connection limit is a semaphore,
+/// which panics above 2^61 permits, and the pool's mailbox is sized from
+/// the bulkhead; a million is far beyond what one process can hold open and
+/// keeps the bound meaningful.
 pub const MAX_UPSTREAM_CONNECTIONS: usize = 1 << 20;
 
 fn upstream_connections(path: &str, value: usize) -> Result<(), ConfigError> {

@@ -91,7 +91,9 @@ pub enum HttpError {
         /// When a call would be admitted.
         retry_after: Duration,
     },
-    /// The bulkhead is full.
+    /// The bulkhead is full; or, on a cached call, the most callers allowed
+    /// to wait for one identical call in flight already do
+    /// (`single_flight::DEFAULT_MAX_WAITERS`).
     Overloaded {
         /// The upstream.
         upstream: String,

@@ -46,6 +46,7 @@
 //! | `happynet_upstream_retries_total`, `happynet_upstream_retry_budget_exhausted_total` | counter (attempts after the first; retries the budget refused) | `upstream` |
 //! | `happynet_upstream_in_flight`, `happynet_upstream_queued` | gauge | `upstream` |
 //! | `happynet_upstream_rejected_overloaded_total` | counter | `upstream` |
+//! | `happynet_upstream_cancelled_in_flight_total`, `happynet_upstream_abandoned_in_queue_total` | counter (calls whose caller went away: aborted in flight; dropped from the queue unsent) | `upstream` |
 //! | `happynet_upstream_sent_total` | counter | `upstream`, `endpoint` |
 //! | `happynet_upstream_ejections_total` | counter | `upstream` |
 //! | `happynet_upstream_stream_write_timeouts_total` | counter (streamed calls cut off because their reader took nothing for the stream write timeout: their connection and bulkhead slot were freed) | `upstream` |
@@ -53,10 +54,11 @@
 //! | `happynet_breaker_state` | gauge (1 for the current state) | `upstream`, `state` = `closed`, `open`, `half_open` |
 //! | `happynet_breaker_calls_total`, `_failures_total`, `_rejections_total`, `_transitions_total` | counter | `upstream` |
 //! | `happynet_limiter_keys` | gauge | `upstream` |
-//! | `happynet_limiter_granted_total`, `_denied_total`, `_overflow_total`, `_evicted_total` | counter | `upstream` |
+//! | `happynet_limiter_granted_total`, `_refunded_total`, `_denied_total`, `_overflow_total`, `_evicted_total` | counter | `upstream` |
 //! | `happynet_cache_hits_total`, `_misses_total`, `_stale_lookups_total`, `_stale_hits_total`, `_revalidations_total`, `_stores_total`, `_not_stored_total`, `_evictions_total` | counter | `upstream` |
 //! | `happynet_cache_entries`, `happynet_cache_bytes` | gauge | `upstream` |
 //! | `happynet_upstream_collapsed_total` | counter | `upstream` |
+//! | `happynet_cache_flights_abandoned_total`, `happynet_cache_flights_refused_total` | counter (collapsed calls whose leader went away; callers refused beyond the waiter bound) | `upstream` |
 //! | `happynet_security_refusals_total` | counter | `reason` (a [`crate::security::Refusal::kind`]) |
 //! | `happynet_security_ips_with_websockets`, `happynet_security_ips_with_connections` | gauge | |
 //! | `happynet_limiter_shared_decisions_total`, `happynet_limiter_fallbacks_total` | counter | `upstream` |
@@ -99,6 +101,7 @@ use actix_web::{web, HttpResponse};
 use futures::future::join_all;
 use happynet_actors::cache::CacheCounters;
 use happynet_actors::pool::{GetPoolStats, PoolStats};
+use happynet_actors::single_flight::FlightCounters;
 use happynet_actors::{
     BreakerSnapshot, BreakerStateKind, GetBreakerState, GetLimiterStats, GetStats, Histogram,
     HubStats, LimiterStats,
@@ -167,6 +170,8 @@ pub(crate) struct UpstreamSnapshot {
     pub(crate) limiter: Option<LimiterStats>,
     /// The cache's counters, collapsed calls, entries and bytes.
     pub(crate) cache: Option<(CacheCounters, u64, usize, usize)>,
+    /// What the cache's single-flight did; `None` without a cache.
+    pub(crate) flights: Option<FlightCounters>,
     /// What the calls did; kept by the `Upstream` itself, so always there.
     pub(crate) calls: CallStats,
 }
@@ -201,6 +206,7 @@ async fn upstream_snapshot(client: ApiClient) -> UpstreamSnapshot {
         breaker: answered(&format!("{name}: breaker"), breaker),
         limiter: answered(&format!("{name}: limiter"), limiter),
         cache: up.cache_stats(),
+        flights: up.flight_stats(),
         calls: up.call_stats(),
         endpoints: up.settings().endpoints.clone(),
         name,
@@ -545,6 +551,16 @@ impl Exposition {
                      stream write timeout.",
                     |p: &PoolStats| p.stream_write_timeouts,
                 ),
+                (
+                    "happynet_upstream_cancelled_in_flight",
+                    "Calls in flight aborted because their caller went away.",
+                    |p: &PoolStats| p.cancelled,
+                ),
+                (
+                    "happynet_upstream_abandoned_in_queue",
+                    "Queued calls dropped unsent because their caller went away.",
+                    |p: &PoolStats| p.abandoned_in_queue,
+                ),
             ],
             &[
                 ("happynet_upstream_in_flight", "Calls running now.", |p| {
@@ -636,6 +652,11 @@ impl Exposition {
                     |l: &LimiterStats| l.granted,
                 ),
                 (
+                    "happynet_limiter_refunded",
+                    "Admissions given back because their request was never sent.",
+                    |l: &LimiterStats| l.refunded,
+                ),
+                (
                     "happynet_limiter_denied",
                     "Calls the rate limiter refused by their key's rate.",
                     |l: &LimiterStats| l.denied,
@@ -723,6 +744,24 @@ impl Exposition {
                     gauge_value(c.3)
                 }),
             ],
+        );
+        self.per_upstream(
+            upstreams,
+            |u| u.flights.as_ref(),
+            &[
+                (
+                    "happynet_cache_flights_abandoned",
+                    "Collapsed calls whose leader went away (cancelled, deadline); \
+                     their waiters were released to call again.",
+                    |f: &FlightCounters| f.abandoned,
+                ),
+                (
+                    "happynet_cache_flights_refused",
+                    "Calls refused because too many identical calls already waited.",
+                    |f: &FlightCounters| f.refused,
+                ),
+            ],
+            &[],
         );
     }
 
@@ -1200,6 +1239,7 @@ mod tests {
                 breaker: None,
                 limiter: None,
                 cache: None,
+                flights: None,
                 calls,
             }],
             ..empty()

@@ -536,6 +536,7 @@ mod tests {
                     ..LimiterStats::default()
                 }),
                 cache: None,
+                flights: None,
                 calls: Default::default(),
             }],
             ..snap()

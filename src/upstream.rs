@@ -30,6 +30,14 @@
 //! upstream's fault (a breaker failure, [`HttpError::Transport`]). Which
 //! errors count against the upstream is tabled in [`crate::error`].
 //!
+//! Cancellation is a normal path. A caller that gives up drops its call's
+//! future, and with it, through drop guards, everything the call held: the
+//! breaker permit reports `Ignored` (a half-open probe slot comes back), the
+//! pool aborts the request (its bulkhead slot and connection come back), a
+//! rate-limit grant whose request was never sent is refunded, and a cached
+//! call's single-flight place is given up — a leader's release of its
+//! followers included (see `call_cached`).
+//!
 //! Every call is also counted, in one [`CallStats`] per upstream behind a
 //! `Mutex` (read by [`Upstream::call_stats`], exposed by `GET /metrics`):
 //! how it ended ([`RequestOutcome`]), every attempt's status class, the
@@ -47,24 +55,35 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::web::Bytes;
 use happynet_actors::backoff::{parse_retry_after, Backoff, Jitter, RetryBudget, RetryDecision};
 use happynet_actors::balancer::{EjectionConfig, Strategy};
-use happynet_actors::breaker::{BreakerActor, CallOutcome, Outcome, Permit};
+use happynet_actors::breaker::{BreakerActor, Outcome, Permit};
 use happynet_actors::cache::{
     CacheCounters, CacheKey, Lookup, ResponseCache, StoredResponse, Validators,
 };
 use happynet_actors::gcra::Quota;
 use happynet_actors::histogram::Histogram;
-use happynet_actors::limiter::{Acquire, RateLimiterActor};
+use happynet_actors::limiter::{Grant, RateLimiterActor, Reserve};
 use happynet_actors::pool::{
     Execute, ExecuteStream, PoolActor, PoolConfig, PoolError, UpstreamResponse,
 };
+use happynet_actors::single_flight::{
+    FlightCounters, FlightId, Joined, SingleFlight, WaiterId, DEFAULT_MAX_FLIGHTS,
+    DEFAULT_MAX_WAITERS,
+};
 use serde::de::DeserializeOwned;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
-/// A caller waiting for another caller's identical upstream call.
+/// A caller waiting for another caller's identical upstream call: it gets
+/// the leader's outcome, or sees the sender dropped when the leader went
+/// away without one (then it tries again itself).
 type CollapsedWaiter = tokio::sync::oneshot::Sender<Result<Response, HttpError>>;
+
+/// How many times a follower, released because its leader went away, joins
+/// the key's next flight before it calls alone. Each release means a leader
+/// was cancelled or timed out; a follower that has seen this many in a row
+/// stops betting on the next one (its own deadline still bounds it).
+const MAX_RELEASES: u32 = 4;
 
 /// Keys a limiter tracks at once: per-caller keys (API keys, client IPs)
 /// beyond this are refused until idle ones are swept.
@@ -109,8 +128,9 @@ pub struct Upstream {
     settings: UpstreamSettings,
     arbiter: ArbiterHandle,
     cache: Option<Mutex<ResponseCache>>,
-    inflight: Mutex<HashMap<CacheKey, Vec<CollapsedWaiter>>>,
-    collapsed: std::sync::atomic::AtomicU64,
+    /// Identical misses in the air (see [`SingleFlight`]); the leaders'
+    /// and followers' drop guards keep it right when callers go away.
+    inflight: Mutex<SingleFlight<CollapsedWaiter>>,
     auth: Option<Auth>,
     default_headers: Vec<(HeaderName, HeaderValue)>,
     pool: Addr<PoolActor>,
@@ -201,8 +221,7 @@ impl Upstream {
             calls: Mutex::new(CallStats::default()),
             arbiter: arbiter.clone(),
             cache,
-            inflight: Mutex::new(HashMap::new()),
-            collapsed: std::sync::atomic::AtomicU64::new(0),
+            inflight: Mutex::new(SingleFlight::new(DEFAULT_MAX_WAITERS, DEFAULT_MAX_FLIGHTS)),
             auth,
             default_headers,
             settings,
@@ -431,10 +450,7 @@ impl Upstream {
         Some(f(&mut cache, Instant::now().into_std()))
     }
 
-    /// A cached call: fresh hits are served without the upstream; stale
-    /// entries are revalidated (`If-None-Match` / `If-Modified-Since`);
-    /// concurrent misses for one key make one upstream call; an upstream
-    /// failure is answered with a stale copy while `stale_if_error` allows.
+    /// A stored response as the caller gets it, marked as from the cache.
     fn cached_response(&self, stored: StoredResponse) -> Response {
         Response {
             status: stored.status,
@@ -447,50 +463,92 @@ impl Upstream {
         }
     }
 
+    /// A cached call that missed (or found a stale entry): identical
+    /// misses in the air at once make one upstream call, led by the first.
+    ///
+    /// Cancellation is a normal path here. The leader holds a
+    /// [`LeadingFlight`] guard: if its caller hangs up or its deadline fires
+    /// mid-call, the guard frees the key and releases the followers, who
+    /// look the key up again and join a new flight (the first of them
+    /// leads it). A follower holds a [`FollowingFlight`] guard that gives
+    /// up its place when it goes away. Beyond [`DEFAULT_MAX_WAITERS`]
+    /// followers of one flight, a caller gets [`HttpError::Overloaded`].
     async fn call_cached(
         &self,
         req: &Request,
         deadline: Instant,
         key: CacheKey,
+        mut validators: Option<Validators>,
+    ) -> Result<Response, HttpError> {
+        let name = &self.settings.name;
+        for _ in 0..=MAX_RELEASES {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let joined = self.flights(|f| f.join(&key, || tx));
+            let (flight, waiter) = match joined {
+                Joined::Lead(flight) => {
+                    let leading = LeadingFlight {
+                        upstream: self,
+                        key: &key,
+                        flight,
+                        ended: false,
+                    };
+                    let result = self.fetch_cached(req, deadline, &key, validators).await;
+                    leading.finish(&result);
+                    return result;
+                }
+                Joined::Alone => return self.fetch_cached(req, deadline, &key, validators).await,
+                Joined::Refused { waiters } => {
+                    log::warn!(
+                        "upstream {name}: {waiters} callers already wait for {key}; refusing one more"
+                    );
+                    return Err(HttpError::Overloaded {
+                        upstream: name.clone(),
+                    });
+                }
+                Joined::Follow { flight, waiter } => (flight, waiter),
+            };
+            let following = FollowingFlight {
+                upstream: self,
+                key: &key,
+                flight,
+                waiter,
+                ended: false,
+            };
+            let outcome = rx.await;
+            // The flight has ended either way, and took its waiters with it.
+            following.ended();
+            if let Ok(result) = outcome {
+                return result;
+            }
+            // Released: the leader went away without an outcome. Look again
+            // (another caller may have stored an answer meanwhile) and join
+            // the next flight.
+            match self.with_cache(|c, now| c.lookup(&key, now)) {
+                Some(Lookup::Fresh(stored)) => return Ok(self.cached_response(stored)),
+                Some(Lookup::Stale { validators: v, .. }) => validators = Some(v),
+                _ => validators = None,
+            }
+        }
+        self.fetch_cached(req, deadline, &key, validators).await
+    }
+
+    /// One upstream call for a cached request, and what it means for the
+    /// cache: a 304 refreshes the stale entry, a 200 is stored, and a
+    /// failure is answered with a stale copy while `stale_if_error` allows.
+    async fn fetch_cached(
+        &self,
+        req: &Request,
+        deadline: Instant,
+        key: &CacheKey,
         validators: Option<Validators>,
     ) -> Result<Response, HttpError> {
         let name = &self.settings.name;
         let from_cache = |stored: StoredResponse| self.cached_response(stored);
-
-        // Collapse concurrent identical misses into one upstream call.
-        let wait = {
-            let mut inflight = self
-                .inflight
-                .lock()
-                .map_err(|_| self.mailbox_error("cache", MailboxError::Closed))?;
-            match inflight.get_mut(&key) {
-                Some(waiters) => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    waiters.push(tx);
-                    Some(rx)
-                }
-                None => {
-                    inflight.insert(key.clone(), Vec::new());
-                    None
-                }
-            }
-        };
-        if let Some(rx) = wait {
-            self.collapsed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return rx.await.unwrap_or_else(|_| {
-                Err(HttpError::Internal {
-                    upstream: name.clone(),
-                    message: "the collapsed call was dropped".into(),
-                })
-            });
-        }
-
         let result = self.call_inner(req, deadline, validators.as_ref()).await;
-        let result = match result {
+        match result {
             Ok(resp) if resp.status == StatusCode::NOT_MODIFIED && validators.is_some() => {
                 match self
-                    .with_cache(|c, now| c.revalidated(&key, &resp.headers, now))
+                    .with_cache(|c, now| c.revalidated(key, &resp.headers, now))
                     .flatten()
                 {
                     Some(stored) => Ok(from_cache(stored)),
@@ -507,7 +565,7 @@ impl Upstream {
                 Ok(resp)
             }
             Err(e) => match self
-                .with_cache(|c, now| c.stale_on_error(&key, now))
+                .with_cache(|c, now| c.stale_on_error(key, now))
                 .flatten()
             {
                 Some(stored) => {
@@ -516,24 +574,28 @@ impl Upstream {
                 }
                 None => Err(e),
             },
-        };
-        let waiters = self
-            .inflight
-            .lock()
-            .ok()
-            .and_then(|mut inflight| inflight.remove(&key))
-            .unwrap_or_default();
-        for waiter in waiters {
-            let _ = waiter.send(result.clone());
         }
-        result
+    }
+
+    /// Runs `f` on the single-flight table. A poisoned lock is used anyway:
+    /// every transition leaves the table consistent, and refusing it would
+    /// wedge every cached key.
+    fn flights<T>(&self, f: impl FnOnce(&mut SingleFlight<CollapsedWaiter>) -> T) -> T {
+        f(&mut self.inflight.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The cache's counters, and how many calls were collapsed into
     /// another's; `None` without a cache.
     pub fn cache_stats(&self) -> Option<(CacheCounters, u64, usize, usize)> {
-        let collapsed = self.collapsed.load(std::sync::atomic::Ordering::Relaxed);
+        let collapsed = self.flights(|f| f.counters().followed);
         self.with_cache(|c, _| (c.counters(), collapsed, c.len(), c.bytes()))
+    }
+
+    /// What the cache's single-flight has done (led, followed, abandoned,
+    /// refused…); `None` without a cache.
+    pub fn flight_stats(&self) -> Option<FlightCounters> {
+        self.cache.as_ref()?;
+        Some(self.flights(|f| f.counters()))
     }
 
     /// The headers and path a request goes out with: the client's default
@@ -636,8 +698,10 @@ impl Upstream {
 
     /// The retry loop shared by whole and streamed calls: limiter, breaker,
     /// one attempt (`attempt_once`), the outcome back to the breaker, and
-    /// the decision to retry. `attempt_once` gets the attempt's deadline and
-    /// returns its verdict with the breaker outcome.
+    /// the decision to retry. `attempt_once` gets the attempt's deadline, its
+    /// number and its rate-limit grant (to hand to the pool, which spends it
+    /// when the request is sent), and returns its verdict with the breaker
+    /// outcome.
     async fn pipeline<T, F, Fut>(
         &self,
         req: &Request,
@@ -645,7 +709,7 @@ impl Upstream {
         mut attempt_once: F,
     ) -> Result<T, HttpError>
     where
-        F: FnMut(Instant, u32) -> Fut,
+        F: FnMut(Instant, u32, Grant) -> Fut,
         Fut: std::future::Future<Output = (Attempt<T>, Outcome)>,
     {
         let name = &self.settings.name;
@@ -660,15 +724,18 @@ impl Upstream {
         }
         let mut attempt: u32 = 0;
         loop {
-            // The limiter: wait out a denial only if it fits the deadline.
-            loop {
+            // The limiter: wait out a denial only if it fits the deadline. A
+            // denied caller holds nothing while it waits; the grant it gets
+            // goes with the attempt and is refunded if the request is never
+            // sent (breaker refusal, bulkhead, caller gone).
+            let grant = loop {
                 let verdict = self
                     .limiter
-                    .send(Acquire { key: key.clone() })
+                    .send(Reserve { key: key.clone() })
                     .await
                     .map_err(|e| self.mailbox_error("rate limiter", e))?;
                 match verdict {
-                    Ok(()) => break,
+                    Ok(grant) => break grant,
                     Err(limited) => {
                         let resume = Instant::now() + limited.retry_after;
                         if !wait_for_limiter || resume >= deadline {
@@ -680,15 +747,17 @@ impl Upstream {
                         tokio::time::sleep_until(resume).await;
                     }
                 }
-            }
+            };
 
-            let ticket = match self
+            // A permit dropped unreported (this future cancelled mid-attempt)
+            // reports itself as ignored: no half-open probe slot is lost.
+            let permit = match self
                 .breaker
                 .send(Permit)
                 .await
                 .map_err(|e| self.mailbox_error("breaker", e))?
             {
-                Ok(ticket) => ticket,
+                Ok(permit) => permit,
                 Err(open) => {
                     return Err(HttpError::BreakerOpen {
                         upstream: name.clone(),
@@ -701,8 +770,8 @@ impl Upstream {
             if attempt > 0 {
                 self.count(|s| s.retries += 1);
             }
-            let (verdict, outcome) = attempt_once(attempt_deadline, attempt + 1).await;
-            self.breaker.do_send(CallOutcome { ticket, outcome });
+            let (verdict, outcome) = attempt_once(attempt_deadline, attempt + 1, grant).await;
+            permit.report(outcome);
 
             let (error, retry_after) = match verdict {
                 Attempt::Done(value) => return Ok(value),
@@ -753,7 +822,7 @@ impl Upstream {
             v.apply_to(&mut conditional);
             headers.extend(conditional);
         }
-        self.pipeline(req, deadline, |attempt_deadline, attempts| {
+        self.pipeline(req, deadline, |attempt_deadline, attempts, grant| {
             let execute = Execute {
                 method: req.method.clone(),
                 path_and_query: path.clone(),
@@ -761,6 +830,7 @@ impl Upstream {
                 body: req.body.clone(),
                 deadline: attempt_deadline,
                 decompress: !req.keep_encoding,
+                grant: Some(grant),
             };
             async move {
                 let started = Instant::now();
@@ -827,7 +897,7 @@ impl Upstream {
     ) -> Result<StreamedResponse, HttpError> {
         let (path, headers) = self.outgoing(req)?;
         let name = self.settings.name.clone();
-        self.pipeline(req, deadline, |attempt_deadline, attempts| {
+        self.pipeline(req, deadline, |attempt_deadline, attempts, grant| {
             let execute = ExecuteStream {
                 request: Execute {
                     method: req.method.clone(),
@@ -836,6 +906,7 @@ impl Upstream {
                     body: req.body.clone(),
                     deadline: attempt_deadline,
                     decompress: !req.keep_encoding,
+                    grant: Some(grant),
                 },
                 idle_timeout: self.settings.attempt_timeout,
                 write_timeout: req
@@ -1127,6 +1198,72 @@ impl Drop for CallRecord<'_> {
         if !self.finished {
             self.upstream
                 .count(|s| s.ended(RequestOutcome::Cancelled, None));
+        }
+    }
+}
+
+/// The leader of a flight of identical cached calls: [`finish`](Self::finish)
+/// hands the outcome to every follower. Dropped unfinished (the caller hung
+/// up, the deadline fired), it abandons the flight: the key is free at once
+/// and the followers, their senders dropped, try again themselves.
+struct LeadingFlight<'a> {
+    upstream: &'a Upstream,
+    key: &'a CacheKey,
+    flight: FlightId,
+    ended: bool,
+}
+
+impl LeadingFlight<'_> {
+    fn finish(mut self, result: &Result<Response, HttpError>) {
+        self.ended = true;
+        let waiters = self.upstream.flights(|f| f.finish(self.key, self.flight));
+        for waiter in waiters {
+            let _ = waiter.send(result.clone());
+        }
+    }
+}
+
+impl Drop for LeadingFlight<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            // Dropped outside the lock: each drop wakes a follower.
+            let released = self.upstream.flights(|f| f.abandon(self.key, self.flight));
+            log::debug!(
+                "upstream {}: the call for {} went away; {} waiting callers released",
+                self.upstream.settings.name,
+                self.key,
+                released.len()
+            );
+        }
+    }
+}
+
+/// A follower's place in a flight: dropped before the flight ended (the
+/// caller hung up, the deadline fired), it gives the place up, so that
+/// callers who left do not fill the bounded waiter list.
+struct FollowingFlight<'a> {
+    upstream: &'a Upstream,
+    key: &'a CacheKey,
+    flight: FlightId,
+    waiter: WaiterId,
+    ended: bool,
+}
+
+impl FollowingFlight<'_> {
+    /// The flight ended and took the waiter with it: nothing to give up.
+    fn ended(mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for FollowingFlight<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            let left = self
+                .upstream
+                .flights(|f| f.leave(self.key, self.flight, self.waiter));
+            // The sender is dropped outside the lock.
+            drop(left);
         }
     }
 }

@@ -381,6 +381,23 @@ impl Balancer {
         self.ejections += 1;
     }
 
+    /// Records that a call to endpoint `idx` was abandoned at `now` after
+    /// `elapsed`, because its caller went away: it is no longer in flight,
+    /// and it says nothing about the endpoint's health, so the failure count
+    /// is untouched. Its duration is only a lower bound on the endpoint's
+    /// latency, so, as for a failure, it can raise the estimate but never
+    /// lower it: an endpoint so slow that every caller hangs up must still
+    /// look slow.
+    pub fn on_cancel(&mut self, idx: usize, now: Instant, elapsed: Duration) {
+        let Some(e) = self.endpoints.get_mut(idx) else {
+            return;
+        };
+        e.in_flight = e.in_flight.saturating_sub(1);
+        if elapsed > e.ewma.estimate(now) {
+            e.ewma.observe(elapsed, now);
+        }
+    }
+
     /// Returns to rotation every endpoint whose ejection has ended by `now`,
     /// with a clean failure count.
     fn reinstate(&mut self, now: Instant) {
@@ -650,6 +667,31 @@ mod tests {
             b.endpoint(0).unwrap().ewma().estimate(t0 + secs(5)),
             secs(2)
         );
+    }
+
+    #[test]
+    fn a_cancelled_call_frees_its_place_and_says_nothing_of_health() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(2, Strategy::PeakEwma, EjectionConfig::default());
+        b.on_start(0);
+        b.on_end(0, t0, ms(200), true);
+        fail(&mut b, 0, t0, 4);
+        // A quick cancel: out of flight, the failure streak and the estimate
+        // untouched (a caller hanging up early is no latency sample).
+        b.on_start(0);
+        assert_eq!(b.endpoint(0).unwrap().in_flight(), 1);
+        b.on_cancel(0, t0, ms(1));
+        let e = b.endpoint(0).unwrap();
+        assert_eq!(e.in_flight(), 0);
+        assert_eq!(e.consecutive_failures(), 4);
+        assert_eq!(e.ewma().estimate(t0), ms(200));
+        // A cancel after longer than the estimate raises it: the endpoint
+        // was at least that slow.
+        b.on_start(0);
+        b.on_cancel(0, t0, secs(3));
+        assert_eq!(b.endpoint(0).unwrap().ewma().estimate(t0), secs(3));
+        // An unknown endpoint is ignored.
+        b.on_cancel(9, t0, ms(1));
     }
 
     #[test]

@@ -33,6 +33,11 @@
 //! failure from the closed state that arrives after the breaker has reopened
 //! must not count against the new half-open probes.
 //!
+//! Through the actor, a caller holds its ticket inside a [`BreakerPermit`], a
+//! drop guard: a call that is cancelled (its caller hangs up, its deadline
+//! fires) reports itself as [`Outcome::Ignored`] when its future is dropped,
+//! so a half-open probe slot is never lost to a caller that went away.
+//!
 //! Like the other state machines here, [`Breaker`] does no I/O and reads no
 //! clock; every method takes `now`. [`BreakerActor`] feeds it from
 //! `tokio::time::Instant`, so actor tests can pause time.
@@ -801,16 +806,71 @@ fn serialize_millis<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<
 
 /// Sent by a caller before it calls the upstream: may I?
 ///
-/// `Ok(ticket)`: go ahead, and report how it went with [`CallOutcome`]
-/// carrying that ticket. `Err(BreakerOpen)`: do not call; the error says how
-/// long to wait.
+/// `Ok(permit)`: go ahead, and report how it went with
+/// [`BreakerPermit::report`]. `Err(BreakerOpen)`: do not call; the error says
+/// how long to wait.
 #[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "Result<Ticket, BreakerOpen>")]
+#[rtype(result = "Result<BreakerPermit, BreakerOpen>")]
 pub struct Permit;
 
-/// Sent by a caller after a call that [`Permit`] admitted, once per ticket.
-/// There is nothing to wait for, so `do_send` is the right send: the number in
-/// flight is bounded by the permits granted.
+/// An admitted call, as its caller holds it: the result of [`Permit`].
+///
+/// Report the call's outcome with [`report`](Self::report). A permit
+/// dropped unreported — its caller hung up, its deadline fired mid-call, or
+/// the answer to [`Permit`] found nobody waiting — reports
+/// [`Outcome::Ignored`] by itself, so a half-open probe slot goes straight
+/// back to the next caller instead of being lost until the probes are
+/// presumed lost ([`TransitionReason::ProbesLost`]).
+#[must_use = "a permit dropped unreported counts as an ignored call"]
+pub struct BreakerPermit {
+    ticket: Ticket,
+    /// Where the outcome goes; `None` once reported.
+    breaker: Option<Recipient<CallOutcome>>,
+}
+
+impl BreakerPermit {
+    /// The ticket the breaker issued.
+    pub fn ticket(&self) -> Ticket {
+        self.ticket
+    }
+
+    /// Reports how the admitted call went. `do_send`: there is nothing to
+    /// wait for, and the messages in flight are bounded by the permits
+    /// granted.
+    pub fn report(mut self, outcome: Outcome) {
+        if let Some(breaker) = self.breaker.take() {
+            breaker.do_send(CallOutcome {
+                ticket: self.ticket,
+                outcome,
+            });
+        }
+    }
+}
+
+impl fmt::Debug for BreakerPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakerPermit")
+            .field("ticket", &self.ticket)
+            .field("reported", &self.breaker.is_none())
+            .finish()
+    }
+}
+
+impl Drop for BreakerPermit {
+    fn drop(&mut self) {
+        if let Some(breaker) = self.breaker.take() {
+            breaker.do_send(CallOutcome {
+                ticket: self.ticket,
+                outcome: Outcome::Ignored,
+            });
+        }
+    }
+}
+
+/// How an admitted call ended, reported once per ticket — by
+/// [`BreakerPermit`], which is the usual way, or by a caller holding a bare
+/// [`Ticket`]. There is nothing to wait for, so `do_send` is the right send:
+/// the number in flight is bounded by the permits granted.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
 pub struct CallOutcome {
@@ -863,16 +923,20 @@ impl Actor for BreakerActor {
 }
 
 impl Handler<Permit> for BreakerActor {
-    type Result = Result<Ticket, BreakerOpen>;
+    type Result = Result<BreakerPermit, BreakerOpen>;
 
-    fn handle(&mut self, _: Permit, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: Permit, ctx: &mut Self::Context) -> Self::Result {
         let now = now();
-        self.breaker
-            .try_acquire(now)
-            .map_err(|rejected| BreakerOpen {
+        match self.breaker.try_acquire(now) {
+            Ok(ticket) => Ok(BreakerPermit {
+                ticket,
+                breaker: Some(ctx.address().recipient()),
+            }),
+            Err(rejected) => Err(BreakerOpen {
                 upstream: self.breaker.name().to_owned(),
                 retry_after: rejected.retry_at.saturating_duration_since(now),
-            })
+            }),
+        }
     }
 }
 

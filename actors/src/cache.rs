@@ -34,8 +34,10 @@
 //!   not checked against requests, except that `Vary: *` is never stored.
 //! - **Invalidation.** A successful unsafe request (POST, PUT, DELETE) to a
 //!   cached resource should be followed by [`ResponseCache::remove`].
-//! - **Coalescing.** Two callers that miss at once both go upstream; a
-//!   single-flight layer, if wanted, belongs in the async code.
+//! - **Coalescing.** Two callers that miss at once both go upstream here;
+//!   [`crate::single_flight::SingleFlight`] is the (equally plain) state
+//!   machine that lets the async code make one call for them, and survive
+//!   the leader's caller going away.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

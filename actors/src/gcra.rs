@@ -184,6 +184,32 @@ impl Gcra {
         }
     }
 
+    /// The theoretical arrival time: after an admission, what identifies it
+    /// for [`Gcra::refund`]. `None` for a key that has seen no request.
+    pub fn tat(&self) -> Option<Instant> {
+        self.tat
+    }
+
+    /// Gives back the admission that left the TAT at `granted_tat`, for a
+    /// request that was never sent. Only the latest admission can be given
+    /// back (the TAT is still `granted_tat`): that is exactly "as if it had
+    /// not happened". An older one is not refunded, since later decisions
+    /// were made on top of it and the state without it is not recoverable
+    /// from one timestamp; refusing is the safe side (the limit is never
+    /// exceeded, a refund is merely missed). Returns whether it refunded.
+    ///
+    /// Refund each admission at most once (a `limiter::Grant` does): after a
+    /// refund the next admission leaves the TAT where the refunded one did.
+    pub fn refund(&mut self, quota: &Quota, granted_tat: Instant) -> bool {
+        if self.tat != Some(granted_tat) {
+            return false;
+        }
+        // Before the first admission the TAT is at most `now`, which is the
+        // same as unset; an underflow (an `Instant` near its origin) is too.
+        self.tat = granted_tat.checked_sub(quota.interval);
+        true
+    }
+
     /// True when the key has recovered its whole burst at `now`, so forgetting
     /// it changes nothing: this is what lets keyed limiters evict idle keys.
     pub fn is_idle(&self, now: Instant) -> bool {
@@ -232,6 +258,81 @@ mod tests {
             assert!(!g.check(&q, t0 + ms(i * 5)).is_allowed());
         }
         assert!(g.check(&q, t0 + ms(1000)).is_allowed());
+    }
+
+    #[test]
+    fn a_refund_undoes_exactly_the_latest_admission() {
+        let q = Quota::per_second(10.0, 2).unwrap(); // 100 ms, burst 2
+        let t0 = Instant::now();
+        let mut g = Gcra::new();
+        assert!(g.check(&q, t0).is_allowed());
+        assert!(g.check(&q, t0).is_allowed());
+        let second = g.tat().unwrap();
+        assert!(!g.check(&q, t0).is_allowed(), "the burst is spent");
+        // The second request never went out: its unit comes back at once.
+        assert!(g.refund(&q, second));
+        assert!(!g.refund(&q, second), "a grant is refunded once");
+        assert!(g.check(&q, t0 + ms(1)).is_allowed());
+        assert!(!g.check(&q, t0 + ms(1)).is_allowed());
+        // An older admission with newer ones on top is not refunded.
+        let mut g = Gcra::new();
+        g.check(&q, t0);
+        let first = g.tat().unwrap();
+        g.check(&q, t0);
+        assert!(!g.refund(&q, first));
+        assert!(!g.check(&q, t0).is_allowed());
+        // A lone admission refunded leaves the key as if never seen.
+        let mut g = Gcra::new();
+        g.check(&q, t0);
+        assert!(g.refund(&q, g.tat().unwrap()));
+        assert!(g.is_idle(t0));
+    }
+
+    /// Property: with refunds of the latest admission mixed in, the
+    /// requests admitted and *kept* (not refunded) in `[t0, t]` never exceed
+    /// `burst + (t - t0) / interval`: a refund never lets the limit be beaten.
+    #[test]
+    fn refunds_never_let_kept_requests_beat_the_rate() {
+        let mut rng = crate::backoff::Jitter::with_seed(0xC0FF_EE00_0000_0001);
+        let mut next = move || rng.next_u64();
+        for case in 0..200 {
+            let rate = 1.0 + (next() % 1000) as f64;
+            let burst = 1 + (next() % 20) as u32;
+            let q = Quota::per_second(rate, burst).unwrap();
+            let t0 = Instant::now();
+            let mut g = Gcra::new();
+            let mut now = t0;
+            let mut kept: Vec<Instant> = Vec::new();
+            let mut last: Option<Instant> = None;
+            for _ in 0..2000 {
+                now += Duration::from_micros(next() % 5_000);
+                if g.check(&q, now).is_allowed() {
+                    kept.push(now);
+                    last = g.tat();
+                }
+                // Now and then the latest (or an older) grant is given back.
+                if next() % 3 == 0 {
+                    if let Some(tat) = last.take() {
+                        if g.refund(&q, tat) {
+                            kept.pop();
+                        }
+                    }
+                }
+                let elapsed = now - t0;
+                let bound = burst as f64 + elapsed.as_secs_f64() / q.interval().as_secs_f64();
+                // Every window that ends now, too: not only from t0.
+                for (i, start) in kept.iter().enumerate().rev().take(64) {
+                    let n = (kept.len() - i) as f64;
+                    let w = (now - *start).as_secs_f64() / q.interval().as_secs_f64();
+                    assert!(
+                        n <= burst as f64 + w + 1e-9,
+                        "case {case}: {n} kept in a window allowing {}",
+                        burst as f64 + w
+                    );
+                }
+                assert!(kept.len() as f64 <= bound + 1e-9, "case {case}");
+            }
+        }
     }
 
     #[test]

@@ -13,9 +13,11 @@
 //! Each actor is a thin shell around a state machine that takes `now` and does
 //! no I/O: [`rooms::RoomTable`] (who is in which room, with quotas per
 //! session and per address), [`presence`] (bounded presence frames),
-//! [`liveness::EvictionPolicy`] (silent and slow sessions), and
-//! [`gcra::Gcra`] (message rates). Those are unit-tested directly; the actors
-//! are tested through real sockets in the `happynet` crate's `tests/`.
+//! [`liveness::EvictionPolicy`] (silent and slow sessions), [`gcra::Gcra`]
+//! (message rates) and, for the upstream actors, the breaker, the keyed
+//! limiter, the balancer, the response cache and [`single_flight`] (one
+//! upstream call for identical misses). Those are unit-tested directly; the
+//! actors are tested through real sockets in the `happynet` crate's `tests/`.
 //!
 //! The [`protocol`] module is the WebSocket wire protocol, parsed and encoded
 //! without I/O.
@@ -35,17 +37,20 @@ pub mod protocol;
 pub mod rooms;
 pub mod session;
 pub mod shared_limiter;
+pub mod single_flight;
 
 pub use breaker::{
-    BreakerActor, BreakerConfig, BreakerOpen, BreakerSnapshot, BreakerStateKind, CallOutcome,
-    GetBreakerState, Outcome, Permit, Ticket,
+    BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerSnapshot, BreakerStateKind,
+    CallOutcome, GetBreakerState, Outcome, Permit, Ticket,
 };
 pub use histogram::Histogram;
 pub use hub::{
     Broadcast, BroadcastHub, ClosedCounts, ClusterPresence, GetOccupancy, GetStats, HubConfig,
     HubStats, Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
 };
-pub use limiter::{Acquire, GetLimiterStats, LimiterStats, RateLimited, RateLimiterActor};
+pub use limiter::{
+    Acquire, GetLimiterStats, Grant, LimiterStats, RateLimited, RateLimiterActor, Reserve,
+};
 pub use liveness::ClosedBy;
 pub use rooms::{RoomName, SessionId};
 pub use session::{ConnectionGate, ConnectionSlot, SessionConfig, WsSessionActor};

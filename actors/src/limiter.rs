@@ -20,6 +20,15 @@
 //! Memory per key is the key itself plus about 40 bytes of table entry; keys
 //! should be short identifiers, not request bodies.
 //!
+//! Two ways to ask: [`Acquire`] spends a unit at once (for a guard that lets
+//! something happen right away), and [`Reserve`] hands back a [`Grant`] for
+//! a request that may yet not be sent (it waits in a bulkhead queue, its
+//! caller may hang up, a breaker may refuse it). A grant is spent with
+//! [`Grant::spend`] when the request goes out; dropped unspent it sends a
+//! [`Refund`], and the unit comes back if no later admission has been made
+//! on top of it ([`Gcra::refund`]). A caller that is *denied* holds nothing
+//! while it waits out the denial: a denial consumes nothing.
+//!
 //! A limiter given a [`SharedLimit`] ([`RateLimiterActor::with_shared`])
 //! keeps each key's state in Redis instead, so the limit holds across every
 //! node of a cluster (see [`crate::shared_limiter`]); the local table is then
@@ -61,8 +70,10 @@ pub const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// What a [`KeyedLimiter`] has done, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct LimiterCounters {
-    /// Requests admitted.
+    /// Requests admitted (refunded ones included).
     pub granted: u64,
+    /// Admissions given back unused ([`KeyedLimiter::refund`]).
+    pub refunded: u64,
     /// Requests refused by their key's rate.
     pub denied: u64,
     /// Requests from new keys refused because the table was full.
@@ -130,6 +141,24 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         }
         self.count(decision);
         decision
+    }
+
+    /// The TAT `key` is at: after an admission, what [`KeyedLimiter::refund`]
+    /// needs to give it back. `None` for an untracked key.
+    pub fn tat_of(&self, key: &K) -> Option<Instant> {
+        self.keys.get(key).and_then(Gcra::tat)
+    }
+
+    /// Gives back the admission of `key` that left its TAT at `granted_tat`,
+    /// for a request that was never sent; only the latest admission can be
+    /// (see [`Gcra::refund`]). Returns whether it was.
+    pub fn refund(&mut self, key: &K, granted_tat: Instant) -> bool {
+        let refunded = self
+            .keys
+            .get_mut(key)
+            .is_some_and(|gcra| gcra.refund(&self.quota, granted_tat));
+        self.counters.refunded += u64::from(refunded);
+        refunded
     }
 
     /// Forgets every key that is idle at `now` and gives memory back if the
@@ -257,6 +286,8 @@ pub struct LimiterStats {
     pub keys: usize,
     /// Requests admitted.
     pub granted: u64,
+    /// Admissions given back by unspent [`Grant`]s.
+    pub refunded: u64,
     /// Requests refused by their key's rate.
     pub denied: u64,
     /// Requests from new keys refused because the table was full.
@@ -279,6 +310,69 @@ pub struct LimiterStats {
 pub struct Acquire {
     /// What the limit is per: client, user, address.
     pub key: String,
+}
+
+/// Sent by a caller before a request that may yet not be sent (it still has
+/// a breaker and a bulkhead queue ahead of it): may `key` go now?
+///
+/// `Ok(Grant)` holds one unit of `key`'s rate: spend it with
+/// [`Grant::spend`] when the request goes out; dropped unspent (the caller
+/// hung up, the request was refused before it left) it is refunded.
+/// `Err(RateLimited)` consumed nothing and says how long to wait. A shared
+/// limiter's grants are spent in Redis at once and are not refunded.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Grant, RateLimited>")]
+pub struct Reserve {
+    /// What the limit is per: client, user, address.
+    pub key: String,
+}
+
+/// One unit of a key's rate, held by a request that has not gone out yet:
+/// the result of [`Reserve`]. See [`Grant::spend`]; dropped unspent, it
+/// sends its limiter a [`Refund`].
+#[must_use = "a grant dropped unspent is refunded"]
+pub struct Grant {
+    refund: Option<(Recipient<Refund>, Refund)>,
+}
+
+impl Grant {
+    /// A grant that has nothing to give back (a shared limiter's).
+    fn final_() -> Self {
+        Grant { refund: None }
+    }
+
+    /// The request went out: the unit is used for good.
+    pub fn spend(mut self) {
+        self.refund = None;
+    }
+}
+
+impl fmt::Debug for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Grant")
+            .field("refundable", &self.refund.is_some())
+            .finish()
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        if let Some((limiter, refund)) = self.refund.take() {
+            // Fire-and-forget: one message per unspent grant, and grants are
+            // bounded by the requests in flight. A stopped limiter has
+            // nothing left to refund.
+            limiter.do_send(refund);
+        }
+    }
+}
+
+/// Sent by a [`Grant`] dropped unspent: give its unit back. Only a grant
+/// makes one.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Refund {
+    key: String,
+    granted_tat: Instant,
 }
 
 /// Sent by metrics and status endpoints; the result is the limiter's
@@ -591,6 +685,39 @@ impl Handler<Acquire> for RateLimiterActor {
     }
 }
 
+impl Handler<Reserve> for RateLimiterActor {
+    type Result = ResponseActFuture<Self, Result<Grant, RateLimited>>;
+
+    fn handle(&mut self, msg: Reserve, ctx: &mut Self::Context) -> Self::Result {
+        if self.shared.is_some() {
+            // Redis spends the unit in its own state; there is no refund.
+            let acquire = Handler::<Acquire>::handle(self, Acquire { key: msg.key }, ctx);
+            return Box::pin(acquire.map(|result, _, _| result.map(|()| Grant::final_())));
+        }
+        let decision = self.limiter.check(&msg.key, now());
+        let refund = match decision {
+            Decision::Allow => self.limiter.tat_of(&msg.key).map(|granted_tat| {
+                let refund = Refund {
+                    key: msg.key.clone(),
+                    granted_tat,
+                };
+                (ctx.address().recipient(), refund)
+            }),
+            Decision::Deny { .. } => None,
+        };
+        let answer = self.answer(msg.key, decision).map(|()| Grant { refund });
+        Box::pin(fut::ready(answer))
+    }
+}
+
+impl Handler<Refund> for RateLimiterActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Refund, _: &mut Self::Context) {
+        self.limiter.refund(&msg.key, msg.granted_tat);
+    }
+}
+
 impl Handler<GetLimiterStats> for RateLimiterActor {
     type Result = MessageResult<GetLimiterStats>;
 
@@ -599,6 +726,7 @@ impl Handler<GetLimiterStats> for RateLimiterActor {
         MessageResult(LimiterStats {
             keys: self.limiter.len(),
             granted: c.granted,
+            refunded: c.refunded,
             denied: c.denied,
             overflow: c.overflow,
             evicted: c.evicted,
@@ -638,11 +766,41 @@ mod tests {
             l.counters(),
             LimiterCounters {
                 granted: 4,
+                refunded: 0,
                 denied: 2,
                 overflow: 0,
                 evicted: 0
             }
         );
+    }
+
+    #[test]
+    fn a_refund_gives_back_the_latest_admission_of_that_key_only() {
+        let q = Quota::per_second(10.0, 1).unwrap(); // 100 ms, burst 1
+        let t0 = Instant::now();
+        let mut l = KeyedLimiter::new(q, 100);
+        assert!(l.check(&"a", t0).is_allowed());
+        let a = l.tat_of(&"a").unwrap();
+        assert!(l.check(&"b", t0).is_allowed());
+        assert!(!l.check(&"a", t0).is_allowed());
+        // "a"'s request never went out: its unit is back, "b"'s is not.
+        assert!(l.refund(&"a", a));
+        assert!(l.check(&"a", t0).is_allowed());
+        assert!(!l.check(&"b", t0).is_allowed());
+        // An admission with a newer one on top is not refunded; an unknown
+        // key has nothing to refund.
+        let older = l.tat_of(&"a").unwrap();
+        assert!(l.check(&"a", t0 + ms(100)).is_allowed());
+        assert!(!l.refund(&"a", older));
+        assert!(!l.refund(&"zz", a));
+        assert_eq!(l.counters().refunded, 1);
+        // A key swept since (idle) has nothing to give back.
+        let c = {
+            l.check(&"c", t0);
+            l.tat_of(&"c").unwrap()
+        };
+        l.sweep(t0 + ms(100));
+        assert!(!l.refund(&"c", c));
     }
 
     #[test]

@@ -9,9 +9,24 @@
 //! In front of the connections sits a bulkhead: at most `max_in_flight` calls
 //! run at once and at most `max_queue` wait for a slot; the next caller gets
 //! [`PoolError::Overloaded`] at once instead of queueing without bound, so a
-//! slow upstream cannot absorb the application's memory or tasks. Queued calls
-//! whose caller gave up, or whose deadline passed while they waited, are
-//! dropped without being sent.
+//! slow upstream cannot absorb the application's memory or tasks.
+//!
+//! A caller that goes away (its request future is dropped: it hung up, or its
+//! deadline fired) takes nothing with it. The pool answers through
+//! [`PoolAnswer`], which notices the caller leave and tells the call, so:
+//! - a call in flight is aborted at once: its bulkhead slot goes to the next
+//!   queued call and its awc connection is closed, which gives the
+//!   connector's slot back (a half-read HTTP/1.1 connection cannot be
+//!   reused); the balancer hears of it as neither success nor failure
+//!   ([`Balancer::on_cancel`]);
+//! - a queued call is skipped when its turn comes, and a full queue drops
+//!   such calls before it refuses a new one, so callers who left never cost
+//!   a live caller its place;
+//! - a rate-limit [`Grant`] travelling with the call is spent only when the
+//!   request is sent; a call dropped before that refunds it.
+//!
+//! Queued calls whose deadline passed while they waited are answered with a
+//! timeout without being sent.
 //!
 //! Each call goes to the endpoint the [`Balancer`] picks (round-robin or
 //! power-of-two-choices on peak-EWMA latency) and its outcome feeds back into
@@ -29,6 +44,8 @@
 
 use crate::backoff::Jitter;
 use crate::balancer::{Balancer, EjectionConfig, Strategy};
+use crate::limiter::Grant;
+use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
@@ -69,7 +86,8 @@ pub struct PoolConfig {
 /// One HTTP call for the pool to make.
 ///
 /// Sent by `happynet::HttpClient` (once per attempt). The result is the whole
-/// response, or why there is none.
+/// response, or why there is none. Dropping the request future (the caller
+/// hung up) aborts the call, queued or in flight.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<UpstreamResponse, PoolError>")]
 pub struct Execute {
@@ -88,6 +106,10 @@ pub struct Execute {
     /// request has none). False passes the encoded bytes through untouched
     /// and sends only the `Accept-Encoding` the request carries: for a proxy.
     pub decompress: bool,
+    /// The rate-limit unit this attempt was granted, if any: spent when the
+    /// request is sent, refunded if the call ends before that (its caller
+    /// left the queue, the queue was full, the deadline passed).
+    pub grant: Option<Grant>,
 }
 
 /// One HTTP call whose response body is streamed to the caller as it
@@ -310,6 +332,10 @@ pub struct PoolStats {
     /// Streamed calls abandoned because their reader stopped taking chunks
     /// for the write timeout.
     pub stream_write_timeouts: u64,
+    /// Calls in flight aborted because their caller went away.
+    pub cancelled: u64,
+    /// Queued calls dropped unsent because their caller went away.
+    pub abandoned_in_queue: u64,
 }
 
 /// What a failed send means. awc reports a connection that closed before
@@ -355,11 +381,84 @@ enum Job {
 }
 
 impl Job {
+    /// True once the caller has gone: its [`PoolAnswer`] dropped the
+    /// receiving end.
     fn caller_gone(&self) -> bool {
         match self {
             Job::Whole(_, reply) => reply.is_closed(),
             Job::Stream(_, reply) => reply.is_closed(),
         }
+    }
+}
+
+/// How a whole call in flight ended, as the pool books it.
+enum Ended {
+    /// The call has its result (a response or an error) for the caller.
+    Answered {
+        result: Result<UpstreamResponse, PoolError>,
+        latency: Duration,
+        reply: Reply,
+    },
+    /// The caller went away first; the request was dropped mid-way.
+    Cancelled { elapsed: Duration },
+}
+
+/// The pool's answer to [`Execute`] and [`ExecuteStream`]: the call's result
+/// once it has one, or at once for a refusal.
+///
+/// actix runs an ordinary `ResponseFuture` to completion whether or not
+/// anyone still waits for it, so a call whose caller hung up would keep its
+/// bulkhead slot and its connection until the upstream answered. This
+/// answer watches the caller's side instead: when the caller drops its
+/// request future, the answer drops the call's reply channel, and the call
+/// (queued or in flight) sees that and ends.
+pub struct PoolAnswer<T> {
+    upstream: String,
+    answer: Result<oneshot::Receiver<Result<T, PoolError>>, PoolError>,
+}
+
+impl<M, T> MessageResponse<PoolActor, M> for PoolAnswer<T>
+where
+    M: Message<Result = Result<T, PoolError>>,
+    T: 'static,
+{
+    fn handle(self, ctx: &mut Context<PoolActor>, tx: Option<OneshotSender<M::Result>>) {
+        let mut result = match self.answer {
+            Ok(result) => result,
+            Err(refused) => {
+                if let Some(tx) = tx {
+                    let _ = tx.send(Err(refused));
+                }
+                return;
+            }
+        };
+        let upstream = self.upstream;
+        let pool = ctx.address();
+        actix::spawn(async move {
+            let Some(mut tx) = tx else {
+                // `do_send`: nobody waits, but the call was asked for; let it
+                // run to its end.
+                let _ = result.await;
+                return;
+            };
+            let answer = tokio::select! {
+                answer = &mut result => Some(answer),
+                // Dropping `result` on the way out tells the call.
+                () = tx.closed() => None,
+            };
+            match answer {
+                Some(answer) => {
+                    let _ = tx.send(answer.unwrap_or(Err(PoolError::Closed { upstream })));
+                }
+                None => {
+                    // Dropping `result` tells the call: one in flight aborts
+                    // itself; a queued one is removed now (CallerLeft), so
+                    // that the queue counts live callers only.
+                    drop(result);
+                    pool.do_send(CallerLeft);
+                }
+            }
+        });
     }
 }
 
@@ -409,9 +508,10 @@ impl PoolActor {
         }
     }
 
-    /// Picks an endpoint and builds the request, taking a bulkhead slot; an
-    /// error (for the caller) when the deadline has passed or there is no
-    /// endpoint.
+    /// Picks an endpoint and builds the request, taking a bulkhead slot and
+    /// spending the call's rate-limit grant; an error (for the caller) when
+    /// the deadline has passed or there is no endpoint, in which case the
+    /// grant is refunded.
     fn prepare(
         &mut self,
         msg: &mut Execute,
@@ -427,6 +527,9 @@ impl PoolActor {
         let Some(idx) = self.balancer.pick(now.into_std(), &mut self.jitter) else {
             return Err(PoolError::Closed { upstream });
         };
+        if let Some(grant) = msg.grant.take() {
+            grant.spend();
+        }
         self.balancer.on_start(idx);
         self.in_flight += 1;
         self.stats.sent_per_endpoint[idx] += 1;
@@ -450,6 +553,17 @@ impl PoolActor {
         self.launch_queued(ctx);
     }
 
+    /// Ends a call whose caller went away: frees its slot, tells the
+    /// balancer (which learns nothing of the endpoint's health from it),
+    /// starts a queued one.
+    fn cancelled(&mut self, idx: usize, elapsed: Duration, ctx: &mut Context<Self>) {
+        self.in_flight -= 1;
+        self.stats.cancelled += 1;
+        self.balancer
+            .on_cancel(idx, Instant::now().into_std(), elapsed);
+        self.launch_queued(ctx);
+    }
+
     fn launch(&mut self, job: Job, ctx: &mut Context<Self>) {
         match job {
             Job::Whole(msg, reply) => self.launch_whole(msg, reply, ctx),
@@ -457,7 +571,7 @@ impl PoolActor {
         }
     }
 
-    fn launch_whole(&mut self, mut msg: Execute, reply: Reply, ctx: &mut Context<Self>) {
+    fn launch_whole(&mut self, mut msg: Execute, mut reply: Reply, ctx: &mut Context<Self>) {
         let (idx, endpoint, req) = match self.prepare(&mut msg) {
             Ok(prepared) => prepared,
             Err(e) => {
@@ -470,7 +584,7 @@ impl PoolActor {
         let deadline = msg.deadline;
         let call = async move {
             let started = Instant::now();
-            let result = tokio::time::timeout_at(deadline, async {
+            let attempt = tokio::time::timeout_at(deadline, async {
                 let mut resp = match req.send_body(msg.body).await {
                     Ok(resp) => resp,
                     Err(e) => return Err(send_error(e, &upstream, &endpoint)),
@@ -486,38 +600,60 @@ impl PoolActor {
                         message: other.to_string(),
                     },
                 })?;
-                Ok((resp.status(), resp.headers().clone(), body))
-            })
-            .await
-            .unwrap_or_else(|_| {
-                Err(PoolError::Timeout {
-                    upstream: upstream.clone(),
-                    endpoint: Some(endpoint.clone()),
+                Ok(UpstreamResponse {
+                    status: resp.status(),
+                    headers: resp.headers().clone(),
+                    body,
+                    endpoint: idx,
+                    latency: started.elapsed(),
                 })
             });
-            (result, started.elapsed())
+            let result = tokio::select! {
+                result = attempt => result.unwrap_or_else(|_| {
+                    Err(PoolError::Timeout {
+                        upstream: upstream.clone(),
+                        endpoint: Some(endpoint.clone()),
+                    })
+                }),
+                // The caller went away: dropping the request here closes its
+                // connection and frees the slot now, not when the upstream
+                // gets round to answering.
+                () = reply.closed() => {
+                    return Ended::Cancelled { elapsed: started.elapsed() };
+                }
+            };
+            Ended::Answered {
+                result,
+                latency: started.elapsed(),
+                reply,
+            }
         };
         ctx.spawn(
             call.into_actor(self)
-                .map(move |(result, latency), pool, ctx| {
-                    let result = result.map(|(status, headers, body)| UpstreamResponse {
-                        status,
-                        headers,
-                        body,
-                        endpoint: idx,
+                .map(move |ended, pool, ctx| match ended {
+                    Ended::Answered {
+                        result,
                         latency,
-                    });
-                    let healthy = match &result {
-                        Ok(resp) => !resp.status.is_server_error(),
-                        Err(e) => !e.is_upstream_failure(),
-                    };
-                    let _ = reply.send(result);
-                    pool.finish(idx, latency, healthy, ctx);
+                        reply,
+                    } => {
+                        let healthy = match &result {
+                            Ok(resp) => !resp.status.is_server_error(),
+                            Err(e) => !e.is_upstream_failure(),
+                        };
+                        let _ = reply.send(result);
+                        pool.finish(idx, latency, healthy, ctx);
+                    }
+                    Ended::Cancelled { elapsed } => pool.cancelled(idx, elapsed, ctx),
                 }),
         );
     }
 
-    fn launch_stream(&mut self, msg: ExecuteStream, reply: StreamReply, ctx: &mut Context<Self>) {
+    fn launch_stream(
+        &mut self,
+        msg: ExecuteStream,
+        mut reply: StreamReply,
+        ctx: &mut Context<Self>,
+    ) {
         let ExecuteStream {
             request: mut msg,
             idle_timeout,
@@ -541,21 +677,31 @@ impl PoolActor {
                 endpoint: endpoint.clone(),
                 message,
             };
-            let head = tokio::time::timeout_at(deadline, req.send_body(msg.body)).await;
+            let head = tokio::select! {
+                head = tokio::time::timeout_at(deadline, req.send_body(msg.body)) => head,
+                // The caller went away before the head: as for whole calls.
+                () = reply.closed() => return StreamEnded::Cancelled { elapsed: started.elapsed() },
+            };
             let mut resp = match head {
                 Ok(Ok(resp)) => resp,
                 Ok(Err(e)) => {
                     let e = send_error(e, &upstream, &endpoint);
                     let healthy = !e.is_upstream_failure();
                     let _ = reply.send(Err(e));
-                    return (started.elapsed(), healthy, false);
+                    return StreamEnded::Done {
+                        latency: started.elapsed(),
+                        healthy,
+                    };
                 }
                 Err(_) => {
                     let _ = reply.send(Err(PoolError::Timeout {
                         upstream: upstream.clone(),
                         endpoint: Some(endpoint.clone()),
                     }));
-                    return (started.elapsed(), false, false);
+                    return StreamEnded::Done {
+                        latency: started.elapsed(),
+                        healthy: false,
+                    };
                 }
             };
             let latency = started.elapsed();
@@ -571,7 +717,7 @@ impl PoolActor {
                 ended: ended_rx,
             };
             if reply.send(Ok(head)).is_err() {
-                return (latency, !status.is_server_error(), false);
+                return StreamEnded::Cancelled { elapsed: latency };
             }
             let mut total = 0usize;
             let healthy = loop {
@@ -615,38 +761,86 @@ impl PoolActor {
                             upstream: upstream.clone(),
                             after: write_timeout,
                         }));
-                        return (latency, true, true);
+                        return StreamEnded::Stalled { latency };
                     }
                 }
             };
-            (latency, healthy, false)
+            StreamEnded::Done { latency, healthy }
         };
         ctx.spawn(
             call.into_actor(self)
-                .map(move |(latency, healthy, stalled), pool, ctx| {
-                    if stalled {
+                .map(move |ended, pool, ctx| match ended {
+                    StreamEnded::Done { latency, healthy } => {
+                        pool.finish(idx, latency, healthy, ctx)
+                    }
+                    StreamEnded::Cancelled { elapsed } => pool.cancelled(idx, elapsed, ctx),
+                    StreamEnded::Stalled { latency } => {
                         pool.stats.stream_write_timeouts += 1;
                         log::debug!(
                             "upstream {}: a stream's reader stalled; call abandoned",
                             pool.config.name
                         );
+                        pool.finish(idx, latency, true, ctx)
                     }
-                    pool.finish(idx, latency, healthy, ctx);
                 }),
         );
     }
 
-    /// Fills free slots from the queue, skipping callers that gave up.
+    /// Fills free slots from the queue, skipping callers that gave up (their
+    /// grants are refunded as the jobs drop).
     fn launch_queued(&mut self, ctx: &mut Context<Self>) {
         while self.in_flight < self.config.max_in_flight {
             let Some(job) = self.queue.pop_front() else {
                 return;
             };
-            if !job.caller_gone() {
+            if job.caller_gone() {
+                self.stats.abandoned_in_queue += 1;
+            } else {
                 self.launch(job, ctx);
             }
         }
     }
+
+    /// Drops queued calls whose caller has gone (their grants are refunded
+    /// as they drop); returns how many. Run when a caller leaves and when
+    /// the queue is full; each run costs at most `max_queue` checks.
+    fn drop_abandoned(&mut self) -> usize {
+        let before = self.queue.len();
+        self.queue.retain(|job| !job.caller_gone());
+        let dropped = before - self.queue.len();
+        self.stats.abandoned_in_queue += dropped as u64;
+        dropped
+    }
+}
+
+/// Sent by a [`PoolAnswer`] whose caller went away, to the pool itself: drop
+/// the queued calls nobody waits for. `do_send`: one per caller that leaves,
+/// so bounded by the calls admitted.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct CallerLeft;
+
+impl Handler<CallerLeft> for PoolActor {
+    type Result = ();
+
+    fn handle(&mut self, _: CallerLeft, _: &mut Self::Context) {
+        // One scan of the queue per caller that leaves: at most `max_queue`
+        // cheap checks (an atomic load each).
+        if !self.queue.is_empty() {
+            self.drop_abandoned();
+        }
+    }
+}
+
+/// How a streamed call ended, as the pool books it.
+enum StreamEnded {
+    /// The body ended, failed or was refused; the caller was answered.
+    Done { latency: Duration, healthy: bool },
+    /// The caller went away (before the head, or with the head unread).
+    Cancelled { elapsed: Duration },
+    /// The reader took nothing for the write timeout: the call was
+    /// abandoned (the upstream itself was healthy).
+    Stalled { latency: Duration },
 }
 
 impl Actor for PoolActor {
@@ -661,12 +855,17 @@ impl Actor for PoolActor {
 }
 
 impl PoolActor {
-    /// Admits `job` through the bulkhead: run now, queue, or refuse.
+    /// Admits `job` through the bulkhead: run now, queue, or refuse. A full
+    /// queue first drops the calls whose caller has gone.
     fn admit(&mut self, job: Job, ctx: &mut Context<Self>) -> Result<(), PoolError> {
         if self.in_flight < self.config.max_in_flight {
             self.launch(job, ctx);
-            Ok(())
-        } else if self.queue.len() < self.config.max_queue {
+            return Ok(());
+        }
+        if self.queue.len() >= self.config.max_queue {
+            self.drop_abandoned();
+        }
+        if self.queue.len() < self.config.max_queue {
             self.queue.push_back(job);
             Ok(())
         } else {
@@ -680,27 +879,24 @@ impl PoolActor {
             })
         }
     }
-}
 
-impl PoolActor {
-    /// Puts a job through the bulkhead and answers with its result, or at
-    /// once with `Overloaded`.
+    /// Puts a job through the bulkhead; the answer relays its result, or
+    /// `Overloaded` at once.
     fn submit<T: Send + 'static>(
         &mut self,
         job: impl FnOnce(oneshot::Sender<Result<T, PoolError>>) -> Job,
         ctx: &mut Context<Self>,
-    ) -> ResponseFuture<Result<T, PoolError>> {
-        let upstream = self.config.name.clone();
+    ) -> PoolAnswer<T> {
         let (reply, result) = oneshot::channel();
-        if let Err(e) = self.admit(job(reply), ctx) {
-            return Box::pin(async move { Err(e) });
+        PoolAnswer {
+            upstream: self.config.name.clone(),
+            answer: self.admit(job(reply), ctx).map(|()| result),
         }
-        Box::pin(async move { result.await.unwrap_or(Err(PoolError::Closed { upstream })) })
     }
 }
 
 impl Handler<Execute> for PoolActor {
-    type Result = ResponseFuture<Result<UpstreamResponse, PoolError>>;
+    type Result = PoolAnswer<UpstreamResponse>;
 
     fn handle(&mut self, msg: Execute, ctx: &mut Self::Context) -> Self::Result {
         self.submit(|reply| Job::Whole(msg, reply), ctx)
@@ -708,7 +904,7 @@ impl Handler<Execute> for PoolActor {
 }
 
 impl Handler<ExecuteStream> for PoolActor {
-    type Result = ResponseFuture<Result<StreamingResponse, PoolError>>;
+    type Result = PoolAnswer<StreamingResponse>;
 
     fn handle(&mut self, msg: ExecuteStream, ctx: &mut Self::Context) -> Self::Result {
         self.submit(|reply| Job::Stream(msg, reply), ctx)

@@ -19,9 +19,8 @@ use happynet_actors::breaker::HALF_OPEN_RETRY_HINT;
 use happynet_actors::gcra::Quota;
 use happynet_actors::limiter::sweep_interval;
 use happynet_actors::{
-    Acquire, BreakerActor, BreakerConfig, BreakerOpen, BreakerStateKind, CallOutcome,
+    Acquire, BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerStateKind,
     GetBreakerState, GetLimiterStats, LimiterStats, Outcome, Permit, RateLimited, RateLimiterActor,
-    Ticket,
 };
 use std::time::Duration;
 
@@ -43,14 +42,8 @@ fn breaker_config() -> BreakerConfig {
 /// Opens the breaker with `minimum_calls` failures.
 async fn trip(breaker: &Addr<BreakerActor>) {
     for _ in 0..breaker_config().minimum_calls {
-        let ticket = breaker.send(Permit).await.unwrap().unwrap();
-        breaker
-            .send(CallOutcome {
-                ticket,
-                outcome: Outcome::Failure { elapsed: FAST },
-            })
-            .await
-            .unwrap();
+        let permit = breaker.send(Permit).await.unwrap().unwrap();
+        permit.report(Outcome::Failure { elapsed: FAST });
     }
     let s = breaker.send(GetBreakerState).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Open);
@@ -58,13 +51,13 @@ async fn trip(breaker: &Addr<BreakerActor>) {
 }
 
 /// Fires `CALLERS` concurrent `Permit`s and splits the answers.
-async fn race_for_permits(breaker: &Addr<BreakerActor>) -> (Vec<Ticket>, Vec<BreakerOpen>) {
+async fn race_for_permits(breaker: &Addr<BreakerActor>) -> (Vec<BreakerPermit>, Vec<BreakerOpen>) {
     let answers = join_all((0..CALLERS).map(|_| breaker.send(Permit))).await;
     let mut granted = Vec::new();
     let mut refused = Vec::new();
     for answer in answers {
         match answer.unwrap() {
-            Ok(ticket) => granted.push(ticket),
+            Ok(permit) => granted.push(permit),
             Err(open) => refused.push(open),
         }
     }
@@ -95,7 +88,7 @@ async fn a_half_open_breaker_admits_exactly_its_probes_among_1000_callers() {
 
     let (probes, refused) = race_for_permits(&breaker).await;
     assert_eq!(probes.len(), PROBES as usize);
-    assert!(probes.iter().all(Ticket::is_probe));
+    assert!(probes.iter().all(|p| p.ticket().is_probe()));
     assert_eq!(refused.len(), CALLERS - PROBES as usize);
     for open in &refused {
         assert_eq!(open.upstream, "api");
@@ -113,14 +106,8 @@ async fn a_half_open_breaker_admits_exactly_its_probes_among_1000_callers() {
     assert_eq!(s.state, BreakerStateKind::HalfOpen);
     assert_eq!(s.rejections, (CALLERS - PROBES as usize) as u64);
 
-    for ticket in probes {
-        breaker
-            .send(CallOutcome {
-                ticket,
-                outcome: Outcome::Success { elapsed: FAST },
-            })
-            .await
-            .unwrap();
+    for permit in probes {
+        permit.report(Outcome::Success { elapsed: FAST });
     }
     let s = breaker.send(GetBreakerState).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Closed);
@@ -136,22 +123,13 @@ async fn a_half_open_breaker_admits_exactly_its_probes_among_1000_callers() {
     let (probes, refused) = race_for_permits(&breaker).await;
     assert_eq!(probes.len(), PROBES as usize);
     assert_eq!(refused.len(), CALLERS - PROBES as usize);
-    breaker
-        .send(CallOutcome {
-            ticket: probes[0],
-            outcome: Outcome::Failure { elapsed: FAST },
-        })
-        .await
-        .unwrap();
+    let mut probes = probes.into_iter();
+    if let Some(first) = probes.next() {
+        first.report(Outcome::Failure { elapsed: FAST });
+    }
     // The other probes succeed too late: their tickets are stale.
-    for &ticket in &probes[1..] {
-        breaker
-            .send(CallOutcome {
-                ticket,
-                outcome: Outcome::Success { elapsed: FAST },
-            })
-            .await
-            .unwrap();
+    for permit in probes {
+        permit.report(Outcome::Success { elapsed: FAST });
     }
     let s = breaker.send(GetBreakerState).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Open);
