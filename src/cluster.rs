@@ -16,7 +16,10 @@
 //!
 //! **Entries** have four fields: `node` (the origin: random per process
 //! start), `seq` (consecutive per origin), `target` (`all` or a JSON array of
-//! room names) and `payload` (the text frame, verbatim). A node skips its
+//! room names) and `payload` (the frame's data, verbatim); a binary
+//! broadcast has a fifth, `kind` = `binary`, and is delivered as a binary
+//! frame (without it an entry is text, so text entries read the same as
+//! before binary existed). A node skips its
 //! own entries (it delivered them locally before relaying) and tracks the
 //! last `seq` of every other origin ([`SeqTracker`]): a jump is a gap of
 //! exactly `seq - last - 1` lost messages, logged and counted, even when the
@@ -54,12 +57,13 @@
 
 use crate::config::{ClusterConfig, ConfigError};
 use actix::prelude::*;
+use actix_web::web::Bytes;
 use bytestring::ByteString;
 use happynet_actors::backoff::{Backoff, Jitter};
 use happynet_actors::hub::{
     ClusterPresence, GetOccupancy, Occupancy, Relay, RelayTarget, SetRelay,
 };
-use happynet_actors::{Broadcast, BroadcastHub, RoomName, Target};
+use happynet_actors::{Broadcast, BroadcastHub, Payload, RoomName, Target};
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
@@ -186,8 +190,8 @@ pub struct InEntry {
     /// decode: the [`SeqTracker`] sees them even when the rest is bad, so a
     /// malformed entry is not also counted as lost.
     pub sender: Option<(String, u64)>,
-    /// Who receives it and the text frame, or why it is malformed.
-    pub content: Result<(Target, ByteString), String>,
+    /// Who receives it and the frame's data, or why it is malformed.
+    pub content: Result<(Target, Payload), String>,
 }
 
 /// The most characters of an error message kept for logs, `last_error` and
@@ -250,6 +254,31 @@ fn field_text(fields: &[(&[u8], &redis::Value)], name: &str) -> Result<String, S
     }
 }
 
+/// The value of the entry field that marks a binary payload.
+pub const KIND_BINARY: &str = "binary";
+
+/// An entry's payload: text (it must be UTF-8) unless `kind` says binary.
+fn decode_payload(fields: &[(&[u8], &redis::Value)]) -> Result<Payload, String> {
+    let kind = fields.iter().find(|(n, _)| *n == b"kind").map(|(_, v)| *v);
+    match kind {
+        None => Ok(Payload::Text(ByteString::from(field_text(
+            fields, "payload",
+        )?))),
+        Some(v) if value_bytes(v) == Some(KIND_BINARY.as_bytes()) => {
+            let value = fields
+                .iter()
+                .find(|(n, _)| *n == b"payload")
+                .map(|(_, v)| *v)
+                .ok_or_else(|| "field payload is missing".to_owned())?;
+            match value_bytes(value) {
+                Some(bytes) => Ok(Payload::Binary(Bytes::copy_from_slice(bytes))),
+                None => Err(format!("field payload is a {}", value_kind(value))),
+            }
+        }
+        Some(_) => Err("field kind is not one this node knows".to_owned()),
+    }
+}
+
 /// Decodes one raw stream entry, `[id, [name, value, …]]`.
 pub fn decode_entry(raw: &redis::Value) -> InEntry {
     let mut entry = InEntry {
@@ -300,10 +329,7 @@ pub fn decode_entry(raw: &redis::Value) -> InEntry {
             entry.sender = Some(sender);
             field_text(&fields, "target")
                 .and_then(|t| decode_target(&t))
-                .and_then(|target| {
-                    let payload = ByteString::from(field_text(&fields, "payload")?);
-                    Ok((target, payload))
-                })
+                .and_then(|target| Ok((target, decode_payload(&fields)?)))
         }
         Err(e) => Err(e),
     };
@@ -376,8 +402,8 @@ pub struct OutEntry {
     pub seq: u64,
     /// Who receives it on the other nodes.
     pub target: RelayTarget,
-    /// The text frame.
-    pub payload: ByteString,
+    /// The frame's data.
+    pub payload: Payload,
 }
 
 /// The broadcasts waiting to be published, oldest first, at most `max`.
@@ -431,7 +457,7 @@ impl Outbox {
     /// oldest entries not being sent while the outbox is over its count or
     /// its bytes. A broadcast that cannot fit beside what is being sent (or
     /// is larger than `max_bytes` on its own) is dropped itself.
-    pub fn push(&mut self, target: RelayTarget, payload: ByteString) -> Pushed {
+    pub fn push(&mut self, target: RelayTarget, payload: Payload) -> Pushed {
         let seq = self.next_seq;
         self.next_seq += 1;
         let size = payload.len();
@@ -1313,8 +1339,11 @@ impl ClusterBridge {
                 .arg("target")
                 .arg(encode_target(&e.target))
                 .arg("payload")
-                .arg(e.payload.as_bytes().as_ref())
-                .ignore();
+                .arg(e.payload.as_bytes());
+            if e.payload.is_binary() {
+                pipe.arg("kind").arg(KIND_BINARY);
+            }
+            pipe.ignore();
         }
         pipe
     }
@@ -1664,8 +1693,8 @@ mod tests {
         RoomName::new(name).expect("valid room")
     }
 
-    fn text(s: &str) -> ByteString {
-        ByteString::from(s.to_owned())
+    fn text(s: &str) -> Payload {
+        Payload::Text(ByteString::from(s.to_owned()))
     }
 
     #[test]
@@ -1760,6 +1789,36 @@ mod tests {
             binary_payload.content,
             Err("field payload is not UTF-8".to_owned())
         );
+        // With `kind` = binary the same bytes are a binary payload, and an
+        // unknown kind is malformed rather than guessed at.
+        let binary_kind = decode_entry(&raw_entry(
+            "5-6",
+            &[
+                (b"node", b"n1"),
+                (b"seq", b"10"),
+                (b"target", b"all"),
+                (b"payload", b"\xff\x00"),
+                (b"kind", b"binary"),
+            ],
+        ));
+        assert_eq!(
+            binary_kind.content,
+            Ok((
+                Target::All,
+                Payload::Binary(Bytes::from_static(b"\xff\x00"))
+            ))
+        );
+        let unknown_kind = decode_entry(&raw_entry(
+            "5-7",
+            &[
+                (b"node", b"n1"),
+                (b"seq", b"11"),
+                (b"target", b"all"),
+                (b"payload", b"x"),
+                (b"kind", b"video"),
+            ],
+        ));
+        assert!(unknown_kind.content.is_err());
         let not_an_entry = decode_entry(&redis::Value::Int(3));
         assert_eq!((not_an_entry.id, not_an_entry.sender), (None, None));
     }

@@ -1160,7 +1160,8 @@ pub struct WebSocketConfig {
     /// auto-tuning. Default 0.
     pub socket_send_buffer: usize,
     /// Messages the hub's mailbox holds from sessions before it tells a
-    /// client its message was dropped. Default 65536.
+    /// client its message was dropped (an error frame for a protocol
+    /// client, close 1013 for a plain one). Default 65536.
     pub hub_mailbox_capacity: usize,
     /// Messages queued for one session before it counts as a slow consumer
     /// (in addition to `max_outbound_bytes`). Default 8192.

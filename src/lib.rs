@@ -10,7 +10,8 @@
 //! - [`config`]: the `network` JSON object, with defaults and validation that
 //!   names the offending path;
 //! - [`network`]: [`Network`], the handle an app keeps — it starts the actors,
-//!   mounts the routes and shuts down gracefully;
+//!   mounts the routes and shuts down gracefully; [`websocket`]: the `/ws`
+//!   upgrade's plain/protocol choice and its TCP close;
 //! - [`client`], [`upstream`], [`error`]: `HttpClient` (any URL, state per
 //!   origin) and `ApiClient` (one configured upstream), the retry pipeline
 //!   and its typed errors; [`auth`] keeps credentials out of files and logs;
@@ -84,6 +85,7 @@ pub mod sse;
 pub mod status;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 pub use client::{ApiClient, HttpClient};
 pub use config::{Config, ConfigError};

@@ -8,8 +8,13 @@
 //! `shutdown`.
 //!
 //! Routes:
-//! - `GET /ws[?room=NAME][&presence=1]`: the WebSocket upgrade;
-//! - `POST /broadcast[?room=NAME]`: `text/plain` (verbatim) or JSON
+//! - `GET /ws[?room=NAME][&presence=1]`: the WebSocket upgrade. A plain
+//!   client receives only data; one offering the subprotocol `happynet.v1`
+//!   also gets protocol frames (`presence=1` needs it: 400 otherwise). The
+//!   session is registered with the hub before the `101` is sent
+//!   ([`crate::websocket`]);
+//! - `POST /broadcast[?room=NAME]`: `text/plain` (verbatim text),
+//!   `application/octet-stream` (verbatim binary) or JSON
 //!   `{"room": …, "data": …}`; answers `202 {"recipients": n}`;
 //! - `GET /health`: liveness with the hub's counters;
 //! - `GET /ready`: readiness, and `GET /metrics`: Prometheus metrics
@@ -38,8 +43,8 @@ use actix_web::http::header::{self, ContentType};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use happynet_actors::{
-    Broadcast, BroadcastHub, ConnectionGate, GetStats, RoomName, SessionConfig, Shutdown,
-    WsSessionActor,
+    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, ConnectionGate, GetStats,
+    RoomName, SessionConfig, Shutdown, WsSessionActor,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -92,7 +97,11 @@ impl WeakNetwork {
 /// A duplicate of an accepted connection's socket, stored by
 /// [`Network::on_connect`] in the connection's data for the upgrade route.
 #[derive(Clone)]
-struct PeerSocket(Arc<Socket>);
+struct PeerSocket {
+    socket: Arc<Socket>,
+    /// Whether the connection is TLS (see [`crate::websocket`]).
+    tls: bool,
+}
 
 impl Network {
     /// Validates `config` and starts the actors on the current actix arbiter.
@@ -335,10 +344,10 @@ impl Network {
             // Over HTTPS (`bind_rustls_0_23`) the connection is the TLS
             // stream; the socket underneath gets the same treatment.
             type Tls = actix_tls::accept::rustls_0_23::TlsStream<TcpStream>;
-            let tcp = if let Some(tcp) = conn.downcast_ref::<TcpStream>() {
-                tcp
+            let (tcp, tls) = if let Some(tcp) = conn.downcast_ref::<TcpStream>() {
+                (tcp, false)
             } else if let Some(tls) = conn.downcast_ref::<Tls>() {
-                tls.get_ref().0
+                (tls.get_ref().0, true)
             } else {
                 return;
             };
@@ -359,7 +368,10 @@ impl Network {
             let _ = sock.set_nodelay(true);
             match tcp.as_fd().try_clone_to_owned() {
                 Ok(fd) => {
-                    ext.insert(PeerSocket(Arc::new(Socket::from(fd))));
+                    ext.insert(PeerSocket {
+                        socket: Arc::new(Socket::from(fd)),
+                        tls,
+                    });
                 }
                 Err(e) => log::warn!("cannot duplicate an accepted socket: {e}"),
             }
@@ -421,6 +433,18 @@ async fn ws_route(
             ))
         }
     };
+    let kind = crate::websocket::requested_kind(&req);
+    let presence = truthy(query.presence.as_deref());
+    if presence && kind == ClientKind::Plain {
+        return Ok(error_response(
+            StatusCode::BAD_REQUEST,
+            "presence_needs_protocol",
+            &format!(
+                "presence frames are protocol frames: offer the subprotocol {} to get them",
+                happynet_actors::protocol::SUBPROTOCOL
+            ),
+        ));
+    }
     let room = match query.room.as_deref() {
         None => inner.config.network.websocket.default_room(),
         Some(name) => match RoomName::new(name) {
@@ -453,27 +477,79 @@ async fn ws_route(
                 "message": format!("the server holds its maximum of {} WebSocket connections", inner.gate.max()),
             })));
     };
-    let socket = req.conn_data::<PeerSocket>().map(|p| p.0.clone());
+    let peer = req.conn_data::<PeerSocket>();
+    let socket = peer.map(|p| p.socket.clone());
     let id = inner.next_session.fetch_add(1, Ordering::Relaxed);
     let session = WsSessionActor::new(
         id,
         inner.hub.clone(),
         inner.hub_epoch,
         inner.session_config.clone(),
-        room,
-        truthy(query.presence.as_deref()),
-        socket,
+        kind,
         Some(slot),
-    )
-    // The rooms this client creates count against its address (the same
-    // key, and the same exemptions, as the per-IP guards).
-    .with_ip_key(room_quota_key(&inner.security, &req));
-    let response = ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(inner.session_config.max_message_bytes)
+    );
+    let link = session.link();
+    let checked = session.check_inbound(stream);
+    let builder = ws::WsResponseBuilder::new(session, &req, checked)
+        // The frame checker refuses a message over the limit first (1009);
+        // the codec's own limit is the same, so it never refuses first.
+        .frame_size(inner.session_config.max_message_bytes);
+    let (addr, mut response) = match kind {
         // Echoes `happynet` when the client offers it (RFC 6455: a token
         // offered as `token.<token>` must come with a protocol to echo).
-        .protocols(UpgradePass::PROTOCOLS)
-        .start()?;
+        ClientKind::Plain => builder.protocols(UpgradePass::PROTOCOLS),
+        // Echoed below: actix would echo whichever known protocol the
+        // client listed first, and only from the first header.
+        ClientKind::Protocol => builder,
+    }
+    .start_with_addr()?;
+    if kind == ClientKind::Protocol {
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            header::HeaderValue::from_static(happynet_actors::protocol::SUBPROTOCOL),
+        );
+    }
+    // Registered before the 101 goes out, so that any broadcast sent once
+    // the client holds it reaches it. On a refusal the response (and with
+    // it the unstarted session) is dropped.
+    let connect = Connect {
+        id,
+        addr,
+        link,
+        room,
+        presence,
+        kind,
+        socket: socket.clone(),
+        // The rooms this client creates count against its address (the
+        // same key, and the same exemptions, as the per-IP guards).
+        ip_key: room_quota_key(&inner.security, &req),
+    };
+    match inner.hub.send(connect).timeout(HUB_REPLY_TIMEOUT).await {
+        Ok(Ok(())) => {}
+        Ok(Err(refused)) => {
+            let (status, code) = match refused {
+                ConnectRefused::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+                ConnectRefused::RoomTableFull(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "server_full")
+                }
+                // The client's own quota: it is the one to slow down.
+                ConnectRefused::RoomQuota(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_rooms"),
+                _ => (StatusCode::SERVICE_UNAVAILABLE, "hub_unavailable"),
+            };
+            return Ok(HttpResponse::build(status)
+                .insert_header((header::RETRY_AFTER, "5"))
+                .json(json!({ "error": code, "message": refused.to_string() })));
+        }
+        Err(e) => {
+            return Ok(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "hub_unavailable",
+                &format!("the broadcast hub did not register the session: {e}"),
+            ))
+        }
+    }
+    let plain_tcp = peer.filter(|p| !p.tls).map(|p| p.socket.clone());
+    let response = crate::websocket::close_tcp_when_done(response, plain_tcp);
     Ok(pass.hold_until_closed(response))
 }
 
@@ -537,6 +613,11 @@ async fn broadcast_route(
             };
             Broadcast::message(room, &parsed.data)
         }
+        Some((mime::APPLICATION, mime::OCTET_STREAM)) => match parse_room(query.room) {
+            Ok(Some(room)) => Broadcast::binary_to_room(room, body),
+            Ok(None) => Broadcast::binary(body),
+            Err(e) => return bad_room(e),
+        },
         Some((mime::TEXT, mime::PLAIN)) => {
             let text = match bytestring::ByteString::try_from(body) {
                 Ok(t) => t,
@@ -558,7 +639,7 @@ async fn broadcast_route(
             return error_response(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
-                "send text/plain or application/json",
+                "send text/plain, application/octet-stream or application/json",
             )
         }
     };

@@ -627,7 +627,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::TokenInvalid => f.write_str("the token is not valid"),
             Refusal::SubprotocolRequired => f.write_str(
-                "offer the happynet subprotocol beside token.<token> \
+                "offer the happynet (or happynet.v1) subprotocol beside token.<token> \
                  (Sec-WebSocket-Protocol: happynet, token.<token>)",
             ),
             Refusal::OriginNotAllowed => {
@@ -1222,7 +1222,9 @@ impl Security {
         if !presented.into_iter().flatten().any(valid) {
             return Err(Refusal::TokenInvalid);
         }
-        if in_protocol.is_some() && !offered.contains(&HAPPYNET_SUBPROTOCOL) {
+        // `happynet.v1` (a protocol client) is a protocol to echo too.
+        let companion = [HAPPYNET_SUBPROTOCOL, happynet_actors::protocol::SUBPROTOCOL];
+        if in_protocol.is_some() && !offered.iter().any(|p| companion.contains(p)) {
             return Err(Refusal::SubprotocolRequired);
         }
         Ok(())

@@ -581,11 +581,57 @@ async fn a_broadcast_from_each_node_reaches_every_client_on_every_node_exactly_o
 }
 
 #[actix_web::test]
+async fn binary_broadcasts_cross_the_cluster_as_binary() {
+    init_logs();
+    let redis = Redis::start();
+    let nodes = start_nodes(&redis, 2, "", "").await;
+    let mut a = WsClient::connect(&nodes[0], "?room=bin").await;
+    let mut b = WsClient::connect(&nodes[1], "?room=bin").await;
+    // Bytes that are not UTF-8, so a text path could not carry them.
+    let bytes: Vec<u8> = vec![0xff, 0x00, 0xfe, 0x80];
+
+    // A client's binary frame on node 0 reaches its room mate on node 1.
+    a.send(awc::ws::Message::Binary(bytes.clone().into())).await;
+    assert_eq!(a.next_binary().await, bytes);
+    assert_eq!(b.next_binary().await, bytes);
+
+    // POST /broadcast as application/octet-stream on node 1, to the room.
+    let status = http_client()
+        .post(nodes[1].url("/broadcast?room=bin"))
+        .content_type("application/octet-stream")
+        .send_body(vec![1u8, 2, 3])
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    assert_eq!(status, 202);
+    assert_eq!(b.next_binary().await, [1, 2, 3]);
+    assert_eq!(a.next_binary().await, [1, 2, 3]);
+
+    // App code on node 0, to everyone; then text still arrives as text.
+    nodes[0]
+        .net
+        .hub()
+        .do_send(happynet::Broadcast::binary(vec![0xc0, 0xaf]));
+    assert_eq!(b.next_binary().await, [0xc0, 0xaf]);
+    assert_eq!(nodes[0].broadcast(None, "text after").await, 202);
+    assert_eq!(b.next_text().await, "text after");
+    // Node 0 published three entries, node 1 one; each read all four.
+    for (node, own) in nodes.iter().zip([3, 1]) {
+        let s = node
+            .wait_stats("every entry read", |s| {
+                s.skipped_own == own && s.received == 4 - own
+            })
+            .await;
+        assert_eq!(s.malformed, 0, "{s:?}");
+    }
+}
+
+#[actix_web::test]
 async fn a_killed_node_leaves_the_others_working_and_drops_out_of_presence() {
     init_logs();
     let redis = Redis::start();
     let mut nodes = start_nodes(&redis, 3, "", "").await;
-    let mut c0 = WsClient::connect(&nodes[0], "?presence=1").await;
+    let mut c0 = WsClient::connect_protocol(&nodes[0], "?presence=1").await;
     let mut c1 = WsClient::connect(&nodes[1], "").await;
     let _c2 = WsClient::connect(&nodes[2], "").await;
     // Presence is cluster-wide: node 0's client counts all three.

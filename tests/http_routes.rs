@@ -112,7 +112,7 @@ async fn post_broadcast_refuses_bad_input_with_a_clear_status() {
 
     let resp = client
         .post(&url)
-        .content_type("application/octet-stream")
+        .content_type("image/png")
         .send_body("bytes")
         .await
         .unwrap();

@@ -41,7 +41,7 @@ const FLOODER: [&str; 2] = ["2001:db8:7:7::1", "2001:db8:7:7::ffff"];
 const NEIGHBOUR: &str = "198.51.100.9";
 
 async fn from(server: &support::TestServer, ip: &str, query: &str) -> WsClient {
-    WsClient::try_connect_with(server, query, &[("x-forwarded-for", ip)])
+    WsClient::try_connect_protocol_with(server, query, &[("x-forwarded-for", ip)])
         .await
         .unwrap_or_else(|e| panic!("connect from {ip}: {e}"))
 }
@@ -116,7 +116,7 @@ async fn exempt_addresses_are_not_counted_per_address() {
         r#"{"network":{"websocket":{"max_rooms_per_ip":2,"max_rooms_per_session":8}}}"#,
     ))
     .await;
-    let mut c = WsClient::connect(&server, "?room=a").await;
+    let mut c = WsClient::connect_protocol(&server, "?room=a").await;
     for r in 0..5 {
         let v = try_join(&mut c, &format!("more-{r}")).await;
         assert_eq!(v["type"], "joined", "{v}");
@@ -134,7 +134,7 @@ async fn presence_with_ten_thousand_rooms_lists_the_busiest_within_the_byte_boun
         r#"{"network":{"websocket":{"presence_interval":0.05}}}"#,
     ))
     .await;
-    let mut watcher = WsClient::connect(&server, "?presence=1&room=x").await;
+    let mut watcher = WsClient::connect_protocol(&server, "?presence=1&room=x").await;
     let _local = WsClient::connect(&server, "?room=local-only").await;
     // What a cluster bridge reports for the other nodes: 10,000 rooms with
     // 1 to 50 members, one giant room, and more members in room x.
@@ -227,7 +227,7 @@ async fn a_reading_client_survives_a_burst_of_the_largest_messages_at_the_smalle
     let room = RoomName::new(&name).unwrap();
     let data = format!("\"{}\"", "x".repeat(MAX_MESSAGE - r#"{"data":""}"#.len()));
     let raw = serde_json::value::RawValue::from_string(data.clone()).unwrap();
-    let mut reader = WsClient::connect(&server, "").await;
+    let mut reader = WsClient::connect_protocol(&server, "").await;
     assert_eq!(try_join(&mut reader, &name).await["type"], "joined");
 
     // The burst: queued back to back, before the reader's session can run.
@@ -308,7 +308,7 @@ async fn an_evicted_slow_consumer_is_reset_and_its_send_buffer_freed_at_once() {
     .await;
     let mut jammed = RawWsClient::connect(server.addr, "", 4096).await;
     let client_port = jammed.stream.local_addr().unwrap().port();
-    let mut reader = WsClient::connect(&server, "").await;
+    let mut reader = WsClient::connect_protocol(&server, "").await;
     wait_for_hub(&server, "two sessions", |h| h["sessions"] == 2).await;
 
     // Broadcast until the jammed client is evicted; the reader keeps up.

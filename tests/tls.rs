@@ -132,10 +132,12 @@ async fn https_and_wss_work_with_a_certificate_loaded_from_pem() {
     let health: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(health["status"], "ok");
 
-    // A WebSocket over TLS: the welcome frame, then an echo of our text
-    // through the hub (plain text goes to the sender's rooms, itself too).
+    // A WebSocket over TLS: a protocol client gets the welcome frame, then
+    // an echo of its text through the hub (text goes to the sender's rooms,
+    // itself too).
     let (_, mut framed) = client
         .ws(format!("wss://{addr}/ws"))
+        .protocols(["happynet.v1"])
         .connect()
         .await
         .unwrap();

@@ -3,9 +3,26 @@
 //!
 //! Every session registers here on start ([`Connect`]) and every broadcast —
 //! from app code, from `POST /broadcast`, or from a client — is fanned out
-//! from here. The payload is encoded once and shared (`ByteString` is a
-//! reference-counted buffer), so a broadcast to 5,000 sessions allocates one
-//! frame, not 5,000.
+//! from here. The payload is encoded once and shared ([`Payload`] is a
+//! reference-counted buffer, text or binary), so a broadcast to 5,000
+//! sessions allocates one frame, not 5,000.
+//!
+//! **Plain and protocol clients.** A session is one or the other for its
+//! whole life ([`ClientKind`]). A plain client receives only data: exactly
+//! what was broadcast to it. A protocol client (subprotocol
+//! [`protocol::SUBPROTOCOL`]) also gets the hub's own frames: `welcome`,
+//! `joined`/`left`, `presence` and `error`. What the hub cannot tell a plain
+//! client in a frame it refuses before the upgrade ([`ConnectRefused`]).
+//!
+//! **Registration comes before the `101`.** The upgrade route sends
+//! [`Connect`] and waits for the hub's answer before it returns the
+//! response, so a broadcast sent once the client holds its `101` reaches it.
+//! The session's actor has not started then, and its mailbox still has
+//! actix's default capacity of 16: until the session marks its
+//! [`SessionLink`] started, a full mailbox is not taken for a slow consumer
+//! and the hub queues past it with `do_send` — bounded still, by the
+//! session's byte budget (each message is charged its payload plus
+//! [`PER_MESSAGE_OVERHEAD`](crate::liveness::PER_MESSAGE_OVERHEAD)).
 //!
 //! Sends are chosen deliberately (STYLE habit 4):
 //! - hub → session uses `try_send` into a bounded mailbox and charges the
@@ -14,8 +31,9 @@
 //!   consumer instead of letting the server's memory grow;
 //! - session → hub ([`FromClient`]) uses `try_send` too, so a flood of client
 //!   frames meets a bounded hub mailbox and the sender is told it was dropped;
-//! - [`Connect`]/[`Disconnect`] use `do_send`: one of each per connection,
-//!   bounded by `websocket.max_connections`.
+//! - [`Connect`] is a request (`send(..).timeout(..)`, one per upgrade);
+//!   [`Disconnect`] uses `do_send`: one per connection, bounded by
+//!   `websocket.max_connections`.
 //!
 //! Eviction must work on a session whose actor is frozen (its socket is not
 //! being written, so actix never polls it). The hub therefore also holds a
@@ -31,11 +49,13 @@
 
 use crate::histogram::Histogram;
 use crate::liveness::{ClosedBy, EvictionPolicy, OutboundBudget, SessionLink, Verdict};
+use crate::payload::Payload;
 use crate::presence::{self, PresenceLimits};
-use crate::protocol::{self, ClientFrame};
+use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
 use crate::session::{Close, Deliver, Heartbeat, WsSessionActor};
 use actix::prelude::*;
+use actix_web::web::Bytes;
 use actix_web_actors::ws::CloseCode;
 use bytestring::ByteString;
 use serde::Serialize;
@@ -193,7 +213,7 @@ pub enum Target {
     Room(RoomName),
     /// One session.
     Session(SessionId),
-    /// Every member of any of these rooms, once each (a client's text frame
+    /// Every member of any of these rooms, once each (a client's message
     /// goes to all its rooms; relayed from another node like this).
     Rooms(Vec<RoomName>),
 }
@@ -211,14 +231,15 @@ pub enum Origin {
 /// A message from app code (or `POST /broadcast`) to sessions.
 ///
 /// The result is how many sessions it was queued for. App code that does not
-/// care uses `hub.do_send(Broadcast::text("Hello, clients!"))`.
+/// care uses `hub.do_send(Broadcast::text("Hello, clients!"))`, or
+/// `Broadcast::binary(bytes)` for a binary frame.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "usize")]
 pub struct Broadcast {
     /// Who receives it.
     pub target: Target,
-    /// The text frame, encoded once for every recipient.
-    pub payload: ByteString,
+    /// The frame's data, shared by every recipient.
+    pub payload: Payload,
     /// Where it came from; only local broadcasts are relayed to other nodes.
     pub origin: Origin,
     /// When it was built: the start of its latency measurement.
@@ -228,8 +249,9 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
-    /// A local broadcast of `payload` to `target`.
-    pub fn new(target: Target, payload: impl Into<ByteString>) -> Self {
+    /// A local broadcast of `payload` to `target`: text for a `String`,
+    /// `&str` or `ByteString`, binary for `Bytes` or `Vec<u8>`.
+    pub fn new(target: Target, payload: impl Into<Payload>) -> Self {
         Broadcast {
             target,
             payload: payload.into(),
@@ -241,7 +263,7 @@ impl Broadcast {
 
     /// A broadcast that another node published, as the cluster bridge hands
     /// it to this node's hub: delivered here, never relayed again.
-    pub fn from_cluster(target: Target, payload: impl Into<ByteString>) -> Self {
+    pub fn from_cluster(target: Target, payload: impl Into<Payload>) -> Self {
         Broadcast {
             origin: Origin::Cluster,
             ..Broadcast::new(target, payload)
@@ -250,18 +272,28 @@ impl Broadcast {
 
     /// Text sent verbatim to every connected session.
     pub fn text(text: impl Into<ByteString>) -> Self {
-        Broadcast::new(Target::All, text)
+        Broadcast::new(Target::All, Payload::Text(text.into()))
+    }
+
+    /// Bytes sent verbatim, as a binary frame, to every connected session.
+    pub fn binary(bytes: impl Into<Bytes>) -> Self {
+        Broadcast::new(Target::All, Payload::Binary(bytes.into()))
     }
 
     /// Text sent verbatim to every member of `room`.
     pub fn to_room(room: RoomName, text: impl Into<ByteString>) -> Self {
-        Broadcast::new(Target::Room(room), text)
+        Broadcast::new(Target::Room(room), Payload::Text(text.into()))
+    }
+
+    /// Bytes sent verbatim, as a binary frame, to every member of `room`.
+    pub fn binary_to_room(room: RoomName, bytes: impl Into<Bytes>) -> Self {
+        Broadcast::new(Target::Room(room), Payload::Binary(bytes.into()))
     }
 
     /// Text sent verbatim to one session. Session ids are per node, so this
     /// is never relayed to other nodes.
     pub fn to_session(session: SessionId, text: impl Into<ByteString>) -> Self {
-        Broadcast::new(Target::Session(session), text)
+        Broadcast::new(Target::Session(session), Payload::Text(text.into()))
     }
 
     /// A JSON value wrapped as `{"type":"message","room":…,"data":…}`, sent to
@@ -269,7 +301,10 @@ impl Broadcast {
     /// `None`. This is what clients receive for a `publish`.
     pub fn message(room: Option<RoomName>, data: &serde_json::value::RawValue) -> Self {
         let payload = protocol::message_frame(room.as_ref(), data);
-        Broadcast::new(room.map_or(Target::All, Target::Room), payload)
+        Broadcast::new(
+            room.map_or(Target::All, Target::Room),
+            Payload::Text(payload),
+        )
     }
 }
 
@@ -281,8 +316,8 @@ impl Broadcast {
 pub struct Relay {
     /// Who receives it on the other nodes.
     pub target: RelayTarget,
-    /// The text frame, verbatim.
-    pub payload: ByteString,
+    /// The frame's data, verbatim, text or binary.
+    pub payload: Payload,
 }
 
 /// Where a relayed broadcast goes on the other nodes.
@@ -325,9 +360,13 @@ pub struct ClusterPresence {
     pub rooms: HashMap<RoomName, usize>,
 }
 
-/// Sent by a new session when it starts: register me and put me in `room`.
+/// Sent by the upgrade route before it returns the `101`: register this
+/// session and put it in `room`. The route waits for the answer
+/// (`send(..).timeout(..)`), so that broadcasts sent after the client holds
+/// its `101` reach it; `Err` is why the hub refused it, answered with an
+/// HTTP status instead of the upgrade.
 #[derive(Debug, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), ConnectRefused>")]
 pub struct Connect {
     /// The session's id, allocated by whoever accepted the connection.
     pub id: SessionId,
@@ -337,8 +376,10 @@ pub struct Connect {
     pub link: Arc<SessionLink>,
     /// The room to start in.
     pub room: RoomName,
-    /// Whether the session wants presence frames.
+    /// Whether the session wants presence frames (protocol clients only).
     pub presence: bool,
+    /// Plain (data only) or protocol (welcome, control and error frames).
+    pub kind: ClientKind,
     /// A duplicate of the connection's socket, so that the hub can shut down
     /// a session whose actor is frozen. `None` when the server was not set up
     /// to provide one (see `happynet::Network::on_connect`).
@@ -348,6 +389,44 @@ pub struct Connect {
     /// address, whose rooms are not counted per address.
     pub ip_key: Option<IpAddr>,
 }
+
+/// Why the hub refused a [`Connect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectRefused {
+    /// A graceful shutdown has begun.
+    ShuttingDown,
+    /// The room could not be joined (the table holds `max_rooms`), and the
+    /// client is plain: no frame could tell it so.
+    RoomTableFull(String),
+    /// The room would be new and the client's address has created
+    /// `max_rooms_per_ip` rooms that still exist; the client is plain.
+    RoomQuota(String),
+    /// The session's actor was already gone (its upgrade was abandoned).
+    Gone,
+}
+
+impl std::fmt::Display for ConnectRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectRefused::ShuttingDown => f.write_str("the server is shutting down"),
+            ConnectRefused::RoomTableFull(why) | ConnectRefused::RoomQuota(why) => {
+                write!(f, "cannot join the room: {why}")
+            }
+            ConnectRefused::Gone => f.write_str("the connection went away"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectRefused {}
+
+/// Sent by a session before it closes when it has forwarded messages: the
+/// answer comes once the hub has handled everything it received before, so
+/// the frames those messages produced for the session (its own echo) are
+/// in its mailbox ahead of its close frame.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Flush;
 
 /// Sent when a session's actor is dropped: forget me.
 #[derive(Debug, Message)]
@@ -393,6 +472,7 @@ struct Member {
     budget: OutboundBudget,
     socket: Option<Arc<Socket>>,
     ip_key: Option<IpAddr>,
+    kind: ClientKind,
 }
 
 /// Ends a connection at once: `SO_LINGER` 0, so the last close of the socket
@@ -480,7 +560,7 @@ impl BroadcastHub {
         stats: &mut HubStats,
         id: SessionId,
         member: &mut Member,
-        payload: &ByteString,
+        payload: &Payload,
         evict: &mut Vec<SessionId>,
     ) -> bool {
         let cost = EvictionPolicy::cost_of(payload.len());
@@ -498,6 +578,14 @@ impl BroadcastHub {
             cost,
         }) {
             Ok(()) => {
+                stats.deliveries += 1;
+                true
+            }
+            // Registered but not started (see the module docs): its mailbox
+            // is still actix's default 16. do_send queues past that; the
+            // budget charged above bounds it.
+            Err(SendError::Full(deliver)) if !member.link.is_started() => {
+                member.addr.do_send(deliver);
                 stats.deliveries += 1;
                 true
             }
@@ -521,7 +609,7 @@ impl BroadcastHub {
     /// under it). Returns how many it was queued for.
     fn fan_out_by(
         &mut self,
-        payload: &ByteString,
+        payload: &Payload,
         walk: impl FnOnce(&mut HashMap<SessionId, Member>, &mut dyn FnMut(SessionId, &mut Member)),
     ) -> usize {
         let mut evict = Vec::new();
@@ -542,7 +630,7 @@ impl BroadcastHub {
         sent
     }
 
-    fn fan_out<I: IntoIterator<Item = SessionId>>(&mut self, to: I, payload: &ByteString) -> usize {
+    fn fan_out<I: IntoIterator<Item = SessionId>>(&mut self, to: I, payload: &Payload) -> usize {
         self.fan_out_by(payload, |sessions, one| {
             for id in to {
                 if let Some(member) = sessions.get_mut(&id) {
@@ -552,7 +640,7 @@ impl BroadcastHub {
         })
     }
 
-    fn fan_out_all(&mut self, payload: &ByteString) -> usize {
+    fn fan_out_all(&mut self, payload: &Payload) -> usize {
         self.fan_out_by(payload, |sessions, one| {
             for (&id, member) in sessions.iter_mut() {
                 one(id, member);
@@ -560,8 +648,9 @@ impl BroadcastHub {
         })
     }
 
-    fn send_to(&mut self, id: SessionId, payload: ByteString) -> usize {
-        self.fan_out(std::iter::once(id), &payload)
+    /// Sends one of the hub's own (protocol) frames to a session.
+    fn send_to(&mut self, id: SessionId, frame: ByteString) -> usize {
+        self.fan_out(std::iter::once(id), &Payload::Text(frame))
     }
 
     fn remove(&mut self, id: SessionId) -> Option<Member> {
@@ -680,18 +769,18 @@ impl BroadcastHub {
         let clients = self.sessions.len().saturating_add(remote.sessions);
         let frame = presence::presence_frame(clients, rooms, &self.config.presence_limits);
         let to: Vec<SessionId> = self.presence.iter().copied().collect();
-        self.fan_out(to, &frame);
+        self.fan_out(to, &Payload::Text(frame));
     }
 
     /// Hands a local broadcast to the relay, if there is one.
-    fn relay(&mut self, target: RelayTarget, payload: ByteString) {
+    fn relay(&mut self, target: RelayTarget, payload: Payload) {
         if let Some(relay) = &self.relay {
             self.stats.relayed += 1;
             relay.do_send(Relay { target, payload });
         }
     }
 
-    fn fan_out_rooms(&mut self, rooms: &[RoomName], payload: &ByteString) -> usize {
+    fn fan_out_rooms(&mut self, rooms: &[RoomName], payload: &Payload) -> usize {
         let mut to = HashSet::new();
         for room in rooms {
             to.extend(self.rooms.members(room));
@@ -704,22 +793,8 @@ impl BroadcastHub {
             return;
         }
         match frame {
-            ClientFrame::Text(text) => {
-                if self.rooms.rooms_of(id).is_empty() {
-                    self.send_to(
-                        id,
-                        protocol::error_frame("no_room", "join a room before sending text"),
-                    );
-                    return;
-                }
-                self.stats.broadcasts += 1;
-                if self.relay.is_some() {
-                    let rooms = self.rooms.rooms_of(id).to_vec();
-                    self.relay(RelayTarget::Rooms(rooms), text.clone());
-                }
-                let mates = self.rooms.room_mates(id);
-                self.fan_out(mates, &text);
-            }
+            ClientFrame::Text(text) => self.send_to_senders_rooms(id, Payload::Text(text)),
+            ClientFrame::Binary(bytes) => self.send_to_senders_rooms(id, Payload::Binary(bytes)),
             ClientFrame::Join(room) => {
                 let ip_key = self.sessions.get(&id).and_then(|m| m.ip_key);
                 let reply = match self.rooms.join_from(id, &room, ip_key) {
@@ -755,12 +830,47 @@ impl BroadcastHub {
                     return;
                 }
                 self.stats.broadcasts += 1;
-                let payload = protocol::message_frame(Some(&room), &data);
+                let payload = Payload::Text(protocol::message_frame(Some(&room), &data));
                 let members: Vec<SessionId> = self.rooms.members(&room).collect();
                 self.relay(RelayTarget::Rooms(vec![room]), payload.clone());
                 self.fan_out(members, &payload);
             }
         }
+    }
+
+    /// A client's text or binary message: verbatim to every room it is in,
+    /// itself included.
+    fn send_to_senders_rooms(&mut self, id: SessionId, payload: Payload) {
+        if self.rooms.rooms_of(id).is_empty() {
+            let Some(member) = self.sessions.get(&id) else {
+                return;
+            };
+            match member.kind {
+                ClientKind::Protocol => {
+                    self.send_to(
+                        id,
+                        protocol::error_frame("no_room", "join a room before sending messages"),
+                    );
+                }
+                // A plain client is refused at Connect if it cannot join its
+                // room, and cannot leave it, so this does not happen; were
+                // it to, a close says so rather than a silent drop.
+                ClientKind::Plain => {
+                    let _ = member.addr.try_send(Close {
+                        code: CloseCode::Error,
+                        reason: "not in any room".into(),
+                    });
+                }
+            }
+            return;
+        }
+        self.stats.broadcasts += 1;
+        if self.relay.is_some() {
+            let rooms = self.rooms.rooms_of(id).to_vec();
+            self.relay(RelayTarget::Rooms(rooms), payload.clone());
+        }
+        let mates = self.rooms.room_mates(id);
+        self.fan_out(mates, &payload);
     }
 }
 
@@ -786,17 +896,33 @@ impl Actor for BroadcastHub {
 }
 
 impl Handler<Connect> for BroadcastHub {
-    type Result = ();
+    type Result = Result<(), ConnectRefused>;
 
-    fn handle(&mut self, msg: Connect, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Connect, _: &mut Self::Context) -> Self::Result {
         if self.shutting_down.is_some() {
-            let _ = msg.addr.try_send(Close {
-                code: CloseCode::Away,
-                reason: "server shutting down".into(),
-            });
-            return;
+            return Err(ConnectRefused::ShuttingDown);
+        }
+        // The route gave up waiting (or the client left) and dropped the
+        // session: registering it would leave a member nobody reads.
+        if !msg.addr.connected() {
+            return Err(ConnectRefused::Gone);
         }
         let id = msg.id;
+        // A fresh session is in no room, so this join can only fail on the
+        // table-wide or the per-address room limit. A protocol client then
+        // starts in no room and is told why; a plain client could not be,
+        // so it is refused.
+        let joined = self.rooms.join_from(id, &msg.room, msg.ip_key);
+        let join_error = match (joined, msg.kind) {
+            (Ok(_), _) => None,
+            (Err(e @ JoinError::TooManyRoomsForAddress { .. }), ClientKind::Plain) => {
+                return Err(ConnectRefused::RoomQuota(e.to_string()))
+            }
+            (Err(e), ClientKind::Plain) => {
+                return Err(ConnectRefused::RoomTableFull(e.to_string()))
+            }
+            (Err(e), ClientKind::Protocol) => Some(e),
+        };
         self.stats.sessions_opened += 1;
         self.sessions.insert(
             id,
@@ -806,21 +932,28 @@ impl Handler<Connect> for BroadcastHub {
                 budget: OutboundBudget::default(),
                 socket: msg.socket,
                 ip_key: msg.ip_key,
+                kind: msg.kind,
             },
         );
-        // A fresh session is in no room, so this join can only fail on the
-        // table-wide or the per-address room limit; the session then starts
-        // in no room.
-        if let Err(e) = self.rooms.join_from(id, &msg.room, msg.ip_key) {
-            self.send_to(id, join_error_frame(&e));
-        }
-        if msg.presence {
+        if msg.presence && msg.kind == ClientKind::Protocol {
             self.presence.insert(id);
         }
         self.presence_dirty = true;
-        let welcome = protocol::welcome_frame(id, self.rooms.rooms_of(id));
-        self.send_to(id, welcome);
+        if msg.kind == ClientKind::Protocol {
+            let welcome = protocol::welcome_frame(id, self.rooms.rooms_of(id));
+            self.send_to(id, welcome);
+            if let Some(e) = join_error {
+                self.send_to(id, join_error_frame(&e));
+            }
+        }
+        Ok(())
     }
+}
+
+impl Handler<Flush> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, _: &mut Self::Context) {}
 }
 
 impl Handler<Disconnect> for BroadcastHub {

@@ -19,18 +19,22 @@
 //! upstream call for identical misses). Those are unit-tested directly; the
 //! actors are tested through real sockets in the `happynet` crate's `tests/`.
 //!
-//! The [`protocol`] module is the WebSocket wire protocol, parsed and encoded
-//! without I/O.
+//! The [`protocol`] module is the WebSocket wire protocol (plain and
+//! protocol clients), parsed and encoded without I/O; [`frame_check`] is the
+//! RFC 6455 checker every client's bytes pass before the codec, a plain
+//! state machine fed chunks.
 
 pub mod backoff;
 pub mod balancer;
 pub mod breaker;
 pub mod cache;
+pub mod frame_check;
 pub mod gcra;
 pub mod histogram;
 pub mod hub;
 pub mod limiter;
 pub mod liveness;
+pub mod payload;
 pub mod pool;
 pub mod presence;
 pub mod protocol;
@@ -43,14 +47,18 @@ pub use breaker::{
     BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerSnapshot, BreakerStateKind,
     CallOutcome, GetBreakerState, Outcome, Permit, Ticket,
 };
+pub use frame_check::Violation;
 pub use histogram::Histogram;
 pub use hub::{
-    Broadcast, BroadcastHub, ClosedCounts, ClusterPresence, GetOccupancy, GetStats, HubConfig,
-    HubStats, Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
+    Broadcast, BroadcastHub, ClosedCounts, ClusterPresence, Connect, ConnectRefused, GetOccupancy,
+    GetStats, HubConfig, HubStats, Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown,
+    Target,
 };
 pub use limiter::{
     Acquire, GetLimiterStats, Grant, LimiterStats, RateLimited, RateLimiterActor, Reserve,
 };
 pub use liveness::ClosedBy;
+pub use payload::Payload;
+pub use protocol::ClientKind;
 pub use rooms::{RoomName, SessionId};
 pub use session::{ConnectionGate, ConnectionSlot, SessionConfig, WsSessionActor};

@@ -9,7 +9,7 @@
 //! queues. The hub's one heartbeat timer and its delivery path read the link
 //! and ask [`EvictionPolicy`] — plain code that takes `now` — what to do.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -48,6 +48,11 @@ pub struct SessionLink {
     /// [`ClosedBy`]). Written once per session, so it costs nothing on
     /// the message path.
     close_reason: AtomicU8,
+    /// Set by the session once its actor has started and sized its mailbox.
+    /// Until then the hub registered it (before its `101`) but its mailbox
+    /// holds only actix's default 16, so a full mailbox is not yet a sign of
+    /// a slow consumer. Read by the hub only when a mailbox is full.
+    started: AtomicBool,
 }
 
 /// Why a session ended its own connection, as the hub counts it in
@@ -92,6 +97,7 @@ impl SessionLink {
             last_seen_ms: AtomicU64::new(0),
             released: AtomicU64::new(0),
             close_reason: AtomicU8::new(ClosedBy::Normal as u8),
+            started: AtomicBool::new(false),
         };
         link.touch(now);
         link
@@ -122,6 +128,17 @@ impl SessionLink {
     /// Session side: records why it is closing its connection.
     pub fn set_close_reason(&self, why: ClosedBy) {
         self.close_reason.store(why as u8, Ordering::Relaxed);
+    }
+
+    /// Session side: its actor has started and its mailbox has its
+    /// configured capacity.
+    pub fn mark_started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
+    /// Whether the session's actor has started (see [`SessionLink`]).
+    pub fn is_started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
     }
 
     /// Why the session closed (`Normal` unless it said otherwise).

@@ -1,22 +1,63 @@
 //! The WebSocket wire protocol: what clients may send and what the server sends.
 //!
-//! A text frame whose first non-blank character is `{` is a JSON control
-//! frame; any other text frame is chat text, broadcast verbatim to the
-//! sender's rooms. Server frames other than verbatim text are JSON objects with
-//! a `type` field. Parsing is strict and total: every malformed input maps to a
-//! [`ProtocolError`] that the session turns into an error frame, never a panic.
+//! There are two kinds of client ([`ClientKind`]). A **plain** client (any
+//! WebSocket client that asks for nothing) only exchanges data: every text
+//! or binary message it sends is broadcast verbatim to its room, and it
+//! receives exactly what is broadcast to it — no frame of the server's own.
+//! A **protocol** client offers the subprotocol [`SUBPROTOCOL`]
+//! (`happynet.v1`), which the server echoes; for it, a text frame whose
+//! first non-blank character is `{` is a JSON control frame (join, leave,
+//! publish), any other text or binary frame is data broadcast verbatim to
+//! the sender's rooms, and the server sends it JSON frames with a `type`
+//! field (welcome, joined, left, message, presence, error) besides the data.
+//! Parsing is strict and total: every malformed input maps to a
+//! [`ProtocolError`] that the session turns into an error frame, never a
+//! panic.
 
 use crate::rooms::{RoomName, SessionId};
+use actix_web::web::Bytes;
 use bytestring::ByteString;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::fmt;
 
+/// The subprotocol a client offers (`Sec-WebSocket-Protocol`) to receive
+/// protocol frames. The server echoes it, so the client knows it will.
+pub const SUBPROTOCOL: &str = "happynet.v1";
+
+/// Whether a session gets the server's own frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    /// Data only, both ways (the default).
+    Plain,
+    /// Offered [`SUBPROTOCOL`]: welcome, control, presence and error frames.
+    Protocol,
+}
+
+impl ClientKind {
+    /// The kind a client asked for, from the subprotocols it offered (each
+    /// `Sec-WebSocket-Protocol` header value, comma-separated).
+    pub fn offered<'a>(header_values: impl IntoIterator<Item = &'a str>) -> ClientKind {
+        let asked = header_values
+            .into_iter()
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == SUBPROTOCOL);
+        if asked {
+            ClientKind::Protocol
+        } else {
+            ClientKind::Plain
+        }
+    }
+}
+
 /// A frame a client sent, parsed.
 #[derive(Debug)]
 pub enum ClientFrame {
-    /// Plain text: broadcast verbatim to every room the sender is in.
+    /// Text data: broadcast verbatim to every room the sender is in.
     Text(ByteString),
+    /// Binary data: broadcast verbatim, as binary, to every room the sender
+    /// is in.
+    Binary(Bytes),
     /// `{"type":"join","room":"r"}`
     Join(RoomName),
     /// `{"type":"leave","room":"r"}`
@@ -35,6 +76,7 @@ impl PartialEq for ClientFrame {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (ClientFrame::Text(a), ClientFrame::Text(b)) => a == b,
+            (ClientFrame::Binary(a), ClientFrame::Binary(b)) => a == b,
             (ClientFrame::Join(a), ClientFrame::Join(b)) => a == b,
             (ClientFrame::Leave(a), ClientFrame::Leave(b)) => a == b,
             (
@@ -96,7 +138,8 @@ fn room(name: &str) -> Result<RoomName, ProtocolError> {
     RoomName::new(name).map_err(|e| ProtocolError::BadRoom(e.to_string()))
 }
 
-/// Parses one text frame from a client.
+/// Parses one text frame from a protocol client. (A plain client's text is
+/// always [`ClientFrame::Text`]: nothing it sends is parsed.)
 pub fn parse_client_text(text: ByteString) -> Result<ClientFrame, ProtocolError> {
     if !text.trim_start().starts_with('{') {
         return Ok(ClientFrame::Text(text));
@@ -141,9 +184,10 @@ pub fn message_frame(room: Option<&RoomName>, data: &RawValue) -> ByteString {
     .into()
 }
 
-/// `{"type":"welcome","session":…,"rooms":[…]}`: the first frame a session
-/// receives, once the hub has registered it. Clients may wait for it before
-/// relying on broadcasts reaching them.
+/// `{"type":"welcome","session":…,"rooms":[…]}`: the first frame a protocol
+/// client receives. The hub has registered the session before its `101`
+/// went out, so a client need not wait for it before relying on broadcasts
+/// reaching it; it says which session id and rooms it has.
 pub fn welcome_frame(session: SessionId, rooms: &[RoomName]) -> ByteString {
     let rooms: Vec<String> = rooms.iter().map(|r| json_string(r.as_str())).collect();
     format!(
@@ -200,6 +244,21 @@ mod tests {
 
     fn parse(s: &str) -> Result<ClientFrame, ProtocolError> {
         parse_client_text(ByteString::from(s.to_owned()))
+    }
+
+    #[test]
+    fn the_kind_is_protocol_only_when_the_subprotocol_is_offered() {
+        assert_eq!(ClientKind::offered([]), ClientKind::Plain);
+        assert_eq!(ClientKind::offered(["happynet"]), ClientKind::Plain);
+        assert_eq!(ClientKind::offered(["happynet.v10"]), ClientKind::Plain);
+        assert_eq!(
+            ClientKind::offered(["happynet, happynet.v1"]),
+            ClientKind::Protocol
+        );
+        assert_eq!(
+            ClientKind::offered(["token.abc", " happynet.v1 "]),
+            ClientKind::Protocol
+        );
     }
 
     #[test]

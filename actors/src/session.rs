@@ -1,31 +1,56 @@
 //! `WsSessionActor`: one WebSocket connection.
 //!
-//! The session parses what its client sends (enforcing the frame size, the
-//! reassembled message size and the inbound message rate), forwards it to the
-//! [`BroadcastHub`], and writes what the hub delivers. It owns no timers: the
-//! hub pings it and judges its liveness from the [`SessionLink`] the two
-//! share, because a session whose client stops reading is never polled again
-//! by actix-web-actors and so could not act on its own timers.
+//! The session reads what its client sends, forwards data (and, for a
+//! protocol client, control frames) to the [`BroadcastHub`], and writes what
+//! the hub delivers. It owns no timers: the hub pings it and judges its
+//! liveness from the [`SessionLink`] the two share, because a session whose
+//! client stops reading is never polled again by actix-web-actors and so
+//! could not act on its own timers.
 //!
-//! Close codes it sends: 1009 for a frame or message over
+//! **Plain and protocol clients** ([`ClientKind`]). A plain client's text
+//! and binary messages are data, broadcast verbatim to its room; nothing it
+//! sends is parsed and it is sent nothing but data, so what the server
+//! cannot tell it in a frame is a close code: 1013 when the hub is too busy
+//! to take its message. A protocol client's text may be a JSON control frame
+//! and it is told about refusals with error frames.
+//!
+//! **Inbound checks.** The frames reach the session through a
+//! [`CheckedPayload`] (see [`crate::frame_check`]), which validates them as
+//! they arrive and ends the stream on a violation; the session then closes
+//! with the code it recorded. The session itself enforces the inbound
+//! message rate.
+//!
+//! **Closing.** When the session closes after forwarding messages to the
+//! hub (the client's close frame, or a violation), it first waits for the
+//! hub's answer to [`Flush`], so its own echo of those messages goes out
+//! before the close frame, as RFC 6455 lets a server do.
+//!
+//! Close codes it sends: 1002 for protocol errors, 1007 for text (or a close
+//! reason) that is not UTF-8, 1009 for a message over
 //! `websocket.max_message_bytes`, 1008 when the client exceeds its message
-//! rate, 1007 for text that is not UTF-8, 1002 for other protocol errors.
+//! rate, 1013 when the hub cannot take a plain client's message, 1001 when
+//! the server shuts down; a client's own close frame is echoed.
 
+use crate::frame_check::{CheckedPayload, InboundVerdict};
 use crate::gcra::{Gcra, Quota};
-use crate::hub::{BroadcastHub, Connect, Disconnect, FromClient};
+use crate::hub::{BroadcastHub, Disconnect, Flush, FromClient};
 use crate::liveness::{ClosedBy, SessionLink};
-use crate::protocol::{self, ClientFrame};
-use crate::rooms::{RoomName, SessionId};
+use crate::payload::Payload;
+use crate::protocol::{self, ClientFrame, ClientKind};
+use crate::rooms::SessionId;
 use actix::prelude::*;
 use actix_http::ws::Item;
 use actix_web::web::{Bytes, BytesMut};
 use actix_web_actors::ws::{self, CloseCode, CloseReason};
 use bytestring::ByteString;
-use socket2::Socket;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
+
+/// How long a closing session waits for the hub's answer to [`Flush`]
+/// before it sends its close frame anyway.
+pub const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Per-session limits, derived from `network.websocket`.
 #[derive(Debug, Clone)]
@@ -38,14 +63,14 @@ pub struct SessionConfig {
     pub mailbox_capacity: usize,
 }
 
-/// The hub queues one text frame for the client. `cost` is what the hub
-/// charged against the session's byte budget; the session gives it back once
-/// the frame is handed to the socket writer.
+/// The hub queues one frame (text or binary) for the client. `cost` is what
+/// the hub charged against the session's byte budget; the session gives it
+/// back once the frame is handed to the socket writer.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Deliver {
-    /// The frame, shared by every recipient.
-    pub payload: ByteString,
+    /// The frame's data, shared by every recipient.
+    pub payload: Payload,
     /// What was charged to the session's [`SessionLink`].
     pub cost: usize,
 }
@@ -114,49 +139,46 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// What a session hands the hub when it starts.
-struct Registration {
-    room: RoomName,
-    presence: bool,
-    socket: Option<Arc<Socket>>,
-    ip_key: Option<IpAddr>,
-}
-
 /// A fragmented message being reassembled.
 struct Fragments {
     is_text: bool,
     buf: BytesMut,
 }
 
-/// One WebSocket connection. Build it with [`WsSessionActor::new`] and start
-/// it with `actix_web_actors::ws::WsResponseBuilder`.
+/// One WebSocket connection. Build it with [`WsSessionActor::new`], wrap the
+/// request payload with [`WsSessionActor::check_inbound`], start it with
+/// `actix_web_actors::ws::WsResponseBuilder::start_with_addr`, and register
+/// it with the hub ([`crate::hub::Connect`]) before returning the `101`.
 pub struct WsSessionActor {
     id: SessionId,
     hub: Addr<BroadcastHub>,
     link: Arc<SessionLink>,
     config: Arc<SessionConfig>,
+    kind: ClientKind,
     inbound: Gcra,
-    registration: Option<Registration>,
     fragments: Option<Fragments>,
+    /// What the frame checker found wrong, if it ended the stream.
+    verdict: InboundVerdict,
+    /// Set once the session has decided to close: nothing more the client
+    /// sends is acted on.
+    closing: bool,
+    /// Whether messages went to the hub since the session started: if so,
+    /// closing waits for [`Flush`] (see the module docs).
+    forwarded: bool,
     _slot: Option<ConnectionSlot>,
 }
 
 impl WsSessionActor {
-    /// A session `id` that will register with `hub` in `room`.
+    /// A session `id` for `hub`, of `kind`.
     ///
-    /// `epoch` must be the hub's ([`BroadcastHub::epoch`]). `socket` is a
-    /// duplicate of the connection's socket, which lets the hub cut off the
-    /// connection even if this actor is frozen. `slot` is released when the
-    /// session ends.
-    #[allow(clippy::too_many_arguments)]
+    /// `epoch` must be the hub's ([`BroadcastHub::epoch`]). `slot` is
+    /// released when the session ends.
     pub fn new(
         id: SessionId,
         hub: Addr<BroadcastHub>,
         epoch: Instant,
         config: Arc<SessionConfig>,
-        room: RoomName,
-        presence: bool,
-        socket: Option<Arc<Socket>>,
+        kind: ClientKind,
         slot: Option<ConnectionSlot>,
     ) -> Self {
         WsSessionActor {
@@ -164,28 +186,31 @@ impl WsSessionActor {
             hub,
             link: Arc::new(SessionLink::new(epoch, Instant::now())),
             config,
+            kind,
             inbound: Gcra::new(),
-            registration: Some(Registration {
-                room,
-                presence,
-                socket,
-                ip_key: None,
-            }),
             fragments: None,
+            verdict: InboundVerdict::default(),
+            closing: false,
+            forwarded: false,
             _slot: slot,
         }
     }
 
-    /// Sets the client's per-IP key (see [`Connect::ip_key`]), which the
-    /// rooms this session creates are charged to. Without it the session's
-    /// rooms are not counted per address.
-    pub fn with_ip_key(mut self, ip_key: Option<IpAddr>) -> Self {
-        if let Some(reg) = &mut self.registration {
-            reg.ip_key = ip_key;
-        }
-        self
+    /// The state this session shares with the hub: put it in the
+    /// [`crate::hub::Connect`] that registers the session.
+    pub fn link(&self) -> Arc<SessionLink> {
+        self.link.clone()
     }
 
+    /// Wraps the request payload in the inbound frame checker; give the
+    /// result to actix-web-actors as the session's stream. Set the codec's
+    /// frame size to `max_message_bytes` too: the checker then refuses
+    /// anything bigger first, with 1009.
+    pub fn check_inbound<S>(&self, payload: S) -> CheckedPayload<S> {
+        CheckedPayload::new(payload, self.config.max_message_bytes, self.verdict.clone())
+    }
+
+    /// Closes with `code`: after the hub's [`Flush`] if messages went to it.
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
         // Recorded for the hub's per-reason counters (it reads the link when
         // this session's Disconnect arrives). The hub's own evictions reach
@@ -196,18 +221,46 @@ impl WsSessionActor {
             CloseCode::Policy => ClosedBy::Rate,
             CloseCode::Invalid => ClosedBy::Invalid,
             CloseCode::Protocol => ClosedBy::Protocol,
-            CloseCode::Error => ClosedBy::Error,
+            CloseCode::Error | CloseCode::Again => ClosedBy::Error,
             _ => ClosedBy::Normal,
         });
-        ctx.close(Some(CloseReason {
-            code,
-            description: Some(reason.to_owned()),
-        }));
-        ctx.stop();
+        self.close_after_flush(
+            ctx,
+            Some(CloseReason {
+                code,
+                description: Some(reason.to_owned()),
+            }),
+        );
     }
 
-    /// Charges one data frame against the inbound rate; closes with 1008 and
-    /// returns false when the client is over it.
+    /// Sends `reason` (echoing a client's close, or our own) and stops,
+    /// once the hub has handled what this session sent it.
+    fn close_after_flush(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        reason: Option<CloseReason>,
+    ) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        if !self.forwarded {
+            ctx.close(reason);
+            ctx.stop();
+            return;
+        }
+        // `send`: a request with a timeout (STYLE habit 4). The mailbox is
+        // polled before spawned futures, so the echoes the hub queued before
+        // answering are written before this close.
+        let flushed = self.hub.send(Flush).timeout(CLOSE_FLUSH_TIMEOUT);
+        ctx.spawn(flushed.into_actor(self).map(move |_, _, ctx| {
+            ctx.close(reason);
+            ctx.stop();
+        }));
+    }
+
+    /// Charges one data message against the inbound rate; closes with 1008
+    /// and returns false when the client is over it.
     fn admit(&mut self, now: Instant, ctx: &mut ws::WebsocketContext<Self>) -> bool {
         if self
             .inbound
@@ -223,19 +276,33 @@ impl WsSessionActor {
     }
 
     fn on_text(&mut self, text: ByteString, ctx: &mut ws::WebsocketContext<Self>) {
-        match protocol::parse_client_text(text) {
-            Ok(frame) => self.forward(frame, ctx),
-            Err(e) => ctx.text(protocol::error_frame(e.code(), &e.to_string())),
+        match self.kind {
+            ClientKind::Plain => self.forward(ClientFrame::Text(text), ctx),
+            ClientKind::Protocol => match protocol::parse_client_text(text) {
+                Ok(frame) => self.forward(frame, ctx),
+                Err(e) => ctx.text(protocol::error_frame(e.code(), &e.to_string())),
+            },
         }
     }
 
     fn forward(&mut self, frame: ClientFrame, ctx: &mut ws::WebsocketContext<Self>) {
         match self.hub.try_send(FromClient { id: self.id, frame }) {
-            Ok(()) => {}
-            Err(SendError::Full(_)) => ctx.text(protocol::error_frame(
-                "busy",
-                "the server is overloaded; your message was dropped",
-            )),
+            Ok(()) => self.forwarded = true,
+            Err(SendError::Full(_)) => match self.kind {
+                ClientKind::Protocol => ctx.text(protocol::error_frame(
+                    "busy",
+                    "the server is overloaded; your message was dropped",
+                )),
+                // A plain client cannot be told in a frame that its message
+                // was dropped; the close code says it.
+                ClientKind::Plain => {
+                    log::warn!(
+                        "session {}: closed (1013), the hub's mailbox is full",
+                        self.id
+                    );
+                    self.close(ctx, CloseCode::Again, "server overloaded");
+                }
+            },
             Err(SendError::Closed(_)) => self.close(ctx, CloseCode::Away, "server shutting down"),
         }
     }
@@ -247,6 +314,9 @@ impl WsSessionActor {
             Item::Continue(b) => (None, b, false),
             Item::Last(b) => (None, b, true),
         };
+        // The frame checker refuses stray continuations, interleaved data
+        // frames and oversized messages before they get here; these checks
+        // stay so that the session never depends on it for memory safety.
         match (first, &mut self.fragments) {
             (Some(is_text), None) => {
                 self.fragments = Some(Fragments {
@@ -273,11 +343,7 @@ impl WsSessionActor {
             return;
         };
         if !is_text {
-            ctx.text(protocol::error_frame(
-                "unsupported",
-                "binary messages are not supported",
-            ));
-            return;
+            return self.forward(ClientFrame::Binary(buf.freeze()), ctx);
         }
         match ByteString::try_from(buf.freeze()) {
             Ok(text) => self.on_text(text, ctx),
@@ -291,31 +357,25 @@ impl Actor for WsSessionActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(self.config.mailbox_capacity);
-        if let Some(reg) = self.registration.take() {
-            // do_send: one Connect per connection, bounded by max_connections.
-            self.hub.do_send(Connect {
-                id: self.id,
-                addr: ctx.address(),
-                link: self.link.clone(),
-                room: reg.room,
-                presence: reg.presence,
-                socket: reg.socket,
-                ip_key: reg.ip_key,
-            });
-        }
+        // From here a full mailbox means a slow consumer (see the hub).
+        self.link.mark_started();
     }
 }
 
 impl Drop for WsSessionActor {
     fn drop(&mut self) {
         // Drop, not `stopped`: it also runs when the connection is cut off
-        // under a frozen actor. do_send: one per connection.
+        // under a frozen actor, and when an upgrade is abandoned before the
+        // actor started. do_send: one per connection.
         self.hub.do_send(Disconnect { id: self.id });
     }
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSessionActor {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        if self.closing {
+            return;
+        }
         let now = Instant::now();
         self.link.touch(now);
         match item {
@@ -333,12 +393,16 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSessionActor {
                     self.on_text(text, ctx);
                 }
             }
-            Ok(ws::Message::Binary(_)) => {
+            Ok(ws::Message::Binary(bytes)) => {
+                if self.fragments.is_some() {
+                    return self.close(
+                        ctx,
+                        CloseCode::Protocol,
+                        "binary frame inside a fragmented message",
+                    );
+                }
                 if self.admit(now, ctx) {
-                    ctx.text(protocol::error_frame(
-                        "unsupported",
-                        "binary messages are not supported",
-                    ));
+                    self.forward(ClientFrame::Binary(bytes), ctx);
                 }
             }
             Ok(ws::Message::Continuation(item)) => {
@@ -349,32 +413,52 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSessionActor {
                     self.on_fragment(item, ctx);
                 }
             }
-            Ok(ws::Message::Close(reason)) => {
-                ctx.close(reason);
-                ctx.stop();
-            }
+            // The client's close: echo it (RFC 6455 §5.5.1), after our
+            // echoes of what it sent before.
+            Ok(ws::Message::Close(reason)) => self.close_after_flush(ctx, reason),
             Err(ws::ProtocolError::Overflow) => {
                 log::info!("session {}: closed, frame over the size limit", self.id);
                 self.close(ctx, CloseCode::Size, "message too big");
             }
+            // The payload stream failed: the connection is gone or broken,
+            // and no close frame will reach anyone.
+            Err(ws::ProtocolError::Io(e)) => {
+                log::debug!("session {}: connection error: {e}", self.id);
+                self.link.set_close_reason(ClosedBy::Error);
+                self.closing = true;
+                ctx.stop();
+            }
             Err(e) => {
-                // A peer that vanishes without a close frame shows up here as
-                // an I/O error; that is routine, not worth an info line.
-                log::debug!("session {}: closed on protocol error: {e}", self.id);
-                let code = if matches!(e, ws::ProtocolError::Io(_)) {
-                    CloseCode::Error
-                } else if e.to_string().contains("utf-8") {
-                    CloseCode::Invalid
-                } else {
-                    CloseCode::Protocol
-                };
-                self.close(ctx, code, "protocol error");
+                // The checker refuses everything the codec would, first; a
+                // codec error here is one it does not know about.
+                log::info!("session {}: closed on a protocol error: {e}", self.id);
+                self.close(ctx, CloseCode::Protocol, "protocol error");
             }
         }
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        ctx.stop();
+        if self.closing {
+            return;
+        }
+        match self.verdict.take() {
+            // The frame checker refused something and ended the stream after
+            // the frames before it, which have all been handled by now.
+            Some(v) => {
+                log::info!(
+                    "session {}: closed ({}), {}",
+                    self.id,
+                    u16::from(v.code),
+                    v.reason
+                );
+                self.close(ctx, v.code, v.reason);
+            }
+            // The client went away without a close frame.
+            None => {
+                self.closing = true;
+                ctx.stop();
+            }
+        }
     }
 }
 
@@ -382,7 +466,10 @@ impl Handler<Deliver> for WsSessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        ctx.text(msg.payload);
+        match msg.payload {
+            Payload::Text(text) => ctx.text(text),
+            Payload::Binary(bytes) => ctx.binary(bytes),
+        }
         self.link.release(msg.cost);
     }
 }
@@ -398,7 +485,13 @@ impl Handler<Heartbeat> for WsSessionActor {
 impl Handler<Close> for WsSessionActor {
     type Result = ();
 
+    /// The hub's close (eviction, shutdown): at once, without waiting for
+    /// a flush. A session already closing sends its own close shortly.
     fn handle(&mut self, msg: Close, ctx: &mut Self::Context) {
+        if self.closing {
+            return;
+        }
+        self.forwarded = false;
         self.close(ctx, msg.code, &msg.reason);
     }
 }

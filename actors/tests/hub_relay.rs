@@ -16,7 +16,7 @@ use common::hub_config;
 use actix::prelude::*;
 use happynet_actors::hub::queued_broadcasts;
 use happynet_actors::{
-    Broadcast, BroadcastHub, GetStats, Relay, RelayTarget, RoomName, SetRelay, Target,
+    Broadcast, BroadcastHub, GetStats, Payload, Relay, RelayTarget, RoomName, SetRelay, Target,
 };
 
 /// Records what the hub relays, in order.
@@ -65,6 +65,7 @@ async fn local_broadcasts_are_relayed_and_cluster_ones_are_not() {
             Target::Rooms(vec![room.clone(), RoomName::new("b").unwrap()]),
             "to two rooms",
         ),
+        Broadcast::binary(vec![0xff, 0x00]),
     ];
     // Built and not yet handled: counted as waiting for a hub.
     assert!(queued_broadcasts() >= queued.len());
@@ -78,32 +79,35 @@ async fn local_broadcasts_are_relayed_and_cluster_ones_are_not() {
     );
 
     let stats = hub.send(GetStats).await.unwrap();
-    assert_eq!(stats.broadcasts, 6);
-    assert_eq!(stats.broadcast_latency.count(), 6);
+    assert_eq!(stats.broadcasts, 7);
+    assert_eq!(stats.broadcast_latency.count(), 7);
     assert_eq!(stats.from_cluster, 1);
-    assert_eq!(stats.relayed, 3);
+    assert_eq!(stats.relayed, 4);
 
     // The recorder got the relays in order. The hub queued them before it
     // answered GetStats above, so this later Take arrives after them.
     let relayed = recorder.send(Take).await.unwrap();
-    let got: Vec<(RelayTarget, String)> = relayed
-        .into_iter()
-        .map(|r| (r.target, r.payload.to_string()))
-        .collect();
+    let got: Vec<(RelayTarget, Payload)> =
+        relayed.into_iter().map(|r| (r.target, r.payload)).collect();
     assert_eq!(
         got,
         vec![
-            (RelayTarget::All, "to all".to_owned()),
-            (RelayTarget::Rooms(vec![room.clone()]), "to news".to_owned()),
+            (RelayTarget::All, Payload::from("to all")),
+            (
+                RelayTarget::Rooms(vec![room.clone()]),
+                Payload::from("to news")
+            ),
             (
                 RelayTarget::Rooms(vec![room, RoomName::new("b").unwrap()]),
-                "to two rooms".to_owned()
+                Payload::from("to two rooms")
             ),
+            // Binary stays binary on its way to the other nodes.
+            (RelayTarget::All, Payload::Binary(vec![0xff, 0x00].into())),
         ]
     );
 
     // Removing the relay stops relaying.
     hub.send(SetRelay(None)).await.unwrap();
     hub.send(Broadcast::text("alone again")).await.unwrap();
-    assert_eq!(hub.send(GetStats).await.unwrap().relayed, 3);
+    assert_eq!(hub.send(GetStats).await.unwrap().relayed, 4);
 }

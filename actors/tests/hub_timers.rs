@@ -21,7 +21,11 @@ use futures::channel::mpsc;
 use futures::{FutureExt, Stream, StreamExt};
 use happynet_actors::gcra::Quota;
 use happynet_actors::liveness::EvictionPolicy;
-use happynet_actors::{Broadcast, BroadcastHub, GetStats, RoomName, SessionConfig, WsSessionActor};
+use happynet_actors::session::CLOSE_FLUSH_TIMEOUT;
+use happynet_actors::{
+    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, GetStats, RoomName,
+    SessionConfig, WsSessionActor,
+};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,30 +39,59 @@ struct DrivenSession {
     buf: BytesMut,
 }
 
+/// A protocol session of `id`, its actor created but not started (nobody
+/// has polled its output yet), and its `Connect` for the hub: what the
+/// upgrade route holds just before it registers the session.
+fn unstarted_session(
+    id: u64,
+    hub: &Addr<BroadcastHub>,
+    epoch: tokio::time::Instant,
+) -> (DrivenSession, Connect) {
+    unstarted_session_of(id, hub, epoch, ClientKind::Protocol)
+}
+
+fn unstarted_session_of(
+    id: u64,
+    hub: &Addr<BroadcastHub>,
+    epoch: tokio::time::Instant,
+    kind: ClientKind,
+) -> (DrivenSession, Connect) {
+    let config = Arc::new(SessionConfig {
+        max_message_bytes: 65536,
+        inbound: Quota::per_second(100.0, 100).unwrap(),
+        mailbox_capacity: 1024,
+    });
+    let actor = WsSessionActor::new(id, hub.clone(), epoch, config, kind, None);
+    let link = actor.link();
+    let (input, rx) = mpsc::unbounded();
+    let checked = actor.check_inbound(rx);
+    let (addr, output) = WebsocketContext::create_with_addr(actor, checked);
+    let connect = Connect {
+        id,
+        addr,
+        link,
+        room: RoomName::new("lobby").unwrap(),
+        presence: false,
+        kind,
+        socket: None,
+        ip_key: None,
+    };
+    let session = DrivenSession {
+        input,
+        output: Box::pin(output),
+        codec: Codec::new().client_mode(),
+        buf: BytesMut::new(),
+    };
+    (session, connect)
+}
+
 impl DrivenSession {
-    fn start(id: u64, hub: &Addr<BroadcastHub>, epoch: tokio::time::Instant) -> Self {
-        let config = Arc::new(SessionConfig {
-            max_message_bytes: 65536,
-            inbound: Quota::per_second(100.0, 100).unwrap(),
-            mailbox_capacity: 1024,
-        });
-        let actor = WsSessionActor::new(
-            id,
-            hub.clone(),
-            epoch,
-            config,
-            RoomName::new("lobby").unwrap(),
-            false,
-            None,
-            None,
-        );
-        let (input, rx) = mpsc::unbounded();
-        DrivenSession {
-            input,
-            output: Box::pin(WebsocketContext::create(actor, rx)),
-            codec: Codec::new().client_mode(),
-            buf: BytesMut::new(),
-        }
+    /// A session registered with `hub` as the upgrade route does it: before
+    /// its actor has started.
+    async fn start(id: u64, hub: &Addr<BroadcastHub>, epoch: tokio::time::Instant) -> Self {
+        let (session, connect) = unstarted_session(id, hub, epoch);
+        hub.send(connect).await.unwrap().unwrap();
+        session
     }
 
     fn send(&mut self, msg: Message) {
@@ -129,8 +162,8 @@ async fn the_hub_timer_keeps_answering_sessions_and_evicts_a_frozen_one() {
     let hub = hub_actor.start();
     let t0 = tokio::time::Instant::now();
 
-    let mut live = DrivenSession::start(1, &hub, epoch);
-    let mut frozen = DrivenSession::start(2, &hub, epoch);
+    let mut live = DrivenSession::start(1, &hub, epoch).await;
+    let mut frozen = DrivenSession::start(2, &hub, epoch).await;
     assert!(live.next_text().await.contains("welcome"));
     assert!(frozen.next_text().await.contains("welcome"));
     // From here on nobody polls `frozen`: its actor never runs again.
@@ -167,7 +200,7 @@ async fn a_session_that_stops_answering_is_evicted_after_client_timeout() {
     let epoch = hub_actor.epoch();
     let hub = hub_actor.start();
     let t0 = tokio::time::Instant::now();
-    let mut s = DrivenSession::start(1, &hub, epoch);
+    let mut s = DrivenSession::start(1, &hub, epoch).await;
     assert!(s.next_text().await.contains("welcome"));
 
     // It answers once at tick 1 (30.001 s), then goes quiet but keeps reading.
@@ -196,8 +229,8 @@ async fn a_frozen_session_is_evicted_once_its_byte_budget_is_spent() {
     let hub_actor = BroadcastHub::new(hub_config());
     let epoch = hub_actor.epoch();
     let hub = hub_actor.start();
-    let mut live = DrivenSession::start(1, &hub, epoch);
-    let mut frozen = DrivenSession::start(2, &hub, epoch);
+    let mut live = DrivenSession::start(1, &hub, epoch).await;
+    let mut frozen = DrivenSession::start(2, &hub, epoch).await;
     assert!(live.next_text().await.contains("welcome"));
     assert!(frozen.next_text().await.contains("welcome"));
 
@@ -217,4 +250,87 @@ async fn a_frozen_session_is_evicted_once_its_byte_budget_is_spent() {
     assert!(s.peak_session_queued_bytes <= CAP);
     assert!(s.peak_session_queued_bytes > CAP - EvictionPolicy::cost_of(1024));
     drop(frozen);
+}
+
+/// Registered before its `101`, a session's actor has not started and its
+/// mailbox holds actix's default 16: a burst of broadcasts in that window is
+/// queued past it, not taken for a slow consumer, and arrives in order.
+#[actix::test]
+async fn a_burst_before_the_session_starts_is_delivered_not_evicted() {
+    const BURST: usize = 200;
+    let hub_actor = BroadcastHub::new(hub_config());
+    let epoch = hub_actor.epoch();
+    let hub = hub_actor.start();
+    let mut s = DrivenSession::start(1, &hub, epoch).await;
+    for i in 0..BURST {
+        // Awaited: the hub has queued each one before the next, all while
+        // the session's actor has yet to run.
+        let reached = hub.send(Broadcast::text(format!("m{i}"))).await.unwrap();
+        assert_eq!(reached, 1, "broadcast {i}");
+    }
+    let st = stats(&hub).await;
+    assert_eq!((st.evicted_slow_consumer, st.dropped), (0, 0));
+    assert!(s.next_text().await.contains("welcome"));
+    for i in 0..BURST {
+        assert_eq!(s.next_text().await, format!("m{i}"));
+    }
+    // Started now: the configured mailbox applies from here on.
+    assert_eq!(hub.send(Broadcast::text("after")).await.unwrap(), 1);
+    assert_eq!(s.next_text().await, "after");
+    assert_eq!(stats(&hub).await.sessions, 1);
+}
+
+/// An upgrade abandoned before the hub answered (its response, and with it
+/// the unstarted session, dropped) is not registered.
+#[actix::test]
+async fn a_session_dropped_before_it_registers_is_refused() {
+    let hub_actor = BroadcastHub::new(hub_config());
+    let epoch = hub_actor.epoch();
+    let hub = hub_actor.start();
+    let (session, connect) = unstarted_session(1, &hub, epoch);
+    drop(session);
+    assert_eq!(hub.send(connect).await.unwrap(), Err(ConnectRefused::Gone));
+    assert_eq!(stats(&hub).await.sessions, 0);
+}
+
+/// A hub whose mailbox is full cannot take a client's message. A protocol
+/// client is told in an error frame and stays; a plain client, which gets
+/// no frames of the server's own, is closed with 1013 (try again later)
+/// rather than have its message vanish.
+#[actix::test]
+async fn a_full_hub_is_an_error_frame_for_a_protocol_client_and_1013_for_a_plain_one() {
+    tokio::time::pause();
+    // A hub that never runs: its mailbox (actix's default 16) fills up and
+    // stays full. actix lets each sender queue one message past the
+    // capacity, so each session's first message is taken and its second
+    // is refused.
+    let stalled: Context<BroadcastHub> = Context::new();
+    let hub = stalled.address();
+    while hub.try_send(GetStats).is_ok() {}
+    let epoch = tokio::time::Instant::now();
+
+    let (mut protocol, _) = unstarted_session_of(1, &hub, epoch, ClientKind::Protocol);
+    protocol.send(Message::Text("one".into()));
+    protocol.send(Message::Text("two".into()));
+    let v: serde_json::Value = serde_json::from_str(&protocol.next_text().await).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("busy"))
+    );
+
+    let (mut plain, _) = unstarted_session_of(2, &hub, epoch, ClientKind::Plain);
+    plain.send(Message::Text("one".into()));
+    plain.send(Message::Text("two".into()));
+    plain.drive().await;
+    // Its first message went to the hub, so the close waits for the hub's
+    // Flush, which a stalled hub never answers: the wait is bounded.
+    tokio::time::advance(CLOSE_FLUSH_TIMEOUT + Duration::from_millis(1)).await;
+    match plain.next_frame().await {
+        Frame::Close(Some(reason)) => {
+            assert_eq!(u16::from(reason.code), 1013);
+            assert_eq!(reason.description.as_deref(), Some("server overloaded"));
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    drop(stalled);
 }

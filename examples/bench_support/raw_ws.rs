@@ -34,11 +34,14 @@ const MAX_RESPONSE_HEAD: usize = 16 << 10;
 
 /// The upgrade request for `path` on `addr`. The key is fixed (the RFC 6455
 /// sample); the benchmark does not check `Sec-WebSocket-Accept` because it
-/// only ever talks to its own child over 127.0.0.1.
+/// only ever talks to its own child over 127.0.0.1. It offers happynet's
+/// protocol (`happynet.v1`) so that happynet sends the `welcome` frame the
+/// clients wait for; the naive hub ignores the offer and sends its own.
 pub(crate) fn handshake_request(addr: SocketAddr, path: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: happynet.v1\r\n\r\n"
     )
 }
 

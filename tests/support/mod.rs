@@ -33,6 +33,14 @@ pub fn config(json: &str) -> Config {
 /// Starts happynet with `config` behind a real actix-web server on
 /// `127.0.0.1:0`. Must run inside an actix System (`#[actix_web::test]`).
 pub async fn start(config: Config) -> TestServer {
+    start_lingering(config, None).await
+}
+
+/// Like [`start`], with actix-web's `client_disconnect_timeout` (how long
+/// a connection lingers after its response, 1 s by default) set to
+/// `linger`: a test that the server closes connections itself sets it far
+/// above [`WAIT`], so the linger cannot do it instead.
+pub async fn start_lingering(config: Config, linger: Option<Duration>) -> TestServer {
     let net = Network::start(config).expect("network starts");
     let routes = net.configure();
     let gateways = net.configure_gateways();
@@ -43,7 +51,11 @@ pub async fn start(config: Config) -> TestServer {
     })
     .workers(2)
     .on_connect(net.on_connect())
-    .disable_signals()
+    .disable_signals();
+    let server = match linger {
+        Some(linger) => server.client_disconnect_timeout(linger),
+        None => server,
+    }
     .bind(("127.0.0.1", 0))
     .expect("bind");
     let addr = server.addrs()[0];
@@ -87,10 +99,13 @@ pub fn http_client() -> awc::Client {
 
 type Framed = actix_codec::Framed<awc::BoxedSocket, ws::Codec>;
 
-/// A real WebSocket client (awc) connected to a test server.
+/// A real WebSocket client (awc) connected to a test server: plain (data
+/// only) from [`WsClient::connect`], or a protocol client (subprotocol
+/// `happynet.v1`) from [`WsClient::connect_protocol`].
 pub struct WsClient {
     framed: Framed,
-    /// The session id from the welcome frame.
+    /// The session id from the welcome frame (protocol clients; 0 for plain
+    /// ones, which get no welcome).
     pub session: u64,
     /// Whether to answer pings (a well-behaved client does).
     pub answer_pings: bool,
@@ -100,12 +115,17 @@ pub struct WsClient {
 #[derive(Debug)]
 pub enum Received {
     Text(String),
+    Binary(Vec<u8>),
     Closed(Option<ws::CloseReason>),
 }
 
+/// The subprotocol that makes a client a protocol client.
+pub const PROTOCOL: &str = "happynet.v1";
+
 impl WsClient {
-    /// Connects with `query` (e.g. `"?room=a"`) and waits for the welcome
-    /// frame, i.e. until the hub has registered the session.
+    /// Connects a plain client with `query` (e.g. `"?room=a"`). The hub
+    /// registered the session before the `101`, so broadcasts reach it
+    /// from the moment this returns.
     pub async fn connect(server: &TestServer, query: &str) -> WsClient {
         Self::try_connect(server, query)
             .await
@@ -113,35 +133,83 @@ impl WsClient {
     }
 
     pub async fn try_connect(server: &TestServer, query: &str) -> Result<WsClient, String> {
-        Self::try_connect_with(server, query, &[]).await
+        Self::open(server, query, &[])
+            .await
+            .map(|(client, _)| client)
     }
 
-    /// [`try_connect`](Self::try_connect) with extra request headers (e.g.
-    /// `X-Forwarded-For`, for a server that trusts it).
-    pub async fn try_connect_with(
+    /// Connects a protocol client, checks that the server echoed the
+    /// subprotocol and that the first frame is the welcome, and keeps the
+    /// session id from it.
+    pub async fn connect_protocol(server: &TestServer, query: &str) -> WsClient {
+        Self::try_connect_protocol(server, query)
+            .await
+            .unwrap_or_else(|e| panic!("websocket connect {query}: {e}"))
+    }
+
+    pub async fn try_connect_protocol(
+        server: &TestServer,
+        query: &str,
+    ) -> Result<WsClient, String> {
+        Self::try_connect_protocol_with(server, query, &[]).await
+    }
+
+    /// [`try_connect_protocol`](Self::try_connect_protocol) with extra
+    /// request headers (e.g. `X-Forwarded-For`, for a server that trusts it).
+    pub async fn try_connect_protocol_with(
         server: &TestServer,
         query: &str,
         headers: &[(&str, &str)],
     ) -> Result<WsClient, String> {
+        let (mut client, echoed) = Self::open_with(server, query, &[PROTOCOL], headers).await?;
+        assert_eq!(echoed.as_deref(), Some(PROTOCOL), "subprotocol echoed");
+        let welcome = client.next_json().await;
+        assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
+        client.session = welcome["session"].as_u64().expect("session id");
+        Ok(client)
+    }
+
+    /// Upgrades offering `protocols`; returns the client and the
+    /// subprotocol the server echoed.
+    pub async fn open(
+        server: &TestServer,
+        query: &str,
+        protocols: &[&str],
+    ) -> Result<(WsClient, Option<String>), String> {
+        Self::open_with(server, query, protocols, &[]).await
+    }
+
+    /// [`open`](Self::open) with extra request headers.
+    pub async fn open_with(
+        server: &TestServer,
+        query: &str,
+        protocols: &[&str],
+        headers: &[(&str, &str)],
+    ) -> Result<(WsClient, Option<String>), String> {
         let mut request = http_client()
             .ws(server.ws_url(query))
             .max_frame_size(1 << 20);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let (_, framed) = request.connect().await.map_err(|e| match e {
+        if !protocols.is_empty() {
+            request = request.protocols(protocols);
+        }
+        let (resp, framed) = request.connect().await.map_err(|e| match e {
             awc::error::WsClientError::InvalidResponseStatus(s) => format!("status {s}"),
             other => other.to_string(),
         })?;
-        let mut client = WsClient {
+        let echoed = resp
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let client = WsClient {
             framed,
             session: 0,
             answer_pings: true,
         };
-        let welcome = client.next_json().await;
-        assert_eq!(welcome["type"], "welcome", "first frame: {welcome}");
-        client.session = welcome["session"].as_u64().expect("session id");
-        Ok(client)
+        Ok((client, echoed))
     }
 
     pub async fn send_text(&mut self, text: &str) {
@@ -179,6 +247,9 @@ impl WsClient {
                         String::from_utf8(bytes.to_vec()).expect("utf-8 text"),
                     ))
                 }
+                Some(Ok(ws::Frame::Binary(bytes))) => {
+                    return Some(Received::Binary(bytes.to_vec()))
+                }
                 Some(Ok(ws::Frame::Close(reason))) => return Some(Received::Closed(reason)),
                 Some(Ok(ws::Frame::Ping(p))) => {
                     if self.answer_pings {
@@ -190,11 +261,19 @@ impl WsClient {
         }
     }
 
-    /// The next text frame; panics on close.
+    /// The next text frame; panics on anything else.
     pub async fn next_text(&mut self) -> String {
         match self.recv().await {
             Received::Text(t) => t,
-            Received::Closed(r) => panic!("session {}: closed {r:?}", self.session),
+            other => panic!("session {}: expected text, got {other:?}", self.session),
+        }
+    }
+
+    /// The next binary frame; panics on anything else.
+    pub async fn next_binary(&mut self) -> Vec<u8> {
+        match self.recv().await {
+            Received::Binary(b) => b,
+            other => panic!("session {}: expected binary, got {other:?}", self.session),
         }
     }
 
@@ -221,7 +300,7 @@ impl WsClient {
                 Received::Closed(None) => {
                     panic!("session {}: closed without a close frame", self.session)
                 }
-                Received::Text(_) => {}
+                Received::Text(_) | Received::Binary(_) => {}
             }
         }
     }
@@ -257,6 +336,29 @@ pub async fn wait_for_hub(server: &TestServer, what: &str, pred: impl Fn(&Value)
     }
 }
 
+/// Parses one unmasked server frame at the start of `buf`: the frame and
+/// its length, or `None` while incomplete.
+fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    let [b0, b1, ..] = *buf else {
+        return None;
+    };
+    assert_eq!(b1 & 0x80, 0, "the server masked a frame");
+    let (header, len) = match b1 & 0x7f {
+        126 => (
+            4,
+            usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+        ),
+        127 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(buf.get(2..10)?);
+            (10, u64::from_be_bytes(n) as usize)
+        }
+        n => (2, usize::from(n)),
+    };
+    let payload = buf.get(header..header + len)?.to_vec();
+    Some((RawFrame { b0, payload }, header + len))
+}
+
 /// Resident set size of this process, in bytes.
 pub fn rss_bytes() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -272,19 +374,82 @@ pub fn rss_bytes() -> usize {
 /// the server's writes back up.
 pub struct RawWsClient {
     pub stream: tokio::net::TcpStream,
+    /// Bytes read and not yet parsed into frames.
+    pending: Vec<u8>,
+}
+
+/// One frame a server sent, as [`RawWsClient::read_frame`] parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    /// The first header byte: FIN, RSV and opcode.
+    pub b0: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    pub fn opcode(&self) -> u8 {
+        self.b0 & 0x0f
+    }
+
+    /// The code of a close frame (1005, "no status", for an empty one).
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode() == 0x8).then(|| match self.payload[..] {
+            [hi, lo, ..] => u16::from_be_bytes([hi, lo]),
+            _ => 1005,
+        })
+    }
+}
+
+/// A client frame masked as RFC 6455 requires: `b0` is FIN, RSV and opcode
+/// exactly as given (so tests can set what a client must not).
+pub fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+    const MASK: [u8; 4] = [0x1b, 0x9e, 0x4c, 0x07];
+    let mut out = vec![b0];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&MASK);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    out
+}
+
+/// A client close frame with `code` and `reason`.
+pub fn client_close(code: u16, reason: &[u8]) -> Vec<u8> {
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(reason);
+    client_frame(0x88, &payload)
 }
 
 impl RawWsClient {
     /// Connects with a receive buffer of `rcvbuf` bytes and completes the
     /// upgrade handshake, reading nothing beyond the response headers.
     pub async fn connect(addr: SocketAddr, query: &str, rcvbuf: u32) -> RawWsClient {
+        Self::connect_with(addr, query, rcvbuf, "").await
+    }
+
+    /// Like [`connect`](Self::connect), with `headers` (each ending in
+    /// `\r\n`) added to the upgrade request.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        query: &str,
+        rcvbuf: u32,
+        headers: &str,
+    ) -> RawWsClient {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
         let mut stream = socket.connect(addr).await.expect("connect");
         let req = format!(
             "GET /ws{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
         );
         stream.write_all(req.as_bytes()).await.expect("handshake");
         // Read the response one byte at a time so no frame bytes are consumed.
@@ -304,7 +469,58 @@ impl RawWsClient {
             head.starts_with("HTTP/1.1 101"),
             "handshake refused: {head}"
         );
-        RawWsClient { stream }
+        RawWsClient {
+            stream,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes` as they are.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
+    /// The next frame the server sent, or `None` at the end of the stream
+    /// (or a reset). Panics after [`WAIT`].
+    pub async fn read_frame(&mut self) -> Option<RawFrame> {
+        use tokio::io::AsyncReadExt;
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.pending) {
+                self.pending.drain(..used);
+                return Some(frame);
+            }
+            let mut buf = [0u8; 8192];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+                Err(_) => panic!("nothing from the server within {WAIT:?}"),
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    assert!(self.pending.is_empty(), "stream ended inside a frame");
+                    return None;
+                }
+                Ok(Ok(n)) => self.pending.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Reads up to the server's close frame and returns it; panics if the
+    /// stream ends first.
+    pub async fn expect_close(&mut self) -> RawFrame {
+        loop {
+            match self.read_frame().await {
+                Some(f) if f.opcode() == 0x8 => return f,
+                Some(_) => {}
+                None => panic!("the connection ended without a close frame"),
+            }
+        }
+    }
+
+    /// Asserts that the server ends the connection next (EOF, nothing more
+    /// sent) within [`WAIT`], without the client closing its side.
+    pub async fn expect_eof(&mut self) {
+        if let Some(f) = self.read_frame().await {
+            panic!("expected the end of the stream, got {f:?}");
+        }
     }
 
     /// Reads and discards everything until the server closes the connection.
