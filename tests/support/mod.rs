@@ -481,23 +481,43 @@ impl RawWsClient {
         self.stream.write_all(bytes).await.expect("write");
     }
 
+    /// Writes `bytes`, returning the error (a server that has closed may
+    /// refuse them) rather than panicking.
+    pub async fn write_some(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await
+    }
+
+    /// Shuts the client's sending side (a FIN), leaving it reading.
+    pub async fn shutdown_write(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        let _ = self.stream.shutdown().await;
+    }
+
     /// The next frame the server sent, or `None` at the end of the stream
     /// (or a reset). Panics after [`WAIT`].
     pub async fn read_frame(&mut self) -> Option<RawFrame> {
+        self.try_read_frame().await.unwrap_or(None)
+    }
+
+    /// Like [`read_frame`](Self::read_frame), telling a reset (`Err`) from
+    /// an orderly end of the stream (`Ok(None)`).
+    pub async fn try_read_frame(&mut self) -> std::io::Result<Option<RawFrame>> {
         use tokio::io::AsyncReadExt;
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             if let Some((frame, used)) = parse_server_frame(&self.pending) {
                 self.pending.drain(..used);
-                return Some(frame);
+                return Ok(Some(frame));
             }
             let mut buf = [0u8; 8192];
             match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
                 Err(_) => panic!("nothing from the server within {WAIT:?}"),
-                Ok(Ok(0)) | Ok(Err(_)) => {
+                Ok(Ok(0)) => {
                     assert!(self.pending.is_empty(), "stream ended inside a frame");
-                    return None;
+                    return Ok(None);
                 }
+                Ok(Err(e)) => return Err(e),
                 Ok(Ok(n)) => self.pending.extend_from_slice(&buf[..n]),
             }
         }
