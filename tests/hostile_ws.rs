@@ -23,6 +23,8 @@
 //! `HOSTILE_WS_SEED` to replay one). `cargo test --test hostile_ws --
 //! --nocapture` prints the counts per ending.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use happynet::Broadcast;
