@@ -93,7 +93,7 @@ pub use error::HttpError;
 pub use happynet_actors as actors;
 pub use happynet_actors::{Broadcast, BroadcastHub, RoomName, SessionId, Target};
 pub use network::Network;
-pub use upstream::{RequestBuilder, Response, StreamedResponse};
+pub use upstream::{RequestBuilder, Response, StreamingResponse};
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[doc = include_str!("../README.md")]

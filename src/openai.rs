@@ -284,11 +284,11 @@ impl OpenAiClient {
 /// Turns a streamed body of chat-completion chunks into deltas.
 fn deltas(
     upstream: String,
-    body: crate::upstream::StreamedResponse,
+    body: crate::upstream::StreamingResponse,
 ) -> impl Stream<Item = Result<ChatDelta, HttpError>> {
     struct State {
         upstream: String,
-        body: crate::upstream::StreamedResponse,
+        body: crate::upstream::StreamingResponse,
         parser: SseParser,
         ready: VecDeque<ChatDelta>,
         done: bool,

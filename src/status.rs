@@ -430,7 +430,7 @@ mod tests {
     use super::*;
     use crate::alerts::{AlertRule, AlertState};
     use happynet_actors::pool::PoolStats;
-    use happynet_actors::{BreakerSnapshot, HubStats, LimiterStats};
+    use happynet_actors::{BreakerStats, HubStats, LimiterStats};
 
     fn room(name: &str) -> RoomName {
         RoomName::new(name).expect("valid room name")
@@ -522,7 +522,7 @@ mod tests {
                     sent_per_endpoint: vec![2, 3],
                     ..PoolStats::default()
                 }),
-                breaker: Some(BreakerSnapshot {
+                breaker: Some(BreakerStats {
                     state: BreakerStateKind::HalfOpen,
                     retry_after: None,
                     calls: 5,

@@ -40,7 +40,7 @@
 //!
 //! Every call is also counted, in one [`CallStats`] per upstream behind a
 //! `Mutex` (read by [`Upstream::call_stats`], exposed by `GET /metrics`):
-//! how it ended ([`RequestOutcome`]), every attempt's status class, the
+//! how it ended ([`CallOutcome`]), every attempt's status class, the
 //! duration of whole calls, retries, and retries the budget refused. The lock
 //! is taken once per attempt and once per call, almost always by the
 //! upstream's own arbiter thread, so it is uncontended: a few tens of
@@ -55,7 +55,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::web::Bytes;
 use happynet_actors::backoff::{parse_retry_after, Backoff, Jitter, RetryBudget, RetryDecision};
 use happynet_actors::balancer::{EjectionConfig, Strategy};
-use happynet_actors::breaker::{BreakerActor, Outcome, Permit};
+use happynet_actors::breaker::{BreakerActor, AttemptOutcome, Permit};
 use happynet_actors::cache::{
     CacheCounters, CacheKey, Lookup, ResponseCache, StoredResponse, Validators,
 };
@@ -285,13 +285,13 @@ impl Upstream {
     ///
     /// A fresh cache hit is answered on the caller's thread, without the
     /// round trip: the cache is shared, and a hit needs no actor. It is
-    /// counted as [`RequestOutcome::CacheHit`] but not timed: its
+    /// counted as [`CallOutcome::CacheHit`] but not timed: its
     /// microseconds would hide the upstream's latency in the histogram.
     pub async fn call(self: &Arc<Self>, req: Request) -> Result<Response, HttpError> {
         let cached = match self.cache_key(&req) {
             Some(key) => match self.with_cache(|c, now| c.lookup(&key, now)) {
                 Some(Lookup::Fresh(stored)) => {
-                    self.count(|s| s.ended(RequestOutcome::CacheHit, None));
+                    self.count(|s| s.ended(CallOutcome::CacheHit, None));
                     return Ok(self.cached_response(stored));
                 }
                 Some(Lookup::Stale { validators, .. }) => Some((key, Some(validators))),
@@ -300,9 +300,9 @@ impl Upstream {
             None => None,
         };
         let classify = |r: &Result<Response, HttpError>| match r {
-            Ok(resp) if resp.from_fallback => RequestOutcome::Fallback,
-            Ok(_) => RequestOutcome::Ok,
-            Err(e) => RequestOutcome::of_error(e),
+            Ok(resp) if resp.from_fallback => CallOutcome::Fallback,
+            Ok(_) => CallOutcome::Ok,
+            Err(e) => CallOutcome::of_error(e),
         };
         self.hand_off(
             classify,
@@ -316,11 +316,11 @@ impl Upstream {
     /// stops the work: no more retries or waits on its behalf.
     ///
     /// Counts the call: how it ended (`classify`) and how long it took from
-    /// here to its answer, or [`RequestOutcome::Cancelled`] when the work is
+    /// here to its answer, or [`CallOutcome::Cancelled`] when the work is
     /// dropped unfinished.
     async fn hand_off<T, F, Fut>(
         self: &Arc<Self>,
-        classify: fn(&Result<T, HttpError>) -> RequestOutcome,
+        classify: fn(&Result<T, HttpError>) -> CallOutcome,
         work: F,
     ) -> Result<T, HttpError>
     where
@@ -352,7 +352,7 @@ impl Upstream {
             message: "the upstream arbiter has stopped".into(),
         };
         if !spawned {
-            self.count(|s| s.ended(RequestOutcome::Internal, None));
+            self.count(|s| s.ended(CallOutcome::Internal, None));
             return Err(gone());
         }
         answer.await.unwrap_or_else(|_| Err(gone()))
@@ -629,7 +629,7 @@ impl Upstream {
         &self,
         headers: &HeaderMap,
         elapsed: Duration,
-    ) -> Option<(HttpError, Outcome)> {
+    ) -> Option<(HttpError, AttemptOutcome)> {
         let size = header_bytes(headers);
         (size > MAX_RESPONSE_HEADER_BYTES).then(|| {
             (
@@ -639,7 +639,7 @@ impl Upstream {
                         "response headers of {size} bytes, over the limit of {MAX_RESPONSE_HEADER_BYTES}"
                     ),
                 },
-                Outcome::Failure { elapsed },
+                AttemptOutcome::Failure { elapsed },
             )
         })
     }
@@ -685,14 +685,14 @@ impl Upstream {
         status: Option<StatusCode>,
         error: Option<&PoolError>,
         elapsed: Duration,
-    ) -> Outcome {
+    ) -> AttemptOutcome {
         match (status, error) {
-            (Some(s), _) if s.is_server_error() => Outcome::Failure { elapsed },
+            (Some(s), _) if s.is_server_error() => AttemptOutcome::Failure { elapsed },
             // 429 says "slow down", not "unhealthy"; other 4xx are healthy answers.
-            (Some(StatusCode::TOO_MANY_REQUESTS), _) => Outcome::Ignored,
-            (Some(_), _) => Outcome::Success { elapsed },
-            (None, Some(e)) if e.is_upstream_failure() => Outcome::Failure { elapsed },
-            _ => Outcome::Ignored,
+            (Some(StatusCode::TOO_MANY_REQUESTS), _) => AttemptOutcome::Ignored,
+            (Some(_), _) => AttemptOutcome::Success { elapsed },
+            (None, Some(e)) if e.is_upstream_failure() => AttemptOutcome::Failure { elapsed },
+            _ => AttemptOutcome::Ignored,
         }
     }
 
@@ -710,7 +710,7 @@ impl Upstream {
     ) -> Result<T, HttpError>
     where
         F: FnMut(Instant, u32, Grant) -> Fut,
-        Fut: std::future::Future<Output = (Attempt<T>, Outcome)>,
+        Fut: std::future::Future<Output = (Attempt<T>, AttemptOutcome)>,
     {
         let name = &self.settings.name;
         let idempotent = req.retry_non_idempotent || is_idempotent(&req.method);
@@ -870,10 +870,10 @@ impl Upstream {
     pub async fn call_stream(
         self: &Arc<Self>,
         req: Request,
-    ) -> Result<StreamedResponse, HttpError> {
-        let classify = |r: &Result<StreamedResponse, HttpError>| match r {
-            Ok(_) => RequestOutcome::Ok,
-            Err(e) => RequestOutcome::of_error(e),
+    ) -> Result<StreamingResponse, HttpError> {
+        let classify = |r: &Result<StreamingResponse, HttpError>| match r {
+            Ok(_) => CallOutcome::Ok,
+            Err(e) => CallOutcome::of_error(e),
         };
         self.hand_off(classify, move |this| async move {
             let started = Instant::now();
@@ -894,7 +894,7 @@ impl Upstream {
         &self,
         req: &Request,
         deadline: Instant,
-    ) -> Result<StreamedResponse, HttpError> {
+    ) -> Result<StreamingResponse, HttpError> {
         let (path, headers) = self.outgoing(req)?;
         let name = self.settings.name.clone();
         self.pipeline(req, deadline, |attempt_deadline, attempts, grant| {
@@ -938,7 +938,7 @@ impl Upstream {
                     drop_decoded_encoding(&mut head.headers);
                 }
                 if head.status.as_u16() < 400 {
-                    let streamed = StreamedResponse {
+                    let streamed = StreamingResponse {
                         status: head.status,
                         headers: head.headers,
                         upstream: name,
@@ -1017,7 +1017,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// body use the same word.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum RequestOutcome {
+pub enum CallOutcome {
     /// `ok`: a response from the upstream (or, on a cached path, a stale
     /// entry revalidated by a `304` or served after an upstream failure;
     /// the cache's own families count those).
@@ -1053,41 +1053,41 @@ pub enum RequestOutcome {
     Internal,
 }
 
-impl RequestOutcome {
+impl CallOutcome {
     /// Every outcome, in the order [`CallStats`] keeps them.
-    pub const ALL: [RequestOutcome; 15] = [
-        RequestOutcome::Ok,
-        RequestOutcome::CacheHit,
-        RequestOutcome::Fallback,
-        RequestOutcome::Cancelled,
-        RequestOutcome::Timeout,
-        RequestOutcome::Connect,
-        RequestOutcome::Status,
-        RequestOutcome::BreakerOpen,
-        RequestOutcome::RateLimited,
-        RequestOutcome::Overloaded,
-        RequestOutcome::Transport,
-        RequestOutcome::Decode,
-        RequestOutcome::InvalidRequest,
-        RequestOutcome::MissingSecret,
-        RequestOutcome::Internal,
+    pub const ALL: [CallOutcome; 15] = [
+        CallOutcome::Ok,
+        CallOutcome::CacheHit,
+        CallOutcome::Fallback,
+        CallOutcome::Cancelled,
+        CallOutcome::Timeout,
+        CallOutcome::Connect,
+        CallOutcome::Status,
+        CallOutcome::BreakerOpen,
+        CallOutcome::RateLimited,
+        CallOutcome::Overloaded,
+        CallOutcome::Transport,
+        CallOutcome::Decode,
+        CallOutcome::InvalidRequest,
+        CallOutcome::MissingSecret,
+        CallOutcome::Internal,
     ];
 
     /// The outcome of a call that failed with `e`.
     pub fn of_error(e: &HttpError) -> Self {
         // Exhaustive on purpose: a new error variant must choose its outcome.
         match e {
-            HttpError::Timeout { .. } => RequestOutcome::Timeout,
-            HttpError::Connect { .. } => RequestOutcome::Connect,
-            HttpError::Status { .. } => RequestOutcome::Status,
-            HttpError::BreakerOpen { .. } => RequestOutcome::BreakerOpen,
-            HttpError::RateLimited { .. } => RequestOutcome::RateLimited,
-            HttpError::Overloaded { .. } => RequestOutcome::Overloaded,
-            HttpError::Transport { .. } => RequestOutcome::Transport,
-            HttpError::Decode { .. } => RequestOutcome::Decode,
-            HttpError::InvalidRequest { .. } => RequestOutcome::InvalidRequest,
-            HttpError::MissingSecret { .. } => RequestOutcome::MissingSecret,
-            HttpError::Internal { .. } => RequestOutcome::Internal,
+            HttpError::Timeout { .. } => CallOutcome::Timeout,
+            HttpError::Connect { .. } => CallOutcome::Connect,
+            HttpError::Status { .. } => CallOutcome::Status,
+            HttpError::BreakerOpen { .. } => CallOutcome::BreakerOpen,
+            HttpError::RateLimited { .. } => CallOutcome::RateLimited,
+            HttpError::Overloaded { .. } => CallOutcome::Overloaded,
+            HttpError::Transport { .. } => CallOutcome::Transport,
+            HttpError::Decode { .. } => CallOutcome::Decode,
+            HttpError::InvalidRequest { .. } => CallOutcome::InvalidRequest,
+            HttpError::MissingSecret { .. } => CallOutcome::MissingSecret,
+            HttpError::Internal { .. } => CallOutcome::Internal,
         }
     }
 
@@ -1095,25 +1095,25 @@ impl RequestOutcome {
     /// error's [`HttpError::kind`].
     pub fn as_str(self) -> &'static str {
         match self {
-            RequestOutcome::Ok => "ok",
-            RequestOutcome::CacheHit => "cache_hit",
-            RequestOutcome::Fallback => "fallback",
-            RequestOutcome::Cancelled => "cancelled",
-            RequestOutcome::Timeout => "timeout",
-            RequestOutcome::Connect => "connect",
-            RequestOutcome::Status => "status",
-            RequestOutcome::BreakerOpen => "breaker_open",
-            RequestOutcome::RateLimited => "rate_limited",
-            RequestOutcome::Overloaded => "overloaded",
-            RequestOutcome::Transport => "transport",
-            RequestOutcome::Decode => "decode",
-            RequestOutcome::InvalidRequest => "invalid_request",
-            RequestOutcome::MissingSecret => "missing_secret",
-            RequestOutcome::Internal => "internal",
+            CallOutcome::Ok => "ok",
+            CallOutcome::CacheHit => "cache_hit",
+            CallOutcome::Fallback => "fallback",
+            CallOutcome::Cancelled => "cancelled",
+            CallOutcome::Timeout => "timeout",
+            CallOutcome::Connect => "connect",
+            CallOutcome::Status => "status",
+            CallOutcome::BreakerOpen => "breaker_open",
+            CallOutcome::RateLimited => "rate_limited",
+            CallOutcome::Overloaded => "overloaded",
+            CallOutcome::Transport => "transport",
+            CallOutcome::Decode => "decode",
+            CallOutcome::InvalidRequest => "invalid_request",
+            CallOutcome::MissingSecret => "missing_secret",
+            CallOutcome::Internal => "internal",
         }
     }
 
-    /// This outcome's place in [`RequestOutcome::ALL`], which lists the
+    /// This outcome's place in [`CallOutcome::ALL`], which lists the
     /// variants in declaration order (a unit test checks it).
     fn index(self) -> usize {
         self as usize
@@ -1129,14 +1129,14 @@ pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other
 /// [`Upstream::call_stats`]. Plain data; every count only grows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallStats {
-    /// Calls per outcome, in the order of [`RequestOutcome::ALL`].
-    requests: [u64; RequestOutcome::ALL.len()],
+    /// Calls per outcome, in the order of [`CallOutcome::ALL`].
+    requests: [u64; CallOutcome::ALL.len()],
     /// Responses (of every attempt) per class, in the order of
     /// [`STATUS_CLASSES`].
     responses: [u64; STATUS_CLASSES.len()],
     /// How long whole calls took, from the caller's hand-off to the answer,
     /// every retry and wait included. Fresh cache hits and cancelled calls
-    /// are not timed (see [`RequestOutcome`]).
+    /// are not timed (see [`CallOutcome`]).
     pub latency: Histogram,
     /// Attempts after the first (each retry that was sent).
     pub retries: u64,
@@ -1146,13 +1146,13 @@ pub struct CallStats {
 
 impl CallStats {
     /// Calls that ended with `outcome`.
-    pub fn requests(&self, outcome: RequestOutcome) -> u64 {
+    pub fn requests(&self, outcome: CallOutcome) -> u64 {
         self.requests[outcome.index()]
     }
 
     /// Calls per outcome, every outcome included (zeros too).
-    pub fn requests_by_outcome(&self) -> impl Iterator<Item = (RequestOutcome, u64)> + '_ {
-        RequestOutcome::ALL.into_iter().zip(self.requests)
+    pub fn requests_by_outcome(&self) -> impl Iterator<Item = (CallOutcome, u64)> + '_ {
+        CallOutcome::ALL.into_iter().zip(self.requests)
     }
 
     /// Responses per status class ([`STATUS_CLASSES`]), counting every
@@ -1169,7 +1169,7 @@ impl CallStats {
     }
 
     /// Counts one call's end; `took` is `None` for calls not timed.
-    pub(crate) fn ended(&mut self, outcome: RequestOutcome, took: Option<Duration>) {
+    pub(crate) fn ended(&mut self, outcome: CallOutcome, took: Option<Duration>) {
         self.requests[outcome.index()] += 1;
         if let Some(took) = took {
             self.latency.observe(took);
@@ -1186,7 +1186,7 @@ struct CallRecord<'a> {
 }
 
 impl CallRecord<'_> {
-    fn finish(mut self, outcome: RequestOutcome) {
+    fn finish(mut self, outcome: CallOutcome) {
         self.finished = true;
         let took = self.started.elapsed();
         self.upstream.count(|s| s.ended(outcome, Some(took)));
@@ -1197,7 +1197,7 @@ impl Drop for CallRecord<'_> {
     fn drop(&mut self) {
         if !self.finished {
             self.upstream
-                .count(|s| s.ended(RequestOutcome::Cancelled, None));
+                .count(|s| s.ended(CallOutcome::Cancelled, None));
         }
     }
 }
@@ -1483,7 +1483,7 @@ impl RequestBuilder {
     /// Like [`send`](Self::send), but returns as soon as a successful
     /// response head arrives, with the body as a stream. Retries happen only
     /// before that point. Fallbacks do not apply to streams.
-    pub async fn send_streaming(self) -> Result<StreamedResponse, HttpError> {
+    pub async fn send_streaming(self) -> Result<StreamingResponse, HttpError> {
         let upstream = self.target?;
         upstream.call_stream(self.request).await
     }
@@ -1510,7 +1510,7 @@ pub struct Response {
 
 /// A response whose body is still arriving.
 #[derive(Debug)]
-pub struct StreamedResponse {
+pub struct StreamingResponse {
     /// The status (always below 400: error answers become errors).
     pub status: StatusCode,
     /// The headers.
@@ -1525,7 +1525,7 @@ pub struct StreamedResponse {
     ended: Option<tokio::sync::oneshot::Receiver<Result<(), PoolError>>>,
 }
 
-impl StreamedResponse {
+impl StreamingResponse {
     /// The next body chunk; `None` at the end. A stream cut short without
     /// an error chunk (its reader stalled past the write timeout, or the
     /// pool stopped) ends with an `Err`, never with a `None` that would pass
@@ -1618,13 +1618,13 @@ mod tests {
 
     #[test]
     fn outcomes_are_listed_in_declaration_order_with_distinct_labels() {
-        for (i, outcome) in RequestOutcome::ALL.iter().enumerate() {
+        for (i, outcome) in CallOutcome::ALL.iter().enumerate() {
             assert_eq!(outcome.index(), i, "{outcome:?}");
         }
-        let mut labels: Vec<&str> = RequestOutcome::ALL.iter().map(|o| o.as_str()).collect();
+        let mut labels: Vec<&str> = CallOutcome::ALL.iter().map(|o| o.as_str()).collect();
         labels.sort_unstable();
         labels.dedup();
-        assert_eq!(labels.len(), RequestOutcome::ALL.len());
+        assert_eq!(labels.len(), CallOutcome::ALL.len());
     }
 
     #[test]
@@ -1675,7 +1675,7 @@ mod tests {
             },
         ];
         for e in &errors {
-            assert_eq!(RequestOutcome::of_error(e).as_str(), e.kind());
+            assert_eq!(CallOutcome::of_error(e).as_str(), e.kind());
         }
     }
 
@@ -1702,15 +1702,15 @@ mod tests {
     #[test]
     fn only_timed_ends_reach_the_latency_histogram() {
         let mut stats = CallStats::default();
-        stats.ended(RequestOutcome::Ok, Some(Duration::from_millis(3)));
-        stats.ended(RequestOutcome::Status, Some(Duration::from_millis(30)));
-        stats.ended(RequestOutcome::CacheHit, None);
-        stats.ended(RequestOutcome::Cancelled, None);
-        assert_eq!(stats.requests(RequestOutcome::Ok), 1);
-        assert_eq!(stats.requests(RequestOutcome::Status), 1);
-        assert_eq!(stats.requests(RequestOutcome::CacheHit), 1);
-        assert_eq!(stats.requests(RequestOutcome::Cancelled), 1);
-        assert_eq!(stats.requests(RequestOutcome::Timeout), 0);
+        stats.ended(CallOutcome::Ok, Some(Duration::from_millis(3)));
+        stats.ended(CallOutcome::Status, Some(Duration::from_millis(30)));
+        stats.ended(CallOutcome::CacheHit, None);
+        stats.ended(CallOutcome::Cancelled, None);
+        assert_eq!(stats.requests(CallOutcome::Ok), 1);
+        assert_eq!(stats.requests(CallOutcome::Status), 1);
+        assert_eq!(stats.requests(CallOutcome::CacheHit), 1);
+        assert_eq!(stats.requests(CallOutcome::Cancelled), 1);
+        assert_eq!(stats.requests(CallOutcome::Timeout), 0);
         let total: u64 = stats.requests_by_outcome().map(|(_, n)| n).sum();
         assert_eq!(total, 4);
         assert_eq!(stats.latency.count(), 2);

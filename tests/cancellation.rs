@@ -26,11 +26,11 @@ mod fake_upstream;
 use actix_web::rt::task::JoinHandle;
 use fake_upstream::{FakeUpstream, Faults, FAULT_HANG_HEADER};
 use futures::future::join_all;
-use happynet::actors::breaker::GetBreakerState;
+use happynet::actors::breaker::GetBreakerStats;
 use happynet::actors::pool::{GetPoolStats, PoolStats};
 use happynet::actors::single_flight::DEFAULT_MAX_WAITERS;
 use happynet::actors::BreakerStateKind;
-use happynet::upstream::RequestOutcome;
+use happynet::upstream::CallOutcome;
 use happynet::{ApiClient, Config, HttpError, Network, Response};
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -136,7 +136,7 @@ async fn hang_up<T: std::fmt::Debug>(api: &ApiClient, call: JoinHandle<T>) {
     let cancelled = || {
         api.upstream()
             .call_stats()
-            .requests(RequestOutcome::Cancelled)
+            .requests(CallOutcome::Cancelled)
     };
     let before = cancelled();
     call.abort();
@@ -298,7 +298,7 @@ async fn a_half_open_probe_whose_caller_hangs_up_frees_the_probe_slot_at_once() 
     assert!(matches!(err, HttpError::BreakerOpen { .. }), "{err}");
     let breaker = api.upstream().breaker().clone();
     wait_until("the breaker to let a probe through", || async {
-        let s = breaker.send(GetBreakerState).await.unwrap();
+        let s = breaker.send(GetBreakerStats).await.unwrap();
         s.state == BreakerStateKind::HalfOpen
     })
     .await;
@@ -310,7 +310,7 @@ async fn a_half_open_probe_whose_caller_hangs_up_frees_the_probe_slot_at_once() 
     // The probe slot is free at once (the open duration is 1 s, so a slot
     // presumed lost would come back only after it, as a BreakerOpen first).
     succeeds_at_once(&api, "/x").await;
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Closed);
 }
 
