@@ -53,12 +53,12 @@
 //! | `slow_consumer_evictions` | `hub` | ≥ `per_minute` slow consumers evicted in the last minute | fewer |
 //! | `connections_near_max` | `websocket` | open WebSockets ≥ `ratio × max_connections` | fewer |
 
-use crate::client::{ApiClient, Upstreams};
 use crate::config::{AlertRulesConfig, AlertsConfig, ConfigError, NetworkConfig};
 use crate::metrics::Snapshot;
 use crate::network::WeakNetwork;
+use crate::upstream::{ApiClient, Upstreams};
 use actix::prelude::*;
-use happynet_actors::{BreakerStats, BreakerStateKind};
+use happynet_actors::{BreakerStateKind, BreakerStats};
 use serde::Serialize;
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};

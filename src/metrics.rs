@@ -91,19 +91,18 @@
 //! `Authorization: Bearer <token>` (Prometheus' `authorization` setting).
 
 use crate::alerts::AlertCounters;
-use crate::client::ApiClient;
 use crate::cluster::{ClusterStats, GetClusterStats};
 use crate::network::Network;
 use crate::security::SecurityStats;
-use crate::upstream::CallStats;
+use crate::upstream::ApiClient;
+use crate::upstream::{CacheStats, CallStats};
 use actix::MailboxError;
 use actix_web::{web, HttpResponse};
 use futures::future::join_all;
-use happynet_actors::cache::CacheCounters;
 use happynet_actors::pool::{GetPoolStats, PoolStats};
 use happynet_actors::single_flight::FlightCounters;
 use happynet_actors::{
-    BreakerStats, BreakerStateKind, GetBreakerStats, GetLimiterStats, GetStats, Histogram,
+    BreakerStateKind, BreakerStats, GetBreakerStats, GetLimiterStats, GetStats, Histogram,
     HubStats, LimiterStats,
 };
 use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -169,7 +168,7 @@ pub(crate) struct UpstreamSnapshot {
     pub(crate) breaker: Option<BreakerStats>,
     pub(crate) limiter: Option<LimiterStats>,
     /// The cache's counters, collapsed calls, entries and bytes.
-    pub(crate) cache: Option<(CacheCounters, u64, usize, usize)>,
+    pub(crate) cache: Option<CacheStats>,
     /// What the cache's single-flight did; `None` without a cache.
     pub(crate) flights: Option<FlightCounters>,
     /// What the calls did; kept by the `Upstream` itself, so always there.
@@ -687,7 +686,7 @@ impl Exposition {
             })],
         );
 
-        type Cache = (CacheCounters, u64, usize, usize);
+        type Cache = CacheStats;
         self.per_upstream(
             upstreams,
             |u| u.cache.as_ref(),
@@ -695,53 +694,53 @@ impl Exposition {
                 (
                     "happynet_cache_hits",
                     "Cache lookups answered fresh.",
-                    |c: &Cache| c.0.hits,
+                    |c: &Cache| c.counters.hits,
                 ),
                 (
                     "happynet_cache_misses",
                     "Cache lookups that found nothing.",
-                    |c: &Cache| c.0.misses,
+                    |c: &Cache| c.counters.misses,
                 ),
                 (
                     "happynet_cache_stale_lookups",
                     "Cache lookups that found a stale entry (a conditional request follows).",
-                    |c: &Cache| c.0.stale_lookups,
+                    |c: &Cache| c.counters.stale_lookups,
                 ),
                 (
                     "happynet_cache_stale_hits",
                     "Stale responses served because the upstream failed.",
-                    |c: &Cache| c.0.stale_hits,
+                    |c: &Cache| c.counters.stale_hits,
                 ),
                 (
                     "happynet_cache_revalidations",
                     "Stale entries revalidated by a 304.",
-                    |c: &Cache| c.0.revalidations,
+                    |c: &Cache| c.counters.revalidations,
                 ),
                 ("happynet_cache_stores", "Responses stored.", |c: &Cache| {
-                    c.0.stores
+                    c.counters.stores
                 }),
                 (
                     "happynet_cache_not_stored",
                     "Responses offered to the cache and not stored.",
-                    |c: &Cache| c.0.not_stored,
+                    |c: &Cache| c.counters.not_stored,
                 ),
                 (
                     "happynet_cache_evictions",
                     "Entries evicted to respect the cache's size limits.",
-                    |c: &Cache| c.0.evictions,
+                    |c: &Cache| c.counters.evictions,
                 ),
                 (
                     "happynet_upstream_collapsed",
                     "Calls collapsed into an identical call already in flight.",
-                    |c: &Cache| c.1,
+                    |c: &Cache| c.collapsed,
                 ),
             ],
             &[
                 ("happynet_cache_entries", "Entries cached now.", |c| {
-                    gauge_value(c.2)
+                    gauge_value(c.entries)
                 }),
                 ("happynet_cache_bytes", "Bytes cached now.", |c| {
-                    gauge_value(c.3)
+                    gauge_value(c.bytes)
                 }),
             ],
         );

@@ -380,18 +380,15 @@ fn upstream(u: &UpstreamSnapshot) -> UpstreamStatus {
             ejected_now: p.ejected_now,
             ejections: p.ejections,
         }),
-        cache: u
-            .cache
-            .as_ref()
-            .map(|(c, collapsed, entries, bytes)| CacheStatus {
-                hits: c.hits,
-                misses: c.misses,
-                stale_hits: c.stale_hits,
-                revalidations: c.revalidations,
-                collapsed: *collapsed,
-                entries: *entries,
-                bytes: *bytes,
-            }),
+        cache: u.cache.as_ref().map(|c| CacheStatus {
+            hits: c.counters.hits,
+            misses: c.counters.misses,
+            stale_hits: c.counters.stale_hits,
+            revalidations: c.counters.revalidations,
+            collapsed: c.collapsed,
+            entries: c.entries,
+            bytes: c.bytes,
+        }),
     }
 }
 

@@ -11,7 +11,7 @@
 mod fake_upstream;
 
 use fake_upstream::{FakeUpstream, Faults};
-use happynet::upstream::{CallStats, CallOutcome};
+use happynet::upstream::{CallOutcome, CallStats};
 use happynet::{ApiClient, Config, HttpError, Network};
 use std::time::Duration;
 

@@ -133,11 +133,7 @@ fn spawned_call(api: &ApiClient, path: &str) -> JoinHandle<Result<Response, Http
 /// crosses to the upstream's arbiter thread, and a caller that started
 /// after it could otherwise overtake it there.
 async fn hang_up<T: std::fmt::Debug>(api: &ApiClient, call: JoinHandle<T>) {
-    let cancelled = || {
-        api.upstream()
-            .call_stats()
-            .requests(CallOutcome::Cancelled)
-    };
+    let cancelled = || api.upstream().call_stats().requests(CallOutcome::Cancelled);
     let before = cancelled();
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled());
@@ -198,7 +194,7 @@ async fn followers_of_a_cache_leader_that_hangs_up_are_released_and_make_one_cal
     // Three identical calls wait for the leader's answer.
     let followers: Vec<_> = (0..3).map(|_| spawned_call(&api, "/cache/f")).collect();
     wait_until("three followers", || async {
-        api.upstream().cache_stats().unwrap().1 == 3
+        api.upstream().cache_stats().unwrap().collapsed == 3
     })
     .await;
     let released = Instant::now();
@@ -229,7 +225,7 @@ async fn a_cache_follower_that_hangs_up_gives_up_its_place() {
     upstream_received(&fake, 1).await;
     let follower = spawned_call(&api, "/cache/p");
     wait_until("a follower", || async {
-        api.upstream().cache_stats().unwrap().1 == 1
+        api.upstream().cache_stats().unwrap().collapsed == 1
     })
     .await;
     hang_up(&api, follower).await;
@@ -256,7 +252,7 @@ async fn callers_beyond_the_waiter_bound_are_refused_at_once_and_the_rest_releas
         .map(|_| spawned_call(&api, "/cache/herd"))
         .collect();
     wait_until("a full waiter list", || async {
-        api.upstream().cache_stats().unwrap().1 == DEFAULT_MAX_WAITERS as u64
+        api.upstream().cache_stats().unwrap().collapsed == DEFAULT_MAX_WAITERS as u64
     })
     .await;
     let started = Instant::now();

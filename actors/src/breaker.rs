@@ -213,9 +213,7 @@ impl BreakerConfig {
         // `!(x > 0)` rather than `x <= 0` so that NaN is refused too.
         let is_rate = |rate: f64| rate > 0.0 && rate <= 1.0;
         if !is_rate(self.failure_rate) {
-            return Err(BreakerConfigError::FailureRateThreshold(
-                self.failure_rate,
-            ));
+            return Err(BreakerConfigError::FailureRateThreshold(self.failure_rate));
         }
         if !is_rate(self.slow_call_rate) {
             return Err(BreakerConfigError::SlowCallRateThreshold(
@@ -1038,12 +1036,8 @@ mod tests {
             ("minimum_calls", |c| c.minimum_calls = 0),
             ("minimum_calls", |c| c.minimum_calls = 21),
             ("failure_rate", |c| c.failure_rate = 0.0),
-            ("failure_rate", |c| {
-                c.failure_rate = f64::NAN
-            }),
-            ("slow_call_rate", |c| {
-                c.slow_call_rate = 1.5
-            }),
+            ("failure_rate", |c| c.failure_rate = f64::NAN),
+            ("slow_call_rate", |c| c.slow_call_rate = 1.5),
             ("slow_call_duration", |c| {
                 c.slow_call_duration = Duration::ZERO
             }),
@@ -1287,7 +1281,11 @@ mod tests {
         trip(&mut b, t0);
         let t1 = t0 + Duration::from_secs(30);
         let p = b.try_acquire(t1).unwrap();
-        b.on_outcome(p, AttemptOutcome::Success { elapsed: ms(1000) }, t1 + ms(1000));
+        b.on_outcome(
+            p,
+            AttemptOutcome::Success { elapsed: ms(1000) },
+            t1 + ms(1000),
+        );
         assert_eq!(b.state(t1 + ms(1000)).kind(), BreakerStateKind::Open);
         assert_eq!(
             b.last_transition().unwrap().reason,
@@ -1299,7 +1297,11 @@ mod tests {
         trip(&mut b, t0);
         for _ in 0..3 {
             let p = b.try_acquire(t1).unwrap();
-            b.on_outcome(p, AttemptOutcome::Success { elapsed: ms(9000) }, t1 + ms(9000));
+            b.on_outcome(
+                p,
+                AttemptOutcome::Success { elapsed: ms(9000) },
+                t1 + ms(9000),
+            );
         }
         assert_eq!(b.state(t1 + ms(9000)), BreakerState::Closed);
     }

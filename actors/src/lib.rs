@@ -45,8 +45,8 @@ pub mod single_flight;
 pub mod verdict;
 
 pub use breaker::{
-    BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerStats, BreakerStateKind,
-    ReportOutcome, GetBreakerStats, AttemptOutcome, Permit, Ticket,
+    AttemptOutcome, BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerStateKind,
+    BreakerStats, GetBreakerStats, Permit, ReportOutcome, Ticket,
 };
 pub use frame_check::Violation;
 pub use histogram::Histogram;

@@ -19,8 +19,9 @@ use happynet_actors::breaker::HALF_OPEN_RETRY_HINT;
 use happynet_actors::gcra::Quota;
 use happynet_actors::limiter::sweep_interval;
 use happynet_actors::{
-    Acquire, BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerStateKind,
-    GetBreakerStats, GetLimiterStats, LimiterStats, AttemptOutcome, Permit, RateLimited, RateLimiterActor,
+    Acquire, AttemptOutcome, BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit,
+    BreakerStateKind, GetBreakerStats, GetLimiterStats, LimiterStats, Permit, RateLimited,
+    RateLimiterActor,
 };
 use std::time::Duration;
 

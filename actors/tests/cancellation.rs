@@ -12,8 +12,8 @@
 use actix::prelude::*;
 use happynet_actors::gcra::Quota;
 use happynet_actors::{
-    BreakerActor, BreakerConfig, BreakerStateKind, GetBreakerStats, GetLimiterStats, AttemptOutcome,
-    Permit, RateLimiterActor, Reserve,
+    AttemptOutcome, BreakerActor, BreakerConfig, BreakerStateKind, GetBreakerStats,
+    GetLimiterStats, Permit, RateLimiterActor, Reserve,
 };
 use std::time::Duration;
 
