@@ -31,7 +31,7 @@
 //!   `actors::shared_limiter`;
 //! - [`gateway`]: the HTTP faces of the upstream stack (`/proxy/…` and the
 //!   OpenAI-compatible `/v1/…`), the OpenAI chat-completions client and the
-//!   event-stream parser; [`json_error`]: the `{"error": …}` body every
+//!   event-stream parser; `json_error`: the `{"error": …}` body every
 //!   route answers with;
 //! - the `happynet-actors` crate (re-exported as [`actors`]): the five actors,
 //!   their messages and the plain state machines inside (rooms and their

@@ -16,7 +16,7 @@
 use super::call::Upstream;
 use super::error::HttpError;
 use super::registry::Upstreams;
-use super::request::{Request, RequestBuilder};
+use super::types::{Request, RequestBuilder};
 use actix_web::http::{Method, Uri};
 use std::sync::Arc;
 

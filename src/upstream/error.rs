@@ -43,7 +43,7 @@
 //! [`HttpError::tries_next_client`], which asks the same verdict of an error
 //! status.
 
-use super::response::Response;
+use super::types::Response;
 use actix_web::http::StatusCode;
 use happynet_actors::pool::PoolError;
 use happynet_actors::verdict::{Health, Verdict};

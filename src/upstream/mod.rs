@@ -9,15 +9,14 @@
 //! 1. In [`client`], [`ApiClient`] (one configured
 //!    `network.api_clients.<name>`) and [`HttpClient`] (any URL, one
 //!    upstream per origin) hand out a [`RequestBuilder`].
-//! 2. In [`request`], the caller sets the builder's headers, body and
-//!    policy, then `send`s it.
-//! 3. In [`response`], what comes back: a [`Response`], or a
+//! 2. In [`types`], the caller sets the builder's headers, body and policy,
+//!    then `send`s it; what comes back is a [`Response`], or a
 //!    [`StreamingResponse`] whose body is still arriving.
-//! 4. In [`call`], [`Upstream::call`] is the call path. A fresh cache hit is
-//!    answered on the caller's thread ([`cache`]: lookup, single flight,
+//! 3. In [`call`], [`Upstream::call`] is the call path. A fresh cache hit is
+//!    answered on the caller's thread (the cache: lookup, single flight,
 //!    revalidation, stale-if-error); anything else is handed off to the
 //!    upstream's arbiter, beside its actors, and bounded by its deadline.
-//! 5. In [`retry`], the pipeline runs once per attempt:
+//! 4. In [`retry`], the pipeline runs once per attempt:
 //!    - `RateLimiterActor`: a denial is waited out when the wait fits in the
 //!      deadline (and the caller allows waiting), otherwise it is an error
 //!      that says when to retry;
@@ -32,12 +31,12 @@
 //!      and 429/502/503/504, only while the retry budget allows, waiting the
 //!      jittered backoff or the upstream's `Retry-After` (never less, and
 //!      never past the deadline).
-//! 6. In [`stats`], every call is counted ([`CallStats`]: how it ended as a
+//! 5. In [`stats`], every call is counted ([`CallStats`]: how it ended as a
 //!    [`CallOutcome`], status classes, durations, retries).
-//! 7. In [`auth`], the credential each request goes out with, kept out of
+//! 6. In [`auth`], the credential each request goes out with, kept out of
 //!    files and logs; in [`error`], [`HttpError`]: why a call failed and
 //!    whose fault it was (the audit table).
-//! 8. In [`settings`], an upstream's settings are turned into its actors'
+//! 7. In [`settings`], an upstream's settings are turned into its actors'
 //!    configs, once; in [`registry`], `Upstreams`: every upstream of a `Network` and
 //!    the arbiter their actors run on.
 //!
@@ -50,23 +49,22 @@
 //! followers included.
 
 pub mod auth;
-pub mod cache;
 pub mod call;
 pub mod client;
 pub mod error;
 pub mod registry;
-pub mod request;
-pub mod response;
 pub mod retry;
 pub mod settings;
 pub mod stats;
+pub mod types;
 
 pub use auth::{Auth, Secret};
-pub use cache::CacheStats;
-pub use call::Upstream;
+pub use call::{CacheStats, Upstream};
 pub use client::{ApiClient, HttpClient};
 pub use error::HttpError;
 pub(crate) use registry::Upstreams;
-pub use request::{FallbackFn, FallbackResponse, GiveUpIf, Request, RequestBuilder};
-pub use response::{header_bytes, Response, StreamingResponse, MAX_RESPONSE_HEADER_BYTES};
 pub use stats::{CallOutcome, CallStats, STATUS_CLASSES};
+pub use types::{
+    header_bytes, FallbackFn, FallbackResponse, GiveUpIf, Request, RequestBuilder, Response,
+    StreamingResponse, MAX_RESPONSE_HEADER_BYTES,
+};

@@ -11,9 +11,9 @@
 
 use super::call::{CallTime, Upstream};
 use super::error::HttpError;
-use super::request::Request;
-use super::response::{
-    drop_decoded_encoding, header_bytes, Response, StreamingResponse, MAX_RESPONSE_HEADER_BYTES,
+use super::types::{
+    drop_decoded_encoding, header_bytes, Request, Response, StreamingResponse,
+    MAX_RESPONSE_HEADER_BYTES,
 };
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::Method;
