@@ -71,10 +71,8 @@ impl Parts {
             },
         };
         let r = &settings.retry;
-        let backoff = Backoff {
-            base: r.base_delay.0,
-            max: r.max_delay.0,
-        };
+        let backoff = Backoff::try_new(r.base_delay.0, r.max_delay.0)
+            .map_err(|e| format!("{name}: retry backoff: {e}"))?;
         let budget = RetryBudget::new(r.budget_window.0, r.budget_min_per_second, r.budget_ratio)
             .map_err(|e| format!("{name}: retry budget: {e}"))?;
         let breaker = BreakerActor::new(name.clone(), settings.breaker.breaker_config())
