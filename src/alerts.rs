@@ -48,17 +48,17 @@
 //!
 //! | rule | subject | fires when | resolves when |
 //! |---|---|---|---|
-//! | `breaker_open` | API client | its breaker opened since the last look (counted by `BreakerSnapshot::opened`, so an open that closed in between is seen), or it is not closed | it is closed and did not open since the last look |
+//! | `breaker_open` | API client | its breaker opened since the last look (counted by `BreakerStats::opened`, so an open that closed in between is seen), or it is not closed | it is closed and did not open since the last look |
 //! | `upstream_error_rate` | API client | failures ÷ calls over `window_ms` ≥ `threshold`, with ≥ `min_calls` calls; a call the open breaker refused counts as a failed call | the ratio is below, or calls are too few |
 //! | `slow_consumer_evictions` | `hub` | ≥ `per_minute` slow consumers evicted in the last minute | fewer |
 //! | `connections_near_max` | `websocket` | open WebSockets ≥ `ratio × max_connections` | fewer |
 
-use crate::client::{ApiClient, Upstreams};
 use crate::config::{AlertRulesConfig, AlertsConfig, ConfigError, NetworkConfig};
 use crate::metrics::Snapshot;
 use crate::network::WeakNetwork;
+use crate::upstream::{ApiClient, Upstreams};
 use actix::prelude::*;
-use happynet_actors::{BreakerSnapshot, BreakerStateKind};
+use happynet_actors::{BreakerStateKind, BreakerStats};
 use serde::Serialize;
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -216,7 +216,7 @@ pub struct UpstreamReading {
     /// The client's name (the `api_clients` key).
     pub name: String,
     /// Its breaker's state and running counters.
-    pub breaker: Option<BreakerSnapshot>,
+    pub breaker: Option<BreakerStats>,
 }
 
 impl AlertInput {
@@ -408,7 +408,7 @@ impl AlertRules {
         events
     }
 
-    fn breaker_open(&mut self, name: &str, breaker: &BreakerSnapshot) -> Verdict {
+    fn breaker_open(&mut self, name: &str, breaker: &BreakerStats) -> Verdict {
         // First look: the counters started at 0 when the network did, so
         // every opening so far is news.
         let last = self.opened.insert(name.to_owned(), breaker.opened);
@@ -442,7 +442,7 @@ impl AlertRules {
         }
     }
 
-    fn error_rate(&mut self, now: Instant, name: &str, breaker: &BreakerSnapshot) -> Verdict {
+    fn error_rate(&mut self, now: Instant, name: &str, breaker: &BreakerStats) -> Verdict {
         let rule = &self.rules.upstream_error_rate;
         let window = self
             .error_windows
@@ -1008,8 +1008,8 @@ mod tests {
         ))
     }
 
-    fn breaker(state: BreakerStateKind, opened: u64, calls: u64, failures: u64) -> BreakerSnapshot {
-        BreakerSnapshot {
+    fn breaker(state: BreakerStateKind, opened: u64, calls: u64, failures: u64) -> BreakerStats {
+        BreakerStats {
             state,
             retry_after: None,
             calls,
@@ -1020,7 +1020,7 @@ mod tests {
         }
     }
 
-    fn input(breaker: BreakerSnapshot) -> AlertInput {
+    fn input(breaker: BreakerStats) -> AlertInput {
         AlertInput {
             upstreams: vec![UpstreamReading {
                 name: "up".into(),
@@ -1230,7 +1230,7 @@ mod tests {
         let t0 = Instant::now();
         let mut rules = error_rate_rules();
         let look = |rules: &mut AlertRules, at: u64, state, rejections| {
-            let b = BreakerSnapshot {
+            let b = BreakerStats {
                 rejections,
                 ..breaker(state, 1, 20, 20)
             };
@@ -1251,7 +1251,7 @@ mod tests {
             assert!(rules.is_firing(AlertRule::UpstreamErrorRate, "up"), "{at}");
         }
         // The breaker closes and healthy calls come back: resolved.
-        let b = BreakerSnapshot {
+        let b = BreakerStats {
             rejections: 200,
             ..breaker(Closed, 1, 60, 20)
         };

@@ -1038,8 +1038,8 @@ impl Default for BreakerSettings {
         BreakerSettings {
             window: c.window,
             minimum_calls: c.minimum_calls,
-            failure_rate: c.failure_rate_threshold,
-            slow_call_rate: c.slow_call_rate_threshold,
+            failure_rate: c.failure_rate,
+            slow_call_rate: c.slow_call_rate,
             slow_call_duration: Seconds(c.slow_call_duration),
             open_duration: Seconds(c.open_duration),
             half_open_probes: c.half_open_probes,
@@ -1053,8 +1053,8 @@ impl BreakerSettings {
         BreakerConfig {
             window: self.window,
             minimum_calls: self.minimum_calls,
-            failure_rate_threshold: self.failure_rate,
-            slow_call_rate_threshold: self.slow_call_rate,
+            failure_rate: self.failure_rate,
+            slow_call_rate: self.slow_call_rate,
             slow_call_duration: self.slow_call_duration.0,
             open_duration: self.open_duration.0,
             half_open_probes: self.half_open_probes,
@@ -1646,10 +1646,8 @@ impl BreakerSettings {
                 at,
                 e.field(),
                 e.requirement(),
-                &[
-                    ("failure_rate_threshold", "failure_rate"),
-                    ("slow_call_rate_threshold", "slow_call_rate"),
-                ],
+                // The breaker's own field names are the JSON keys.
+                &[],
             )
         })?;
         Ok(())

@@ -12,9 +12,11 @@
 //! - [`network`]: [`Network`], the handle an app keeps — it starts the actors,
 //!   mounts the routes and shuts down gracefully; [`websocket`]: the `/ws`
 //!   upgrade's plain/protocol choice and its TCP close;
-//! - [`client`], [`upstream`], [`error`]: `HttpClient` (any URL, state per
-//!   origin) and `ApiClient` (one configured upstream), the retry pipeline
-//!   and its typed errors; [`auth`] keeps credentials out of files and logs;
+//! - [`upstream`]: `HttpClient` (any URL, state per origin) and `ApiClient`
+//!   (one configured upstream), in call order: the request and response
+//!   types, the call path (cache, hand-off to the upstream arbiter), the
+//!   retry pipeline, call stats, credentials kept out of files and logs,
+//!   the typed errors and the registry of upstreams;
 //! - [`metrics`]: `/metrics` (Prometheus text, collected at scrape time from
 //!   the actors' own counters) and `/ready`; [`status`]: `/status`, the
 //!   same numbers as JSON for the demo's operations panel; [`tls`]: a
@@ -27,9 +29,10 @@
 //!   (`network.cluster`): broadcasts to and from the other nodes on one
 //!   stream, cluster-wide presence; shared rate limits are
 //!   `actors::shared_limiter`;
-//! - [`openai`] and [`sse`]: the chat-completions client and the event-stream
-//!   parser; [`gateway`] (`/proxy/…`) and [`llm_gateway`] (`/v1/…`): the
-//!   HTTP faces of the upstream stack;
+//! - [`gateway`]: the HTTP faces of the upstream stack (`/proxy/…` and the
+//!   OpenAI-compatible `/v1/…`), the OpenAI chat-completions client and the
+//!   event-stream parser; `json_error`: the `{"error": …}` body every
+//!   route answers with;
 //! - the `happynet-actors` crate (re-exported as [`actors`]): the five actors,
 //!   their messages and the plain state machines inside (rooms and their
 //!   quotas, bounded presence frames, eviction policy, GCRA, breaker, keyed
@@ -70,30 +73,23 @@
 
 pub mod alerts;
 pub mod assets;
-pub mod auth;
-pub mod client;
 pub mod cluster;
 pub mod config;
-pub mod error;
 pub mod gateway;
-pub mod llm_gateway;
+pub(crate) mod json_error;
 pub mod metrics;
 pub mod network;
-pub mod openai;
 pub mod security;
-pub mod sse;
 pub mod status;
 pub mod tls;
 pub mod upstream;
 pub mod websocket;
 
-pub use client::{ApiClient, HttpClient};
 pub use config::{Config, ConfigError};
-pub use error::HttpError;
 pub use happynet_actors as actors;
 pub use happynet_actors::{Broadcast, BroadcastHub, RoomName, SessionId, Target};
 pub use network::Network;
-pub use upstream::{RequestBuilder, Response, StreamedResponse};
+pub use upstream::{ApiClient, HttpClient, HttpError, RequestBuilder, Response, StreamingResponse};
 
 /// The README's Rust examples, compiled as doctests so they cannot rot.
 #[doc = include_str!("../README.md")]

@@ -3,7 +3,7 @@
 //!
 //! Metrics are **collected at scrape time**. The actors already keep
 //! counters for their own status messages (`GetStats`, `GetPoolStats`,
-//! `GetBreakerState`, `GetLimiterStats`), the cache and the security guards
+//! `GetBreakerStats`, `GetLimiterStats`), the cache and the security guards
 //! keep theirs in plain fields and atomics, and each `Upstream` counts its
 //! calls in a [`CallStats`] behind an uncontended lock, so a scrape asks
 //! each of them for a snapshot and copies the numbers into a fresh
@@ -40,7 +40,7 @@
 //! | `happynet_ws_broadcasts_total`, `happynet_ws_deliveries_total`, `happynet_ws_dropped_deliveries_total` | counter | |
 //! | `happynet_ws_broadcast_duration_seconds` | histogram (construction of a `Broadcast` to the end of its fan-out) | |
 //! | `happynet_hub_queued_broadcasts` | gauge (broadcasts not yet handled: the hub's mailbox depth for them) | |
-//! | `happynet_upstream_requests_total` | counter (calls by how they ended) | `upstream`, `outcome` = `ok`, `cache_hit`, `fallback`, `cancelled`, or an [`crate::HttpError::kind`]: `timeout`, `connect`, `status`, `breaker_open`, `rate_limited`, `overloaded`, `transport`, `decode`, `invalid_request`, `missing_secret`, `internal` (see [`crate::upstream::RequestOutcome`]) |
+//! | `happynet_upstream_requests_total` | counter (calls by how they ended) | `upstream`, `outcome` = `ok`, `cache_hit`, `fallback`, `cancelled`, or an [`crate::HttpError::kind`]: `timeout`, `connect`, `status`, `breaker_open`, `rate_limited`, `overloaded`, `transport`, `decode`, `invalid_request`, `missing_secret`, `internal` (see [`crate::upstream::CallOutcome`]) |
 //! | `happynet_upstream_responses_total` | counter (every attempt's response) | `upstream`, `class` = `1xx` … `5xx`, `other` |
 //! | `happynet_upstream_request_duration_seconds` | histogram (whole calls, retries and waits included; a streamed call (`call_stream`, e.g. SSE) is timed and counted `ok` when its response head arrives, so a stream that breaks later still counts as `ok`; fresh cache hits and cancelled calls are not timed) | `upstream` |
 //! | `happynet_upstream_retries_total`, `happynet_upstream_retry_budget_exhausted_total` | counter (attempts after the first; retries the budget refused) | `upstream` |
@@ -91,19 +91,18 @@
 //! `Authorization: Bearer <token>` (Prometheus' `authorization` setting).
 
 use crate::alerts::AlertCounters;
-use crate::client::ApiClient;
 use crate::cluster::{ClusterStats, GetClusterStats};
 use crate::network::Network;
 use crate::security::SecurityStats;
-use crate::upstream::CallStats;
+use crate::upstream::ApiClient;
+use crate::upstream::{CacheStats, CallStats};
 use actix::MailboxError;
 use actix_web::{web, HttpResponse};
 use futures::future::join_all;
-use happynet_actors::cache::CacheCounters;
 use happynet_actors::pool::{GetPoolStats, PoolStats};
 use happynet_actors::single_flight::FlightCounters;
 use happynet_actors::{
-    BreakerSnapshot, BreakerStateKind, GetBreakerState, GetLimiterStats, GetStats, Histogram,
+    BreakerStateKind, BreakerStats, GetBreakerStats, GetLimiterStats, GetStats, Histogram,
     HubStats, LimiterStats,
 };
 use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -166,10 +165,10 @@ pub(crate) struct UpstreamSnapshot {
     pub(crate) name: String,
     pub(crate) endpoints: Vec<String>,
     pub(crate) pool: Option<PoolStats>,
-    pub(crate) breaker: Option<BreakerSnapshot>,
+    pub(crate) breaker: Option<BreakerStats>,
     pub(crate) limiter: Option<LimiterStats>,
     /// The cache's counters, collapsed calls, entries and bytes.
-    pub(crate) cache: Option<(CacheCounters, u64, usize, usize)>,
+    pub(crate) cache: Option<CacheStats>,
     /// What the cache's single-flight did; `None` without a cache.
     pub(crate) flights: Option<FlightCounters>,
     /// What the calls did; kept by the `Upstream` itself, so always there.
@@ -195,7 +194,7 @@ async fn upstream_snapshot(client: ApiClient) -> UpstreamSnapshot {
     let (pool, breaker, limiter) = futures::join!(
         up.pool().send(GetPoolStats).timeout(SCRAPE_REPLY_TIMEOUT),
         up.breaker()
-            .send(GetBreakerState)
+            .send(GetBreakerStats)
             .timeout(SCRAPE_REPLY_TIMEOUT),
         up.limiter()
             .send(GetLimiterStats)
@@ -602,22 +601,22 @@ impl Exposition {
                 (
                     "happynet_breaker_calls",
                     "Calls the breaker admitted.",
-                    |b: &BreakerSnapshot| b.calls,
+                    |b: &BreakerStats| b.calls,
                 ),
                 (
                     "happynet_breaker_failures",
                     "Failures reported to the breaker.",
-                    |b: &BreakerSnapshot| b.failures,
+                    |b: &BreakerStats| b.failures,
                 ),
                 (
                     "happynet_breaker_rejections",
                     "Calls the breaker refused.",
-                    |b: &BreakerSnapshot| b.rejections,
+                    |b: &BreakerStats| b.rejections,
                 ),
                 (
                     "happynet_breaker_transitions",
                     "Breaker state changes.",
-                    |b: &BreakerSnapshot| b.transitions,
+                    |b: &BreakerStats| b.transitions,
                 ),
             ],
             &[],
@@ -687,7 +686,7 @@ impl Exposition {
             })],
         );
 
-        type Cache = (CacheCounters, u64, usize, usize);
+        type Cache = CacheStats;
         self.per_upstream(
             upstreams,
             |u| u.cache.as_ref(),
@@ -695,53 +694,53 @@ impl Exposition {
                 (
                     "happynet_cache_hits",
                     "Cache lookups answered fresh.",
-                    |c: &Cache| c.0.hits,
+                    |c: &Cache| c.counters.hits,
                 ),
                 (
                     "happynet_cache_misses",
                     "Cache lookups that found nothing.",
-                    |c: &Cache| c.0.misses,
+                    |c: &Cache| c.counters.misses,
                 ),
                 (
                     "happynet_cache_stale_lookups",
                     "Cache lookups that found a stale entry (a conditional request follows).",
-                    |c: &Cache| c.0.stale_lookups,
+                    |c: &Cache| c.counters.stale_lookups,
                 ),
                 (
                     "happynet_cache_stale_hits",
                     "Stale responses served because the upstream failed.",
-                    |c: &Cache| c.0.stale_hits,
+                    |c: &Cache| c.counters.stale_hits,
                 ),
                 (
                     "happynet_cache_revalidations",
                     "Stale entries revalidated by a 304.",
-                    |c: &Cache| c.0.revalidations,
+                    |c: &Cache| c.counters.revalidations,
                 ),
                 ("happynet_cache_stores", "Responses stored.", |c: &Cache| {
-                    c.0.stores
+                    c.counters.stores
                 }),
                 (
                     "happynet_cache_not_stored",
                     "Responses offered to the cache and not stored.",
-                    |c: &Cache| c.0.not_stored,
+                    |c: &Cache| c.counters.not_stored,
                 ),
                 (
                     "happynet_cache_evictions",
                     "Entries evicted to respect the cache's size limits.",
-                    |c: &Cache| c.0.evictions,
+                    |c: &Cache| c.counters.evictions,
                 ),
                 (
                     "happynet_upstream_collapsed",
                     "Calls collapsed into an identical call already in flight.",
-                    |c: &Cache| c.1,
+                    |c: &Cache| c.collapsed,
                 ),
             ],
             &[
                 ("happynet_cache_entries", "Entries cached now.", |c| {
-                    gauge_value(c.2)
+                    gauge_value(c.entries)
                 }),
                 ("happynet_cache_bytes", "Bytes cached now.", |c| {
-                    gauge_value(c.3)
+                    gauge_value(c.bytes)
                 }),
             ],
         );
@@ -1105,7 +1104,7 @@ pub(crate) async fn ready_route(net: web::Data<Network>) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::RequestOutcome;
+    use crate::upstream::CallOutcome;
 
     const GAP: Duration = Duration::from_millis(250);
 
@@ -1223,10 +1222,10 @@ mod tests {
     #[test]
     fn call_counters_and_the_latency_histogram_are_exposed_per_upstream() {
         let mut calls = CallStats::default();
-        calls.ended(RequestOutcome::Ok, Some(Duration::from_millis(3)));
-        calls.ended(RequestOutcome::Status, Some(Duration::from_millis(40)));
-        calls.ended(RequestOutcome::Status, Some(Duration::from_secs(30)));
-        calls.ended(RequestOutcome::CacheHit, None);
+        calls.ended(CallOutcome::Ok, Some(Duration::from_millis(3)));
+        calls.ended(CallOutcome::Status, Some(Duration::from_millis(40)));
+        calls.ended(CallOutcome::Status, Some(Duration::from_secs(30)));
+        calls.ended(CallOutcome::CacheHit, None);
         calls.responded(actix_web::http::StatusCode::OK);
         calls.responded(actix_web::http::StatusCode::BAD_GATEWAY);
         calls.retries = 2;

@@ -33,10 +33,10 @@
 //! `HttpServer::client_request_timeout`. `/health`, `/ready` and `/metrics`
 //! are never rate limited.
 
-use crate::client::{ApiClient, HttpClient, Upstreams};
 use crate::cluster::ClusterBridge;
 use crate::config::{ClusterConfig, Config, ConfigError};
 use crate::security::{Security, UpgradePass};
+use crate::upstream::{ApiClient, HttpClient, Upstreams};
 use actix::prelude::*;
 use actix_web::dev::Extensions;
 use actix_web::http::header::{self, ContentType};
@@ -299,14 +299,17 @@ impl Network {
 
     /// Mounts the gateways: `ANY /proxy/{client}/{tail…}` and the
     /// OpenAI-compatible `POST /v1/chat/completions` and `GET /v1/models`.
-    /// Use it beside [`Network::configure`], which provides the app data:
+    /// Use it beside [`Network::configure`]:
     /// `App::new().configure(net.configure()).configure(net.configure_gateways())`.
     ///
     /// Every route under `/proxy/` and `/v1/` is behind the per-IP request
     /// limiter ([`Security::api_guard`]); those two prefixes belong to the
     /// gateways, so mount the app's own routes elsewhere.
     pub fn configure_gateways(&self) -> impl Fn(&mut web::ServiceConfig) + Clone + 'static {
-        let max_body = self.inner.config.network.gateway.max_body_bytes;
+        let gateway = web::Data::new(crate::gateway::GatewayState::new(
+            &self.inner.config.network.gateway,
+            self.api_clients(),
+        ));
         let security = self.inner.security.clone();
         move |cfg: &mut web::ServiceConfig| {
             // A scope with no prefix, entered only for the gateways' paths
@@ -318,10 +321,7 @@ impl Network {
                         is_gateway_path(ctx.head().uri.path())
                     }))
                     .wrap(security.api_guard())
-                    .configure(|cfg| {
-                        crate::gateway::configure(cfg);
-                        crate::llm_gateway::configure(cfg, max_body);
-                    }),
+                    .configure(|cfg| crate::gateway::configure(cfg, &gateway)),
             );
         }
     }
@@ -400,7 +400,7 @@ impl Network {
 }
 
 fn error_response(status: actix_web::http::StatusCode, error: &str, message: &str) -> HttpResponse {
-    HttpResponse::build(status).json(json!({ "error": error, "message": message }))
+    crate::json_error::ErrorBody::new(error, message).answer(status)
 }
 
 #[derive(Deserialize)]

@@ -99,7 +99,6 @@ use happynet_actors::gcra::Quota;
 use happynet_actors::limiter::{Acquire, RateLimiterActor};
 use happynet_actors::shared_limiter::SharedLimit;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use socket2::SockRef;
 use std::cell::Cell;
 use std::collections::hash_map::Entry;
@@ -660,12 +659,6 @@ impl fmt::Display for Refusal {
 
 impl std::error::Error for Refusal {}
 
-/// `Retry-After` in whole seconds, rounded up and at least 1: "0" would
-/// invite a stampede.
-fn retry_after_secs(d: Duration) -> u64 {
-    (d.as_secs() + u64::from(d.subsec_nanos() > 0)).max(1)
-}
-
 impl ResponseError for Refusal {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -687,7 +680,10 @@ impl ResponseError for Refusal {
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
         if let Some(after) = self.retry_after() {
-            resp.insert_header((header::RETRY_AFTER, retry_after_secs(after)));
+            resp.insert_header((
+                header::RETRY_AFTER,
+                crate::json_error::retry_after_secs(after),
+            ));
         }
         match self {
             Refusal::TokenRequired
@@ -702,11 +698,14 @@ impl ResponseError for Refusal {
             }
             _ => {}
         }
-        resp.json(json!({
-            "error": self.kind(),
-            "message": self.to_string(),
-            "retry_after_ms": self.retry_after().map(|d| d.as_millis() as u64),
-        }))
+        resp.json(
+            crate::json_error::ErrorBody::new(self.kind(), self.to_string())
+                .with(
+                    "retry_after_ms",
+                    self.retry_after().map(|d| d.as_millis() as u64),
+                )
+                .into_value(),
+        )
     }
 }
 
@@ -942,7 +941,9 @@ impl Security {
             .collect::<Result<_, _>>()?;
         let max_tcp = config.max_tcp_connections_per_ip;
         let over_tcp = Refusal::TooManyTcpConnections { max: max_tcp };
-        let body = json!({"error": over_tcp.kind(), "message": over_tcp.to_string()}).to_string();
+        let body = crate::json_error::ErrorBody::new(over_tcp.kind(), over_tcp.to_string())
+            .into_value()
+            .to_string();
         let over_tcp_cap_response = format!(
             "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
              content-length: {}\r\nretry-after: {}\r\nconnection: close\r\n\r\n{body}",
@@ -1882,15 +1883,6 @@ mod tests {
             r#"%a "%{happynet_request_line}xi" %s "%{happynet_referer}xi" %{User-Agent}i 100%% %{r}a"#
         );
         assert_eq!(redacting_format("%%r %"), "%%r %");
-    }
-
-    #[test]
-    fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
-        assert_eq!(retry_after_secs(Duration::ZERO), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(20)), 1);
-        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
-        assert_eq!(retry_after_secs(Duration::from_secs(7)), 7);
     }
 
     #[test]

@@ -380,18 +380,15 @@ fn upstream(u: &UpstreamSnapshot) -> UpstreamStatus {
             ejected_now: p.ejected_now,
             ejections: p.ejections,
         }),
-        cache: u
-            .cache
-            .as_ref()
-            .map(|(c, collapsed, entries, bytes)| CacheStatus {
-                hits: c.hits,
-                misses: c.misses,
-                stale_hits: c.stale_hits,
-                revalidations: c.revalidations,
-                collapsed: *collapsed,
-                entries: *entries,
-                bytes: *bytes,
-            }),
+        cache: u.cache.as_ref().map(|c| CacheStatus {
+            hits: c.counters.hits,
+            misses: c.counters.misses,
+            stale_hits: c.counters.stale_hits,
+            revalidations: c.counters.revalidations,
+            collapsed: c.collapsed,
+            entries: c.entries,
+            bytes: c.bytes,
+        }),
     }
 }
 
@@ -430,7 +427,7 @@ mod tests {
     use super::*;
     use crate::alerts::{AlertRule, AlertState};
     use happynet_actors::pool::PoolStats;
-    use happynet_actors::{BreakerSnapshot, HubStats, LimiterStats};
+    use happynet_actors::{BreakerStats, HubStats, LimiterStats};
 
     fn room(name: &str) -> RoomName {
         RoomName::new(name).expect("valid room name")
@@ -522,7 +519,7 @@ mod tests {
                     sent_per_endpoint: vec![2, 3],
                     ..PoolStats::default()
                 }),
-                breaker: Some(BreakerSnapshot {
+                breaker: Some(BreakerStats {
                     state: BreakerStateKind::HalfOpen,
                     retry_after: None,
                     calls: 5,

@@ -17,7 +17,7 @@ mod support;
 use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use fake_upstream::{FakeUpstream, Faults};
-use happynet::actors::{BreakerStateKind, GetBreakerState};
+use happynet::actors::{BreakerStateKind, GetBreakerStats};
 use happynet::alerts::{AlertEvent, AlertRule, AlertState};
 use happynet::{Config, Network};
 use serde_json::Value;
@@ -124,7 +124,7 @@ async fn breaker_state(net: &Network, name: &str) -> BreakerStateKind {
     client
         .upstream()
         .breaker()
-        .send(GetBreakerState)
+        .send(GetBreakerStats)
         .await
         .unwrap()
         .state

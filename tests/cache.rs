@@ -11,6 +11,7 @@ mod fake_upstream;
 
 use fake_upstream::{FakeUpstream, Faults};
 use futures::future::join_all;
+use happynet::upstream::CacheStats;
 use happynet::{Config, Network};
 use serde_json::Value;
 
@@ -45,7 +46,9 @@ async fn a_fresh_hit_does_not_reach_the_upstream() {
     api.get("/cache/b?cc=max-age%3D60").send().await.unwrap();
     api.post("/cache/a").send().await.unwrap();
     assert_eq!(fake.requests(), 3);
-    let (counters, _, entries, _) = api.upstream().cache_stats().unwrap();
+    let CacheStats {
+        counters, entries, ..
+    } = api.upstream().cache_stats().unwrap();
     assert_eq!(counters.hits, 10);
     assert_eq!(entries, 2);
 }
@@ -123,7 +126,7 @@ async fn a_hundred_concurrent_identical_misses_make_one_upstream_call() {
         .iter()
         .all(|r| r.as_ref().is_ok_and(|r| r.status == 200)));
     assert_eq!(fake.requests(), 1);
-    let (_, collapsed, _, _) = api.upstream().cache_stats().unwrap();
+    let CacheStats { collapsed, .. } = api.upstream().cache_stats().unwrap();
     assert_eq!(collapsed, 99);
 }
 
@@ -149,10 +152,15 @@ async fn the_cache_stays_within_its_byte_bound_under_ten_thousand_keys() {
             }
         }))
         .await;
-        let (_, _, _, bytes) = api.upstream().cache_stats().unwrap();
+        let CacheStats { bytes, .. } = api.upstream().cache_stats().unwrap();
         assert!(bytes <= MAX_BYTES, "{bytes} bytes cached");
     }
-    let (counters, _, entries, bytes) = api.upstream().cache_stats().unwrap();
+    let CacheStats {
+        counters,
+        entries,
+        bytes,
+        ..
+    } = api.upstream().cache_stats().unwrap();
     assert!(counters.evictions > 9_000, "{counters:?}");
     assert!(entries > 100, "only {entries} entries kept");
     assert!(bytes > MAX_BYTES / 2);

@@ -11,7 +11,7 @@
 mod fake_upstream;
 
 use fake_upstream::{FakeUpstream, Faults};
-use happynet::upstream::{CallStats, RequestOutcome};
+use happynet::upstream::{CallOutcome, CallStats};
 use happynet::{ApiClient, Config, HttpError, Network};
 use std::time::Duration;
 
@@ -66,8 +66,8 @@ async fn fresh_cache_hits_are_counted_but_not_timed() {
     }
     assert_eq!(fake.requests(), 1);
     let stats = api.upstream().call_stats();
-    assert_eq!(stats.requests(RequestOutcome::Ok), 1);
-    assert_eq!(stats.requests(RequestOutcome::CacheHit), 3);
+    assert_eq!(stats.requests(CallOutcome::Ok), 1);
+    assert_eq!(stats.requests(CallOutcome::CacheHit), 3);
     assert_eq!(stats.latency.count(), 1, "only the miss is timed");
     assert_eq!(class(&stats, "2xx"), 1);
     assert_eq!(stats.retries, 0);
@@ -88,7 +88,7 @@ async fn a_caller_that_gives_up_is_counted_as_cancelled() {
     assert!(gave_up.is_err(), "the slow call answered: {gave_up:?}");
     // The arbiter notices the hang-up on its own schedule.
     let stats = stats_until(&api, "the cancellation", |s| {
-        s.requests(RequestOutcome::Cancelled) == 1
+        s.requests(CallOutcome::Cancelled) == 1
     })
     .await;
     assert_eq!(stats.latency.count(), 0, "cancelled calls are not timed");
@@ -110,7 +110,7 @@ async fn an_attempt_timeout_ends_the_call_as_timeout() {
         .await;
     assert!(matches!(slow, Err(HttpError::Timeout { .. })), "{slow:?}");
     let stats = api.upstream().call_stats();
-    assert_eq!(stats.requests(RequestOutcome::Timeout), 1);
+    assert_eq!(stats.requests(CallOutcome::Timeout), 1);
     assert_eq!(stats.latency.count(), 1);
     assert!(stats.latency.sum_seconds() >= 0.1, "{stats:?}");
     assert_eq!(stats.responses_by_class().map(|(_, n)| n).sum::<u64>(), 0);
@@ -135,7 +135,7 @@ async fn connect_errors_are_retried_and_count_no_response() {
         "{failed:?}"
     );
     let stats = api.upstream().call_stats();
-    assert_eq!(stats.requests(RequestOutcome::Connect), 1);
+    assert_eq!(stats.requests(CallOutcome::Connect), 1);
     assert_eq!(stats.retries, 2);
     assert_eq!(stats.retry_budget_exhausted, 0);
     assert_eq!(stats.responses_by_class().map(|(_, n)| n).sum::<u64>(), 0);

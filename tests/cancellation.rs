@@ -26,11 +26,11 @@ mod fake_upstream;
 use actix_web::rt::task::JoinHandle;
 use fake_upstream::{FakeUpstream, Faults, FAULT_HANG_HEADER};
 use futures::future::join_all;
-use happynet::actors::breaker::GetBreakerState;
+use happynet::actors::breaker::GetBreakerStats;
 use happynet::actors::pool::{GetPoolStats, PoolStats};
 use happynet::actors::single_flight::DEFAULT_MAX_WAITERS;
 use happynet::actors::BreakerStateKind;
-use happynet::upstream::RequestOutcome;
+use happynet::upstream::CallOutcome;
 use happynet::{ApiClient, Config, HttpError, Network, Response};
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -133,11 +133,7 @@ fn spawned_call(api: &ApiClient, path: &str) -> JoinHandle<Result<Response, Http
 /// crosses to the upstream's arbiter thread, and a caller that started
 /// after it could otherwise overtake it there.
 async fn hang_up<T: std::fmt::Debug>(api: &ApiClient, call: JoinHandle<T>) {
-    let cancelled = || {
-        api.upstream()
-            .call_stats()
-            .requests(RequestOutcome::Cancelled)
-    };
+    let cancelled = || api.upstream().call_stats().requests(CallOutcome::Cancelled);
     let before = cancelled();
     call.abort();
     assert!(call.await.unwrap_err().is_cancelled());
@@ -198,7 +194,7 @@ async fn followers_of_a_cache_leader_that_hangs_up_are_released_and_make_one_cal
     // Three identical calls wait for the leader's answer.
     let followers: Vec<_> = (0..3).map(|_| spawned_call(&api, "/cache/f")).collect();
     wait_until("three followers", || async {
-        api.upstream().cache_stats().unwrap().1 == 3
+        api.upstream().cache_stats().unwrap().collapsed == 3
     })
     .await;
     let released = Instant::now();
@@ -229,7 +225,7 @@ async fn a_cache_follower_that_hangs_up_gives_up_its_place() {
     upstream_received(&fake, 1).await;
     let follower = spawned_call(&api, "/cache/p");
     wait_until("a follower", || async {
-        api.upstream().cache_stats().unwrap().1 == 1
+        api.upstream().cache_stats().unwrap().collapsed == 1
     })
     .await;
     hang_up(&api, follower).await;
@@ -256,7 +252,7 @@ async fn callers_beyond_the_waiter_bound_are_refused_at_once_and_the_rest_releas
         .map(|_| spawned_call(&api, "/cache/herd"))
         .collect();
     wait_until("a full waiter list", || async {
-        api.upstream().cache_stats().unwrap().1 == DEFAULT_MAX_WAITERS as u64
+        api.upstream().cache_stats().unwrap().collapsed == DEFAULT_MAX_WAITERS as u64
     })
     .await;
     let started = Instant::now();
@@ -298,7 +294,7 @@ async fn a_half_open_probe_whose_caller_hangs_up_frees_the_probe_slot_at_once() 
     assert!(matches!(err, HttpError::BreakerOpen { .. }), "{err}");
     let breaker = api.upstream().breaker().clone();
     wait_until("the breaker to let a probe through", || async {
-        let s = breaker.send(GetBreakerState).await.unwrap();
+        let s = breaker.send(GetBreakerStats).await.unwrap();
         s.state == BreakerStateKind::HalfOpen
     })
     .await;
@@ -310,7 +306,7 @@ async fn a_half_open_probe_whose_caller_hangs_up_frees_the_probe_slot_at_once() 
     // The probe slot is free at once (the open duration is 1 s, so a slot
     // presumed lost would come back only after it, as a BreakerOpen first).
     succeeds_at_once(&api, "/x").await;
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Closed);
 }
 

@@ -21,7 +21,7 @@ mod raw_http;
 mod support;
 
 use fake_upstream::{FakeUpstream, Faults, StartOptions};
-use happynet::actors::{BreakerSnapshot, GetBreakerState};
+use happynet::actors::{BreakerStats, GetBreakerStats};
 use happynet::gateway::{MAX_FORWARDED_HEADER_BYTES, MAX_RESPONSE_HEADER_BYTES};
 use happynet::HttpError;
 use serde_json::Value;
@@ -54,14 +54,14 @@ async fn server_for(base_url: &str, extra: &str) -> TestServer {
     .await
 }
 
-async fn breaker(server: &TestServer) -> BreakerSnapshot {
+async fn breaker(server: &TestServer) -> BreakerStats {
     server
         .net
         .api("up")
         .unwrap()
         .upstream()
         .breaker()
-        .send(GetBreakerState)
+        .send(GetBreakerStats)
         .await
         .unwrap()
 }

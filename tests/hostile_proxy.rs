@@ -21,7 +21,7 @@ mod fake_upstream;
 
 use actix_web::{App, HttpServer};
 use fake_upstream::{FakeUpstream, Faults};
-use happynet::actors::{BreakerSnapshot, GetBreakerState};
+use happynet::actors::{BreakerStats, GetBreakerStats};
 use happynet::{Config, Network};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -283,12 +283,12 @@ fn expected_upstream_path(target: &[u8]) -> String {
     format!("/base/{}", String::from_utf8_lossy(&target[..end]))
 }
 
-fn breaker(net: &Network) -> BreakerSnapshot {
+fn breaker(net: &Network) -> BreakerStats {
     let breaker = net.api("up").unwrap().upstream().breaker().clone();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let system = actix::System::new();
-        let snapshot = system.block_on(async move { breaker.send(GetBreakerState).await });
+        let snapshot = system.block_on(async move { breaker.send(GetBreakerStats).await });
         let _ = tx.send(snapshot);
     });
     rx.recv_timeout(WAIT).unwrap().unwrap()

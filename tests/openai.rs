@@ -11,7 +11,7 @@ mod support;
 
 use fake_upstream::{FakeUpstream, Faults};
 use futures::StreamExt;
-use happynet::openai::{ChatRequest, OpenAiClient};
+use happynet::gateway::openai::{ChatRequest, OpenAiClient};
 use happynet::{Config, HttpError, Network};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -278,7 +278,7 @@ async fn the_gateway_speaks_openai_to_a_real_http_client() {
         "text/event-stream"
     );
     let raw = resp.body().limit(1 << 20).await.unwrap();
-    let mut parser = happynet::sse::SseParser::new();
+    let mut parser = happynet::gateway::sse::SseParser::new();
     let events = parser.push(&raw).unwrap();
     assert_eq!(events.last().unwrap().data, "[DONE]");
     let text: String = events[..events.len() - 1]

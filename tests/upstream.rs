@@ -198,7 +198,7 @@ async fn the_breaker_opens_rejects_fast_and_closes_after_a_successful_probe() {
     let state = api
         .upstream()
         .breaker()
-        .send(happynet::actors::GetBreakerState)
+        .send(happynet::actors::GetBreakerStats)
         .await
         .unwrap();
     assert_eq!(state.state, happynet::actors::BreakerStateKind::Closed);

@@ -35,7 +35,7 @@
 //!
 //! Through the actor, a caller holds its ticket inside a [`BreakerPermit`], a
 //! drop guard: a call that is cancelled (its caller hangs up, its deadline
-//! fires) reports itself as [`Outcome::Ignored`] when its future is dropped,
+//! fires) reports itself as [`AttemptOutcome::Ignored`] when its future is dropped,
 //! so a half-open probe slot is never lost to a caller that went away.
 //!
 //! Like the other state machines here, [`Breaker`] does no I/O and reads no
@@ -80,13 +80,13 @@ pub struct BreakerConfig {
     pub minimum_calls: usize,
     /// The failure rate (0 < rate ≤ 1) at or above which the breaker opens.
     /// Default 0.5.
-    pub failure_rate_threshold: f64,
+    pub failure_rate: f64,
     /// The slow-call rate (0 < rate ≤ 1) at or above which the breaker opens.
     /// The default, 1.0, turns slow-call tripping off (a call that is slow
     /// enough to matter is usually cut off by its timeout, which the breaker
     /// then sees as a failure). Below 1.0, a slow probe also reopens a
     /// half-open breaker.
-    pub slow_call_rate_threshold: f64,
+    pub slow_call_rate: f64,
     /// How long a call must take to count as slow. Default 5 s.
     pub slow_call_duration: Duration,
     /// How long the breaker stays open before it lets probes through.
@@ -103,8 +103,8 @@ impl Default for BreakerConfig {
         BreakerConfig {
             window: 20,
             minimum_calls: 10,
-            failure_rate_threshold: 0.5,
-            slow_call_rate_threshold: 1.0,
+            failure_rate: 0.5,
+            slow_call_rate: 1.0,
             slow_call_duration: Duration::from_secs(5),
             open_duration: Duration::from_secs(30),
             half_open_probes: 3,
@@ -134,9 +134,9 @@ pub enum BreakerConfigError {
         /// The window it must fit in.
         window: usize,
     },
-    /// `failure_rate_threshold` is not in `(0, 1]`.
+    /// `failure_rate` is not in `(0, 1]`.
     FailureRateThreshold(f64),
-    /// `slow_call_rate_threshold` is not in `(0, 1]`.
+    /// `slow_call_rate` is not in `(0, 1]`.
     SlowCallRateThreshold(f64),
     /// `slow_call_duration` is zero.
     SlowCallDuration,
@@ -152,8 +152,8 @@ impl BreakerConfigError {
         match self {
             BreakerConfigError::Window(_) => "window",
             BreakerConfigError::MinimumCalls { .. } => "minimum_calls",
-            BreakerConfigError::FailureRateThreshold(_) => "failure_rate_threshold",
-            BreakerConfigError::SlowCallRateThreshold(_) => "slow_call_rate_threshold",
+            BreakerConfigError::FailureRateThreshold(_) => "failure_rate",
+            BreakerConfigError::SlowCallRateThreshold(_) => "slow_call_rate",
             BreakerConfigError::SlowCallDuration => "slow_call_duration",
             BreakerConfigError::OpenDuration(_) => "open_duration",
             BreakerConfigError::HalfOpenProbes(_) => "half_open_probes",
@@ -212,14 +212,12 @@ impl BreakerConfig {
         }
         // `!(x > 0)` rather than `x <= 0` so that NaN is refused too.
         let is_rate = |rate: f64| rate > 0.0 && rate <= 1.0;
-        if !is_rate(self.failure_rate_threshold) {
-            return Err(BreakerConfigError::FailureRateThreshold(
-                self.failure_rate_threshold,
-            ));
+        if !is_rate(self.failure_rate) {
+            return Err(BreakerConfigError::FailureRateThreshold(self.failure_rate));
         }
-        if !is_rate(self.slow_call_rate_threshold) {
+        if !is_rate(self.slow_call_rate) {
             return Err(BreakerConfigError::SlowCallRateThreshold(
-                self.slow_call_rate_threshold,
+                self.slow_call_rate,
             ));
         }
         if self.slow_call_duration.is_zero() {
@@ -235,9 +233,9 @@ impl BreakerConfig {
     }
 
     /// Whether slow calls can open the breaker (see
-    /// [`BreakerConfig::slow_call_rate_threshold`]).
+    /// [`BreakerConfig::slow_call_rate`]).
     fn slow_calls_trip(&self) -> bool {
-        self.slow_call_rate_threshold < 1.0
+        self.slow_call_rate < 1.0
     }
 }
 
@@ -312,7 +310,7 @@ impl Ticket {
 
 /// How an admitted call ended, as far as the upstream's health is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum AttemptOutcome {
     /// The upstream answered well. A success that took at least
     /// `slow_call_duration` counts as slow.
     Success {
@@ -626,11 +624,11 @@ impl Breaker {
     /// Records how the call admitted with `ticket` ended. Outcomes of calls
     /// admitted before the last state change are counted in the metrics but
     /// do not affect the state.
-    pub fn on_outcome(&mut self, ticket: Ticket, outcome: Outcome, now: Instant) {
+    pub fn on_outcome(&mut self, ticket: Ticket, outcome: AttemptOutcome, now: Instant) {
         let (failed, elapsed) = match outcome {
-            Outcome::Success { elapsed } => (false, elapsed),
-            Outcome::Failure { elapsed } => (true, elapsed),
-            Outcome::Ignored => {
+            AttemptOutcome::Success { elapsed } => (false, elapsed),
+            AttemptOutcome::Failure { elapsed } => (true, elapsed),
+            AttemptOutcome::Ignored => {
                 if ticket.generation == self.generation {
                     if let (Phase::HalfOpen(p), Some(serial)) = (&mut self.phase, ticket.probe) {
                         p.settle(serial);
@@ -707,11 +705,11 @@ impl Breaker {
             return;
         }
         let rate = |n: usize| n as f64 / calls as f64;
-        if rate(self.window.failures) >= self.config.failure_rate_threshold {
+        if rate(self.window.failures) >= self.config.failure_rate {
             let failures = self.window.failures;
             self.open(TransitionReason::FailureRate { failures, calls }, now);
         } else if self.config.slow_calls_trip()
-            && rate(self.window.slow) >= self.config.slow_call_rate_threshold
+            && rate(self.window.slow) >= self.config.slow_call_rate
         {
             let slow = self.window.slow;
             self.open(TransitionReason::SlowCallRate { slow, calls }, now);
@@ -776,9 +774,9 @@ impl fmt::Display for BreakerOpen {
 
 impl std::error::Error for BreakerOpen {}
 
-/// A breaker's state and counters, the result of [`GetBreakerState`].
+/// A breaker's state and counters, the result of [`GetBreakerStats`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct BreakerSnapshot {
+pub struct BreakerStats {
     /// The state a request would find now.
     pub state: BreakerStateKind,
     /// For an open breaker, how long until it lets a probe through.
@@ -818,14 +816,14 @@ pub struct Permit;
 /// Report the call's outcome with [`report`](Self::report). A permit
 /// dropped unreported — its caller hung up, its deadline fired mid-call, or
 /// the answer to [`Permit`] found nobody waiting — reports
-/// [`Outcome::Ignored`] by itself, so a half-open probe slot goes straight
+/// [`AttemptOutcome::Ignored`] by itself, so a half-open probe slot goes straight
 /// back to the next caller instead of being lost until the probes are
 /// presumed lost ([`TransitionReason::ProbesLost`]).
 #[must_use = "a permit dropped unreported counts as an ignored call"]
 pub struct BreakerPermit {
     ticket: Ticket,
     /// Where the outcome goes; `None` once reported.
-    breaker: Option<Recipient<CallOutcome>>,
+    breaker: Option<Recipient<ReportOutcome>>,
 }
 
 impl BreakerPermit {
@@ -837,9 +835,9 @@ impl BreakerPermit {
     /// Reports how the admitted call went. `do_send`: there is nothing to
     /// wait for, and the messages in flight are bounded by the permits
     /// granted.
-    pub fn report(mut self, outcome: Outcome) {
+    pub fn report(mut self, outcome: AttemptOutcome) {
         if let Some(breaker) = self.breaker.take() {
-            breaker.do_send(CallOutcome {
+            breaker.do_send(ReportOutcome {
                 ticket: self.ticket,
                 outcome,
             });
@@ -859,9 +857,9 @@ impl fmt::Debug for BreakerPermit {
 impl Drop for BreakerPermit {
     fn drop(&mut self) {
         if let Some(breaker) = self.breaker.take() {
-            breaker.do_send(CallOutcome {
+            breaker.do_send(ReportOutcome {
                 ticket: self.ticket,
-                outcome: Outcome::Ignored,
+                outcome: AttemptOutcome::Ignored,
             });
         }
     }
@@ -873,18 +871,18 @@ impl Drop for BreakerPermit {
 /// the number in flight is bounded by the permits granted.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "()")]
-pub struct CallOutcome {
+pub struct ReportOutcome {
     /// The ticket the permit returned.
     pub ticket: Ticket,
     /// How the call went.
-    pub outcome: Outcome,
+    pub outcome: AttemptOutcome,
 }
 
 /// Sent by metrics and status endpoints; the result is a
-/// [`BreakerSnapshot`] as of now.
+/// [`BreakerStats`] as of now.
 #[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "BreakerSnapshot")]
-pub struct GetBreakerState;
+#[rtype(result = "BreakerStats")]
+pub struct GetBreakerStats;
 
 /// The actor shell around one upstream's [`Breaker`].
 ///
@@ -940,22 +938,22 @@ impl Handler<Permit> for BreakerActor {
     }
 }
 
-impl Handler<CallOutcome> for BreakerActor {
+impl Handler<ReportOutcome> for BreakerActor {
     type Result = ();
 
-    fn handle(&mut self, msg: CallOutcome, _: &mut Self::Context) {
+    fn handle(&mut self, msg: ReportOutcome, _: &mut Self::Context) {
         self.breaker.on_outcome(msg.ticket, msg.outcome, now());
     }
 }
 
-impl Handler<GetBreakerState> for BreakerActor {
-    type Result = MessageResult<GetBreakerState>;
+impl Handler<GetBreakerStats> for BreakerActor {
+    type Result = MessageResult<GetBreakerStats>;
 
-    fn handle(&mut self, _: GetBreakerState, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: GetBreakerStats, _: &mut Self::Context) -> Self::Result {
         let now = now();
         let state = self.breaker.state(now);
         let counters = self.breaker.counters();
-        MessageResult(BreakerSnapshot {
+        MessageResult(BreakerStats {
             state: state.kind(),
             retry_after: match state {
                 BreakerState::Open { retry_at } => Some(retry_at.saturating_duration_since(now)),
@@ -980,12 +978,12 @@ mod tests {
 
     const FAST: Duration = Duration::from_millis(10);
 
-    fn ok() -> Outcome {
-        Outcome::Success { elapsed: FAST }
+    fn ok() -> AttemptOutcome {
+        AttemptOutcome::Success { elapsed: FAST }
     }
 
-    fn fail() -> Outcome {
-        Outcome::Failure { elapsed: FAST }
+    fn fail() -> AttemptOutcome {
+        AttemptOutcome::Failure { elapsed: FAST }
     }
 
     /// Window 10, minimum 5, failure threshold 0.5, open 30 s, 3 probes.
@@ -993,8 +991,8 @@ mod tests {
         BreakerConfig {
             window: 10,
             minimum_calls: 5,
-            failure_rate_threshold: 0.5,
-            slow_call_rate_threshold: 1.0,
+            failure_rate: 0.5,
+            slow_call_rate: 1.0,
             slow_call_duration: ms(1000),
             open_duration: Duration::from_secs(30),
             half_open_probes: 3,
@@ -1006,7 +1004,7 @@ mod tests {
     }
 
     /// Admits a call and reports `outcome` for it, at `now`.
-    fn call(b: &mut Breaker, outcome: Outcome, now: Instant) {
+    fn call(b: &mut Breaker, outcome: AttemptOutcome, now: Instant) {
         let t = b.try_acquire(now).expect("admitted");
         b.on_outcome(t, outcome, now);
     }
@@ -1037,13 +1035,9 @@ mod tests {
             ("window", |c| c.window = MAX_WINDOW + 1),
             ("minimum_calls", |c| c.minimum_calls = 0),
             ("minimum_calls", |c| c.minimum_calls = 21),
-            ("failure_rate_threshold", |c| c.failure_rate_threshold = 0.0),
-            ("failure_rate_threshold", |c| {
-                c.failure_rate_threshold = f64::NAN
-            }),
-            ("slow_call_rate_threshold", |c| {
-                c.slow_call_rate_threshold = 1.5
-            }),
+            ("failure_rate", |c| c.failure_rate = 0.0),
+            ("failure_rate", |c| c.failure_rate = f64::NAN),
+            ("slow_call_rate", |c| c.slow_call_rate = 1.5),
             ("slow_call_duration", |c| {
                 c.slow_call_duration = Duration::ZERO
             }),
@@ -1149,9 +1143,9 @@ mod tests {
     #[test]
     fn slow_calls_open_the_breaker_when_enabled() {
         let t0 = Instant::now();
-        let slow = Outcome::Success { elapsed: ms(1000) };
+        let slow = AttemptOutcome::Success { elapsed: ms(1000) };
         let mut b = breaker(BreakerConfig {
-            slow_call_rate_threshold: 0.6,
+            slow_call_rate: 0.6,
             ..config()
         });
         // 2 fast, then slow ones: 3/5 = 0.6 at the fifth call.
@@ -1175,7 +1169,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = breaker(config());
         for _ in 0..50 {
-            call(&mut b, Outcome::Success { elapsed: ms(5000) }, t0);
+            call(&mut b, AttemptOutcome::Success { elapsed: ms(5000) }, t0);
         }
         assert_eq!(b.state(t0), BreakerState::Closed);
         assert_eq!(b.counters().slow_calls, 50);
@@ -1281,13 +1275,17 @@ mod tests {
     fn a_slow_probe_reopens_when_slow_calls_trip() {
         let t0 = Instant::now();
         let mut b = breaker(BreakerConfig {
-            slow_call_rate_threshold: 0.5,
+            slow_call_rate: 0.5,
             ..config()
         });
         trip(&mut b, t0);
         let t1 = t0 + Duration::from_secs(30);
         let p = b.try_acquire(t1).unwrap();
-        b.on_outcome(p, Outcome::Success { elapsed: ms(1000) }, t1 + ms(1000));
+        b.on_outcome(
+            p,
+            AttemptOutcome::Success { elapsed: ms(1000) },
+            t1 + ms(1000),
+        );
         assert_eq!(b.state(t1 + ms(1000)).kind(), BreakerStateKind::Open);
         assert_eq!(
             b.last_transition().unwrap().reason,
@@ -1299,7 +1297,11 @@ mod tests {
         trip(&mut b, t0);
         for _ in 0..3 {
             let p = b.try_acquire(t1).unwrap();
-            b.on_outcome(p, Outcome::Success { elapsed: ms(9000) }, t1 + ms(9000));
+            b.on_outcome(
+                p,
+                AttemptOutcome::Success { elapsed: ms(9000) },
+                t1 + ms(9000),
+            );
         }
         assert_eq!(b.state(t1 + ms(9000)), BreakerState::Closed);
     }
@@ -1319,7 +1321,7 @@ mod tests {
         // It is still counted as a failure of the upstream.
         assert_eq!(b.counters().failures, 6);
         // An old "Ignored" frees no probe slot either.
-        b.on_outcome(old, Outcome::Ignored, t1 + ms(1));
+        b.on_outcome(old, AttemptOutcome::Ignored, t1 + ms(1));
         assert!(b.try_acquire(t1 + ms(1)).is_err());
         for p in &probes {
             b.on_outcome(*p, ok(), t1 + ms(2));
@@ -1339,7 +1341,7 @@ mod tests {
         let t1 = t0 + Duration::from_secs(30);
         let probes: Vec<Ticket> = (0..3).map(|_| b.try_acquire(t1).unwrap()).collect();
         assert!(b.try_acquire(t1).is_err());
-        b.on_outcome(probes[0], Outcome::Ignored, t1);
+        b.on_outcome(probes[0], AttemptOutcome::Ignored, t1);
         // One slot is free again: exactly one more probe passes.
         let extra = b.try_acquire(t1).unwrap();
         assert!(extra.is_probe());
@@ -1365,7 +1367,7 @@ mod tests {
         }
         assert_eq!(b.state(t1), BreakerState::HalfOpen);
         // An Ignored after its success must not free a slot either.
-        b.on_outcome(probes[0], Outcome::Ignored, t1);
+        b.on_outcome(probes[0], AttemptOutcome::Ignored, t1);
         assert!(b.try_acquire(t1).is_err());
         b.on_outcome(probes[1], ok(), t1);
         b.on_outcome(probes[2], ok(), t1);
@@ -1470,7 +1472,7 @@ mod tests {
                         let t = out.swap_remove((next() % out.len() as u64) as usize);
                         let outcome = match next() % 4 {
                             0 => fail(),
-                            1 => Outcome::Ignored,
+                            1 => AttemptOutcome::Ignored,
                             _ => ok(),
                         };
                         let before = b.generation;
@@ -1479,9 +1481,9 @@ mod tests {
                         if t.is_probe() && t.generation == before {
                             let e = used.entry(t.generation).or_default();
                             match outcome {
-                                Outcome::Ignored => e.0 -= 1,
-                                Outcome::Success { .. } => e.1 += 1,
-                                Outcome::Failure { .. } => {}
+                                AttemptOutcome::Ignored => e.0 -= 1,
+                                AttemptOutcome::Success { .. } => e.1 += 1,
+                                AttemptOutcome::Failure { .. } => {}
                             }
                         }
                         if was_half_open && b.phase.kind() == BreakerStateKind::Closed {

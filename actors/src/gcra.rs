@@ -9,6 +9,32 @@
 //!
 //! It is used for each WebSocket session's inbound message rate and is the core
 //! of the keyed `RateLimiterActor`.
+//!
+//! # Why not `governor`
+//!
+//! `governor` is the field's GCRA crate, and it was weighed as the state
+//! machine inside `RateLimiterActor`. We keep these ~100 lines because
+//! governor's API does not offer four things the actor needs:
+//!
+//! - **refunds**: a grant whose request was never sent (breaker refusal, a
+//!   full bulkhead, a caller that hung up) is given back with
+//!   [`Gcra::refund`], which needs the TAT an admission left. governor's
+//!   state is private (`StateSnapshot` can be read through middleware, not
+//!   written back), so an admission cannot be undone;
+//! - **`now` as an argument**: [`Gcra::check`] takes the instant, so the
+//!   actor feeds it `tokio::time::Instant` and tests that pause tokio time
+//!   drive it exactly. governor reads its own `Clock`; its
+//!   `FakeRelativeClock` is a second clock beside tokio's, which paused-time
+//!   tests would have to advance by hand in step;
+//! - **the same formula in Redis**: `shared_limiter` runs this algorithm as a
+//!   Lua script, and a test holds the two equal decision by decision;
+//!   governor's arithmetic (integer nanoseconds inside its `Nanos`, cells per
+//!   `NonZeroU32` period) is not ours to mirror, and would change under us;
+//! - **the rates people write**: `rate_limit` is requests per minute as a
+//!   float (`0.5` is one every two minutes); governor's `Quota` is built
+//!   from whole cells per period. The Retry-After we answer is
+//!   `Decision::Deny`'s `retry_after`, governor's `NotUntil::wait_time_from`
+//!   would give the same, so that alone would not decide it.
 
 use std::time::{Duration, Instant};
 

@@ -42,10 +42,11 @@ pub mod rooms;
 pub mod session;
 pub mod shared_limiter;
 pub mod single_flight;
+pub mod verdict;
 
 pub use breaker::{
-    BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerSnapshot, BreakerStateKind,
-    CallOutcome, GetBreakerState, Outcome, Permit, Ticket,
+    AttemptOutcome, BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerStateKind,
+    BreakerStats, GetBreakerStats, Permit, ReportOutcome, Ticket,
 };
 pub use frame_check::Violation;
 pub use histogram::Histogram;

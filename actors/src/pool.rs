@@ -30,21 +30,24 @@
 //!
 //! Each call goes to the endpoint the [`Balancer`] picks (round-robin or
 //! power-of-two-choices on peak-EWMA latency) and its outcome feeds back into
-//! the balancer's latency estimate and passive outlier ejection: a 5xx or a
-//! [`PoolError::is_upstream_failure`] counts against the endpoint, nothing
-//! else does (a request awc could not even build is [`PoolError::Invalid`]).
+//! the balancer's latency estimate and passive outlier ejection: what counts
+//! against the endpoint is what [`Verdict`] calls a failure — a 5xx, or no
+//! answer for a reason of the upstream's (a request awc could not even build
+//! is [`PoolError::Invalid`], which blames no one), the same verdict the
+//! breaker and the retry loop act on.
 //!
 //! Bodies are decoded (`Content-Encoding`) when [`Execute::decompress`] says
 //! so, and passed through as the upstream encoded them otherwise.
 //!
 //! A streamed body whose reader stops taking chunks for longer than
 //! [`ExecuteStream::write_timeout`] is abandoned: the upstream connection is
-//! dropped, the slot freed, the reader told ([`StreamingResponse::ended`])
+//! dropped, the slot freed, the reader told ([`StreamHead::ended`])
 //! and [`PoolStats::stream_write_timeouts`] counts it.
 
 use crate::backoff::Jitter;
 use crate::balancer::{Balancer, EjectionConfig, Strategy};
 use crate::limiter::Grant;
+use crate::verdict::Verdict;
 use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -116,12 +119,12 @@ pub struct Execute {
 /// arrives (server-sent events, large downloads).
 ///
 /// Sent by `happynet`'s streaming calls. The result arrives with the
-/// response head; the body follows through [`StreamingResponse::body`]. The
+/// response head; the body follows through [`StreamHead::body`]. The
 /// call keeps its bulkhead slot until the body ends or the receiver is
 /// dropped. The channel is bounded: a consumer that stops reading stops the
 /// pool reading from the upstream (TCP back-pressure), never a growing buffer.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<StreamingResponse, PoolError>")]
+#[rtype(result = "Result<StreamHead, PoolError>")]
 pub struct ExecuteStream {
     /// The request, as for [`Execute`]; its deadline bounds the time to the
     /// response head.
@@ -139,7 +142,7 @@ pub const STREAM_CHUNK_BUFFER: usize = 16;
 
 /// A response head whose body is still arriving.
 #[derive(Debug)]
-pub struct StreamingResponse {
+pub struct StreamHead {
     /// The status code.
     pub status: StatusCode,
     /// The response headers.
@@ -238,24 +241,6 @@ pub enum PoolError {
         /// The write timeout that passed.
         after: Duration,
     },
-}
-
-impl PoolError {
-    /// True when the failure says the endpoint is unhealthy (for the
-    /// breaker and the balancer), as opposed to local back-pressure, a
-    /// request that could not be built, a reader that stalled, or a body
-    /// over our own limit.
-    pub fn is_upstream_failure(&self) -> bool {
-        matches!(
-            self,
-            PoolError::Connect { .. }
-                | PoolError::Timeout {
-                    endpoint: Some(_),
-                    ..
-                }
-                | PoolError::Transport { .. }
-        )
-    }
 }
 
 impl fmt::Display for PoolError {
@@ -372,7 +357,7 @@ fn send_error(e: awc::error::SendRequestError, upstream: &str, endpoint: &str) -
 }
 
 type Reply = oneshot::Sender<Result<UpstreamResponse, PoolError>>;
-type StreamReply = oneshot::Sender<Result<StreamingResponse, PoolError>>;
+type StreamReply = oneshot::Sender<Result<StreamHead, PoolError>>;
 
 /// A call waiting in, or leaving, the bulkhead queue.
 enum Job {
@@ -636,10 +621,11 @@ impl PoolActor {
                         latency,
                         reply,
                     } => {
-                        let healthy = match &result {
-                            Ok(resp) => !resp.status.is_server_error(),
-                            Err(e) => !e.is_upstream_failure(),
+                        let verdict = match &result {
+                            Ok(resp) => Verdict::of_status(resp.status),
+                            Err(e) => Verdict::of_error(e),
                         };
+                        let healthy = !verdict.is_failure();
                         let _ = reply.send(result);
                         pool.finish(idx, latency, healthy, ctx);
                     }
@@ -686,7 +672,7 @@ impl PoolActor {
                 Ok(Ok(resp)) => resp,
                 Ok(Err(e)) => {
                     let e = send_error(e, &upstream, &endpoint);
-                    let healthy = !e.is_upstream_failure();
+                    let healthy = !Verdict::of_error(&e).is_failure();
                     let _ = reply.send(Err(e));
                     return StreamEnded::Done {
                         latency: started.elapsed(),
@@ -708,7 +694,7 @@ impl PoolActor {
             let status = resp.status();
             let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNK_BUFFER);
             let (ended, ended_rx) = oneshot::channel();
-            let head = StreamingResponse {
+            let head = StreamHead {
                 status,
                 headers: resp.headers().clone(),
                 endpoint: idx,
@@ -728,7 +714,7 @@ impl PoolActor {
                     }),
                     Ok(None) => {
                         let _ = ended.send(Ok(()));
-                        break !status.is_server_error();
+                        break !Verdict::of_status(status).is_failure();
                     }
                     Ok(Some(Err(e))) => Err(transport(e.to_string())),
                     Ok(Some(Ok(chunk))) => {
@@ -904,7 +890,7 @@ impl Handler<Execute> for PoolActor {
 }
 
 impl Handler<ExecuteStream> for PoolActor {
-    type Result = PoolAnswer<StreamingResponse>;
+    type Result = PoolAnswer<StreamHead>;
 
     fn handle(&mut self, msg: ExecuteStream, ctx: &mut Self::Context) -> Self::Result {
         self.submit(|reply| Job::Stream(msg, reply), ctx)
@@ -941,7 +927,7 @@ mod tests {
         for e in invalid {
             let mapped = send_error(e, "up", "http://127.0.0.1:1");
             assert!(matches!(mapped, PoolError::Invalid { .. }), "{mapped:?}");
-            assert!(!mapped.is_upstream_failure());
+            assert!(!Verdict::of_error(&mapped).is_failure());
         }
         // What the endpoint did (or the way to it) still counts.
         for e in [
@@ -949,12 +935,12 @@ mod tests {
             SendRequestError::Connect(ConnectError::Timeout),
             SendRequestError::Send(std::io::Error::other("reset")),
         ] {
-            assert!(send_error(e, "up", "x").is_upstream_failure());
+            assert!(Verdict::of_error(&send_error(e, "up", "x")).is_failure());
         }
         let stalled = PoolError::ReaderStalled {
             upstream: "up".into(),
             after: Duration::from_secs(1),
         };
-        assert!(!stalled.is_upstream_failure());
+        assert!(!Verdict::of_error(&stalled).is_failure());
     }
 }

@@ -101,9 +101,6 @@ pub const MAX_CONSECUTIVE_FAILURES: u32 = 3;
 /// How long making a connection to Redis may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The default time a shared check may take before the fallback decides.
-pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_millis(50);
-
 /// What a shared limiter does when Redis cannot answer in time
 /// (`network.cluster.limiter_fallback`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

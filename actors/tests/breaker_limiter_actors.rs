@@ -19,8 +19,9 @@ use happynet_actors::breaker::HALF_OPEN_RETRY_HINT;
 use happynet_actors::gcra::Quota;
 use happynet_actors::limiter::sweep_interval;
 use happynet_actors::{
-    Acquire, BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerStateKind,
-    GetBreakerState, GetLimiterStats, LimiterStats, Outcome, Permit, RateLimited, RateLimiterActor,
+    Acquire, AttemptOutcome, BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit,
+    BreakerStateKind, GetBreakerStats, GetLimiterStats, LimiterStats, Permit, RateLimited,
+    RateLimiterActor,
 };
 use std::time::Duration;
 
@@ -43,9 +44,9 @@ fn breaker_config() -> BreakerConfig {
 async fn trip(breaker: &Addr<BreakerActor>) {
     for _ in 0..breaker_config().minimum_calls {
         let permit = breaker.send(Permit).await.unwrap().unwrap();
-        permit.report(Outcome::Failure { elapsed: FAST });
+        permit.report(AttemptOutcome::Failure { elapsed: FAST });
     }
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Open);
     assert_eq!(s.retry_after, Some(OPEN_DURATION));
 }
@@ -82,7 +83,7 @@ async fn a_half_open_breaker_admits_exactly_its_probes_among_1000_callers() {
     // Round 1: every probe succeeds, the breaker closes.
     trip(&breaker).await;
     advance_past(OPEN_DURATION).await;
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::HalfOpen);
     assert_eq!(s.retry_after, None);
 
@@ -102,14 +103,14 @@ async fn a_half_open_breaker_admits_exactly_its_probes_among_1000_callers() {
             refused[0].retry_after.as_millis()
         )
     );
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::HalfOpen);
     assert_eq!(s.rejections, (CALLERS - PROBES as usize) as u64);
 
     for permit in probes {
-        permit.report(Outcome::Success { elapsed: FAST });
+        permit.report(AttemptOutcome::Success { elapsed: FAST });
     }
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Closed);
     // closed -> open -> half-open -> closed
     assert_eq!(s.transitions, 3);
@@ -125,13 +126,13 @@ async fn a_half_open_breaker_admits_exactly_its_probes_among_1000_callers() {
     assert_eq!(refused.len(), CALLERS - PROBES as usize);
     let mut probes = probes.into_iter();
     if let Some(first) = probes.next() {
-        first.report(Outcome::Failure { elapsed: FAST });
+        first.report(AttemptOutcome::Failure { elapsed: FAST });
     }
     // The other probes succeed too late: their tickets are stale.
     for permit in probes {
-        permit.report(Outcome::Success { elapsed: FAST });
+        permit.report(AttemptOutcome::Success { elapsed: FAST });
     }
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Open);
     assert_eq!(s.retry_after, Some(OPEN_DURATION));
     let json = serde_json::to_value(&s).unwrap();

@@ -12,8 +12,8 @@
 use actix::prelude::*;
 use happynet_actors::gcra::Quota;
 use happynet_actors::{
-    BreakerActor, BreakerConfig, BreakerStateKind, GetBreakerState, GetLimiterStats, Outcome,
-    Permit, RateLimiterActor, Reserve,
+    AttemptOutcome, BreakerActor, BreakerConfig, BreakerStateKind, GetBreakerStats,
+    GetLimiterStats, Permit, RateLimiterActor, Reserve,
 };
 use std::time::Duration;
 
@@ -45,9 +45,9 @@ async fn half_open_breaker() -> Addr<BreakerActor> {
     let breaker = BreakerActor::new("api", one_probe()).unwrap().start();
     for _ in 0..2 {
         let permit = breaker.send(Permit).await.unwrap().unwrap();
-        permit.report(Outcome::Failure { elapsed: FAST });
+        permit.report(AttemptOutcome::Failure { elapsed: FAST });
     }
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Open);
     tokio::time::advance(OPEN_DURATION + Duration::from_millis(1)).await;
     breaker
@@ -80,8 +80,8 @@ async fn a_probe_whose_caller_hangs_up_gives_its_slot_to_the_next_caller_at_once
     let next = breaker.send(Permit).await.unwrap();
     let next = next.expect("the next caller gets the probe slot at once");
     assert!(next.ticket().is_probe());
-    next.report(Outcome::Success { elapsed: FAST });
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    next.report(AttemptOutcome::Success { elapsed: FAST });
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Closed);
 }
 
@@ -102,10 +102,10 @@ async fn a_permit_answer_nobody_reads_gives_its_slot_back() {
 async fn a_reported_permit_counts_once_and_its_drop_adds_nothing() {
     let breaker = half_open_breaker().await;
     let probe = breaker.send(Permit).await.unwrap().unwrap();
-    probe.report(Outcome::Failure { elapsed: FAST });
+    probe.report(AttemptOutcome::Failure { elapsed: FAST });
     settle().await;
     // The failed probe reopened the breaker; the report was the only one.
-    let s = breaker.send(GetBreakerState).await.unwrap();
+    let s = breaker.send(GetBreakerStats).await.unwrap();
     assert_eq!(s.state, BreakerStateKind::Open);
     assert_eq!(s.failures, 3);
     assert!(breaker.send(Permit).await.unwrap().is_err());

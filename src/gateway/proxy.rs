@@ -11,11 +11,11 @@
 //! | rate limited | 429 + `Retry-After` |
 //! | breaker open, bulkhead full | 503 (+ `Retry-After` when known) |
 //! | deadline | 504 |
-//! | connect or transport error, an upstream head over [`MAX_RESPONSE_HEADER_BYTES`] | 502 |
+//! | connect or transport error, an upstream head over [`MAX_RESPONSE_HEADER_BYTES`](crate::upstream::MAX_RESPONSE_HEADER_BYTES) | 502 |
 //! | upstream error status | passed through, body and all |
 //!
 //! None of the caller's mistakes reaches the upstream's breaker, its
-//! endpoints' ejection or a retry (the audit is in [`crate::error`]).
+//! endpoints' ejection or a retry (the audit is in [`crate::upstream::error`]).
 //!
 //! **The request target** goes to the upstream as the caller sent it: the
 //! tail and query are cut from the raw request URI, not from the decoded
@@ -37,7 +37,7 @@
 //! capped, counting each header as its name, value and 4 bytes of framing:
 //! the caller's forwarded headers at [`MAX_FORWARDED_HEADER_BYTES`] (over it,
 //! 431 to the caller, nothing sent), the upstream's response head at
-//! [`MAX_RESPONSE_HEADER_BYTES`] (over it, 502 and a breaker failure:
+//! [`MAX_RESPONSE_HEADER_BYTES`](crate::upstream::MAX_RESPONSE_HEADER_BYTES) (over it, 502 and a breaker failure:
 //! `crate::upstream` enforces it for every client). The caller's whole head
 //! is further bounded by actix-web (96 headers), the upstream's by awc.
 //!
@@ -56,20 +56,18 @@
 //! client's own credential. The gateway does not wait for the rate limiter: a caller that is over the
 //! rate learns it at once and when to come back.
 
-use crate::error::HttpError;
-use crate::network::Network;
+use super::{error_response, GatewayState};
+use crate::json_error::ErrorBody;
+use crate::upstream::header_bytes;
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde_json::json;
-
-pub use crate::upstream::MAX_RESPONSE_HEADER_BYTES;
 
 /// The largest request body the gateway forwards.
 pub const MAX_PROXY_BODY: usize = 10 << 20;
 
 /// The most bytes of the caller's headers the gateway forwards, counted as
-/// [`crate::upstream::header_bytes`] does: 32 KiB, the total nginx accepts by
+/// [`header_bytes`] does: 32 KiB, the total nginx accepts by
 /// default (4 × 8 KiB buffers). Over it the caller gets 431 and nothing is
 /// sent: the upstream would refuse it anyway, and that refusal must not be
 /// spent against the upstream's own limits.
@@ -118,14 +116,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     );
 }
 
-fn retry_after_secs(d: std::time::Duration) -> String {
-    // Whole seconds, rounded up: "Retry-After: 0" would invite a stampede.
-    d.as_secs_f64().ceil().max(1.0).to_string()
-}
-
 /// The caller's answer from an upstream's: its status, end-to-end headers
 /// and body as they came.
-fn relay(status: StatusCode, headers: &HeaderMap, body: web::Bytes) -> HttpResponse {
+pub(super) fn relay(status: StatusCode, headers: &HeaderMap, body: web::Bytes) -> HttpResponse {
     let mut out = HttpResponse::build(status);
     for (name, value) in end_to_end(headers) {
         out.append_header((name.clone(), value.clone()));
@@ -155,46 +148,12 @@ fn relay_head(status: StatusCode, headers: &HeaderMap) -> HttpResponse {
     >())
 }
 
-/// The HTTP answer for a failed upstream call.
-pub fn error_response(e: &HttpError) -> HttpResponse {
-    if let HttpError::Status { response, .. } = e {
-        return relay(response.status, &response.headers, response.body.clone());
-    }
-    let status = match e {
-        HttpError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-        HttpError::BreakerOpen { .. } | HttpError::Overloaded { .. } => {
-            StatusCode::SERVICE_UNAVAILABLE
-        }
-        HttpError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-        HttpError::Connect { .. } | HttpError::Transport { .. } | HttpError::Decode { .. } => {
-            StatusCode::BAD_GATEWAY
-        }
-        HttpError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-        // The gateway's own upstream credential is missing: a server-side
-        // misconfiguration, not the caller's fault.
-        HttpError::MissingSecret { .. } => StatusCode::BAD_GATEWAY,
-        HttpError::Internal { .. } | HttpError::Status { .. } => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    let mut out = HttpResponse::build(status);
-    if let Some(after) = e.retry_after() {
-        out.insert_header((header::RETRY_AFTER, retry_after_secs(after)));
-    }
-    out.json(json!({
-        "error": e.kind(),
-        "upstream": e.upstream(),
-        "message": e.to_string(),
-        "retry_after_ms": e.retry_after().map(|d| d.as_millis() as u64),
-    }))
-}
-
 /// A refusal of the caller's request, in the shape of [`error_response`].
 fn refuse(status: StatusCode, reason: String) -> HttpResponse {
-    HttpResponse::build(status).json(json!({
-        "error": "invalid_request",
-        "upstream": null,
-        "message": reason,
-        "retry_after_ms": null,
-    }))
+    ErrorBody::new("invalid_request", reason)
+        .with("upstream", None::<&str>)
+        .with("retry_after_ms", None::<u64>)
+        .answer(status)
 }
 
 /// The tail of a raw `/proxy/{client}/{tail}` path as sent, from the `/`
@@ -253,27 +212,33 @@ fn climbs_above_base(tail: &str) -> bool {
     climbs(&once) || climbs(&percent_decode(&once))
 }
 
-async fn proxy_route(req: HttpRequest, body: web::Bytes, net: web::Data<Network>) -> HttpResponse {
+async fn proxy_route(
+    req: HttpRequest,
+    body: web::Bytes,
+    gateway: web::Data<GatewayState>,
+) -> HttpResponse {
     // The proxy spends the operator's upstream credentials: it answers only
     // callers with a gateway token when tokens are configured.
-    if let Some(denied) = crate::llm_gateway::refused(&req, &net) {
+    if let Some(denied) = gateway.refused(&req) {
         return denied;
     }
-    let gateway_auth = !net.config().network.gateway.tokens.is_empty();
+    let gateway_auth = gateway.requires_token();
     let client_name = req.match_info().get("client").unwrap_or_default();
-    let Some(client) = net.api(client_name) else {
-        return HttpResponse::NotFound().json(json!({
-            "error": "unknown_client",
-            "message": format!("no network.api_clients.{client_name} is configured"),
-        }));
+    let Some(client) = gateway.client(client_name) else {
+        return ErrorBody::new(
+            "unknown_client",
+            format!("no network.api_clients.{client_name} is configured"),
+        )
+        .answer(StatusCode::NOT_FOUND);
     };
     // TRACE would echo back the credential this gateway adds; CONNECT asks
     // for a tunnel, which a reverse proxy does not offer.
     if matches!(*req.method(), Method::TRACE | Method::CONNECT) {
-        return HttpResponse::MethodNotAllowed().json(json!({
-            "error": "method_not_allowed",
-            "message": format!("{} is not forwarded by the gateway", req.method()),
-        }));
+        return ErrorBody::new(
+            "method_not_allowed",
+            format!("{} is not forwarded by the gateway", req.method()),
+        )
+        .answer(StatusCode::METHOD_NOT_ALLOWED);
     }
     let Some(tail) = raw_tail(req.uri().path()) else {
         return refuse(
@@ -297,7 +262,7 @@ async fn proxy_route(req: HttpRequest, body: web::Bytes, net: web::Data<Network>
     let forwarded: Vec<(&HeaderName, &HeaderValue)> = end_to_end(req.headers())
         .filter(|(name, _)| !(gateway_auth && *name == header::AUTHORIZATION))
         .collect();
-    let size = crate::upstream::header_bytes(forwarded.iter().copied());
+    let size = header_bytes(forwarded.iter().copied());
     if size > MAX_FORWARDED_HEADER_BYTES {
         return refuse(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,

@@ -4,7 +4,7 @@
 //!
 //! ```no_run
 //! # async fn demo(net: happynet::Network) -> Result<(), happynet::HttpError> {
-//! let openai = happynet::openai::OpenAiClient::new(net.api("openai").expect("configured"));
+//! let openai = happynet::gateway::openai::OpenAiClient::new(net.api("openai").expect("configured"));
 //! let answer = openai.chat_completion("Hello, world!").await?;
 //! # let _ = answer; Ok(()) }
 //! ```
@@ -14,10 +14,8 @@
 //! account), and a streamed completion is only retried before its first
 //! byte — after that the caller has seen part of an answer.
 
-use crate::client::ApiClient;
-use crate::error::HttpError;
-use crate::sse::SseParser;
-use crate::upstream::Response;
+use super::sse::SseParser;
+use crate::upstream::{ApiClient, HttpError, Response, StreamingResponse};
 use actix_web::web::Bytes;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
@@ -284,11 +282,11 @@ impl OpenAiClient {
 /// Turns a streamed body of chat-completion chunks into deltas.
 fn deltas(
     upstream: String,
-    body: crate::upstream::StreamedResponse,
+    body: StreamingResponse,
 ) -> impl Stream<Item = Result<ChatDelta, HttpError>> {
     struct State {
         upstream: String,
-        body: crate::upstream::StreamedResponse,
+        body: StreamingResponse,
         parser: SseParser,
         ready: VecDeque<ChatDelta>,
         done: bool,

@@ -8,8 +8,8 @@
 //! variable is not set, every call fails with an error that names the
 //! variable — and a warning says so at start-up.
 
+use super::error::HttpError;
 use crate::config::AuthConfig;
-use crate::error::HttpError;
 use actix_web::http::header::{self, HeaderName, HeaderValue};
 use std::fmt;
 
@@ -100,11 +100,6 @@ impl Auth {
             key_env: key_env.clone(),
             secret,
         })
-    }
-
-    /// True when the secret was found.
-    pub fn is_available(&self) -> bool {
-        self.secret.is_some()
     }
 
     /// The variable the secret comes from.

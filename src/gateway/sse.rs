@@ -8,6 +8,19 @@
 //! A line may be split across any number of chunks, including between `\r`
 //! and `\n`. The buffered partial line is bounded: a stream that never ends
 //! a line is an error, not unbounded memory.
+//!
+//! # Why not `eventsource-stream`
+//!
+//! `eventsource-stream` is the field's parser, and it was weighed for this
+//! job. We keep these ~100 lines for one reason that is not speed: its
+//! `EventStream` appends every chunk to an unbounded `String` and re-parses
+//! that buffer from its start on each chunk until a line ends, with no
+//! limit on a line or an event. An upstream (or anything between us and it)
+//! that sends one endless line would grow that buffer without bound, and the
+//! re-scan makes each chunk cost the whole line so far. This parser refuses
+//! a line or event over [`MAX_EVENT_BYTES`] and looks at each byte once. It
+//! is also a plain state machine (`push` bytes, get events, no I/O), which
+//! is how `openai.rs` drives it from the body chunks it already has.
 
 /// The longest line (or event) the parser buffers.
 pub const MAX_EVENT_BYTES: usize = 1 << 20;

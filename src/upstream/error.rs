@@ -14,9 +14,9 @@
 //! | cause | decided in | error | gateway answers | breaker | eject | retry | next |
 //! |---|---|---|---|---|---|---|---|
 //! | target the client cannot send (bad characters, no leading `/`) | `Upstream::outgoing` | `InvalidRequest` | 400 | not asked | no | no | no |
-//! | `/proxy` tail climbing above the base path (`..`, `%2e%2e`, `..%2f`, …) | `gateway` | — | 400 | not asked | no | no | — |
-//! | caller headers over `gateway::MAX_FORWARDED_HEADER_BYTES` | `gateway` | — | 431 | not asked | no | no | — |
-//! | `TRACE`/`CONNECT` through `/proxy` | `gateway` | — | 405 | not asked | no | no | — |
+//! | `/proxy` tail climbing above the base path (`..`, `%2e%2e`, `..%2f`, …) | `gateway::proxy` | — | 400 | not asked | no | no | — |
+//! | caller headers over `gateway::MAX_FORWARDED_HEADER_BYTES` | `gateway::proxy` | — | 431 | not asked | no | no | — |
+//! | `TRACE`/`CONNECT` through `/proxy` | `gateway::proxy` | — | 405 | not asked | no | no | — |
 //! | body over the route's limit | actix `PayloadConfig` | — | 413 | not asked | no | no | — |
 //! | awc cannot build the request (URL, header, body) | `pool::send_error` → `PoolError::Invalid` | `InvalidRequest` | 400 | ignored | no | no | no |
 //! | credential variable unset | `Auth::apply` | `MissingSecret` | 502 | not asked | no | no | yes |
@@ -28,23 +28,28 @@
 //! | attempt timed out after it was sent | `PoolActor::launch_*` | `Timeout` | 504 | failure | yes | no | yes |
 //! | response head over `upstream::MAX_RESPONSE_HEADER_BYTES` | `Upstream::head_too_large` | `Transport` | 502 | failure | no | no | yes |
 //! | response body over `max_response_bytes` | `PoolActor::launch_*` | `Transport` | 502 | ignored | no | no | yes |
-//! | 5xx | `Upstream::judge`, `outcome_of`; pool | `Status` | passed through | failure | yes | 502/503/504 | yes |
+//! | 5xx | `Verdict::of_status` | `Status` | passed through | failure | yes | 502/503/504 | yes |
 //! | 429 | same | `Status` | passed through | ignored | no | yes (unless `give_up_if`) | yes |
 //! | other 4xx (the upstream judged the request) | same | `Status` | passed through | success | no | no | no |
 //! | streamed body: reader took nothing for the write timeout | `PoolActor::launch_stream` | `Transport` (ends the stream) | connection cut | head already counted | no | no | — |
 //! | streamed body: upstream idle past the timeout | `PoolActor::launch_stream` | `Timeout` (ends the stream) | connection cut | head already counted | yes | no | — |
 //! | the app could not decode a body it asked for | `Response::json`, `text` | `Decode` | — | — | — | — | — |
 //!
-//! "Decided in" names where the code is; the predicates are
-//! `PoolError::is_upstream_failure` (eject, and the breaker for pool
-//! errors), `Upstream::outcome_of` (the breaker), `Upstream::judge` and
-//! `judge_pool_error` (retry) and `llm_gateway::try_next` (next).
+//! "Decided in" names where the code is. Every attempt's answer is judged
+//! once, by `happynet_actors::verdict::Verdict` (`of_status`, `of_error`):
+//! its health is the breaker's outcome and the pool's ejection, and its
+//! `retryable` is the retry loop's (which adds the caller's policy:
+//! idempotency, `give_up_if`). The `next` column is
+//! [`HttpError::tries_next_client`], which asks the same verdict of an error
+//! status.
 
-use crate::upstream::Response;
+use super::types::Response;
 use actix_web::http::StatusCode;
 use happynet_actors::pool::PoolError;
+use happynet_actors::verdict::{Health, Verdict};
 use std::fmt;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Why an upstream call produced no acceptable response.
 #[derive(Debug, Clone)]
@@ -137,7 +142,10 @@ pub enum HttpError {
 }
 
 impl HttpError {
-    pub(crate) fn from_pool(e: PoolError) -> Self {
+    /// The error of a call, started at `call_started`, whose attempt the
+    /// pool answered with `e`. A timeout says how long the whole call had
+    /// run by now.
+    pub(crate) fn from_pool(e: PoolError, call_started: Instant) -> Self {
         match e {
             PoolError::Overloaded { upstream } => HttpError::Overloaded { upstream },
             PoolError::Connect {
@@ -150,7 +158,7 @@ impl HttpError {
             },
             PoolError::Timeout { upstream, .. } => HttpError::Timeout {
                 upstream,
-                after: Duration::ZERO,
+                after: call_started.elapsed(),
             },
             PoolError::Closed { upstream } => HttpError::Internal {
                 upstream,
@@ -197,6 +205,31 @@ impl HttpError {
             HttpError::InvalidRequest { .. } => "invalid_request",
             HttpError::MissingSecret { .. } => "missing_secret",
             HttpError::Internal { .. } => "internal",
+        }
+    }
+
+    /// Whether a caller with other upstreams for the same thing (the `/v1`
+    /// gateway's `network.gateway.clients`) should try the next one: the
+    /// upstream failed or refused for now, rather than judging the request.
+    /// An error status goes on when its [`Verdict`] is not a healthy
+    /// answer (5xx, 429); our own refusals (open breaker, rate limit, full
+    /// bulkhead, a missing credential) go on too; the caller's mistakes, a
+    /// body the app could not decode and a stopped pipeline do not.
+    pub fn tries_next_client(&self) -> bool {
+        match self {
+            HttpError::Status { status, .. } => {
+                Verdict::of_status(*status).health != Health::Success
+            }
+            HttpError::BreakerOpen { .. }
+            | HttpError::RateLimited { .. }
+            | HttpError::Overloaded { .. }
+            | HttpError::Timeout { .. }
+            | HttpError::Connect { .. }
+            | HttpError::Transport { .. }
+            | HttpError::MissingSecret { .. } => true,
+            HttpError::Decode { .. }
+            | HttpError::InvalidRequest { .. }
+            | HttpError::Internal { .. } => false,
         }
     }
 

@@ -15,15 +15,15 @@
 //! undoes its `Content-Encoding`) and sent as identity with its own
 //! `Content-Type`; error answers relayed through [`error_response`] carry
 //! no `Content-Encoding` either, since `crate::upstream` drops it from
-//! decoded responses. A streamed answer whose caller stops reading for
+//! decoded responses. Whether a failure sends the call to the next client
+//! is [`HttpError::tries_next_client`](crate::upstream::HttpError::tries_next_client). A streamed answer whose caller stops reading for
 //! `network.gateway.stream_write_timeout` once the buffers are full is cut
 //! off: the upstream call ends, its connection and bulkhead slot go to the
 //! next caller, the caller's connection is closed without the stream's
 //! end, and `happynet_upstream_stream_write_timeouts_total` counts it.
 
-use crate::error::HttpError;
-use crate::gateway::error_response;
-use crate::network::Network;
+use super::openai::{is_insufficient_quota, CHAT_COMPLETIONS_PATH};
+use super::{error_response, GatewayState};
 use actix_web::http::header::{self, ContentType};
 use actix_web::{web, HttpRequest, HttpResponse};
 use happynet_actors::cache::CacheKey;
@@ -32,7 +32,7 @@ use serde_json::json;
 
 /// Mounts `/v1/chat/completions` (bodies up to `max_body_bytes`; larger
 /// ones get 413 before they are buffered) and `/v1/models`. The app must
-/// also have the `Network` as app data (`Network::configure` adds it).
+/// also have a [`GatewayState`] as app data ([`super::configure`] adds it).
 pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
     cfg.service(
         web::resource("/v1/chat/completions")
@@ -43,62 +43,14 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
 }
 
 /// OpenAI's error shape, so SDKs show the message.
-fn openai_error(status: actix_web::http::StatusCode, kind: &str, message: &str) -> HttpResponse {
+pub(super) fn openai_error(
+    status: actix_web::http::StatusCode,
+    kind: &str,
+    message: &str,
+) -> HttpResponse {
     HttpResponse::build(status).json(json!({
         "error": { "message": message, "type": kind, "code": kind }
     }))
-}
-
-/// Checks the caller's bearer token against `network.gateway.tokens`;
-/// `Some(401 response)` when it is missing or unknown.
-pub(crate) fn refused(req: &HttpRequest, net: &Network) -> Option<HttpResponse> {
-    let tokens = &net.config().network.gateway.tokens;
-    if tokens.is_empty() {
-        return None;
-    }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token)
-            if tokens
-                .iter()
-                .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes())) =>
-        {
-            None
-        }
-        _ => Some(openai_error(
-            actix_web::http::StatusCode::UNAUTHORIZED,
-            "invalid_api_key",
-            "missing or unknown gateway token (Authorization: Bearer <token>)",
-        )),
-    }
-}
-
-/// Compares without an early exit, so response timing does not reveal how
-/// much of a token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Whether a failure on one client should send the call to the next.
-fn try_next(e: &HttpError) -> bool {
-    match e {
-        HttpError::Status { status, .. } => status.is_server_error() || *status == 429,
-        HttpError::BreakerOpen { .. }
-        | HttpError::RateLimited { .. }
-        | HttpError::Overloaded { .. }
-        | HttpError::Timeout { .. }
-        | HttpError::Connect { .. }
-        | HttpError::Transport { .. }
-        | HttpError::MissingSecret { .. } => true,
-        _ => false,
-    }
 }
 
 #[derive(Deserialize)]
@@ -110,9 +62,9 @@ struct StreamFlag {
 async fn chat_completions(
     req: HttpRequest,
     body: web::Bytes,
-    net: web::Data<Network>,
+    gateway: web::Data<GatewayState>,
 ) -> HttpResponse {
-    if let Some(denied) = refused(&req, &net) {
+    if let Some(denied) = gateway.refused(&req) {
         return denied;
     }
     let stream = match serde_json::from_slice::<StreamFlag>(&body) {
@@ -125,7 +77,7 @@ async fn chat_completions(
             )
         }
     };
-    let clients = net.gateway_clients();
+    let clients = &gateway.chain;
     if clients.is_empty() {
         return openai_error(
             actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
@@ -134,9 +86,9 @@ async fn chat_completions(
         );
     }
     let mut last_error = None;
-    for client in &clients {
+    for client in clients {
         let call = client
-            .post(crate::openai::CHAT_COMPLETIONS_PATH)
+            .post(CHAT_COMPLETIONS_PATH)
             .typed_header(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
@@ -144,7 +96,7 @@ async fn chat_completions(
             .body(body.clone())
             .wait_for_rate_limit(false)
             .retry_non_idempotent()
-            .give_up_if(crate::openai::is_insufficient_quota);
+            .give_up_if(is_insufficient_quota);
         // Identical non-streamed prompts are answered from the client's
         // cache, when it has one (`api_clients.<name>.cache`).
         let call = if stream {
@@ -152,15 +104,14 @@ async fn chat_completions(
         } else {
             call.cache_key(CacheKey::for_body(
                 &actix_web::http::Method::POST,
-                crate::openai::CHAT_COMPLETIONS_PATH,
+                CHAT_COMPLETIONS_PATH,
                 &body,
             ))
         };
         let result = if stream {
             // A caller that stops reading must not hold the upstream's
             // connection and bulkhead slot for as long as it likes.
-            let write_timeout = net.config().network.gateway.stream_write_timeout.0;
-            call.stream_write_timeout(write_timeout)
+            call.stream_write_timeout(gateway.stream_write_timeout)
                 .send_streaming()
                 .await
                 .map(|resp| {
@@ -180,7 +131,7 @@ async fn chat_completions(
         };
         match result {
             Ok(resp) => return resp,
-            Err(e) if try_next(&e) => {
+            Err(e) if e.tries_next_client() => {
                 log::info!(
                     "gateway: {} failed ({e}); trying the next client",
                     client.name()
@@ -200,12 +151,12 @@ async fn chat_completions(
     }
 }
 
-async fn models(req: HttpRequest, net: web::Data<Network>) -> HttpResponse {
-    if let Some(denied) = refused(&req, &net) {
+async fn models(req: HttpRequest, gateway: web::Data<GatewayState>) -> HttpResponse {
+    if let Some(denied) = gateway.refused(&req) {
         return denied;
     }
     let mut last_error = None;
-    for client in net.gateway_clients() {
+    for client in &gateway.chain {
         match client
             .get("/v1/models")
             .wait_for_rate_limit(false)
@@ -218,7 +169,7 @@ async fn models(req: HttpRequest, net: web::Data<Network>) -> HttpResponse {
                     .insert_header(("x-upstream", resp.upstream.clone()))
                     .body(resp.body)
             }
-            Err(e) if try_next(&e) => last_error = Some(e),
+            Err(e) if e.tries_next_client() => last_error = Some(e),
             Err(e) => return error_response(&e),
         }
     }
@@ -229,18 +180,5 @@ async fn models(req: HttpRequest, net: web::Data<Network>) -> HttpResponse {
             "server_error",
             "no upstream is configured for the gateway (network.gateway.clients)",
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison_is_exact() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(!constant_time_eq(b"", b"a"));
     }
 }

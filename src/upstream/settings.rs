@@ -1,0 +1,112 @@
+//! An upstream's settings, turned into what its actors and its retry policy
+//! are built from — in this one place.
+//!
+//! `crate::config` resolves the JSON (`network.api_clients.<name>` over
+//! `network.http`) into one [`UpstreamSettings`] per upstream, with every
+//! default applied. This module is the only step after that: each actor's
+//! config is filled from it field by field, under the same names the JSON
+//! uses (`failure_rate` is `failure_rate` in the file, in the settings and in
+//! the breaker), and each is checked by its policy's own constructor, so a
+//! rule is written once. Nothing downstream reshapes them again.
+
+use super::auth::Auth;
+use crate::config::{LoadBalancing, UpstreamSettings};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use happynet_actors::backoff::{Backoff, RetryBudget};
+use happynet_actors::balancer::{EjectionConfig, Strategy};
+use happynet_actors::breaker::BreakerActor;
+use happynet_actors::cache::ResponseCache;
+use happynet_actors::gcra::Quota;
+use happynet_actors::pool::PoolConfig;
+use std::time::Duration;
+
+/// Everything an [`super::Upstream`] is built from, checked.
+pub(super) struct Parts {
+    /// The rate limit (`rate_limit` requests per minute, `rate_burst`).
+    pub(super) quota: Quota,
+    /// The breaker, its config validated.
+    pub(super) breaker: BreakerActor,
+    /// The pool's connections, bulkhead, balancing and ejection.
+    pub(super) pool: PoolConfig,
+    /// Retry timing.
+    pub(super) backoff: Backoff,
+    /// Retries allowed per recent request.
+    pub(super) budget: RetryBudget,
+    /// The credential, its variable read now.
+    pub(super) auth: Option<Auth>,
+    /// The response cache, when configured.
+    pub(super) cache: Option<ResponseCache>,
+    /// Headers sent with every request.
+    pub(super) default_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Parts {
+    /// Builds every part from `settings`; an error names the upstream and
+    /// the offending setting.
+    pub(super) fn from_settings(settings: &UpstreamSettings) -> Result<Parts, String> {
+        let name = &settings.name;
+        let quota = Quota::new(
+            settings.rate_per_minute,
+            Duration::from_secs(60),
+            settings.rate_burst,
+        )
+        .map_err(|e| format!("{name}: rate limit: {e}"))?;
+        let pool = PoolConfig {
+            name: name.clone(),
+            endpoints: settings.endpoints.clone(),
+            max_connections: settings.max_connections,
+            connect_timeout: settings.connect_timeout,
+            keep_alive: settings.keep_alive,
+            max_in_flight: settings.max_in_flight,
+            max_queue: settings.max_queue,
+            max_response_bytes: settings.max_response_bytes,
+            strategy: match settings.load_balancing {
+                LoadBalancing::RoundRobin => Strategy::RoundRobin,
+                LoadBalancing::PeakEwma => Strategy::PeakEwma,
+            },
+            ejection: EjectionConfig {
+                consecutive_failures: settings.ejection.consecutive_failures,
+                base_ejection: settings.ejection.base_ejection.0,
+                max_ejection: settings.ejection.max_ejection.0,
+            },
+        };
+        let r = &settings.retry;
+        let backoff = Backoff::try_new(r.base_delay.0, r.max_delay.0)
+            .map_err(|e| format!("{name}: retry backoff: {e}"))?;
+        let budget = RetryBudget::new(r.budget_window.0, r.budget_min_per_second, r.budget_ratio)
+            .map_err(|e| format!("{name}: retry budget: {e}"))?;
+        let breaker = BreakerActor::new(name.clone(), settings.breaker.breaker_config())
+            .map_err(|e| format!("{name}: breaker: {e}"))?;
+        let auth = settings
+            .auth
+            .as_ref()
+            .map(|a| Auth::resolve(name, a))
+            .transpose()?;
+        let cache = settings
+            .cache
+            .as_ref()
+            .map(|c| {
+                ResponseCache::new(c.cache_config())
+                    .map_err(|e| format!("network.api_clients.{name}.cache: {e}"))
+            })
+            .transpose()?;
+        let mut default_headers = Vec::new();
+        for (k, v) in &settings.headers {
+            let pair = HeaderName::try_from(k.as_str())
+                .ok()
+                .zip(HeaderValue::try_from(v.as_str()).ok())
+                .ok_or_else(|| format!("network.api_clients.{name}.headers.{k} is invalid"))?;
+            default_headers.push(pair);
+        }
+        Ok(Parts {
+            quota,
+            breaker,
+            pool,
+            backoff,
+            budget,
+            auth,
+            cache,
+            default_headers,
+        })
+    }
+}
