@@ -33,14 +33,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
+use testkit::fake_upstream;
 use tokio::signal::unix::{signal, SignalKind};
 
 // The measurements in DESIGN.md found jemalloc kept idle-connection memory
 // lowest and flattest under reconnect churn. Choosing an allocator is the
 // application's call, so it lives here and not in the library.
-#[path = "support/fake_upstream.rs"]
-mod fake_upstream;
-
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

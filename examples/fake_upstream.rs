@@ -6,10 +6,10 @@
 //! OpenAI-compatible API (`POST /v1/chat/completions`, plain or streamed,
 //! and `GET /v1/models`), so an LLM demo runs offline, and versioned
 //! cacheable resources (`GET /cache/{id}` with `ETag`/`Last-Modified`). The
-//! server itself lives in `support/fake_upstream.rs`, which tests and
-//! benchmark programs also start in-process; see that file for the routes,
-//! the per-request `x-fault-*` headers and the order in which faults are
-//! chosen.
+//! server itself is `testkit::fake_upstream` (`testkit/src/fake_upstream.rs`),
+//! which tests and benchmark programs also start in-process; see that file
+//! for the routes, the per-request `x-fault-*` headers and the order in which
+//! faults are chosen.
 //!
 //! ```text
 //! fake_upstream [--bind ADDR] [--name NAME] [--api-key KEY]
@@ -31,12 +31,9 @@
 //! curl -X POST localhost:9000/cache/a/bump
 //! ```
 
-#[path = "support/fake_upstream.rs"]
-mod fake_upstream;
-
-use fake_upstream::{FakeUpstream, Faults, StartOptions};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use testkit::fake_upstream::{FakeUpstream, Faults, StartOptions};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Where it listens when `--bind` is not given.

@@ -176,15 +176,7 @@ async fn upgrade_from(
     headers: &[(&str, &str)],
 ) -> (RawResponse, TcpStream) {
     let mut stream = tcp_from(server, source).await;
-    let mut req = format!(
-        "GET /ws{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
-        server.addr
-    );
-    for (name, value) in headers {
-        req.push_str(&format!("{name}: {value}\r\n"));
-    }
-    req.push_str("\r\n");
+    let req = testkit::ws::upgrade_request(server.addr, &format!("/ws{query}"), headers);
     stream.write_all(req.as_bytes()).await.expect("send");
     (read_response(&mut stream).await, stream)
 }

@@ -549,7 +549,7 @@ async fn binary_messages_meet_the_same_size_and_rate_limits_as_text() {
 // Close codes (RFC 6455 §7.4.1) and the closing handshake, on a raw socket
 // ---------------------------------------------------------------------------
 
-use support::{client_close, client_frame, RawWsClient};
+use testkit::ws::{client_close, client_frame, RawWsClient};
 
 /// A server whose connections would linger 60 s after their response if
 /// happynet did not close them itself.
