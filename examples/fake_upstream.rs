@@ -31,10 +31,10 @@
 //! curl -X POST localhost:9000/cache/a/bump
 //! ```
 
+use happynet::server::Signals;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use testkit::fake_upstream::{FakeUpstream, Faults, StartOptions};
-use tokio::signal::unix::{signal, SignalKind};
 
 /// Where it listens when `--bind` is not given.
 const DEFAULT_BIND: &str = "127.0.0.1:9000";
@@ -206,9 +206,9 @@ fn parse_value<T: std::str::FromStr + Default>(
 
 /// Serves until Ctrl-C or SIGTERM, then prints the counters and stops.
 async fn serve(options: Options) -> ExitCode {
-    // Registered before binding so that a SIGTERM sent right after start-up
-    // is not lost.
-    let mut sigterm = match signal(SignalKind::terminate()) {
+    // Listened for before binding so that a SIGTERM sent right after
+    // start-up is not lost.
+    let signals = match Signals::listen() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("fake_upstream: cannot listen for SIGTERM: {e}");
@@ -243,19 +243,8 @@ async fn serve(options: Options) -> ExitCode {
         upstream.state.faults()
     );
 
-    let reason = tokio::select! {
-        r = tokio::signal::ctrl_c() => match r {
-            Ok(()) => "Ctrl-C",
-            Err(e) => {
-                // Without Ctrl-C handling SIGTERM still works; keep serving.
-                log::warn!("cannot listen for Ctrl-C ({e}); stop it with SIGTERM");
-                sigterm.recv().await;
-                "SIGTERM"
-            }
-        },
-        _ = sigterm.recv() => "SIGTERM",
-    };
-    log::info!("{reason}: stopping; counters {:?}", upstream.stats());
+    signals.recv().await;
+    log::info!("stopping; counters {:?}", upstream.stats());
     upstream.stop().await;
     ExitCode::SUCCESS
 }
