@@ -15,8 +15,8 @@
 //! `HttpServer` of its own builds one from the same parts, as
 //! `Server::start` does.
 //!
-//! The only module that imports [`crate::network`]: it is the floor above
-//! the composition root.
+//! It sits on the floor above the composition root: the one module that
+//! imports [`crate::network`] (besides `lib.rs`), and nothing imports it.
 
 use crate::network::Network;
 use actix_web::dev::ServerHandle;
@@ -262,7 +262,8 @@ impl Listening {
     }
 
     /// Serves until SIGINT or SIGTERM (listened for from this call on),
-    /// then shuts down gracefully; see [`Listening::run_until`].
+    /// then shuts down gracefully; see [`Listening::run_until`]. If it
+    /// cannot listen for them, it stops `net` and returns the error.
     pub async fn run(self) -> io::Result<()> {
         match Signals::listen() {
             Ok(signals) => self.run_until(signals.recv()).await,
