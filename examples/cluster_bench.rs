@@ -33,18 +33,17 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-#[allow(dead_code)]
-#[path = "bench_support/raw_ws.rs"]
-mod raw_ws;
-
 use actix_web::{App, HttpServer};
 use happynet::{Config, Network};
 use std::cell::{Cell, RefCell};
 use std::io::{BufRead, BufReader, Read};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use testkit::bench::payload::unix_nanos;
+use testkit::redis_server::RedisServer;
+use testkit::ws;
 use tokio::io::AsyncWriteExt;
 
 /// Every broadcast is exactly this long.
@@ -103,19 +102,6 @@ fn parse_args() -> Result<Options, String> {
         }
     }
     Ok(o)
-}
-
-fn unix_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 // ---------------------------------------------------------------------------
@@ -215,38 +201,6 @@ impl Drop for NodeProcess {
     }
 }
 
-/// A `redis-server` of the benchmark's own; killed when dropped.
-struct RedisProcess {
-    child: Child,
-    url: String,
-}
-
-impl RedisProcess {
-    fn spawn() -> RedisProcess {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start redis-server (apt-get install redis-server, or pass --redis URL)");
-        let url = format!("redis://127.0.0.1:{port}/");
-        let deadline = Instant::now() + START_TIMEOUT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        RedisProcess { child, url }
-    }
-}
-
-impl Drop for RedisProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Clients
 // ---------------------------------------------------------------------------
@@ -327,7 +281,7 @@ async fn client(
 ) {
     let opened = {
         let _turn = gate.acquire().await;
-        raw_ws::upgrade(addr).await
+        ws::upgrade(addr).await
     };
     let (mut stream, mut buf) = match opened {
         Ok(o) => o,
@@ -340,16 +294,16 @@ async fn client(
     let mut answer = Vec::new();
     let mut now_ns = unix_nanos();
     loop {
-        while let Ok(Some(frame)) = raw_ws::parse_frame(buf.filled()) {
+        while let Ok(Some(frame)) = ws::parse_frame(buf.filled()) {
             let p = &buf.filled()[frame.payload.clone()];
-            match frame.opcode {
-                raw_ws::OP_TEXT if !welcomed => {
+            match frame.opcode() {
+                ws::OP_TEXT if !welcomed => {
                     welcomed = true;
                     seen.ready.set(seen.ready.get() + 1);
                 }
-                raw_ws::OP_TEXT => seen.on_text(idx, node, p, now_ns),
-                raw_ws::OP_PING => raw_ws::push_masked_frame(&mut answer, raw_ws::OP_PONG, p, MASK),
-                raw_ws::OP_CLOSE => return,
+                ws::OP_TEXT => seen.on_text(idx, node, p, now_ns),
+                ws::OP_PING => ws::push_pong(&mut answer, p, MASK),
+                ws::OP_CLOSE => return,
                 _ => {}
             }
             buf.consume(frame.len);
@@ -609,11 +563,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let own_redis = o.redis.is_none().then(RedisProcess::spawn);
+    let own_redis = o.redis.is_none().then(RedisServer::start);
     let redis_url = o
         .redis
         .clone()
-        .or_else(|| own_redis.as_ref().map(|r| r.url.clone()))
+        .or_else(|| own_redis.as_ref().map(RedisServer::url))
         .unwrap_or_default();
     let mut ok = true;
     let result = actix_web::rt::System::new().block_on(async {

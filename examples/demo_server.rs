@@ -26,21 +26,17 @@
 //! use exits with status 1. Ctrl-C or SIGTERM shuts down gracefully: every
 //! WebSocket is closed with 1001 (going away) before the HTTP server stops.
 
-use actix_web::{App, HttpServer};
 use happynet::assets::StaticAssets;
+use happynet::server::{Server, Signals};
 use happynet::{Config, ConfigError, Network};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::time::Duration;
-use tokio::signal::unix::{signal, SignalKind};
+use testkit::fake_upstream;
 
 // The measurements in DESIGN.md found jemalloc kept idle-connection memory
 // lowest and flattest under reconnect churn. Choosing an allocator is the
 // application's call, so it lives here and not in the library.
-#[path = "support/fake_upstream.rs"]
-mod fake_upstream;
-
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -52,12 +48,6 @@ const DEFAULT_BIND: &str = "127.0.0.1:8080";
 
 /// The environment variable naming a config file when `--config` is absent.
 const CONFIG_ENV: &str = "HAPPYNET_CONFIG";
-
-/// How long `ServerHandle::stop(true)` lets in-flight HTTP requests finish.
-/// WebSockets are already closed by then (`Network::shutdown` waits up to
-/// `websocket.shutdown_timeout` for them), so this only bounds plain requests
-/// such as a slow `POST /broadcast`.
-const HTTP_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The listen backlog: actix-web's own default, which a listener we bind
 /// ourselves would otherwise lose (std listens with a smaller one).
@@ -249,17 +239,17 @@ fn page_url(scheme: &str, addr: SocketAddr) -> String {
 }
 
 /// Runs the server until a signal (or a server failure), then shuts down
-/// gracefully.
+/// gracefully: `happynet::server` does that part, as it does for any app.
 async fn serve(
     options: Options,
     config: Config,
     config_label: String,
     tls: Option<rustls::ServerConfig>,
 ) -> ExitCode {
-    // Registered before binding so that a SIGTERM sent right after start-up
-    // is not lost, and so a failure to register is reported before anyone
+    // Listened for before binding so that a SIGTERM sent right after start-up
+    // is not lost, and so a failure to listen is reported before anyone
     // depends on graceful shutdown.
-    let mut sigterm = match signal(SignalKind::terminate()) {
+    let signals = match Signals::listen() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("demo_server: cannot listen for SIGTERM: {e}");
@@ -297,30 +287,17 @@ async fn serve(
         }
     };
 
-    let routes = net.configure();
-    let gateways = net.configure_gateways();
+    // happynet's routes (`/ws`, `/broadcast`, `/health`, … and the
+    // gateways `/proxy/{client}/{tail…}`, `/v1/…`), then GET|HEAD / → the
+    // page; the access log with `?token=` values redacted (`/ws` accepts its
+    // token in the query string).
     let assets = demo_assets().configure();
-    let server = HttpServer::new(move || {
-        App::new()
-            // The access log with `?token=` values redacted: `/ws` accepts
-            // its token in the query string.
-            .wrap(happynet::security::access_log_format(r#"%a "%r" %s %Dms"#))
-            .configure(routes.clone())
-            // ANY /proxy/{client}/{tail…} → network.api_clients.<client>
-            .configure(gateways.clone())
-            // GET|HEAD / → the page
-            .configure(assets.clone())
-    })
-    .on_connect(net.on_connect())
-    // Slowloris guard: a connection's first request head must arrive in time.
-    .client_request_timeout(net.security().request_header_timeout())
-    // We handle signals ourselves: actix's own handler would stop the HTTP
-    // server before happynet could send its 1001 close frames.
-    .disable_signals()
-    .shutdown_timeout(HTTP_SHUTDOWN_TIMEOUT.as_secs());
+    let server = Server::new(&net)
+        .access_log(r#"%a "%r" %s %Dms"#)
+        .configure(assets);
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = match tls {
-        Some(tls) => server.listen_rustls_0_23(listener, tls),
+        Some(tls) => server.listen_rustls(listener, tls),
         None => server.listen(listener),
     };
     let server = match server {
@@ -333,58 +310,16 @@ async fn serve(
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let addrs = server.addrs();
-    let server = server.run();
-    let handle = server.handle();
-    let mut running = actix_web::rt::spawn(server);
 
     log::info!("happynet demo using {config_label}");
-    for addr in addrs {
-        log::info!("open {}", page_url(scheme, addr));
+    for addr in server.addrs() {
+        log::info!("open {}", page_url(scheme, *addr));
     }
 
-    let reason = tokio::select! {
-        r = tokio::signal::ctrl_c() => match r {
-            Ok(()) => "Ctrl-C",
-            Err(e) => {
-                // Without Ctrl-C handling SIGTERM still works; keep serving.
-                log::warn!("cannot listen for Ctrl-C ({e}); stop the demo with SIGTERM");
-                sigterm.recv().await;
-                "SIGTERM"
-            }
-        },
-        _ = sigterm.recv() => "SIGTERM",
-        result = &mut running => {
-            // The server stopped without being asked (a worker failed).
-            // Still close the WebSockets and stop the hub while the runtime
-            // is alive.
-            net.shutdown().await;
-            return match result {
-                Ok(Ok(())) => ExitCode::SUCCESS,
-                Ok(Err(e)) => {
-                    eprintln!("demo_server: server failed: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-                Err(e) => {
-                    eprintln!("demo_server: server task failed: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            };
-        }
-    };
-
-    log::info!("{reason}: closing WebSockets (1001), then stopping the HTTP server");
-    let closed = net.shutdown().await;
-    log::info!("closed {closed} WebSocket session(s)");
-    handle.stop(true).await;
-    match running.await {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("demo_server: server failed while stopping: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+    match server.run_until(signals.recv()).await {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("demo_server: server task failed while stopping: {e}");
+            eprintln!("demo_server: server failed: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
     }

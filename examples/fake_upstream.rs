@@ -6,10 +6,10 @@
 //! OpenAI-compatible API (`POST /v1/chat/completions`, plain or streamed,
 //! and `GET /v1/models`), so an LLM demo runs offline, and versioned
 //! cacheable resources (`GET /cache/{id}` with `ETag`/`Last-Modified`). The
-//! server itself lives in `support/fake_upstream.rs`, which tests and
-//! benchmark programs also start in-process; see that file for the routes,
-//! the per-request `x-fault-*` headers and the order in which faults are
-//! chosen.
+//! server itself is `testkit::fake_upstream` (`testkit/src/fake_upstream.rs`),
+//! which tests and benchmark programs also start in-process; see that file
+//! for the routes, the per-request `x-fault-*` headers and the order in which
+//! faults are chosen.
 //!
 //! ```text
 //! fake_upstream [--bind ADDR] [--name NAME] [--api-key KEY]
@@ -31,13 +31,10 @@
 //! curl -X POST localhost:9000/cache/a/bump
 //! ```
 
-#[path = "support/fake_upstream.rs"]
-mod fake_upstream;
-
-use fake_upstream::{FakeUpstream, Faults, StartOptions};
+use happynet::server::Signals;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use tokio::signal::unix::{signal, SignalKind};
+use testkit::fake_upstream::{FakeUpstream, Faults, StartOptions};
 
 /// Where it listens when `--bind` is not given.
 const DEFAULT_BIND: &str = "127.0.0.1:9000";
@@ -209,9 +206,9 @@ fn parse_value<T: std::str::FromStr + Default>(
 
 /// Serves until Ctrl-C or SIGTERM, then prints the counters and stops.
 async fn serve(options: Options) -> ExitCode {
-    // Registered before binding so that a SIGTERM sent right after start-up
-    // is not lost.
-    let mut sigterm = match signal(SignalKind::terminate()) {
+    // Listened for before binding so that a SIGTERM sent right after
+    // start-up is not lost.
+    let signals = match Signals::listen() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("fake_upstream: cannot listen for SIGTERM: {e}");
@@ -246,19 +243,8 @@ async fn serve(options: Options) -> ExitCode {
         upstream.state.faults()
     );
 
-    let reason = tokio::select! {
-        r = tokio::signal::ctrl_c() => match r {
-            Ok(()) => "Ctrl-C",
-            Err(e) => {
-                // Without Ctrl-C handling SIGTERM still works; keep serving.
-                log::warn!("cannot listen for Ctrl-C ({e}); stop it with SIGTERM");
-                sigterm.recv().await;
-                "SIGTERM"
-            }
-        },
-        _ = sigterm.recv() => "SIGTERM",
-    };
-    log::info!("{reason}: stopping; counters {:?}", upstream.stats());
+    signals.recv().await;
+    log::info!("stopping; counters {:?}", upstream.stats());
     upstream.stop().await;
     ExitCode::SUCCESS
 }

@@ -58,11 +58,11 @@
 //!   live, and `--churn K` to see whether it keeps growing.
 //!
 //! Layout: this file is the command line, the server child (happynet and
-//! the control routes) and the orchestration and report; `bench_support/`
-//! holds the naive baseline (`naive_hub.rs`), the load generator's clients
-//! (`load_clients.rs`) on a minimal WebSocket client (`raw_ws.rs`), the
-//! payload format (`payload.rs`), a fixed-size latency histogram
-//! (`histogram.rs`) and the `/proc` readers (`proc_stats.rs`).
+//! the control routes) and the orchestration and report; the `testkit`
+//! crate's `bench` module holds the naive baseline (`naive_hub`), the load
+//! generator's clients (`load_clients`) on a minimal WebSocket client
+//! (`testkit::ws`), the payload format (`payload`), a fixed-size latency
+//! histogram (`histogram`) and the `/proc` readers (`proc_stats`).
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpResponse, HttpServer};
@@ -78,22 +78,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-#[path = "bench_support/histogram.rs"]
-mod histogram;
-#[path = "bench_support/load_clients.rs"]
-mod load_clients;
-#[path = "bench_support/naive_hub.rs"]
-mod naive;
-#[path = "bench_support/payload.rs"]
-mod payload;
-#[path = "bench_support/proc_stats.rs"]
-mod proc_stats;
-#[path = "bench_support/raw_ws.rs"]
-mod raw_ws;
-
-use load_clients::{ClientPool, Shared};
-use payload::{bench_payload, unix_nanos, PAYLOAD_BYTES, RUN_MODULUS};
-use proc_stats::CpuTime;
+use testkit::bench::load_clients::{ClientPool, Shared};
+use testkit::bench::naive_hub as naive;
+use testkit::bench::payload::{bench_payload, unix_nanos, PAYLOAD_BYTES, RUN_MODULUS};
+use testkit::bench::proc_stats::{self, CpuTime};
 
 // Both servers, and the load generator, use jemalloc: the servers share it so
 // the comparison is fair, and DESIGN.md found it the lowest and flattest

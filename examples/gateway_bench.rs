@@ -43,12 +43,6 @@
 
 #![allow(missing_docs)]
 
-#[path = "support/fake_upstream.rs"]
-mod fake_upstream;
-#[allow(dead_code)]
-#[path = "bench_support/proc_stats.rs"]
-mod proc_stats;
-
 use actix_web::http::header::CONTENT_TYPE;
 use actix_web::web::Bytes;
 use actix_web::{App, HttpServer};
@@ -62,6 +56,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testkit::bench::proc_stats;
+use testkit::fake_upstream;
 use tokio::sync::{mpsc, Semaphore};
 
 #[global_allocator]

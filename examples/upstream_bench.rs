@@ -20,15 +20,13 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
-#[path = "support/fake_upstream.rs"]
-mod fake_upstream;
-
 use futures::future::join_all;
 use happynet::{Config, Network};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use testkit::fake_upstream;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

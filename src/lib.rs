@@ -54,20 +54,25 @@
 //!
 //! # Embedding
 //!
+//! [`server::serve`] gives an app what the demo has: happynet's routes
+//! beside the app's, the connect hook, the request-head deadline, and on
+//! Ctrl-C or SIGTERM a 1001 to every client before the HTTP server stops.
+//! [`server::Server`] opens up its parts; `Network::configure`,
+//! `Network::on_connect` and `Network::shutdown` remain for an app that
+//! builds its own `HttpServer`.
+//!
 //! ```no_run
-//! use actix_web::{App, HttpServer};
+//! use actix_web::web;
 //! use happynet::{Broadcast, Config, Network};
 //!
 //! #[actix_web::main]
 //! async fn main() -> std::io::Result<()> {
 //!     let net = Network::start(Config::embedded()).expect("valid config");
 //!     net.hub().do_send(Broadcast::text("Hello, clients!"));
-//!     let routes = net.configure();
-//!     HttpServer::new(move || App::new().configure(routes.clone()))
-//!         .on_connect(net.on_connect())
-//!         .bind(("127.0.0.1", 8080))?
-//!         .run()
-//!         .await
+//!     happynet::server::serve(&net, ("127.0.0.1", 8080), |cfg| {
+//!         cfg.route("/hello", web::get().to(|| async { "Hello!" }));
+//!     })
+//!     .await
 //! }
 //! ```
 
@@ -80,6 +85,7 @@ pub(crate) mod json_error;
 pub mod metrics;
 pub mod network;
 pub mod security;
+pub mod server;
 pub mod status;
 pub mod tls;
 pub mod upstream;

@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/support/fake_upstream.rs"]
-mod fake_upstream;
+use testkit::fake_upstream;
 
 use fake_upstream::{FakeUpstream, Faults};
 use futures::future::join_all;

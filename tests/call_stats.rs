@@ -7,8 +7,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/support/fake_upstream.rs"]
-mod fake_upstream;
+use testkit::fake_upstream;
 
 use fake_upstream::{FakeUpstream, Faults};
 use happynet::upstream::{CallOutcome, CallStats};
@@ -119,11 +118,7 @@ async fn an_attempt_timeout_ends_the_call_as_timeout() {
 #[actix_web::test]
 async fn connect_errors_are_retried_and_count_no_response() {
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let net = net(
         &format!("http://127.0.0.1:{port}"),
         r#","retry_attempts":2,"retry":{"base_delay":0.001,"max_delay":0.002}"#,

@@ -20,8 +20,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/support/fake_upstream.rs"]
-mod fake_upstream;
+use testkit::fake_upstream;
 
 use actix_web::rt::task::JoinHandle;
 use fake_upstream::{FakeUpstream, Faults, FAULT_HANG_HEADER};

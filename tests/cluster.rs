@@ -11,8 +11,7 @@
 //! holds across three nodes to within 1%; the Lua GCRA decides exactly as
 //! the Rust one; and Redis work stays constant from 10 to 3,000 WebSockets.
 
-#[path = "../examples/support/fake_upstream.rs"]
-mod fake_upstream;
+use testkit::fake_upstream;
 mod support;
 
 use actix::Actor;
@@ -21,125 +20,11 @@ use happynet::actors::limiter::{Acquire, GetLimiterStats, RateLimiterActor};
 use happynet::actors::shared_limiter::{Fallback, GcraScript, SharedLimit};
 use happynet::cluster::{ClusterStats, GetClusterStats};
 use happynet::Config;
-use std::collections::HashMap;
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{config, http_client, TestServer, WsClient, WAIT};
-
-// ---------------------------------------------------------------------------
-// A redis-server of the test's own
-// ---------------------------------------------------------------------------
-
-const REDIS_SERVER: &str = "redis-server";
-
-/// A `redis-server` child process on a free port, without persistence;
-/// killed when dropped.
-struct Redis {
-    port: u16,
-    child: Option<Child>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let mut redis = Redis {
-            port: free_port(),
-            child: None,
-        };
-        redis.spawn();
-        redis
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new(REDIS_SERVER)
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &std::env::temp_dir().display().to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {REDIS_SERVER} (install it: apt-get install redis-server): {e}"
-                )
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Ok(mut conn) = self.try_conn() {
-                if redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Kills the server and starts a fresh one (empty: no persistence) on
-    /// the same port.
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
-        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_secs(1))
-    }
-
-    fn conn(&self) -> redis::Connection {
-        self.try_conn().expect("connect to the test's redis-server")
-    }
-
-    /// `INFO <section>` on `conn` as `field → value` (commandstats values
-    /// are the `calls=…` parts).
-    fn info(conn: &mut redis::Connection, section: &str) -> HashMap<String, String> {
-        let text: String = redis::cmd("INFO").arg(section).query(conn).expect("INFO");
-        text.lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| {
-                let v = v
-                    .split(',')
-                    .find_map(|p| p.strip_prefix("calls="))
-                    .unwrap_or(v);
-                (k.to_owned(), v.trim().to_owned())
-            })
-            .collect()
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use testkit::free_port;
+use testkit::redis_server::{self, RedisServer};
 
 // ---------------------------------------------------------------------------
 // Nodes
@@ -305,7 +190,7 @@ async fn bridge_stats(server: &TestServer) -> ClusterStats {
 
 /// A node's configuration: `cluster` and `network` are extra keys (with a
 /// leading comma) for `network.cluster` and `network`.
-fn node_config(redis: &Redis, cluster: &str, network: &str) -> Config {
+fn node_config(redis: &RedisServer, cluster: &str, network: &str) -> Config {
     let presence = if cluster.contains("presence_interval_ms") {
         ""
     } else {
@@ -320,7 +205,7 @@ fn node_config(redis: &Redis, cluster: &str, network: &str) -> Config {
     ))
 }
 
-async fn start_nodes(redis: &Redis, n: usize, cluster: &str, network: &str) -> Vec<Node> {
+async fn start_nodes(redis: &RedisServer, n: usize, cluster: &str, network: &str) -> Vec<Node> {
     let nodes: Vec<Node> = (0..n)
         .map(|_| Node::start(node_config(redis, cluster, network)))
         .collect();
@@ -503,7 +388,7 @@ async fn ready_requires_link_false_keeps_a_node_ready_without_redis() {
 #[actix_web::test]
 async fn a_broadcast_from_each_node_reaches_every_client_on_every_node_exactly_once() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let nodes = start_nodes(&redis, 3, "", "").await;
     // Per node: two clients in the lobby (the default room), one in `x`.
     let mut lobby = Vec::new();
@@ -583,7 +468,7 @@ async fn a_broadcast_from_each_node_reaches_every_client_on_every_node_exactly_o
 #[actix_web::test]
 async fn binary_broadcasts_cross_the_cluster_as_binary() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let nodes = start_nodes(&redis, 2, "", "").await;
     let mut a = WsClient::connect(&nodes[0], "?room=bin").await;
     let mut b = WsClient::connect(&nodes[1], "?room=bin").await;
@@ -629,7 +514,7 @@ async fn binary_broadcasts_cross_the_cluster_as_binary() {
 #[actix_web::test]
 async fn a_killed_node_leaves_the_others_working_and_drops_out_of_presence() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let mut nodes = start_nodes(&redis, 3, "", "").await;
     let mut c0 = WsClient::connect_protocol(&nodes[0], "?presence=1").await;
     let mut c1 = WsClient::connect(&nodes[1], "").await;
@@ -661,7 +546,7 @@ async fn a_killed_node_leaves_the_others_working_and_drops_out_of_presence() {
 #[actix_web::test]
 async fn a_graceful_shutdown_leaves_presence_at_once() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let nodes = start_nodes(&redis, 2, "", "").await;
     let name = nodes[0].stats().await.node;
     let mut admin = redis.conn();
@@ -696,7 +581,7 @@ async fn a_graceful_shutdown_leaves_presence_at_once() {
 
 /// Two nodes, a client on each, and a first broadcast from node 0 seen on
 /// node 1 (so node 1 tracks node 0's sequence).
-async fn two_linked_nodes(redis: &Redis, cluster: &str) -> (Vec<Node>, WsClient, WsClient) {
+async fn two_linked_nodes(redis: &RedisServer, cluster: &str) -> (Vec<Node>, WsClient, WsClient) {
     let nodes = start_nodes(redis, 2, cluster, "").await;
     let mut a = WsClient::connect(&nodes[0], "").await;
     let mut b = WsClient::connect(&nodes[1], "").await;
@@ -714,7 +599,7 @@ async fn two_linked_nodes(redis: &Redis, cluster: &str) -> (Vec<Node>, WsClient,
 #[actix_web::test]
 async fn a_redis_restart_loses_nothing_the_outbox_can_hold() {
     init_logs();
-    let mut redis = Redis::start();
+    let mut redis = RedisServer::start();
     let (nodes, mut a, mut b) = two_linked_nodes(&redis, "").await;
 
     redis.kill();
@@ -771,7 +656,7 @@ async fn a_redis_restart_loses_nothing_the_outbox_can_hold() {
 #[actix_web::test]
 async fn an_outage_longer_than_the_outbox_loses_exactly_the_overflow_and_says_so() {
     init_logs();
-    let mut redis = Redis::start();
+    let mut redis = RedisServer::start();
     const OUTBOX: usize = 5;
     let (nodes, mut a, mut b) =
         two_linked_nodes(&redis, &format!(r#","outbox_max":{OUTBOX}"#)).await;
@@ -803,7 +688,7 @@ async fn an_outage_longer_than_the_outbox_loses_exactly_the_overflow_and_says_so
 #[actix_web::test]
 async fn a_node_that_lost_its_link_replays_what_it_missed_from_the_stream() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let (nodes, mut a, mut b) = two_linked_nodes(&redis, "").await;
     let name = nodes[1].stats().await.node;
     let mut admin = redis.conn();
@@ -882,7 +767,7 @@ fn xadd_raw(admin: &mut redis::Connection, fields: &[(&[u8], &[u8])]) {
 #[actix_web::test]
 async fn a_malformed_entry_is_skipped_and_counted_and_the_link_stays_up() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let (nodes, _a, mut b) = two_linked_nodes(&redis, "").await;
     let mut admin = redis.conn();
 
@@ -945,7 +830,7 @@ async fn a_malformed_entry_is_skipped_and_counted_and_the_link_stays_up() {
 /// included, and its key expires when the Rust state becomes idle.
 #[actix_web::test]
 async fn the_lua_gcra_decides_exactly_as_the_rust_one() {
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let script = GcraScript::new();
@@ -997,7 +882,7 @@ async fn the_lua_gcra_decides_exactly_as_the_rust_one() {
 #[actix_web::test]
 async fn a_shared_limit_across_three_nodes_admits_the_configured_rate_within_one_percent() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     const RATE: f64 = 1000.0;
     // A burst of 100 ms' worth: a load generator that stalls for less
     // than that (two cores, other tests beside it) loses no capacity.
@@ -1097,7 +982,7 @@ async fn a_shared_limit_across_three_nodes_admits_the_configured_rate_within_one
 #[actix_web::test]
 async fn an_api_clients_shared_rate_limit_holds_across_three_nodes() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     let fake = fake_upstream::FakeUpstream::start("a", fake_upstream::Faults::default())
         .await
         .unwrap();
@@ -1135,7 +1020,7 @@ async fn an_api_clients_shared_rate_limit_holds_across_three_nodes() {
 #[actix_web::test]
 async fn shared_per_ip_limits_hold_across_the_cluster() {
     init_logs();
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     // One request per second per IP with a burst of 10: per node that would
     // be 30 admitted at once across three nodes; shared, 10.
     let nodes = start_nodes(
@@ -1207,9 +1092,9 @@ struct Work {
 /// Redis's connected clients and commands so far, read on one admin
 /// connection (so that the reading itself opens no new ones).
 fn redis_work(admin: &mut redis::Connection) -> Work {
-    let clients = Redis::info(admin, "clients");
-    let stats = Redis::info(admin, "stats");
-    let commands = Redis::info(admin, "commandstats");
+    let clients = redis_server::info(admin, "clients");
+    let stats = redis_server::info(admin, "stats");
+    let commands = redis_server::info(admin, "commandstats");
     let calls = |c: &str| {
         commands
             .get(&format!("cmdstat_{c}"))
@@ -1259,7 +1144,7 @@ async fn work_per_broadcast(
 async fn redis_work_stays_constant_from_10_to_3000_websockets() {
     init_logs();
     ensure_open_files(8_000);
-    let redis = Redis::start();
+    let redis = RedisServer::start();
     // Presence off: its cost is per interval, not per message or
     // connection, and would blur the per-broadcast figures.
     let nodes = start_nodes(&redis, 2, r#","presence_interval_ms":0"#, "").await;

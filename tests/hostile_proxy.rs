@@ -16,8 +16,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/support/fake_upstream.rs"]
-mod fake_upstream;
+use testkit::fake_upstream;
 
 use actix_web::{App, HttpServer};
 use fake_upstream::{FakeUpstream, Faults};

@@ -34,8 +34,8 @@ use proptest::test_runner::{RngAlgorithm, TestRng, TestRunner};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use support::{client_close, client_frame, config, start, wait_for_hub, RawWsClient, Received};
-use support::{WsClient, WAIT};
+use support::{config, start, wait_for_hub, Received, WsClient, WAIT};
+use testkit::ws::{client_close, client_frame, RawWsClient, PROTOCOL_HEADER};
 
 const CASES: usize = 1024;
 /// `max_message_bytes` for this server: small, so that "too big" is cheap.
@@ -563,10 +563,10 @@ async fn hostile_frames_get_documented_close_codes_and_harm_nobody_else() {
     for n in 0..CASES {
         let case = strategy.new_tree(&mut runner).unwrap().current();
         let plan = plan(&case);
-        let headers = if case.protocol {
-            "Sec-WebSocket-Protocol: happynet.v1\r\n"
+        let headers: &[(&str, &str)] = if case.protocol {
+            &[PROTOCOL_HEADER]
         } else {
-            ""
+            &[]
         };
         let mut raw = RawWsClient::connect_with(server.addr, "", 1 << 20, headers).await;
         raw.stream.set_nodelay(true).unwrap();

@@ -15,7 +15,8 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::time::Duration;
-use support::{config, start, wait_for_hub, RawWsClient, WsClient, WAIT};
+use support::{config, start, wait_for_hub, WsClient, WAIT};
+use testkit::ws::RawWsClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Sends a join and returns the answer: `joined` or `error`.

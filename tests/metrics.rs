@@ -8,8 +8,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/support/fake_upstream.rs"]
-mod fake_upstream;
+use testkit::fake_upstream;
 mod support;
 
 use actix_web::http::StatusCode;

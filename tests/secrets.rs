@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/support/fake_upstream.rs"]
-mod fake_upstream;
+use testkit::fake_upstream;
 
 use fake_upstream::{FakeUpstream, Faults};
 use happynet::{Config, Network};
@@ -39,11 +38,7 @@ async fn the_key_never_appears_in_logs_or_errors() {
     let fake = FakeUpstream::start_with_key("fake", Faults::default(), Some(KEY.into()))
         .await
         .unwrap();
-    let dead_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let dead_port = testkit::free_port();
     let net = Network::start(
         Config::from_json_str(&format!(
             r#"{{"network":{{"api_clients":{{

@@ -9,7 +9,6 @@
 
 mod support;
 
-use actix_web::{App, HttpServer};
 use awc::ws;
 use futures::{SinkExt, StreamExt};
 use happynet::{Config, Network};
@@ -29,27 +28,19 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("IP literal")
 }
 
-/// Starts happynet the way an application should: with `on_connect` and
-/// the request-head deadline from `network.security`.
+/// Starts happynet the way an application should, with the embedding
+/// helper (`happynet::server`): it installs `on_connect` and the
+/// request-head deadline from `network.security`, which these tests check.
 async fn start(config: Config) -> TestServer {
     let net = Network::start(config).expect("network starts");
-    let routes = net.configure();
-    let gateways = net.configure_gateways();
-    let server = HttpServer::new(move || {
-        App::new()
-            .configure(routes.clone())
-            .configure(gateways.clone())
-    })
-    .workers(2)
-    .client_request_timeout(net.security().request_header_timeout())
-    .on_connect(net.on_connect())
-    .disable_signals()
-    .bind(("127.0.0.1", 0))
-    .expect("bind");
+    let server = happynet::server::Server::new(&net)
+        .workers(2)
+        .bind(("127.0.0.1", 0))
+        .expect("bind");
     let addr = server.addrs()[0];
-    let server = server.run();
     let handle = server.handle();
-    actix_web::rt::spawn(server);
+    // No shutdown signal: the test ends the server (and its System).
+    actix_web::rt::spawn(server.run_until(std::future::pending()));
     TestServer { addr, net, handle }
 }
 
@@ -176,15 +167,7 @@ async fn upgrade_from(
     headers: &[(&str, &str)],
 ) -> (RawResponse, TcpStream) {
     let mut stream = tcp_from(server, source).await;
-    let mut req = format!(
-        "GET /ws{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
-        server.addr
-    );
-    for (name, value) in headers {
-        req.push_str(&format!("{name}: {value}\r\n"));
-    }
-    req.push_str("\r\n");
+    let req = testkit::ws::upgrade_request(server.addr, &format!("/ws{query}"), headers);
     stream.write_all(req.as_bytes()).await.expect("send");
     (read_response(&mut stream).await, stream)
 }

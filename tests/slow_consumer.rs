@@ -17,7 +17,7 @@ async fn a_client_that_stops_reading_is_evicted_and_the_others_get_everything() 
     )))
     .await;
     let mut reader = WsClient::connect(&server, "").await;
-    let mut jammed = support::RawWsClient::connect(server.addr, "", 4096).await;
+    let mut jammed = testkit::ws::RawWsClient::connect(server.addr, "", 4096).await;
     wait_for_hub(&server, "two sessions", |h| h["sessions"] == 2).await;
     let rss_before = support::rss_bytes();
 

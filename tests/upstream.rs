@@ -6,8 +6,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../examples/support/fake_upstream.rs"]
-mod fake_upstream;
+use testkit::fake_upstream;
 mod support;
 
 use actix_web::http::StatusCode;
@@ -400,11 +399,7 @@ async fn a_reset_connection_is_a_transport_error_naming_the_upstream() {
 #[actix_web::test]
 async fn a_connect_error_is_retried_then_reported() {
     // A port with nothing listening: bind, note it, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::free_port();
     let net = network(format!(
         r#"{{"network":{{"api_clients":{{"up":{{"base_url":"http://127.0.0.1:{port}",
             "retry_attempts":2,"retry":{{"base_delay":0.001,"max_delay":0.002}}}}}}}}}}"#

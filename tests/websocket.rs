@@ -549,7 +549,7 @@ async fn binary_messages_meet_the_same_size_and_rate_limits_as_text() {
 // Close codes (RFC 6455 §7.4.1) and the closing handshake, on a raw socket
 // ---------------------------------------------------------------------------
 
-use support::{client_close, client_frame, RawWsClient};
+use testkit::ws::{client_close, client_frame, RawWsClient};
 
 /// A server whose connections would linger 60 s after their response if
 /// happynet did not close them itself.
@@ -663,4 +663,52 @@ async fn after_the_closing_handshake_the_server_closes_the_tcp_connection() {
     server.net.shutdown().await;
     assert_eq!(c.expect_close().await.close_code(), Some(1001));
     c.expect_eof().await;
+}
+
+// ---------------------------------------------------------------------------
+// The embedding helper (`happynet::server`)
+// ---------------------------------------------------------------------------
+
+#[actix_web::test]
+async fn the_embedding_helper_serves_the_app_beside_happynet_and_stops_with_1001() {
+    let net = happynet::Network::start(config("{}")).expect("network starts");
+    let server = happynet::server::Server::new(&net)
+        .workers(1)
+        .configure(|cfg| {
+            cfg.route("/hello", actix_web::web::get().to(|| async { "hello" }));
+        })
+        .bind(("127.0.0.1", 0))
+        .expect("bind");
+    let running = support::TestServer {
+        addr: server.addrs()[0],
+        net: net.clone(),
+        handle: server.handle(),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = actix_web::rt::spawn(server.run_until(async {
+        let _ = stopped.await;
+    }));
+
+    // The app's route and happynet's, on one server.
+    let mut hello = support::http_client()
+        .get(running.url("/hello"))
+        .send()
+        .await
+        .expect("GET /hello");
+    assert_eq!(hello.body().await.expect("body"), "hello");
+    let mut client = WsClient::connect(&running, "").await;
+    support::wait_for_hub(&running, "the session registered", |hub| {
+        hub["sessions"] == 1
+    })
+    .await;
+
+    // The shutdown signal: 1001 to the client, then the server stops.
+    stop.send(()).expect("the server is running");
+    assert_eq!(client.expect_close().await.code, CloseCode::Away);
+    tokio::time::timeout(WAIT, serving)
+        .await
+        .expect("the server stops in time")
+        .expect("the server task")
+        .expect("a clean stop");
+    assert!(net.is_shutting_down());
 }

@@ -1,6 +1,7 @@
-//! Shared helpers for the integration tests: a real happynet server on
-//! `127.0.0.1:0`, real WebSocket clients (awc), and a raw TCP WebSocket client
-//! for the cases awc cannot play (a client that stops reading).
+//! Shared helpers for the integration tests that need happynet itself: a
+//! real happynet server on `127.0.0.1:0` and real WebSocket clients (awc).
+//! What does not need happynet (the fake upstream, the raw TCP WebSocket
+//! client for the cases awc cannot play, `redis-server`) is in `testkit`.
 //!
 //! Every wait here is bounded by [`WAIT`]: a test that would hang fails with
 //! a message instead.
@@ -15,9 +16,11 @@ use happynet::{Config, Network};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
+use testkit::bench::proc_stats;
 
-/// The longest any single step of a test may take.
-pub const WAIT: Duration = Duration::from_secs(20);
+/// The longest any single step of a test may take (the raw client's bound
+/// too).
+pub const WAIT: Duration = testkit::ws::WAIT;
 
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -120,7 +123,7 @@ pub enum Received {
 }
 
 /// The subprotocol that makes a client a protocol client.
-pub const PROTOCOL: &str = "happynet.v1";
+pub const PROTOCOL: &str = testkit::ws::PROTOCOL_HEADER.1;
 
 impl WsClient {
     /// Connects a plain client with `query` (e.g. `"?room=a"`). The hub
@@ -336,227 +339,7 @@ pub async fn wait_for_hub(server: &TestServer, what: &str, pred: impl Fn(&Value)
     }
 }
 
-/// Parses one unmasked server frame at the start of `buf`: the frame and
-/// its length, or `None` while incomplete.
-fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
-    let [b0, b1, ..] = *buf else {
-        return None;
-    };
-    assert_eq!(b1 & 0x80, 0, "the server masked a frame");
-    let (header, len) = match b1 & 0x7f {
-        126 => (
-            4,
-            usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
-        ),
-        127 => {
-            let mut n = [0u8; 8];
-            n.copy_from_slice(buf.get(2..10)?);
-            (10, u64::from_be_bytes(n) as usize)
-        }
-        n => (2, usize::from(n)),
-    };
-    let payload = buf.get(header..header + len)?.to_vec();
-    Some((RawFrame { b0, payload }, header + len))
-}
-
-/// Resident set size of this process, in bytes.
+/// Resident set size of this process, in bytes (0 if `/proc` cannot tell).
 pub fn rss_bytes() -> usize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// A WebSocket client on a raw TCP socket, for behaviour awc will not
-/// produce: it can stop reading entirely, with a small receive buffer, so
-/// the server's writes back up.
-pub struct RawWsClient {
-    pub stream: tokio::net::TcpStream,
-    /// Bytes read and not yet parsed into frames.
-    pending: Vec<u8>,
-}
-
-/// One frame a server sent, as [`RawWsClient::read_frame`] parses it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawFrame {
-    /// The first header byte: FIN, RSV and opcode.
-    pub b0: u8,
-    pub payload: Vec<u8>,
-}
-
-impl RawFrame {
-    pub fn opcode(&self) -> u8 {
-        self.b0 & 0x0f
-    }
-
-    /// The code of a close frame (1005, "no status", for an empty one).
-    pub fn close_code(&self) -> Option<u16> {
-        (self.opcode() == 0x8).then(|| match self.payload[..] {
-            [hi, lo, ..] => u16::from_be_bytes([hi, lo]),
-            _ => 1005,
-        })
-    }
-}
-
-/// A client frame masked as RFC 6455 requires: `b0` is FIN, RSV and opcode
-/// exactly as given (so tests can set what a client must not).
-pub fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-    const MASK: [u8; 4] = [0x1b, 0x9e, 0x4c, 0x07];
-    let mut out = vec![b0];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&MASK);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    out
-}
-
-/// A client close frame with `code` and `reason`.
-pub fn client_close(code: u16, reason: &[u8]) -> Vec<u8> {
-    let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(reason);
-    client_frame(0x88, &payload)
-}
-
-impl RawWsClient {
-    /// Connects with a receive buffer of `rcvbuf` bytes and completes the
-    /// upgrade handshake, reading nothing beyond the response headers.
-    pub async fn connect(addr: SocketAddr, query: &str, rcvbuf: u32) -> RawWsClient {
-        Self::connect_with(addr, query, rcvbuf, "").await
-    }
-
-    /// Like [`connect`](Self::connect), with `headers` (each ending in
-    /// `\r\n`) added to the upgrade request.
-    pub async fn connect_with(
-        addr: SocketAddr,
-        query: &str,
-        rcvbuf: u32,
-        headers: &str,
-    ) -> RawWsClient {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
-        let mut stream = socket.connect(addr).await.expect("connect");
-        let req = format!(
-            "GET /ws{query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
-        );
-        stream.write_all(req.as_bytes()).await.expect("handshake");
-        // Read the response one byte at a time so no frame bytes are consumed.
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
-                .await
-                .expect("handshake response in time")
-                .expect("read");
-            assert!(n == 1, "connection closed during handshake");
-            head.push(byte[0]);
-            assert!(head.len() < 4096, "oversized handshake response");
-        }
-        let head = String::from_utf8_lossy(&head);
-        assert!(
-            head.starts_with("HTTP/1.1 101"),
-            "handshake refused: {head}"
-        );
-        RawWsClient {
-            stream,
-            pending: Vec::new(),
-        }
-    }
-
-    /// Writes `bytes` as they are.
-    pub async fn send_bytes(&mut self, bytes: &[u8]) {
-        use tokio::io::AsyncWriteExt;
-        self.stream.write_all(bytes).await.expect("write");
-    }
-
-    /// Writes `bytes`, returning the error (a server that has closed may
-    /// refuse them) rather than panicking.
-    pub async fn write_some(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        use tokio::io::AsyncWriteExt;
-        self.stream.write_all(bytes).await
-    }
-
-    /// Shuts the client's sending side (a FIN), leaving it reading.
-    pub async fn shutdown_write(&mut self) {
-        use tokio::io::AsyncWriteExt;
-        let _ = self.stream.shutdown().await;
-    }
-
-    /// The next frame the server sent, or `None` at the end of the stream
-    /// (or a reset). Panics after [`WAIT`].
-    pub async fn read_frame(&mut self) -> Option<RawFrame> {
-        self.try_read_frame().await.unwrap_or(None)
-    }
-
-    /// Like [`read_frame`](Self::read_frame), telling a reset (`Err`) from
-    /// an orderly end of the stream (`Ok(None)`).
-    pub async fn try_read_frame(&mut self) -> std::io::Result<Option<RawFrame>> {
-        use tokio::io::AsyncReadExt;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some((frame, used)) = parse_server_frame(&self.pending) {
-                self.pending.drain(..used);
-                return Ok(Some(frame));
-            }
-            let mut buf = [0u8; 8192];
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
-                Err(_) => panic!("nothing from the server within {WAIT:?}"),
-                Ok(Ok(0)) => {
-                    assert!(self.pending.is_empty(), "stream ended inside a frame");
-                    return Ok(None);
-                }
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(n)) => self.pending.extend_from_slice(&buf[..n]),
-            }
-        }
-    }
-
-    /// Reads up to the server's close frame and returns it; panics if the
-    /// stream ends first.
-    pub async fn expect_close(&mut self) -> RawFrame {
-        loop {
-            match self.read_frame().await {
-                Some(f) if f.opcode() == 0x8 => return f,
-                Some(_) => {}
-                None => panic!("the connection ended without a close frame"),
-            }
-        }
-    }
-
-    /// Asserts that the server ends the connection next (EOF, nothing more
-    /// sent) within [`WAIT`], without the client closing its side.
-    pub async fn expect_eof(&mut self) {
-        if let Some(f) = self.read_frame().await {
-            panic!("expected the end of the stream, got {f:?}");
-        }
-    }
-
-    /// Reads and discards everything until the server closes the connection.
-    /// Returns how many bytes were drained; panics if it stays open past
-    /// [`WAIT`].
-    pub async fn drain_until_closed(&mut self) -> usize {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut total = 0;
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
-                Err(_) => panic!("server did not close the connection within {WAIT:?}"),
-                Ok(Ok(0)) | Ok(Err(_)) => return total,
-                Ok(Ok(n)) => total += n,
-            }
-        }
-    }
+    proc_stats::rss_kib(std::process::id()).map_or(0, |kib| kib as usize * 1024)
 }

@@ -10,14 +10,14 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Every broadcast's payload is exactly this long.
-pub(crate) const PAYLOAD_BYTES: usize = 64;
+pub const PAYLOAD_BYTES: usize = 64;
 /// How every client recognises the first frame (both servers' welcome).
-pub(crate) const WELCOME_PREFIX: &[u8] = br#"{"type":"welcome""#;
+pub const WELCOME_PREFIX: &[u8] = br#"{"type":"welcome""#;
 /// Run numbers wrap at this (they take four digits in the payload).
-pub(crate) const RUN_MODULUS: u32 = 10_000;
+pub const RUN_MODULUS: u32 = 10_000;
 
 /// Nanoseconds since the Unix epoch. Parent and child read the same clock.
-pub(crate) fn unix_nanos() -> u64 {
+pub fn unix_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -25,7 +25,7 @@ pub(crate) fn unix_nanos() -> u64 {
 
 /// `B<run:4>:<seq:9>:<sent ns:20>:` padded with dots to 64 bytes. `run`
 /// tells one traffic phase's frames from another's.
-pub(crate) fn bench_payload(run: u32, seq: u32, sent_ns: u64) -> String {
+pub fn bench_payload(run: u32, seq: u32, sent_ns: u64) -> String {
     let head = format!("B{:04}:{seq:09}:{sent_ns:020}:", run % RUN_MODULUS);
     format!("{head:.<width$}", width = PAYLOAD_BYTES)
 }
@@ -38,7 +38,7 @@ fn digits(bytes: &[u8]) -> Option<u64> {
 
 /// The run, sequence number and send time of a benchmark payload; `None` for
 /// any other frame.
-pub(crate) fn parse_payload(p: &[u8]) -> Option<(u32, u32, u64)> {
+pub fn parse_payload(p: &[u8]) -> Option<(u32, u32, u64)> {
     if p.len() != PAYLOAD_BYTES || p[0] != b'B' || p[5] != b':' || p[15] != b':' {
         return None;
     }

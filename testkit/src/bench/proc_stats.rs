@@ -9,16 +9,16 @@ use std::io;
 
 /// CPU time a process has used so far, from two sources.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct CpuTime {
+pub struct CpuTime {
     /// The sum of the first field of `/proc/<pid>/task/*/schedstat`: time on
     /// a CPU in nanoseconds, per thread. Nanosecond resolution, but a thread
     /// that has exited no longer counts (the servers' threads live for the
     /// whole run). `None` when the kernel does not provide it.
-    pub(crate) sched_ns: Option<u64>,
+    pub sched_ns: Option<u64>,
     /// `utime + stime` from `/proc/<pid>/stat`, converted to nanoseconds.
     /// Includes exited threads, but its resolution is one clock tick
     /// (usually 10 ms).
-    pub(crate) stat_ns: u64,
+    pub stat_ns: u64,
 }
 
 fn invalid(what: String) -> io::Error {
@@ -26,7 +26,7 @@ fn invalid(what: String) -> io::Error {
 }
 
 /// Reads both CPU clocks of `pid`; `ticks_per_sec` is `CLK_TCK`.
-pub(crate) fn cpu_time(pid: u32, ticks_per_sec: u64) -> io::Result<CpuTime> {
+pub fn cpu_time(pid: u32, ticks_per_sec: u64) -> io::Result<CpuTime> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name (field 2) is in parentheses and may hold spaces; the
     // fields after the last ')' start at field 3 (state). utime and stime
@@ -76,17 +76,17 @@ fn status_kib(pid: u32, key: &str) -> io::Result<u64> {
 }
 
 /// Resident memory now (`VmRSS`), KiB.
-pub(crate) fn rss_kib(pid: u32) -> io::Result<u64> {
+pub fn rss_kib(pid: u32) -> io::Result<u64> {
     status_kib(pid, "VmRSS:")
 }
 
 /// The most resident memory ever (`VmHWM`), KiB.
-pub(crate) fn peak_rss_kib(pid: u32) -> io::Result<u64> {
+pub fn peak_rss_kib(pid: u32) -> io::Result<u64> {
     status_kib(pid, "VmHWM:")
 }
 
 /// This process's soft limit on open files (children inherit it).
-pub(crate) fn open_files_soft_limit() -> Option<u64> {
+pub fn open_files_soft_limit() -> Option<u64> {
     let limits = fs::read_to_string("/proc/self/limits").ok()?;
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
     let soft = line
@@ -101,7 +101,7 @@ pub(crate) fn open_files_soft_limit() -> Option<u64> {
 }
 
 /// `CLK_TCK`, from `getconf`; 100 (the Linux default) if that fails.
-pub(crate) fn clock_ticks_per_sec() -> u64 {
+pub fn clock_ticks_per_sec() -> u64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -112,33 +112,33 @@ pub(crate) fn clock_ticks_per_sec() -> u64 {
 }
 
 /// The 1, 5 and 15 minute load averages, as the kernel prints them.
-pub(crate) fn load_average() -> String {
+pub fn load_average() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 /// How many CPUs this process may run on.
-pub(crate) fn cpus() -> usize {
+pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// One thread's CPU time so far.
 #[derive(Debug, Clone)]
-pub(crate) struct ThreadCpu {
+pub struct ThreadCpu {
     /// The thread id.
-    pub(crate) tid: u32,
+    pub tid: u32,
     /// Its name (`/proc/<pid>/task/<tid>/comm`).
-    pub(crate) name: String,
+    pub name: String,
     /// Time on a CPU, nanoseconds (schedstat, first field).
-    pub(crate) ns: u64,
+    pub ns: u64,
     /// Time runnable but waiting for a CPU, nanoseconds (schedstat, second
     /// field): how much the machine's other load held this thread back.
-    pub(crate) wait_ns: u64,
+    pub wait_ns: u64,
 }
 
 /// Every live thread of `pid` with its CPU time (empty without schedstat).
-pub(crate) fn thread_cpu(pid: u32) -> Vec<ThreadCpu> {
+pub fn thread_cpu(pid: u32) -> Vec<ThreadCpu> {
     let Ok(dir) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -165,7 +165,7 @@ pub(crate) fn thread_cpu(pid: u32) -> Vec<ThreadCpu> {
 
 /// What each thread used between two samples, busiest first, as
 /// `(name, nanoseconds)`; threads below 1% of `wall_ns` are left out.
-pub(crate) fn thread_cpu_delta(
+pub fn thread_cpu_delta(
     before: &[ThreadCpu],
     after: &[ThreadCpu],
     wall_ns: u64,
@@ -183,7 +183,7 @@ pub(crate) fn thread_cpu_delta(
 }
 
 /// Total runqueue wait of all threads between two samples, nanoseconds.
-pub(crate) fn wait_delta(before: &[ThreadCpu], after: &[ThreadCpu]) -> u64 {
+pub fn wait_delta(before: &[ThreadCpu], after: &[ThreadCpu]) -> u64 {
     after
         .iter()
         .map(|a| {

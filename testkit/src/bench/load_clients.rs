@@ -9,9 +9,9 @@
 //! (8 bytes per client) and records the latency in one shared histogram.
 //! Everything is single-threaded, so the shared counters are `Cell`s.
 
-use crate::histogram::LatencyHistogram;
-use crate::payload::{parse_payload, unix_nanos, RUN_MODULUS, WELCOME_PREFIX};
-use crate::raw_ws::{self, RecvBuf};
+use super::histogram::LatencyHistogram;
+use super::payload::{parse_payload, unix_nanos, RUN_MODULUS, WELCOME_PREFIX};
+use crate::ws::{self, RecvBuf};
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -39,39 +39,46 @@ struct Tally {
 
 /// Counters every client task updates and the orchestrator reads. Single
 /// threaded, so plain `Cell`s.
-pub(crate) struct Shared {
+pub struct Shared {
     // This generation of connections.
     /// Clients that got their welcome frame.
-    pub(crate) ready: Cell<usize>,
+    pub ready: Cell<usize>,
     failed: Cell<usize>,
     /// Clients whose connection ended (the server closed it or an error).
-    pub(crate) closed: Cell<usize>,
+    pub closed: Cell<usize>,
     last_ready: Cell<Option<Instant>>,
     /// The first few distinct reasons clients failed or were closed.
-    pub(crate) errors: RefCell<Vec<String>>,
+    pub errors: RefCell<Vec<String>>,
     // The current traffic run.
     run: Cell<u32>,
     expect: Cell<u32>,
     tallies: RefCell<Vec<Tally>>,
     /// Clients that have received the run's last sequence number.
-    pub(crate) complete: Cell<usize>,
+    pub complete: Cell<usize>,
     /// Benchmark frames received in this run.
-    pub(crate) delivered: Cell<u64>,
+    pub delivered: Cell<u64>,
     /// Frames out of order, duplicated, after a gap, or from another run.
-    pub(crate) anomalies: Cell<u64>,
+    pub anomalies: Cell<u64>,
     /// The earliest send time seen in this run (unix ns).
-    pub(crate) first_send_ns: Cell<u64>,
+    pub first_send_ns: Cell<u64>,
     /// The latest receipt time in this run (unix ns).
-    pub(crate) last_recv_ns: Cell<u64>,
+    pub last_recv_ns: Cell<u64>,
     /// Receipt minus send time of every frame in this run.
-    pub(crate) latency: RefCell<LatencyHistogram>,
+    pub latency: RefCell<LatencyHistogram>,
 }
 
 /// How many distinct client errors are kept for the report.
 const MAX_ERRORS_KEPT: usize = 5;
 
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Shared {
-    pub(crate) fn new() -> Self {
+    /// Counters for no clients and no run yet.
+    pub fn new() -> Self {
         Shared {
             ready: Cell::new(0),
             failed: Cell::new(0),
@@ -99,7 +106,9 @@ impl Shared {
         *self.tallies.borrow_mut() = vec![Tally::default(); n];
     }
 
-    pub(crate) fn begin_run(&self, run: u32, expect: u32) {
+    /// Starts counting traffic run `run`, of `expect` broadcasts: every
+    /// counter of the previous run is reset.
+    pub fn begin_run(&self, run: u32, expect: u32) {
         self.run.set(run % RUN_MODULUS);
         self.expect.set(expect);
         self.complete.set(0);
@@ -153,7 +162,7 @@ impl Shared {
     }
 
     /// Clients of the current generation that did not get run `run` whole.
-    pub(crate) fn incomplete_clients(&self, run: u32, expect: u32) -> usize {
+    pub fn incomplete_clients(&self, run: u32, expect: u32) -> usize {
         self.tallies
             .borrow()
             .iter()
@@ -165,23 +174,21 @@ impl Shared {
 /// Connects, upgrades and waits for the welcome frame.
 async fn open_client(addr: SocketAddr, gate: &Semaphore) -> Result<(TcpStream, RecvBuf), String> {
     let _turn = gate.acquire().await.map_err(|e| e.to_string())?;
-    let (mut stream, mut buf) = raw_ws::upgrade(addr).await?;
+    let (mut stream, mut buf) = ws::upgrade(addr).await?;
     loop {
         let mut answer = Vec::new();
-        while let Some(frame) = raw_ws::parse_frame(buf.filled())? {
+        while let Some(frame) = ws::parse_frame(buf.filled())? {
             let payload = &buf.filled()[frame.payload.clone()];
-            match frame.opcode {
-                raw_ws::OP_TEXT if payload.starts_with(WELCOME_PREFIX) => {
+            match frame.opcode() {
+                ws::OP_TEXT if payload.starts_with(WELCOME_PREFIX) => {
                     buf.consume(frame.len);
                     if !answer.is_empty() {
                         let _ = stream.write_all(&answer).await;
                     }
                     return Ok((stream, buf));
                 }
-                raw_ws::OP_PING => {
-                    raw_ws::push_masked_frame(&mut answer, raw_ws::OP_PONG, payload, MASK)
-                }
-                raw_ws::OP_CLOSE => return Err("closed before the welcome frame".into()),
+                ws::OP_PING => ws::push_pong(&mut answer, payload, MASK),
+                ws::OP_CLOSE => return Err("closed before the welcome frame".into()),
                 _ => {}
             }
             buf.consume(frame.len);
@@ -206,18 +213,16 @@ async fn receive(idx: usize, stream: &mut TcpStream, buf: &mut RecvBuf, shared: 
     let mut answer = Vec::new();
     loop {
         loop {
-            let frame = match raw_ws::parse_frame(buf.filled()) {
+            let frame = match ws::parse_frame(buf.filled()) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => return e.to_owned(),
             };
             let payload = &buf.filled()[frame.payload.clone()];
-            match frame.opcode {
-                raw_ws::OP_TEXT => shared.on_text(idx, payload, now_ns),
-                raw_ws::OP_PING => {
-                    raw_ws::push_masked_frame(&mut answer, raw_ws::OP_PONG, payload, MASK)
-                }
-                raw_ws::OP_CLOSE => {
+            match frame.opcode() {
+                ws::OP_TEXT => shared.on_text(idx, payload, now_ns),
+                ws::OP_PING => ws::push_pong(&mut answer, payload, MASK),
+                ws::OP_CLOSE => {
                     let code = payload
                         .get(..2)
                         .map_or(0, |c| u16::from_be_bytes([c[0], c[1]]));
@@ -268,7 +273,7 @@ async fn run_client(idx: usize, addr: SocketAddr, shared: Rc<Shared>, gate: Rc<S
 }
 
 /// The current generation of client tasks.
-pub(crate) struct ClientPool {
+pub struct ClientPool {
     addr: SocketAddr,
     shared: Rc<Shared>,
     gate: Rc<Semaphore>,
@@ -276,7 +281,9 @@ pub(crate) struct ClientPool {
 }
 
 impl ClientPool {
-    pub(crate) fn new(addr: SocketAddr, shared: Rc<Shared>, concurrency: usize) -> Self {
+    /// No clients yet; they will connect to `addr` with at most
+    /// `concurrency` handshakes in flight and count into `shared`.
+    pub fn new(addr: SocketAddr, shared: Rc<Shared>, concurrency: usize) -> Self {
         ClientPool {
             addr,
             shared,
@@ -287,7 +294,7 @@ impl ClientPool {
 
     /// Starts `n` clients and waits until each has its welcome; returns how
     /// long it took until the last one had it.
-    pub(crate) async fn connect(&mut self, n: usize) -> Result<Duration, String> {
+    pub async fn connect(&mut self, n: usize) -> Result<Duration, String> {
         self.disconnect_all();
         self.shared.new_generation(n);
         let start = Instant::now();
@@ -322,7 +329,7 @@ impl ClientPool {
 
     /// Drops every client's socket (the tasks stop at once; the server sees
     /// the connections close).
-    pub(crate) fn disconnect_all(&mut self) {
+    pub fn disconnect_all(&mut self) {
         for task in self.tasks.drain(..) {
             task.abort();
         }

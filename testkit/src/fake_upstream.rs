@@ -100,11 +100,8 @@
 //! at version 1; `POST /cache/{id}/bump` moves one to the next version.
 //! Only bumped ids take memory, at most [`MAX_CACHE_IDS`] of them.
 //!
-//! Included by path from tests and example programs, so it depends only on
-//! crates every includer already has; each includer uses a different subset
-//! of it, hence the `allow`s.
-
-#![allow(dead_code, unreachable_pub)]
+//! Started in-process by happynet's tests and benchmark programs, and run on
+//! its own by `examples/fake_upstream.rs`.
 
 use actix_web::dev::ServerHandle;
 use actix_web::http::header::{
@@ -1841,7 +1838,7 @@ impl FakeUpstream {
         // One worker is plenty for a fake and keeps thread counts low when a
         // test starts several.
         .workers(1)
-        // The includer owns signals: a test has none, the program handles
+        // The caller owns signals: a test has none, the program handles
         // them itself.
         .disable_signals()
         .bind(options.bind)?;
@@ -1936,8 +1933,8 @@ impl Drop for FakeUpstream {
     }
 }
 
-/// The plain parts, without a server: run by every test binary that
-/// includes this file.
+/// The plain parts, without a server (the server is exercised by happynet's
+/// own tests, which are its clients).
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,16 +14,22 @@ const FINE_LIMIT_US: usize = 100_000;
 const COARSE_LIMIT_MS: usize = 120_000;
 
 /// Counts of latencies; see the module docs.
-pub(crate) struct LatencyHistogram {
+pub struct LatencyHistogram {
     fine: Vec<u32>,
     coarse: Vec<u32>,
     count: u64,
     max_ns: u64,
 }
 
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl LatencyHistogram {
     /// An empty histogram (about 880 KB of counters, allocated once).
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         LatencyHistogram {
             fine: vec![0; FINE_LIMIT_US],
             coarse: vec![0; COARSE_LIMIT_MS],
@@ -33,7 +39,7 @@ impl LatencyHistogram {
     }
 
     /// Forgets every sample, keeping the allocation.
-    pub(crate) fn clear(&mut self) {
+    pub fn clear(&mut self) {
         self.fine.fill(0);
         self.coarse.fill(0);
         self.count = 0;
@@ -41,7 +47,7 @@ impl LatencyHistogram {
     }
 
     /// Records one latency.
-    pub(crate) fn record(&mut self, ns: u64) {
+    pub fn record(&mut self, ns: u64) {
         let us = (ns / 1_000) as usize;
         let slot = if us < FINE_LIMIT_US {
             &mut self.fine[us]
@@ -56,7 +62,7 @@ impl LatencyHistogram {
 
     /// The latency at or below which a fraction `q` of the samples lie, in
     /// milliseconds; NaN when there are no samples.
-    pub(crate) fn quantile_ms(&self, q: f64) -> f64 {
+    pub fn quantile_ms(&self, q: f64) -> f64 {
         if self.count == 0 {
             return f64::NAN;
         }
@@ -78,7 +84,7 @@ impl LatencyHistogram {
     }
 
     /// The largest latency recorded, in milliseconds; NaN when empty.
-    pub(crate) fn max_ms(&self) -> f64 {
+    pub fn max_ms(&self) -> f64 {
         if self.count == 0 {
             f64::NAN
         } else {

@@ -25,35 +25,37 @@ const NAIVE_WELCOME: &str = r#"{"type":"welcome"}"#;
 /// A text frame for one session: each recipient gets its own `String`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct NaiveMsg(pub(crate) String);
+pub struct NaiveMsg(pub String);
 
 /// A session registers; the result is its id.
 #[derive(Message)]
 #[rtype(result = "usize")]
-pub(crate) struct NaiveConnect {
-    pub(crate) addr: Recipient<NaiveMsg>,
+pub struct NaiveConnect {
+    /// Where the hub sends the session's messages.
+    pub addr: Recipient<NaiveMsg>,
 }
 
 /// A session went away.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct NaiveDisconnect {
-    pub(crate) id: usize,
+pub struct NaiveDisconnect {
+    /// The id `NaiveConnect` returned.
+    pub id: usize,
 }
 
 /// Send this text to every session.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct NaiveBroadcast(pub(crate) String);
+pub struct NaiveBroadcast(pub String);
 
 /// How many sessions are registered (also the driver's fence).
 #[derive(Message)]
 #[rtype(result = "usize")]
-pub(crate) struct NaiveCount;
+pub struct NaiveCount;
 
 /// The chat example's `ChatServer`, with one room.
 #[derive(Default)]
-pub(crate) struct NaiveHub {
+pub struct NaiveHub {
     sessions: HashMap<usize, Recipient<NaiveMsg>>,
     next_id: usize,
 }
@@ -99,7 +101,7 @@ impl Handler<NaiveCount> for NaiveHub {
 }
 
 /// The chat example's `WsChatSession`.
-pub(crate) struct NaiveSession {
+pub struct NaiveSession {
     id: usize,
     hb: Instant,
     hub: Addr<NaiveHub>,
@@ -174,7 +176,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for NaiveSession {
 }
 
 /// `GET /ws`.
-pub(crate) async fn ws_route(
+pub async fn ws_route(
     req: HttpRequest,
     stream: web::Payload,
     hub: web::Data<Addr<NaiveHub>>,
