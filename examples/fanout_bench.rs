@@ -66,7 +66,7 @@
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpResponse, HttpServer};
-use happynet::actors::GetStats;
+use happynet::actors::GetHubStats;
 use serde::Deserialize;
 use serde_json::json;
 use std::cell::Cell;
@@ -340,7 +340,7 @@ impl Sink {
         match self {
             Sink::Happynet(hub) => {
                 // A broadcast to a session that cannot exist (ids count up
-                // from 1): the cheapest round trip through the hub. GetStats
+                // from 1): the cheapest round trip through the hub. GetHubStats
                 // would walk every session and charge that to happynet.
                 let request = hub.send(happynet::Broadcast::to_session(u64::MAX, ""));
                 Box::pin(async move {
@@ -414,7 +414,7 @@ async fn run_route(query: web::Query<RunQuery>, control: web::Data<BenchControl>
 /// `GET /bench/stats` for happynet.
 async fn happynet_stats_route(net: web::Data<happynet::Network>) -> HttpResponse {
     let open = net.open_connections();
-    match net.hub().send(GetStats).await {
+    match net.hub().send(GetHubStats).await {
         Ok(s) => HttpResponse::Ok().json(json!({
             "open": open,
             "sessions": s.sessions,

@@ -103,8 +103,8 @@ use happynet_actors::cache::CacheCounters;
 use happynet_actors::pool::{GetPoolStats, PoolStats};
 use happynet_actors::single_flight::FlightCounters;
 use happynet_actors::{
-    BreakerSnapshot, BreakerStateKind, GetBreakerState, GetLimiterStats, GetStats, Histogram,
-    HubStats, LimiterStats,
+    BreakerSnapshot, BreakerStateKind, GetBreakerState, GetHubStats as GetStats, GetLimiterStats,
+    Histogram, HubStats, LimiterStats,
 };
 use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
