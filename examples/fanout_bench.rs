@@ -96,8 +96,8 @@ use payload::{bench_payload, unix_nanos, PAYLOAD_BYTES, RUN_MODULUS};
 use proc_stats::CpuTime;
 
 // Both servers, and the load generator, use jemalloc: the servers share it so
-// the comparison is fair, and DESIGN.md found it the lowest and flattest
-// under churn.
+// the comparison is fair, and of the allocators measured it kept memory the
+// lowest and flattest under connection churn.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

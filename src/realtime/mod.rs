@@ -14,6 +14,30 @@
 //! here reaches `Network`: it builds a [`RealtimeState`] and mounts these
 //! routes with it.
 
+//! # A broadcast's walk
+//!
+//! `POST /broadcast` to a client's frame, file by file:
+//!
+//! 1. [`routes`]: the `/broadcast` resource, behind the guards of
+//!    [`crate::security`] (per-IP limiter, cross-site check, token), hands
+//!    the body to `broadcast_route`, which parses the room and the body and
+//!    sends the hub a `Broadcast`;
+//! 2. `happynet_actors::messages`: `Broadcast` (its constructors, its
+//!    `Target`) and, further down the same file, `Deliver`, the message the
+//!    hub turns it into for each session;
+//! 3. `happynet_actors::hub`: `Handler<Broadcast>` relays a local broadcast
+//!    to the cluster bridge, if any, then fans it out: `fan_out` →
+//!    `deliver` charges each session's byte budget
+//!    (`happynet_actors::liveness`) and `try_send`s a `Deliver`;
+//! 4. `happynet_actors::session`: `Handler<Deliver>` writes the text or
+//!    binary frame and gives the budget back.
+//!
+//! With `network.cluster`, the relay continues in [`cluster`]: the bridge's
+//! `Handler<Relay>` queues it in the outbox, and `flush` publishes it with
+//! the fields of `wire::add_xadd`; every other node's reader decodes it
+//! (`wire::decode_read_reply`), and the bridge sends that node's hub a
+//! `Broadcast::from_cluster`, which takes steps 3 and 4 there.
+
 pub mod cluster;
 pub mod routes;
 pub mod websocket;
