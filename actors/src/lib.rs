@@ -56,15 +56,15 @@ pub use breaker::{
 };
 pub use frame_check::Violation;
 pub use histogram::Histogram;
-pub use hub::{BroadcastHub, ClosedCounts, HubConfig, HubStats};
+pub use hub::{BroadcastHub, HubConfig};
 pub use limiter::{
     Acquire, GetLimiterStats, Grant, LimiterStats, RateLimited, RateLimiterActor, Reserve,
 };
 pub use liveness::ClosedBy;
 pub use messages::{
-    Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Deliver, Disconnect, Flush,
-    FromClient, GetHubStats, GetOccupancy, Heartbeat, Occupancy, Origin, Relay, RelayTarget,
-    SetRelay, Shutdown, Target,
+    Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused, Deliver, Disconnect,
+    Flush, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin, Relay,
+    RelayTarget, SetRelay, Shutdown, Target,
 };
 pub use payload::Payload;
 pub use protocol::ClientKind;

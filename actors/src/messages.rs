@@ -7,7 +7,7 @@
 //!   session, before the `101`), [`FromClient`], [`Flush`], [`Disconnect`];
 //! - **hub → session**: [`Deliver`], [`Heartbeat`], [`Close`];
 //! - **app code and routes → hub**: [`Broadcast`] (to a [`Target`]),
-//!   [`GetHubStats`], [`Shutdown`];
+//!   [`GetHubStats`] (answered with the hub's [`HubStats`]), [`Shutdown`];
 //! - **hub ↔ cluster bridge**: the hub hands local broadcasts to its relay
 //!   ([`Relay`], installed with [`SetRelay`]); the bridge asks for
 //!   [`GetOccupancy`] and sends back the other nodes' [`ClusterPresence`];
@@ -19,8 +19,8 @@
 //! for messages bounded by construction (one per connection, one per
 //! interval).
 
-use crate::hub::HubStats;
-use crate::liveness::SessionLink;
+use crate::histogram::Histogram;
+use crate::liveness::{ClosedBy, SessionLink};
 use crate::payload::Payload;
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::{RoomName, SessionId};
@@ -29,6 +29,7 @@ use actix::prelude::*;
 use actix_web::web::Bytes;
 use actix_web_actors::ws::CloseCode;
 use bytestring::ByteString;
+use serde::Serialize;
 use socket2::Socket;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -306,6 +307,80 @@ impl Drop for QueueTicket {
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "HubStats")]
 pub struct GetHubStats;
+
+/// Counters the hub keeps: the reply to [`GetHubStats`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HubStats {
+    /// Sessions registered now.
+    pub sessions: usize,
+    /// Rooms that exist now.
+    pub rooms: usize,
+    /// Sessions ever registered.
+    pub sessions_opened: u64,
+    /// Sessions that went away on their own (client closed, error, limit).
+    pub sessions_closed: u64,
+    /// Broadcast messages handled (from app code, HTTP and clients).
+    pub broadcasts: u64,
+    /// Frames queued for sessions.
+    pub deliveries: u64,
+    /// Frames not queued: the session was a slow consumer (and is evicted)
+    /// or had already gone.
+    pub dropped: u64,
+    /// Sessions evicted because they stopped reading.
+    pub evicted_slow_consumer: u64,
+    /// Sessions evicted because they stopped answering.
+    pub evicted_heartbeat: u64,
+    /// Sessions closed by a graceful shutdown.
+    pub closed_by_shutdown: u64,
+    /// The largest byte backlog any session has had.
+    pub peak_session_queued_bytes: usize,
+    /// Sessions that closed their own connection, by why.
+    pub closed: ClosedCounts,
+    /// Time from a [`Broadcast`]'s construction to the end of its fan-out:
+    /// the wait in the hub's mailbox plus the fan-out itself. Left out of
+    /// the JSON (`/health`); `/metrics` exposes it as a histogram.
+    #[serde(skip)]
+    pub broadcast_latency: Histogram,
+    /// Broadcasts built and not yet handled by a hub: the broadcast part of
+    /// the hub's mailbox depth. Process-wide (see [`queued_broadcasts`]).
+    pub queued_broadcasts: usize,
+    /// Local broadcasts handed to the cluster relay.
+    pub relayed: u64,
+    /// Broadcasts that arrived from other nodes.
+    pub from_cluster: u64,
+}
+
+/// Sessions that ended their own connection, by [`ClosedBy`] reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClosedCounts {
+    /// The client closed, or the connection ended cleanly.
+    pub normal: u64,
+    /// A frame or message over the size limit (1009).
+    pub too_big: u64,
+    /// Over the inbound message rate (1008).
+    pub rate: u64,
+    /// Invalid text (1007).
+    pub invalid: u64,
+    /// A protocol violation (1002).
+    pub protocol: u64,
+    /// A socket error.
+    pub error: u64,
+}
+
+impl ClosedCounts {
+    /// Counts one session that closed for `why`.
+    pub(crate) fn count(&mut self, why: ClosedBy) {
+        let n = match why {
+            ClosedBy::Normal => &mut self.normal,
+            ClosedBy::TooBig => &mut self.too_big,
+            ClosedBy::Rate => &mut self.rate,
+            ClosedBy::Invalid => &mut self.invalid,
+            ClosedBy::Protocol => &mut self.protocol,
+            ClosedBy::Error => &mut self.error,
+        };
+        *n += 1;
+    }
+}
 
 /// Asks the hub to close every session with 1001 (going away) and stop. The
 /// result is how many sessions were open; it arrives once they have all

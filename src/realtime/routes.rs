@@ -89,7 +89,7 @@ impl RealtimeState {
         self.gate.open()
     }
 
-    /// True once [`shutdown`](Self::shutdown) has been called.
+    /// True once `Network::shutdown` has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }

@@ -82,7 +82,7 @@ pub struct InEntry {
     /// Its stream id, if it parses (so the reader can move past it).
     pub id: Option<StreamId>,
     /// The node that published it and its sequence number there, if both
-    /// decode: the [`SeqTracker`] sees them even when the rest is bad, so a
+    /// decode: the [`SeqTracker`](super::SeqTracker) sees them even when the rest is bad, so a
     /// malformed entry is not also counted as lost.
     pub sender: Option<(String, u64)>,
     /// Who receives it and the frame's data, or why it is malformed.
