@@ -66,7 +66,7 @@
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpResponse, HttpServer};
-use happynet::actors::GetStats;
+use happynet::actors::GetHubStats;
 use serde::Deserialize;
 use serde_json::json;
 use std::cell::Cell;
@@ -84,8 +84,8 @@ use testkit::bench::payload::{bench_payload, unix_nanos, PAYLOAD_BYTES, RUN_MODU
 use testkit::bench::proc_stats::{self, CpuTime};
 
 // Both servers, and the load generator, use jemalloc: the servers share it so
-// the comparison is fair, and DESIGN.md found it the lowest and flattest
-// under churn.
+// the comparison is fair, and of the allocators measured it kept memory the
+// lowest and flattest under connection churn.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -328,7 +328,7 @@ impl Sink {
         match self {
             Sink::Happynet(hub) => {
                 // A broadcast to a session that cannot exist (ids count up
-                // from 1): the cheapest round trip through the hub. GetStats
+                // from 1): the cheapest round trip through the hub. GetHubStats
                 // would walk every session and charge that to happynet.
                 let request = hub.send(happynet::Broadcast::to_session(u64::MAX, ""));
                 Box::pin(async move {
@@ -402,7 +402,7 @@ async fn run_route(query: web::Query<RunQuery>, control: web::Data<BenchControl>
 /// `GET /bench/stats` for happynet.
 async fn happynet_stats_route(net: web::Data<happynet::Network>) -> HttpResponse {
     let open = net.open_connections();
-    match net.hub().send(GetStats).await {
+    match net.hub().send(GetHubStats).await {
         Ok(s) => HttpResponse::Ok().json(json!({
             "open": open,
             "sessions": s.sessions,

@@ -10,8 +10,16 @@
 //! - [`config`]: the `network` JSON object, with defaults and validation that
 //!   names the offending path;
 //! - [`network`]: [`Network`], the handle an app keeps — it starts the actors,
-//!   mounts the routes and shuts down gracefully; [`websocket`]: the `/ws`
-//!   upgrade's plain/protocol choice and its TCP close;
+//!   mounts the routes and shuts down gracefully: the composition root,
+//!   which imports every module and is imported by none;
+//! - [`realtime`]: the `/ws`, `POST /broadcast` and `/health` routes with
+//!   their [`realtime::RealtimeState`], the `/ws` upgrade's plain/protocol
+//!   choice and TCP close ([`realtime::websocket`]), and
+//!   [`realtime::cluster`]: `ClusterBridge`, scale-out through Redis
+//!   (`network.cluster`): broadcasts to and from the other nodes on one
+//!   stream, cluster-wide presence, one file per part (wire format, outbox,
+//!   sequence tracking, link, presence, bridge); shared rate limits are
+//!   `actors::shared_limiter`;
 //! - [`upstream`]: `HttpClient` (any URL, state per origin) and `ApiClient`
 //!   (one configured upstream), in call order: the request and response
 //!   types, the call path (cache, hand-off to the upstream arbiter), the
@@ -25,18 +33,16 @@
 //!   compression; [`alerts`]: rules over the same counters (breaker opened,
 //!   error rate, slow-consumer evictions, connections near the cap), logged
 //!   and POSTed to a webhook through the upstream stack;
-//! - [`cluster`]: `ClusterBridge`, scale-out through Redis
-//!   (`network.cluster`): broadcasts to and from the other nodes on one
-//!   stream, cluster-wide presence; shared rate limits are
-//!   `actors::shared_limiter`;
 //! - [`gateway`]: the HTTP faces of the upstream stack (`/proxy/…` and the
 //!   OpenAI-compatible `/v1/…`), the OpenAI chat-completions client and the
 //!   event-stream parser; `json_error`: the `{"error": …}` body every
 //!   route answers with;
 //! - the `happynet-actors` crate (re-exported as [`actors`]): the five actors,
-//!   their messages and the plain state machines inside (rooms and their
+//!   their messages (the hub's and the sessions' all in
+//!   `actors::messages`) and the plain state machines inside (rooms and their
 //!   quotas, bounded presence frames, eviction policy, GCRA, breaker, keyed
-//!   limiter, backoff and retry budget, balancer, response cache).
+//!   limiter, backoff and retry budget, the Redis links' reconnect policy,
+//!   balancer, response cache).
 //!
 //! ```text
 //!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► every WsSessionActor in the room
@@ -78,18 +84,20 @@
 
 pub mod alerts;
 pub mod assets;
-pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub(crate) mod json_error;
 pub mod metrics;
 pub mod network;
+pub mod realtime;
 pub mod security;
 pub mod server;
 pub mod status;
 pub mod tls;
 pub mod upstream;
-pub mod websocket;
+
+/// The cluster bridge under its earlier path, `happynet::cluster`.
+pub use realtime::cluster;
 
 pub use config::{Config, ConfigError};
 pub use happynet_actors as actors;

@@ -102,8 +102,8 @@ use futures::future::join_all;
 use happynet_actors::pool::{GetPoolStats, PoolStats};
 use happynet_actors::single_flight::FlightCounters;
 use happynet_actors::{
-    BreakerStateKind, BreakerStats, GetBreakerStats, GetLimiterStats, GetStats, Histogram,
-    HubStats, LimiterStats,
+    BreakerStateKind, BreakerStats, GetBreakerStats, GetHubStats as GetStats, GetLimiterStats,
+    Histogram, HubStats, LimiterStats,
 };
 use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;

@@ -7,16 +7,14 @@
 //! sockets and lets the hub cut off clients that stop reading, and a graceful
 //! `shutdown`.
 //!
+//! This is the composition root: it builds every part and wires the routes,
+//! and no module imports it. Each part's routes take a small state of their
+//! own layer, never `Network`.
+//!
 //! Routes:
-//! - `GET /ws[?room=NAME][&presence=1]`: the WebSocket upgrade. A plain
-//!   client receives only data; one offering the subprotocol `happynet.v1`
-//!   also gets protocol frames (`presence=1` needs it: 400 otherwise). The
-//!   session is registered with the hub before the `101` is sent
-//!   ([`crate::websocket`]);
-//! - `POST /broadcast[?room=NAME]`: `text/plain` (verbatim text),
-//!   `application/octet-stream` (verbatim binary) or JSON
-//!   `{"room": …, "data": …}`; answers `202 {"recipients": n}`;
-//! - `GET /health`: liveness with the hub's counters;
+//! - `GET /ws[?room=NAME][&presence=1]`, `POST /broadcast[?room=NAME]` and
+//!   `GET /health`: the real-time routes ([`crate::realtime::routes`]),
+//!   with a [`RealtimeState`];
 //! - `GET /ready`: readiness, and `GET /metrics`: Prometheus metrics
 //!   ([`crate::metrics`]);
 //! - `GET /status`: the same numbers as one JSON document for people
@@ -33,30 +31,21 @@
 //! `HttpServer::client_request_timeout`. `/health`, `/ready` and `/metrics`
 //! are never rate limited.
 
-use crate::cluster::ClusterBridge;
 use crate::config::{ClusterConfig, Config, ConfigError};
-use crate::security::{Security, UpgradePass};
+use crate::realtime::cluster::{ClusterBridge, Leave};
+use crate::realtime::websocket::PeerSocket;
+use crate::realtime::{routes, RealtimeState};
+use crate::security::Security;
 use crate::upstream::{ApiClient, HttpClient, Upstreams};
 use actix::prelude::*;
 use actix_web::dev::Extensions;
-use actix_web::http::header::{self, ContentType};
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_web_actors::ws;
-use happynet_actors::{
-    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, ConnectionGate, GetStats,
-    RoomName, SessionConfig, Shutdown, WsSessionActor,
-};
-use serde::Deserialize;
-use serde_json::json;
+use actix_web::web;
+use happynet_actors::BroadcastHub;
 use socket2::{SockRef, Socket};
 use std::any::Any;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// How long an HTTP route waits for the hub before answering 503.
-const HUB_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The handle an application keeps. Cloning it is cheap; every clone refers
 /// to the same actors.
@@ -67,12 +56,8 @@ pub struct Network {
 
 struct Inner {
     config: Config,
-    hub: Addr<BroadcastHub>,
-    hub_epoch: tokio::time::Instant,
-    session_config: Arc<SessionConfig>,
-    gate: Arc<ConnectionGate>,
-    next_session: AtomicU64,
-    shutting_down: AtomicBool,
+    /// The hub and what the real-time routes share.
+    realtime: web::Data<RealtimeState>,
     upstreams: Arc<Upstreams>,
     security: Security,
     alerts: Arc<crate::alerts::AlertLog>,
@@ -94,15 +79,6 @@ impl WeakNetwork {
     }
 }
 
-/// A duplicate of an accepted connection's socket, stored by
-/// [`Network::on_connect`] in the connection's data for the upgrade route.
-#[derive(Clone)]
-struct PeerSocket {
-    socket: Arc<Socket>,
-    /// Whether the connection is TLS (see [`crate::websocket`]).
-    tls: bool,
-}
-
 impl Network {
     /// Validates `config` and starts the actors on the current actix arbiter.
     /// Call it inside a running actix `System` (e.g. in `#[actix_web::main]`).
@@ -113,8 +89,8 @@ impl Network {
                 path: "network.api_clients".into(),
                 message,
             })?;
-        // Issue 6: with `network.cluster`, rates marked shared are kept in
-        // its Redis.
+        // With `network.cluster`, the rates marked shared are kept in its
+        // Redis, so that they hold across the nodes.
         let shared_limit = config
             .network
             .cluster
@@ -126,21 +102,18 @@ impl Network {
         let hub_epoch = hub.epoch();
         let alerts = crate::alerts::AlertsSetup::new(&config.network, &upstreams)?;
         let hub = hub.start();
-        // Issue 6: the bridge relays local broadcasts to the other nodes.
+        // With `network.cluster`, the bridge relays local broadcasts to the
+        // other nodes and hands theirs to the hub.
         let cluster = config
             .network
             .cluster
             .as_ref()
             .map(|c| ClusterBridge::start_for(c, hub.clone()))
             .transpose()?;
+        let realtime = web::Data::new(RealtimeState::new(hub, hub_epoch, ws, security.clone()));
         let inner = Inner {
-            hub,
+            realtime,
             cluster,
-            hub_epoch,
-            session_config: Arc::new(ws.session_config()),
-            gate: ConnectionGate::new(ws.max_connections),
-            next_session: AtomicU64::new(1),
-            shutting_down: AtomicBool::new(false),
             upstreams,
             security,
             alerts: alerts.log(),
@@ -160,11 +133,11 @@ impl Network {
 
     /// The hub's address: `net.hub().do_send(Broadcast::text("Hello, clients!"))`.
     pub fn hub(&self) -> Addr<BroadcastHub> {
-        self.inner.hub.clone()
+        self.inner.realtime.hub().clone()
     }
 
     /// The cluster bridge (`network.cluster`), if configured: ask it for
-    /// [`crate::cluster::GetClusterStats`].
+    /// [`crate::realtime::cluster::GetClusterStats`].
     pub fn cluster(&self) -> Option<&Addr<ClusterBridge>> {
         self.inner.cluster.as_ref()
     }
@@ -228,12 +201,12 @@ impl Network {
 
     /// WebSocket connections open now.
     pub fn open_connections(&self) -> usize {
-        self.inner.gate.open()
+        self.inner.realtime.open_connections()
     }
 
     /// How long ago [`Network::start`] ran (it created the hub then).
     pub fn uptime(&self) -> Duration {
-        self.inner.hub_epoch.elapsed()
+        self.inner.realtime.hub_epoch().elapsed()
     }
 
     /// The most recent alert events (`network.alerts`), oldest first and
@@ -266,20 +239,11 @@ impl Network {
         use crate::security::TokenScope;
         let net = self.clone();
         move |cfg: &mut web::ServiceConfig| {
-            let body_limit = net.inner.config.network.websocket.max_message_bytes;
             let security = &net.inner.security;
+            routes::configure(cfg, &net.inner.realtime);
             // The last `wrap` runs first: the limiter and the cross-site
             // check before the token, so that guessing is rate limited.
             cfg.app_data(web::Data::new(net.clone()))
-                .route("/ws", web::get().to(ws_route))
-                .service(
-                    web::resource("/broadcast")
-                        .wrap(security.token_guard(TokenScope::Broadcast))
-                        .wrap(security.api_guard())
-                        .app_data(web::PayloadConfig::new(body_limit))
-                        .route(web::post().to(broadcast_route)),
-                )
-                .route("/health", web::get().to(health_route))
                 .route("/ready", web::get().to(crate::metrics::ready_route))
                 .service(
                     web::resource("/metrics")
@@ -382,299 +346,23 @@ impl Network {
     /// (at most `websocket.shutdown_timeout`), and stops the hub. New
     /// upgrades get 503 from the moment this is called. With
     /// `network.cluster`, the bridge then flushes its outbox and leaves
-    /// (at most [`crate::cluster::LEAVE_TIMEOUT`]). Returns how many
-    /// sessions were open.
+    /// (at most [`crate::realtime::cluster::LEAVE_TIMEOUT`]). Returns how
+    /// many sessions were open.
     pub async fn shutdown(&self) -> usize {
-        self.inner.shutting_down.store(true, Ordering::SeqCst);
-        let open = self.inner.hub.send(Shutdown).await.unwrap_or(0);
+        let open = self.inner.realtime.shutdown().await;
         if let Some(cluster) = &self.inner.cluster {
-            let _ = cluster.send(crate::cluster::Leave).await;
+            let _ = cluster.send(Leave).await;
         }
         open
     }
 
     /// True once [`Network::shutdown`] has been called.
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutting_down.load(Ordering::SeqCst)
+        self.inner.realtime.is_shutting_down()
     }
-}
-
-fn error_response(status: actix_web::http::StatusCode, error: &str, message: &str) -> HttpResponse {
-    crate::json_error::ErrorBody::new(error, message).answer(status)
-}
-
-#[derive(Deserialize)]
-struct WsQuery {
-    room: Option<String>,
-    presence: Option<String>,
-}
-
-fn truthy(v: Option<&str>) -> bool {
-    matches!(v, Some("1" | "true" | "yes" | "on"))
-}
-
-async fn ws_route(
-    req: HttpRequest,
-    stream: web::Payload,
-    net: web::Data<Network>,
-) -> actix_web::Result<HttpResponse> {
-    use actix_web::http::StatusCode;
-    let inner = &net.inner;
-    // Before anything else: the security checks answer 429/403/401 without
-    // upgrading, and the pass holds this IP's connection slot.
-    let pass: UpgradePass = inner.security.admit_upgrade(&req).await?;
-    let query = match web::Query::<WsQuery>::from_query(req.query_string()) {
-        Ok(q) => q.into_inner(),
-        Err(e) => {
-            return Ok(error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_query",
-                &e.to_string(),
-            ))
-        }
-    };
-    let kind = crate::websocket::requested_kind(&req);
-    let presence = truthy(query.presence.as_deref());
-    if presence && kind == ClientKind::Plain {
-        return Ok(error_response(
-            StatusCode::BAD_REQUEST,
-            "presence_needs_protocol",
-            &format!(
-                "presence frames are protocol frames: offer the subprotocol {} to get them",
-                happynet_actors::protocol::SUBPROTOCOL
-            ),
-        ));
-    }
-    let room = match query.room.as_deref() {
-        None => inner.config.network.websocket.default_room(),
-        Some(name) => match RoomName::new(name) {
-            Ok(room) => room,
-            Err(e) => {
-                return Ok(error_response(
-                    StatusCode::BAD_REQUEST,
-                    "bad_room",
-                    &e.to_string(),
-                ))
-            }
-        },
-    };
-    if net.is_shutting_down() || !inner.hub.connected() {
-        return Ok(error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        ));
-    }
-    let Some(slot) = inner.gate.try_acquire() else {
-        log::warn!(
-            "websocket upgrade refused: {} connections open (max_connections)",
-            inner.gate.max()
-        );
-        return Ok(HttpResponse::ServiceUnavailable()
-            .insert_header((header::RETRY_AFTER, "5"))
-            .json(json!({
-                "error": "too_many_connections",
-                "message": format!("the server holds its maximum of {} WebSocket connections", inner.gate.max()),
-            })));
-    };
-    let peer = req.conn_data::<PeerSocket>();
-    let socket = peer.map(|p| p.socket.clone());
-    let id = inner.next_session.fetch_add(1, Ordering::Relaxed);
-    let session = WsSessionActor::new(
-        id,
-        inner.hub.clone(),
-        inner.hub_epoch,
-        inner.session_config.clone(),
-        kind,
-        Some(slot),
-    );
-    let link = session.link();
-    let checked = session.check_inbound(stream);
-    let builder = ws::WsResponseBuilder::new(session, &req, checked)
-        // The frame checker refuses a message over the limit first (1009);
-        // the codec's own limit is the same, so it never refuses first.
-        .frame_size(inner.session_config.max_message_bytes);
-    let (addr, mut response) = match kind {
-        // Echoes `happynet` when the client offers it (RFC 6455: a token
-        // offered as `token.<token>` must come with a protocol to echo).
-        ClientKind::Plain => builder.protocols(UpgradePass::PROTOCOLS),
-        // Echoed below: actix would echo whichever known protocol the
-        // client listed first, and only from the first header.
-        ClientKind::Protocol => builder,
-    }
-    .start_with_addr()?;
-    if kind == ClientKind::Protocol {
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            header::HeaderValue::from_static(happynet_actors::protocol::SUBPROTOCOL),
-        );
-    }
-    // Registered before the 101 goes out, so that any broadcast sent once
-    // the client holds it reaches it. On a refusal the response (and with
-    // it the unstarted session) is dropped.
-    let connect = Connect {
-        id,
-        addr,
-        link,
-        room,
-        presence,
-        kind,
-        socket: socket.clone(),
-        // The rooms this client creates count against its address (the
-        // same key, and the same exemptions, as the per-IP guards).
-        ip_key: room_quota_key(&inner.security, &req),
-    };
-    match inner.hub.send(connect).timeout(HUB_REPLY_TIMEOUT).await {
-        Ok(Ok(())) => {}
-        Ok(Err(refused)) => {
-            let (status, code) = match refused {
-                ConnectRefused::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-                ConnectRefused::RoomTableFull(_) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, "server_full")
-                }
-                // The client's own quota: it is the one to slow down.
-                ConnectRefused::RoomQuota(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_rooms"),
-                _ => (StatusCode::SERVICE_UNAVAILABLE, "hub_unavailable"),
-            };
-            return Ok(HttpResponse::build(status)
-                .insert_header((header::RETRY_AFTER, "5"))
-                .json(json!({ "error": code, "message": refused.to_string() })));
-        }
-        Err(e) => {
-            return Ok(error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "hub_unavailable",
-                &format!("the broadcast hub did not register the session: {e}"),
-            ))
-        }
-    }
-    let plain_tcp = peer.filter(|p| !p.tls).map(|p| p.socket.clone());
-    let response = crate::websocket::close_tcp_when_done(response, plain_tcp);
-    Ok(pass.hold_until_closed(response))
-}
-
-/// The key `websocket.max_rooms_per_ip` counts `req`'s client under: the
-/// per-IP key of `network.security` (honouring `trust_forwarded_for`, IPv6
-/// by /64), or `None` for an exempt or unknown address.
-fn room_quota_key(security: &Security, req: &HttpRequest) -> Option<std::net::IpAddr> {
-    security
-        .client_ip(req)
-        .filter(|ip| !security.is_exempt(*ip))
-        .map(crate::security::limit_key)
 }
 
 /// The paths [`Network::configure_gateways`] mounts.
 fn is_gateway_path(path: &str) -> bool {
     path.starts_with("/proxy/") || path.starts_with("/v1/")
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JsonBroadcast {
-    room: Option<String>,
-    data: Box<serde_json::value::RawValue>,
-}
-
-#[derive(Deserialize)]
-struct BroadcastQuery {
-    room: Option<String>,
-}
-
-async fn broadcast_route(
-    req: HttpRequest,
-    body: web::Bytes,
-    net: web::Data<Network>,
-) -> HttpResponse {
-    use actix_web::http::StatusCode;
-    let query = match web::Query::<BroadcastQuery>::from_query(req.query_string()) {
-        Ok(q) => q.into_inner(),
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_query", &e.to_string()),
-    };
-    let parse_room = |name: Option<String>| name.map(|n| RoomName::new(&n)).transpose();
-    let bad_room = |e: happynet_actors::rooms::RoomNameError| {
-        error_response(StatusCode::BAD_REQUEST, "bad_room", &e.to_string())
-    };
-    let mime = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<mime::Mime>().ok());
-    let msg = match mime.as_ref().map(|m| (m.type_(), m.subtype())) {
-        Some((mime::APPLICATION, mime::JSON)) => {
-            let parsed: JsonBroadcast = match serde_json::from_slice(&body) {
-                Ok(p) => p,
-                Err(e) => {
-                    return error_response(StatusCode::BAD_REQUEST, "bad_json", &e.to_string())
-                }
-            };
-            let room = match parse_room(parsed.room.or(query.room)) {
-                Ok(r) => r,
-                Err(e) => return bad_room(e),
-            };
-            Broadcast::message(room, &parsed.data)
-        }
-        Some((mime::APPLICATION, mime::OCTET_STREAM)) => match parse_room(query.room) {
-            Ok(Some(room)) => Broadcast::binary_to_room(room, body),
-            Ok(None) => Broadcast::binary(body),
-            Err(e) => return bad_room(e),
-        },
-        Some((mime::TEXT, mime::PLAIN)) => {
-            let text = match bytestring::ByteString::try_from(body) {
-                Ok(t) => t,
-                Err(_) => {
-                    return error_response(
-                        StatusCode::BAD_REQUEST,
-                        "bad_text",
-                        "the body is not UTF-8",
-                    )
-                }
-            };
-            match parse_room(query.room) {
-                Ok(Some(room)) => Broadcast::to_room(room, text),
-                Ok(None) => Broadcast::text(text),
-                Err(e) => return bad_room(e),
-            }
-        }
-        _ => {
-            return error_response(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "send text/plain, application/octet-stream or application/json",
-            )
-        }
-    };
-    match net.inner.hub.send(msg).timeout(HUB_REPLY_TIMEOUT).await {
-        Ok(recipients) => HttpResponse::Accepted().json(json!({ "recipients": recipients })),
-        Err(e) => error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "hub_unavailable",
-            &format!("the broadcast hub did not accept the message: {e}"),
-        ),
-    }
-}
-
-async fn health_route(net: web::Data<Network>) -> HttpResponse {
-    if net.is_shutting_down() {
-        return HttpResponse::ServiceUnavailable().json(json!({ "status": "shutting_down" }));
-    }
-    match net
-        .inner
-        .hub
-        .send(GetStats)
-        .timeout(HUB_REPLY_TIMEOUT)
-        .await
-    {
-        Ok(stats) => HttpResponse::Ok()
-            .content_type(ContentType::json())
-            .json(json!({
-                "status": "ok",
-                "connections": net.open_connections(),
-                "max_connections": net.inner.gate.max(),
-                "hub": stats,
-            })),
-        Err(e) => HttpResponse::ServiceUnavailable().json(json!({
-            "status": "unavailable",
-            "reason": format!("broadcast hub: {e}"),
-        })),
-    }
 }

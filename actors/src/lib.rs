@@ -10,13 +10,18 @@
 //!                                                         session; evicts the silent and the slow
 //! ```
 //!
+//! Every message in that picture, and those between the hub and the cluster
+//! bridge, is in [`messages`], with its reply and how it is sent.
+//!
 //! Each actor is a thin shell around a state machine that takes `now` and does
 //! no I/O: [`rooms::RoomTable`] (who is in which room, with quotas per
 //! session and per address), [`presence`] (bounded presence frames),
 //! [`liveness::EvictionPolicy`] (silent and slow sessions), [`gcra::Gcra`]
 //! (message rates) and, for the upstream actors, the breaker, the keyed
 //! limiter, the balancer, the response cache and [`single_flight`] (one
-//! upstream call for identical misses). Those are unit-tested directly; the
+//! upstream call for identical misses), and [`reconnect`], the one reconnect
+//! policy of both Redis links (the shared limiter's and the cluster
+//! bridge's). Those are unit-tested directly; the
 //! actors are tested through real sockets in the `happynet` crate's `tests/`.
 //!
 //! The [`protocol`] module is the WebSocket wire protocol (plain and
@@ -34,10 +39,12 @@ pub mod histogram;
 pub mod hub;
 pub mod limiter;
 pub mod liveness;
+pub mod messages;
 pub mod payload;
 pub mod pool;
 pub mod presence;
 pub mod protocol;
+pub mod reconnect;
 pub mod rooms;
 pub mod session;
 pub mod shared_limiter;
@@ -50,15 +57,16 @@ pub use breaker::{
 };
 pub use frame_check::Violation;
 pub use histogram::Histogram;
-pub use hub::{
-    Broadcast, BroadcastHub, ClosedCounts, ClusterPresence, Connect, ConnectRefused, GetOccupancy,
-    GetStats, HubConfig, HubStats, Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown,
-    Target,
-};
+pub use hub::{BroadcastHub, HubConfig};
 pub use limiter::{
     Acquire, GetLimiterStats, Grant, LimiterStats, RateLimited, RateLimiterActor, Reserve,
 };
 pub use liveness::ClosedBy;
+pub use messages::{
+    Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused, Deliver, Disconnect,
+    Flush, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin, Relay,
+    RelayTarget, SetRelay, Shutdown, Target,
+};
 pub use payload::Payload;
 pub use protocol::ClientKind;
 pub use rooms::{RoomName, SessionId};

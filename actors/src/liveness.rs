@@ -1,6 +1,6 @@
 //! Liveness and slow-consumer policy, and the small shared record behind it.
 //!
-//! The hub owns liveness (DESIGN principle 3): actix-web-actors drives a session
+//! The hub owns liveness, not the session: actix-web-actors drives a session
 //! actor from its socket's write path, so a client that stops reading freezes
 //! its actor, timers and all (actix-web#2441). A session therefore cannot be
 //! trusted to evict itself. Instead every session shares a [`SessionLink`] with

@@ -33,8 +33,9 @@
 
 use crate::frame_check::{CheckedPayload, InboundVerdict};
 use crate::gcra::{Gcra, Quota};
-use crate::hub::{BroadcastHub, Disconnect, Flush, FromClient};
+use crate::hub::BroadcastHub;
 use crate::liveness::{ClosedBy, SessionLink};
+use crate::messages::{Close, Deliver, Disconnect, Flush, FromClient, Heartbeat};
 use crate::payload::Payload;
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::SessionId;
@@ -61,33 +62,6 @@ pub struct SessionConfig {
     pub inbound: Quota,
     /// How many messages the hub may queue in this session's mailbox.
     pub mailbox_capacity: usize,
-}
-
-/// The hub queues one frame (text or binary) for the client. `cost` is what
-/// the hub charged against the session's byte budget; the session gives it
-/// back once the frame is handed to the socket writer.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Deliver {
-    /// The frame's data, shared by every recipient.
-    pub payload: Payload,
-    /// What was charged to the session's [`SessionLink`].
-    pub cost: usize,
-}
-
-/// The hub's heartbeat: send the client a ping.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Heartbeat;
-
-/// The hub closes the session with a close frame.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Close {
-    /// The WebSocket close code.
-    pub code: CloseCode,
-    /// A short human-readable reason.
-    pub reason: String,
 }
 
 /// Counts open WebSocket connections against `websocket.max_connections`.
@@ -148,7 +122,7 @@ struct Fragments {
 /// One WebSocket connection. Build it with [`WsSessionActor::new`], wrap the
 /// request payload with [`WsSessionActor::check_inbound`], start it with
 /// `actix_web_actors::ws::WsResponseBuilder::start_with_addr`, and register
-/// it with the hub ([`crate::hub::Connect`]) before returning the `101`.
+/// it with the hub ([`crate::messages::Connect`]) before returning the `101`.
 pub struct WsSessionActor {
     id: SessionId,
     hub: Addr<BroadcastHub>,
@@ -197,7 +171,7 @@ impl WsSessionActor {
     }
 
     /// The state this session shares with the hub: put it in the
-    /// [`crate::hub::Connect`] that registers the session.
+    /// [`crate::messages::Connect`] that registers the session.
     pub fn link(&self) -> Arc<SessionLink> {
         self.link.clone()
     }
@@ -249,9 +223,9 @@ impl WsSessionActor {
             ctx.stop();
             return;
         }
-        // `send`: a request with a timeout (STYLE habit 4). The mailbox is
-        // polled before spawned futures, so the echoes the hub queued before
-        // answering are written before this close.
+        // `send`, as a request waiting for its answer, with a timeout. The
+        // mailbox is polled before spawned futures, so the echoes the hub
+        // queued before answering are written before this close.
         let flushed = self.hub.send(Flush).timeout(CLOSE_FLUSH_TIMEOUT);
         ctx.spawn(flushed.into_actor(self).map(move |_, _, ctx| {
             ctx.close(reason);

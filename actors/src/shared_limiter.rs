@@ -18,11 +18,12 @@
 //! **When Redis cannot answer** within the check's timeout (a dead or hung
 //! server must not stall every request), the limiter decides by its
 //! [`Fallback`]: the node's own local limiter (default), deny, or allow. After
-//! a failure the link skips Redis for [`RETRY_GAP`] rather than making every
-//! request wait out a timeout; when the gap ends exactly one check (the
-//! probe) goes to Redis while the others keep using the fallback at once,
-//! until the probe's answer reopens the link or its failure starts a new
-//! gap. A hung Redis thus costs one check one timeout per gap. A connection
+//! a failure the link skips Redis for [`RETRY_GAP`] (the reconnect policy of
+//! [`crate::reconnect`], which the cluster bridge uses too, with a fixed
+//! wait) rather than making every request wait out a timeout; when the gap
+//! ends exactly one check (the probe) goes to Redis while the others keep
+//! using the fallback at once, until the probe's answer reopens the link or
+//! its failure starts a new gap. A hung Redis thus costs one check one timeout per gap. A connection
 //! that keeps failing is replaced (a new connection made during an outage is
 //! probed the same way). While the very first connection attempt is under
 //! way, checks wait for it (within their timeout) instead of all falling
@@ -30,6 +31,7 @@
 //! Keys are `{prefix}:rl:{limiter}:{key}`.
 
 use crate::gcra::{Decision, Quota};
+use crate::reconnect::Reconnect;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -276,9 +278,10 @@ pub struct SharedLink<C> {
     attempts: u32,
     gate: Gate,
     failures: u32,
-    /// When the link last stopped answering, while it has not answered
-    /// since: for the "back after …" log line.
-    down_since: Option<Instant>,
+    /// How long a failure shuts the gate ([`RETRY_GAP`], fixed), and when
+    /// the link last stopped answering while it has not answered since: for
+    /// the "back after …" log line.
+    reconnect: Reconnect<Instant>,
     fallbacks_this_outage: u64,
     ever_connected: bool,
 }
@@ -291,7 +294,7 @@ impl<C> Default for SharedLink<C> {
             attempts: 0,
             gate: Gate::Open,
             failures: 0,
-            down_since: None,
+            reconnect: Reconnect::fixed(RETRY_GAP),
             fallbacks_this_outage: 0,
             ever_connected: false,
         }
@@ -367,7 +370,7 @@ impl<C: Clone> SharedLink<C> {
         self.ever_connected = true;
         self.connecting = false;
         self.conn = Some(conn);
-        self.gate = if self.down_since.is_some() {
+        self.gate = if self.reconnect.is_down() {
             Gate::Shut { until: now }
         } else {
             Gate::Open
@@ -378,19 +381,17 @@ impl<C: Clone> SharedLink<C> {
     /// Making a connection failed at `now`: try again after [`RETRY_GAP`].
     pub fn connect_failed(&mut self, now: Instant) -> Transition {
         self.connecting = false;
-        self.gate = Gate::Shut {
-            until: now + RETRY_GAP,
-        };
-        self.mark_down(now)
+        self.shut_after_failure(now)
     }
 
     /// Redis answered a check: every check goes to it again.
     pub fn answered(&mut self, now: Instant) -> Transition {
         self.failures = 0;
         self.gate = Gate::Open;
-        match self.down_since.take() {
-            Some(since) => Transition::CameBack {
-                down_for: now.saturating_duration_since(since),
+        self.reconnect.healthy();
+        match self.reconnect.connected(now) {
+            Some(down_for) => Transition::CameBack {
+                down_for,
                 fallbacks: std::mem::take(&mut self.fallbacks_this_outage),
             },
             None => {
@@ -406,19 +407,22 @@ impl<C: Clone> SharedLink<C> {
     pub fn failed(&mut self, now: Instant, broken: bool) -> Transition {
         self.fallbacks_this_outage += 1;
         self.failures += 1;
-        self.gate = Gate::Shut {
-            until: now + RETRY_GAP,
-        };
         if broken || self.failures >= MAX_CONSECUTIVE_FAILURES {
             self.conn = None;
             self.failures = 0;
         }
-        self.mark_down(now)
+        self.shut_after_failure(now)
     }
 
-    fn mark_down(&mut self, now: Instant) -> Transition {
-        if self.down_since.is_none() {
-            self.down_since = Some(now);
+    /// Shuts the gate for the policy's wait and begins an outage, unless
+    /// one is under way.
+    fn shut_after_failure(&mut self, now: Instant) -> Transition {
+        // A fixed gap: the jitter's unit changes nothing.
+        let retry = self.reconnect.failed(now, 0.0);
+        self.gate = Gate::Shut {
+            until: now + retry.wait,
+        };
+        if retry.outage_began {
             Transition::WentDown
         } else {
             Transition::None

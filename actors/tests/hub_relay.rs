@@ -14,9 +14,9 @@ mod common;
 use common::hub_config;
 
 use actix::prelude::*;
-use happynet_actors::hub::queued_broadcasts;
+use happynet_actors::messages::queued_broadcasts;
 use happynet_actors::{
-    Broadcast, BroadcastHub, GetStats, Payload, Relay, RelayTarget, RoomName, SetRelay, Target,
+    Broadcast, BroadcastHub, GetHubStats, Payload, Relay, RelayTarget, RoomName, SetRelay, Target,
 };
 
 /// Records what the hub relays, in order.
@@ -78,14 +78,14 @@ async fn local_broadcasts_are_relayed_and_cluster_ones_are_not() {
         "every handled broadcast is uncounted"
     );
 
-    let stats = hub.send(GetStats).await.unwrap();
+    let stats = hub.send(GetHubStats).await.unwrap();
     assert_eq!(stats.broadcasts, 7);
     assert_eq!(stats.broadcast_latency.count(), 7);
     assert_eq!(stats.from_cluster, 1);
     assert_eq!(stats.relayed, 4);
 
     // The recorder got the relays in order. The hub queued them before it
-    // answered GetStats above, so this later Take arrives after them.
+    // answered GetHubStats above, so this later Take arrives after them.
     let relayed = recorder.send(Take).await.unwrap();
     let got: Vec<(RelayTarget, Payload)> =
         relayed.into_iter().map(|r| (r.target, r.payload)).collect();
@@ -109,5 +109,5 @@ async fn local_broadcasts_are_relayed_and_cluster_ones_are_not() {
     // Removing the relay stops relaying.
     hub.send(SetRelay(None)).await.unwrap();
     hub.send(Broadcast::text("alone again")).await.unwrap();
-    assert_eq!(hub.send(GetStats).await.unwrap().relayed, 4);
+    assert_eq!(hub.send(GetHubStats).await.unwrap().relayed, 4);
 }

@@ -23,7 +23,7 @@ use happynet_actors::gcra::Quota;
 use happynet_actors::liveness::EvictionPolicy;
 use happynet_actors::session::CLOSE_FLUSH_TIMEOUT;
 use happynet_actors::{
-    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, GetStats, RoomName,
+    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, GetHubStats, RoomName,
     SessionConfig, WsSessionActor,
 };
 use std::pin::Pin;
@@ -151,7 +151,7 @@ async fn advance_to_tick(t0: tokio::time::Instant, n: u32) {
 }
 
 async fn stats(hub: &Addr<BroadcastHub>) -> happynet_actors::HubStats {
-    hub.send(GetStats).await.unwrap()
+    hub.send(GetHubStats).await.unwrap()
 }
 
 #[actix::test]
@@ -306,7 +306,7 @@ async fn a_full_hub_is_an_error_frame_for_a_protocol_client_and_1013_for_a_plain
     // is refused.
     let stalled: Context<BroadcastHub> = Context::new();
     let hub = stalled.address();
-    while hub.try_send(GetStats).is_ok() {}
+    while hub.try_send(GetHubStats).is_ok() {}
     let epoch = tokio::time::Instant::now();
 
     let (mut protocol, _) = unstarted_session_of(1, &hub, epoch, ClientKind::Protocol);

@@ -1,7 +1,8 @@
-//! The `/ws` upgrade's own pieces, used by the route in [`crate::network`]:
-//! which kind of client is asking ([`requested_kind`]), and the response
-//! body that gets the TCP connection closed once the WebSocket is done
-//! ([`close_tcp_when_done`]).
+//! The `/ws` upgrade's own pieces, used by the route in [`super::routes`]:
+//! which kind of client is asking ([`requested_kind`]), the duplicate of the
+//! accepted socket the route finds in the connection's data
+//! (`PeerSocket`), and the response body that gets the TCP connection
+//! closed once the WebSocket is done ([`close_tcp_when_done`]).
 //!
 //! **Plain or protocol.** A client that offers the subprotocol
 //! `happynet.v1` ([`happynet_actors::protocol::SUBPROTOCOL`]) gets it
@@ -22,9 +23,10 @@
 //! flushes what it still holds (the close frame) and shuts the connection
 //! down, which sends the FIN. Only the read half: shutting the write half
 //! from outside could cut off bytes actix-http has not written yet. This
-//! needs the duplicate socket [`crate::Network::on_connect`] keeps, and is
-//! done for plain TCP only; over TLS the connection ends after the linger
-//! (a TLS stream would read the bare end-of-stream as a truncation attack).
+//! needs the duplicate socket the server's `on_connect` hook keeps
+//! (`Network::on_connect` stores a `PeerSocket`), and is done for plain TCP
+//! only; over TLS the connection ends after the linger (a TLS stream would
+//! read the bare end-of-stream as a truncation attack).
 
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::http::header;
@@ -36,6 +38,17 @@ use std::net::Shutdown;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+
+/// A duplicate of an accepted connection's socket, stored by the server's
+/// `on_connect` hook in the connection's data for the upgrade route: the
+/// hub shuts it down to cut off a client whose session is frozen, and the
+/// route half-closes it when the WebSocket is done.
+#[derive(Clone)]
+pub(crate) struct PeerSocket {
+    pub(crate) socket: Arc<Socket>,
+    /// Whether the connection is TLS (see the module docs).
+    pub(crate) tls: bool,
+}
 
 /// The kind of client the upgrade request asks for, from every
 /// `Sec-WebSocket-Protocol` header it sent.
