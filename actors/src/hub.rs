@@ -51,8 +51,8 @@
 use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::messages::{
     queued_broadcasts, Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Deliver,
-    Disconnect, Flush, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy,
-    Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
+    Disconnect, Flush, Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats,
+    Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
 };
 use crate::payload::Payload;
 use crate::presence::{self, PresenceLimits};
@@ -592,7 +592,11 @@ impl Handler<Connect> for BroadcastHub {
 impl Handler<Flush> for BroadcastHub {
     type Result = ();
 
-    fn handle(&mut self, _: Flush, _: &mut Self::Context) {}
+    fn handle(&mut self, msg: Flush, _: &mut Self::Context) {
+        // `do_send`: the answer must not be refused by a full mailbox, and
+        // there is one per closing session.
+        msg.reply_to.do_send(Flushed);
+    }
 }
 
 impl Handler<Disconnect> for BroadcastHub {

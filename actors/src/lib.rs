@@ -64,8 +64,8 @@ pub use limiter::{
 pub use liveness::ClosedBy;
 pub use messages::{
     Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused, Deliver, Disconnect,
-    Flush, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin, Relay,
-    RelayTarget, SetRelay, Shutdown, Target,
+    Flush, Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin,
+    Relay, RelayTarget, SetRelay, Shutdown, Target,
 };
 pub use payload::Payload;
 pub use protocol::ClientKind;

@@ -101,13 +101,25 @@ impl std::fmt::Display for ConnectRefused {
 
 impl std::error::Error for ConnectRefused {}
 
-/// Sent by a session before it closes when it has forwarded messages: the
-/// answer comes once the hub has handled everything it received before, so
-/// the frames those messages produced for the session (its own echo) are
-/// in its mailbox ahead of its close frame.
+/// Sent by a session before it closes when it has forwarded messages. The
+/// hub answers with [`Flushed`] *into the session's mailbox*, once it has
+/// handled everything the session sent before: the frames those messages
+/// produced for the session (its own echo) were queued in that same
+/// mailbox first, so they are written ahead of the close frame. (An answer
+/// through `send`'s reply channel would not do: the session's context may
+/// see the reply before a `Deliver` that was queued ahead of it.)
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct Flush;
+pub struct Flush {
+    /// The closing session's own mailbox.
+    pub reply_to: Recipient<Flushed>,
+}
+
+/// The hub's answer to [`Flush`], behind every `Deliver` it queued for the
+/// session before.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Flushed;
 
 /// Sent when a session's actor is dropped: forget me.
 #[derive(Debug, Message)]

@@ -22,7 +22,8 @@
 //!
 //! **Closing.** When the session closes after forwarding messages to the
 //! hub (the client's close frame, or a violation), it first waits for the
-//! hub's answer to [`Flush`], so its own echo of those messages goes out
+//! hub's answer to [`Flush`] ([`Flushed`], into the session's own mailbox),
+//! so its own echo of those messages goes out
 //! before the close frame, as RFC 6455 lets a server do.
 //!
 //! Close codes it sends: 1002 for protocol errors, 1007 for text (or a close
@@ -35,7 +36,7 @@ use crate::frame_check::{CheckedPayload, InboundVerdict};
 use crate::gcra::{Gcra, Quota};
 use crate::hub::BroadcastHub;
 use crate::liveness::{ClosedBy, SessionLink};
-use crate::messages::{Close, Deliver, Disconnect, Flush, FromClient, Heartbeat};
+use crate::messages::{Close, Deliver, Disconnect, Flush, Flushed, FromClient, Heartbeat};
 use crate::payload::Payload;
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::SessionId;
@@ -139,6 +140,8 @@ pub struct WsSessionActor {
     /// Whether messages went to the hub since the session started: if so,
     /// closing waits for [`Flush`] (see the module docs).
     forwarded: bool,
+    /// The close frame held until the hub's [`Flushed`] (or the timeout).
+    pending_close: Option<Option<CloseReason>>,
     _slot: Option<ConnectionSlot>,
 }
 
@@ -166,6 +169,7 @@ impl WsSessionActor {
             verdict: InboundVerdict::default(),
             closing: false,
             forwarded: false,
+            pending_close: None,
             _slot: slot,
         }
     }
@@ -223,14 +227,26 @@ impl WsSessionActor {
             ctx.stop();
             return;
         }
-        // `send`, as a request waiting for its answer, with a timeout. The
-        // mailbox is polled before spawned futures, so the echoes the hub
-        // queued before answering are written before this close.
-        let flushed = self.hub.send(Flush).timeout(CLOSE_FLUSH_TIMEOUT);
-        ctx.spawn(flushed.into_actor(self).map(move |_, _, ctx| {
+        // The hub answers with `Flushed` into this session's mailbox, behind
+        // the echoes it queued there first. A hub that is full or stalled
+        // does not hold the close for longer than the timeout.
+        self.pending_close = Some(reason);
+        let flush = Flush {
+            reply_to: ctx.address().recipient(),
+        };
+        if self.hub.try_send(flush).is_err() {
+            self.finish_close(ctx);
+            return;
+        }
+        ctx.run_later(CLOSE_FLUSH_TIMEOUT, |act, ctx| act.finish_close(ctx));
+    }
+
+    /// Sends the close frame `close_after_flush` is holding, once.
+    fn finish_close(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if let Some(reason) = self.pending_close.take() {
             ctx.close(reason);
             ctx.stop();
-        }));
+        }
     }
 
     /// Charges one data message against the inbound rate; closes with 1008
@@ -453,6 +469,15 @@ impl Handler<Heartbeat> for WsSessionActor {
 
     fn handle(&mut self, _: Heartbeat, ctx: &mut Self::Context) {
         ctx.ping(b"");
+    }
+}
+
+impl Handler<Flushed> for WsSessionActor {
+    type Result = ();
+
+    /// Every echo the hub queued before this is written: close now.
+    fn handle(&mut self, _: Flushed, ctx: &mut Self::Context) {
+        self.finish_close(ctx);
     }
 }
 
