@@ -1004,11 +1004,8 @@ impl ClusterBridge {
             },
             stream_max_len: config.stream_max_len,
             read_batch: config.read_batch,
-            presence_interval: Duration::from_millis(config.presence_interval_ms),
-            link: LinkState::new(
-                Duration::from_millis(config.reconnect_min_ms),
-                Duration::from_millis(config.reconnect_max_ms),
-            ),
+            presence_interval: config.presence_interval.0,
+            link: LinkState::new(config.reconnect_min.0, config.reconnect_max.0),
             jitter,
             generation: 0,
             publisher: None,

@@ -24,6 +24,7 @@
 use crate::error::HttpError;
 use crate::gateway::error_response;
 use crate::network::Network;
+use crate::security::constant_time_eq;
 use actix_web::http::header::{self, ContentType};
 use actix_web::{web, HttpRequest, HttpResponse};
 use happynet_actors::cache::CacheKey;
@@ -75,15 +76,6 @@ pub(crate) fn refused(req: &HttpRequest, net: &Network) -> Option<HttpResponse> 
             "missing or unknown gateway token (Authorization: Bearer <token>)",
         )),
     }
-}
-
-/// Compares without an early exit, so response timing does not reveal how
-/// much of a token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Whether a failure on one client should send the call to the next.
