@@ -55,7 +55,7 @@
 //! The stream, outbox, sequence and link logic are plain structs that take
 //! `now` and do no I/O, unit-tested below; the actor is their shell.
 
-use crate::config::{ClusterConfig, ConfigError};
+use crate::config::{ClusterConfig, ConfigError, NodeIdentity};
 use actix::prelude::*;
 use actix_web::web::Bytes;
 use bytestring::ByteString;
@@ -906,13 +906,6 @@ struct Inbound {
     entries: Vec<InEntry>,
 }
 
-/// The node's name (presence, logs) and its origin id on the stream.
-#[derive(Debug, Clone)]
-struct NodeName {
-    name: String,
-    origin: String,
-}
-
 /// After a reconnect: entries up to `top` were in the stream before the
 /// link came back.
 #[derive(Debug, Clone, Copy)]
@@ -939,7 +932,7 @@ impl Keys {
 pub struct ClusterBridge {
     hub: Addr<BroadcastHub>,
     client: redis::Client,
-    node: NodeName,
+    node: NodeIdentity,
     keys: Keys,
     stream_max_len: usize,
     read_batch: usize,
@@ -970,29 +963,17 @@ impl ClusterBridge {
     /// A bridge for `config` that hands remote broadcasts to `hub`. Start it
     /// with `Actor::start`, then install it as the hub's relay
     /// ([`ClusterBridge::start_for`] does both).
-    pub fn new(config: &ClusterConfig, hub: Addr<BroadcastHub>) -> Result<Self, ConfigError> {
+    pub fn new(
+        config: &ClusterConfig,
+        node: NodeIdentity,
+        hub: Addr<BroadcastHub>,
+    ) -> Result<Self, ConfigError> {
         let client =
             redis::Client::open(config.redis_url.as_str()).map_err(|e| ConfigError::Invalid {
                 path: "network.cluster.redis_url".into(),
                 message: format!("is not a Redis URL: {e}"),
             })?;
-        let mut jitter = Jitter::new();
-        let node = match &config.node_id {
-            // A configured name gets a per-start suffix on the stream: a
-            // restarted node starts its sequence again and must not look
-            // like a replay of its past self.
-            Some(name) => NodeName {
-                name: name.clone(),
-                origin: format!("{name}~{:08x}", jitter.next_u64() as u32),
-            },
-            None => {
-                let name = format!("{:016x}", jitter.next_u64());
-                NodeName {
-                    origin: name.clone(),
-                    name,
-                }
-            }
-        };
+        let jitter = Jitter::new();
         let prefix = config.prefix.clone();
         Ok(ClusterBridge {
             hub,
@@ -1030,9 +1011,10 @@ impl ClusterBridge {
     /// as `hub`'s relay.
     pub fn start_for(
         config: &ClusterConfig,
+        node: NodeIdentity,
         hub: Addr<BroadcastHub>,
     ) -> Result<Addr<ClusterBridge>, ConfigError> {
-        let bridge = ClusterBridge::new(config, hub.clone())?.start();
+        let bridge = ClusterBridge::new(config, node, hub.clone())?.start();
         // One message at start-up: do_send is bounded by design.
         hub.do_send(SetRelay(Some(bridge.clone().recipient())));
         Ok(bridge)

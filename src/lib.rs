@@ -7,22 +7,25 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the `network` JSON object, with defaults and validation that
-//!   names the offending path;
+//! - [`config`]: the `network` JSON object, one file per section, with
+//!   defaults and validation that names the offending path; it imports
+//!   nothing else from this crate;
 //! - [`network`]: [`Network`], the handle an app keeps — it starts the actors,
 //!   mounts the routes and shuts down gracefully; [`websocket`]: the `/ws`
 //!   upgrade's plain/protocol choice and its TCP close;
 //! - [`client`], [`upstream`], [`error`]: `HttpClient` (any URL, state per
 //!   origin) and `ApiClient` (one configured upstream), the retry pipeline
 //!   and its typed errors; [`auth`] keeps credentials out of files and logs;
-//! - [`metrics`]: `/metrics` (Prometheus text, collected at scrape time from
-//!   the actors' own counters) and `/ready`; [`status`]: `/status`, the
-//!   same numbers as JSON for the demo's operations panel; [`tls`]: a
-//!   rustls server config from PEM files; [`security`]: the per-IP flood
-//!   and abuse guards; [`assets`]: static files with validators and
-//!   compression; [`alerts`]: rules over the same counters (breaker opened,
-//!   error rate, slow-consumer evictions, connections near the cap), logged
-//!   and POSTed to a webhook through the upstream stack;
+//! - [`ops`]: one snapshot of the node and its three views — `/metrics`
+//!   (Prometheus text, collected at scrape time from the actors' own
+//!   counters), `/status` (the same numbers as JSON for the demo's
+//!   operations panel) and `/ready` — plus the alerts: rules over the same
+//!   snapshot (breaker opened, error rate, slow-consumer evictions,
+//!   connections near the cap), logged and POSTed to a webhook through the
+//!   upstream stack; they read a `Probes` struct, never `Network`;
+//! - [`tls`]: a rustls server config from PEM files; [`security`]: the
+//!   per-IP flood and abuse guards; [`assets`]: static files with
+//!   validators and compression;
 //! - [`cluster`]: `ClusterBridge`, scale-out through Redis
 //!   (`network.cluster`): broadcasts to and from the other nodes on one
 //!   stream, cluster-wide presence; shared rate limits are
@@ -68,7 +71,6 @@
 //! }
 //! ```
 
-pub mod alerts;
 pub mod assets;
 pub mod auth;
 pub mod client;
@@ -77,12 +79,11 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod llm_gateway;
-pub mod metrics;
 pub mod network;
 pub mod openai;
+pub mod ops;
 pub mod security;
 pub mod sse;
-pub mod status;
 pub mod tls;
 pub mod upstream;
 pub mod websocket;

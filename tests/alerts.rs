@@ -18,7 +18,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use fake_upstream::{FakeUpstream, Faults};
 use happynet::actors::{BreakerStateKind, GetBreakerState};
-use happynet::alerts::{AlertEvent, AlertRule, AlertState};
+use happynet::ops::alerts::{AlertEvent, AlertRule, AlertState};
 use happynet::{Config, Network};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -253,13 +253,13 @@ async fn a_flapping_breaker_fires_once_and_resolves_once_at_the_webhook() {
         assert_eq!(body["node"], event.node.as_str());
         assert!(!event.node.is_empty());
         assert_eq!(body["run"], event.run.as_str());
-        assert_eq!(event.run, happynet::alerts::run_id());
+        assert_eq!(event.run, happynet::ops::alerts::run_id());
         assert_eq!(body.as_object().unwrap().len(), 10, "{body}");
     }
     assert_eq!(accepted[0].2["value"], 1.0, "opened once");
     assert_eq!(net.alert_counters().webhook_failed, 0);
     // /metrics says the same, through a real Prometheus text parser.
-    let text = happynet::metrics::render(&net).await.unwrap();
+    let text = happynet::ops::metrics::render(net.probes()).await.unwrap();
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
     let sample = |name: &str, label: (&str, &str)| {
         scrape

@@ -12,9 +12,9 @@
 //!   the hub, a bounded window of eviction counts.
 //! - [`AlertActor`] is its shell: every `network.alerts.interval_ms` it takes
 //!   the same snapshot `/metrics` and `/status` read
-//!   (`crate::metrics::snapshot`), feeds it to the rules, logs each event
+//!   ([`super::snapshot`]), feeds it to the rules, logs each event
 //!   (`warn` firing, `info` resolved), appends it to the history behind
-//!   [`crate::Network::recent_alerts`] and queues it for the webhook.
+//!   `Network::recent_alerts` and queues it for the webhook.
 //! - The webhook is an upstream like the API clients (pool, breaker,
 //!   limiter, retries with backoff and jitter, deadline), started on the
 //!   upstream arbiter. Events wait in a queue of at most [`WEBHOOK_QUEUE`];
@@ -31,9 +31,11 @@
 //!
 //! `id` numbers the events of one process from 1; a restart starts again
 //! at 1, and every node of a cluster counts on its own. Each event therefore
-//! also carries its `node` (`network.cluster.node_id` when set, else the
-//! `HOSTNAME` environment variable, else `happynet`) and its `run` (random
-//! hex drawn once per process start). A receiver dedupes retried POSTs on
+//! also carries its `node` — the node's one name,
+//! [`NodeIdentity`](crate::config::NodeIdentity), the same `/status` shows as
+//! `cluster.node`: `network.cluster.node_id` when set, else with a cluster
+//! the bridge's random name, else the `HOSTNAME` environment variable, else
+//! `happynet` — and its `run` (random hex drawn once per process start). A receiver dedupes retried POSTs on
 //! (`node`, `run`, `id`).
 //!
 //! # No flapping
@@ -53,10 +55,10 @@
 //! | `slow_consumer_evictions` | `hub` | ≥ `per_minute` slow consumers evicted in the last minute | fewer |
 //! | `connections_near_max` | `websocket` | open WebSockets ≥ `ratio × max_connections` | fewer |
 
+use super::snapshot::Snapshot;
+use super::Probes;
 use crate::client::{ApiClient, Upstreams};
-use crate::config::{AlertRulesConfig, AlertsConfig, ConfigError, NetworkConfig};
-use crate::metrics::Snapshot;
-use crate::network::WeakNetwork;
+use crate::config::{AlertRulesConfig, AlertsConfig, ConfigError, NetworkConfig, EVICTIONS_WINDOW};
 use actix::prelude::*;
 use happynet_actors::{BreakerSnapshot, BreakerStateKind};
 use serde::Serialize;
@@ -64,12 +66,8 @@ use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// The window of the `slow_consumer_evictions` rule: its threshold is per
-/// minute.
-pub const EVICTIONS_WINDOW: Duration = Duration::from_secs(60);
 
 /// Samples a counter window keeps per window length. Samples closer
 /// together than `window / SAMPLES_PER_WINDOW` are not kept, so a short
@@ -80,10 +78,6 @@ const SAMPLES_PER_WINDOW: u32 = 256;
 /// few events per API client, so this covers a long webhook outage; beyond
 /// it the oldest `firing` is dropped first (see the module docs).
 pub const WEBHOOK_QUEUE: usize = 256;
-
-/// The `node` of events when neither `network.cluster.node_id` nor the
-/// `HOSTNAME` environment variable names one.
-pub const DEFAULT_NODE: &str = "happynet";
 
 /// The subject of the `slow_consumer_evictions` rule.
 pub const HUB_SUBJECT: &str = "hub";
@@ -132,7 +126,7 @@ pub enum AlertState {
 }
 
 /// One firing or resolving of a rule: what is logged, kept in
-/// [`crate::Network::recent_alerts`] and POSTed to the webhook, as this JSON:
+/// `Network::recent_alerts` and POSTed to the webhook, as this JSON:
 ///
 /// ```json
 /// {"id": 1, "node": "web-1", "run": "9f2c4e1a7b3d5f60", "rule": "breaker_open",
@@ -145,12 +139,12 @@ pub enum AlertState {
 /// restarts and nodes.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AlertEvent {
-    /// Numbers the events of one [`crate::Network`] from 1, so a receiver
+    /// Numbers the events of one `Network` from 1, so a receiver
     /// can drop a POST that a retry delivered twice (together with `node`
     /// and `run`).
     pub id: u64,
-    /// The node that made the event: `network.cluster.node_id` when set,
-    /// else the `HOSTNAME` environment variable, else [`DEFAULT_NODE`].
+    /// The node that made the event: its
+    /// [`NodeIdentity`](crate::config::NodeIdentity) name.
     pub node: String,
     /// Random hex drawn once per process start (see [`run_id`]): tells the
     /// events of a restarted node from those of its past self.
@@ -332,8 +326,8 @@ pub struct AlertRules {
 
 impl AlertRules {
     /// Rules as configured in `network.alerts` (already validated), whose
-    /// events name `node` (see [`node_name`]) and this process's
-    /// [`run_id`].
+    /// events name `node` (the [`NodeIdentity`](crate::config::NodeIdentity)
+    /// name) and this process's [`run_id`].
     pub fn new(config: &AlertsConfig, node: impl Into<String>) -> Self {
         AlertRules {
             rules: config.rules.clone(),
@@ -583,11 +577,9 @@ impl AlertRules {
     }
 }
 
-/// The history and counters the [`AlertActor`] writes and the [`Network`]
-/// reads (`recent_alerts`, `alert_counters`), shared without messages so
-/// that reading them never waits for the actor.
-///
-/// [`Network`]: crate::Network
+/// The history and counters the [`AlertActor`] writes and the network and
+/// the views read (`recent_alerts`, `alert_counters`, the snapshot), shared
+/// without messages so that reading them never waits for the actor.
 #[derive(Debug)]
 pub(crate) struct AlertLog {
     capacity: usize,
@@ -747,18 +739,6 @@ struct Webhook {
     queue: WebhookQueue,
 }
 
-/// The `node` of a network's events: `network.cluster.node_id` when set,
-/// else the `HOSTNAME` environment variable (when not empty), else
-/// [`DEFAULT_NODE`].
-pub fn node_name(network: &NetworkConfig) -> String {
-    network
-        .cluster
-        .as_ref()
-        .and_then(|c| c.node_id.clone())
-        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-        .unwrap_or_else(|| DEFAULT_NODE.to_owned())
-}
-
 /// This process's `run`: 16 hex digits drawn on first use and the same for
 /// every later call, so every network of one process shares it.
 pub fn run_id() -> &'static str {
@@ -773,8 +753,8 @@ pub fn run_id() -> &'static str {
     })
 }
 
-/// Everything [`AlertActor`] needs but the network handle, built by
-/// [`Network::start`](crate::Network::start) before the network exists.
+/// Everything [`AlertActor`] needs but the probes, built by
+/// `Network::start` before the probes exist.
 pub(crate) struct AlertsSetup {
     log: Arc<AlertLog>,
     actor: Option<(AlertRules, Duration, Option<Webhook>)>,
@@ -782,9 +762,13 @@ pub(crate) struct AlertsSetup {
 
 impl AlertsSetup {
     /// Builds the rules, the history and (with a URL) the webhook's
-    /// upstream on the upstream arbiter. With `enabled: false` only the
-    /// (empty) history exists.
-    pub(crate) fn new(network: &NetworkConfig, upstreams: &Upstreams) -> Result<Self, ConfigError> {
+    /// upstream on the upstream arbiter; events name `node`. With
+    /// `enabled: false` only the (empty) history exists.
+    pub(crate) fn new(
+        network: &NetworkConfig,
+        upstreams: &Upstreams,
+        node: &str,
+    ) -> Result<Self, ConfigError> {
         let config = &network.alerts;
         let log = Arc::new(AlertLog::new(config.history));
         if !config.enabled {
@@ -806,7 +790,7 @@ impl AlertsSetup {
             }
             None => None,
         };
-        let rules = AlertRules::new(config, node_name(network));
+        let rules = AlertRules::new(config, node);
         Ok(AlertsSetup {
             log,
             actor: Some((rules, config.interval(), webhook)),
@@ -819,10 +803,10 @@ impl AlertsSetup {
     }
 
     /// Starts the actor on the current arbiter (if alerts are enabled).
-    pub(crate) fn start(self, net: WeakNetwork) {
+    pub(crate) fn start(self, probes: Weak<Probes>) {
         if let Some((rules, interval, webhook)) = self.actor {
             AlertActor {
-                net,
+                probes,
                 rules,
                 interval,
                 webhook,
@@ -851,10 +835,10 @@ fn unix_millis() -> u64 {
 }
 
 /// The shell around [`AlertRules`]; see the module docs. It holds the
-/// network weakly (the network does not hold it at all) and stops when the
-/// network is dropped or shut down.
+/// probes weakly (the network holds them, and does not hold the actor at
+/// all) and stops when the network is dropped or shut down.
 pub struct AlertActor {
-    net: WeakNetwork,
+    probes: Weak<Probes>,
     rules: AlertRules,
     interval: Duration,
     webhook: Option<Webhook>,
@@ -874,11 +858,11 @@ impl Actor for AlertActor {
 
 impl AlertActor {
     fn tick(&mut self, ctx: &mut Context<Self>) {
-        let Some(net) = self.net.upgrade() else {
+        let Some(probes) = self.probes.upgrade() else {
             ctx.stop();
             return;
         };
-        if net.is_shutting_down() {
+        if probes.is_shutting_down() {
             ctx.stop();
             return;
         }
@@ -887,8 +871,8 @@ impl AlertActor {
         }
         self.evaluating = true;
         // The snapshot asks every actor with a deadline of its own
-        // (metrics::SCRAPE_REPLY_TIMEOUT), so this future ends.
-        let look = async move { AlertInput::from_snapshot(&crate::metrics::snapshot(&net).await) };
+        // (snapshot::SCRAPE_REPLY_TIMEOUT), so this future ends.
+        let look = async move { AlertInput::from_snapshot(&super::snapshot::take(&probes).await) };
         ctx.spawn(look.into_actor(self).map(|input, act, ctx| {
             act.evaluating = false;
             act.evaluate(&input, ctx);
@@ -1419,7 +1403,8 @@ mod tests {
         assert_eq!(breaker_only().run, rules.run);
         let with_node = |json: &str| {
             let text = format!(r#"{{"network":{{"cluster":{json}}}}}"#);
-            node_name(&crate::Config::from_json_str(&text).unwrap().network)
+            let config = crate::Config::from_json_str(&text).unwrap();
+            crate::config::NodeIdentity::new(config.network.cluster.as_ref()).name
         };
         assert_eq!(
             with_node(r#"{"redis_url":"redis://127.0.0.1:6379","node_id":"web-1"}"#),
@@ -1428,7 +1413,7 @@ mod tests {
         let fallback = std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| DEFAULT_NODE.to_owned());
+            .unwrap_or_else(|| crate::config::DEFAULT_NODE.to_owned());
         assert_eq!(with_node("null"), fallback);
     }
 
