@@ -85,7 +85,7 @@
 //! `network.security.metrics_tokens` set, `/metrics` needs
 //! `Authorization: Bearer <token>` (Prometheus' `authorization` setting).
 
-use super::alerts::AlertCounters;
+use super::alerts::events::AlertCounters;
 use super::snapshot::{take, Snapshot, UpstreamSnapshot};
 use super::{OpsState, Probes};
 use crate::cluster::ClusterStats;

@@ -28,7 +28,7 @@ use crate::client::Upstreams;
 use crate::cluster::ClusterBridge;
 use crate::security::Security;
 use actix::Addr;
-use alerts::AlertLog;
+use alerts::events::AlertLog;
 use happynet_actors::{BroadcastHub, ConnectionGate};
 use snapshot::SnapshotGate;
 use std::sync::atomic::{AtomicBool, Ordering};

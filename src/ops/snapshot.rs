@@ -19,7 +19,7 @@
 //! hub hears at most one question per view per interval, and no answer is
 //! older than its request. `Network::snapshots_taken` counts them.
 
-use super::alerts::AlertCounters;
+use super::alerts::events::AlertCounters;
 use super::Probes;
 use crate::client::ApiClient;
 use crate::cluster::{ClusterStats, GetClusterStats};
