@@ -960,9 +960,10 @@ pub struct ClusterBridge {
 }
 
 impl ClusterBridge {
-    /// A bridge for `config` that hands remote broadcasts to `hub`. Start it
-    /// with `Actor::start`, then install it as the hub's relay
-    /// ([`ClusterBridge::start_for`] does both).
+    /// A bridge for `config` that hands remote broadcasts to `hub`, for the
+    /// node `node` ([`NodeIdentity::new`], decided once so that the alerts
+    /// name the node as the bridge does). Start it with `Actor::start`, then
+    /// install it as the hub's relay ([`ClusterBridge::start_for`] does both).
     pub fn new(
         config: &ClusterConfig,
         node: NodeIdentity,

@@ -31,7 +31,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn invalid(path: &str, message: impl Into<String>) -> Self {
+    pub(super) fn invalid(path: &str, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             path: path.to_owned(),
             message: message.into(),
@@ -88,7 +88,7 @@ impl<'de> Deserialize<'de> for Seconds {
 
 impl Seconds {
     /// Whole seconds.
-    pub(crate) const fn secs(s: u64) -> Self {
+    pub(super) const fn secs(s: u64) -> Self {
         Seconds(Duration::from_secs(s))
     }
 }
@@ -109,7 +109,7 @@ impl<'de> Deserialize<'de> for Millis {
 
 impl Millis {
     /// Whole milliseconds.
-    pub(crate) const fn ms(ms: u64) -> Self {
+    pub(super) const fn ms(ms: u64) -> Self {
         Millis(Duration::from_millis(ms))
     }
 
@@ -121,7 +121,7 @@ impl Millis {
 
 /// An absolute `http://` or `https://` URL with a host, or an error naming
 /// `path`.
-pub(crate) fn parse_http_url(path: &str, url: &str) -> Result<actix_web::http::Uri, ConfigError> {
+pub(super) fn parse_http_url(path: &str, url: &str) -> Result<actix_web::http::Uri, ConfigError> {
     let uri: actix_web::http::Uri = url
         .parse()
         .map_err(|e| ConfigError::invalid(path, format!("is not a URL: {e}")))?;
@@ -135,7 +135,7 @@ pub(crate) fn parse_http_url(path: &str, url: &str) -> Result<actix_web::http::U
 }
 
 /// Checks every header name and value of a `headers` object.
-pub(crate) fn validate_headers(
+pub(super) fn validate_headers(
     at: &str,
     headers: &BTreeMap<String, String>,
 ) -> Result<(), ConfigError> {
@@ -152,7 +152,7 @@ pub(crate) fn validate_headers(
 }
 
 /// An absolute `http://` or `https://` URL with a host and no query string.
-pub(crate) fn validate_url(path: &str, url: &str) -> Result<(), ConfigError> {
+pub(super) fn validate_url(path: &str, url: &str) -> Result<(), ConfigError> {
     let uri = parse_http_url(path, url)?;
     if uri.query().is_some() {
         return Err(ConfigError::invalid(path, "must not have a query string"));
@@ -161,7 +161,7 @@ pub(crate) fn validate_url(path: &str, url: &str) -> Result<(), ConfigError> {
 }
 
 /// A number from 0 to 1.
-pub(crate) fn fraction(path: &str, value: f64) -> Result<(), ConfigError> {
+pub(super) fn fraction(path: &str, value: f64) -> Result<(), ConfigError> {
     if (0.0..=1.0).contains(&value) {
         Ok(())
     } else {
@@ -173,7 +173,7 @@ pub(crate) fn fraction(path: &str, value: f64) -> Result<(), ConfigError> {
 /// policy in `happynet_actors` is the one judge of its settings, and the
 /// configuration only says where in the JSON they came from. `renames` pairs a
 /// policy field with its config key where the two differ.
-pub(crate) fn policy_error(
+pub(super) fn policy_error(
     at: &str,
     field: &str,
     requirement: String,
@@ -189,7 +189,7 @@ pub(crate) fn policy_error(
 /// Checks a rate limit with the limiter's own constructor ([`Quota::new`]):
 /// `count` per `period` with bursts of `burst`. A bad rate is reported
 /// under `rate_path`, a bad burst under `burst_path`.
-pub(crate) fn validate_quota(
+pub(super) fn validate_quota(
     rate_path: &str,
     burst_path: &str,
     count: f64,
@@ -207,7 +207,7 @@ pub(crate) fn validate_quota(
 }
 
 /// A duration above zero.
-pub(crate) fn positive(path: &str, value: Seconds) -> Result<(), ConfigError> {
+pub(super) fn positive(path: &str, value: Seconds) -> Result<(), ConfigError> {
     if value.0.is_zero() {
         Err(ConfigError::invalid(path, "must be > 0"))
     } else {
@@ -216,7 +216,7 @@ pub(crate) fn positive(path: &str, value: Seconds) -> Result<(), ConfigError> {
 }
 
 /// A count of at least one.
-pub(crate) fn at_least_one(path: &str, value: usize) -> Result<(), ConfigError> {
+pub(super) fn at_least_one(path: &str, value: usize) -> Result<(), ConfigError> {
     if value == 0 {
         Err(ConfigError::invalid(path, "must be >= 1"))
     } else {
@@ -232,7 +232,7 @@ pub(crate) fn at_least_one(path: &str, value: usize) -> Result<(), ConfigError> 
 pub const MAX_UPSTREAM_CONNECTIONS: usize = 1 << 20;
 
 /// A connection or bulkhead count: 1 to [`MAX_UPSTREAM_CONNECTIONS`].
-pub(crate) fn upstream_connections(path: &str, value: usize) -> Result<(), ConfigError> {
+pub(super) fn upstream_connections(path: &str, value: usize) -> Result<(), ConfigError> {
     at_least_one(path, value)?;
     if value > MAX_UPSTREAM_CONNECTIONS {
         return Err(ConfigError::invalid(
