@@ -493,7 +493,11 @@ fn the_seed_loads_unchanged_with_alerts_on_and_the_webhook_off() {
     let alerts = &seed.network.alerts;
     assert!(alerts.enabled);
     assert_eq!(
-        (alerts.interval_ms, alerts.hold_ms, alerts.history),
+        (
+            alerts.interval.as_millis(),
+            alerts.hold.as_millis(),
+            alerts.history
+        ),
         (1000, 60_000, 50)
     );
     assert!(alerts.webhook.url.is_none());
@@ -501,7 +505,7 @@ fn the_seed_loads_unchanged_with_alerts_on_and_the_webhook_off() {
     let r = &alerts.rules;
     assert!(r.breaker_open.enabled && r.upstream_error_rate.enabled);
     assert_eq!(r.upstream_error_rate.threshold, 0.5);
-    assert_eq!(r.upstream_error_rate.window_ms, 60_000);
+    assert_eq!(r.upstream_error_rate.window.as_millis(), 60_000);
     assert_eq!(r.upstream_error_rate.min_calls, 20);
     assert_eq!(r.slow_consumer_evictions.per_minute, 10);
     assert_eq!(r.connections_near_max.ratio, 0.9);

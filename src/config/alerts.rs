@@ -3,7 +3,9 @@
 //! are POSTed to (an upstream like the API clients).
 
 use super::api_clients::{validate_auth, AuthConfig, UpstreamSettings};
-use super::checks::{at_least_one, fraction, parse_http_url, validate_headers, ConfigError};
+use super::checks::{
+    at_least_one, fraction, parse_http_url, validate_headers, ConfigError, Millis,
+};
 use super::NetworkConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -24,13 +26,15 @@ pub struct AlertsConfig {
     /// How often the rules are evaluated, milliseconds: at most 60000 (the
     /// `slow_consumer_evictions` window) and at most
     /// `rules.upstream_error_rate.window_ms`, so that no window stretches to
-    /// the interval. Default 1000.
-    pub interval_ms: u64,
+    /// the interval. Default 1000. JSON key `interval_ms`.
+    #[serde(rename = "interval_ms")]
+    pub interval: Millis,
     /// How long after resolving a rule may not fire again for the same
     /// subject, milliseconds, measured from the resolve even if the condition
     /// came back in between: a flapping condition alerts once per hold, not
-    /// once per flap. 0: no hold. Default 60000.
-    pub hold_ms: u64,
+    /// once per flap. 0: no hold. Default 60000. JSON key `hold_ms`.
+    #[serde(rename = "hold_ms")]
+    pub hold: Millis,
     /// Events kept for `Network::recent_alerts`. Default 50.
     pub history: usize,
     /// Where events are POSTed.
@@ -43,8 +47,8 @@ impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
             enabled: true,
-            interval_ms: 1000,
-            hold_ms: 60_000,
+            interval: Millis::ms(1000),
+            hold: Millis::ms(60_000),
             history: 50,
             webhook: WebhookConfig::default(),
             rules: AlertRulesConfig::default(),
@@ -64,13 +68,16 @@ pub struct WebhookConfig {
     /// The `http://` or `https://` URL events are POSTed to; none (the
     /// default) turns the webhook off.
     pub url: Option<String>,
-    /// Per-attempt timeout, milliseconds. Default 2000.
-    pub timeout_ms: u64,
+    /// Per-attempt timeout, milliseconds. Default 2000. JSON key
+    /// `timeout_ms`.
+    #[serde(rename = "timeout_ms")]
+    pub timeout: Millis,
     /// Retries after the first attempt. Default 3.
     pub retry_attempts: u32,
     /// Overall deadline of one POST, retries included, milliseconds.
-    /// Default: `timeout_ms × (retry_attempts + 1)`.
-    pub deadline_ms: Option<u64>,
+    /// Default: `timeout_ms × (retry_attempts + 1)`. JSON key `deadline_ms`.
+    #[serde(rename = "deadline_ms")]
+    pub deadline: Option<Millis>,
     /// POSTs in flight at once; further events wait in a bounded queue
     /// (`ops::alerts::WEBHOOK_QUEUE`). Default 4.
     pub max_in_flight: usize,
@@ -85,9 +92,9 @@ impl Default for WebhookConfig {
     fn default() -> Self {
         WebhookConfig {
             url: None,
-            timeout_ms: 2000,
+            timeout: Millis::ms(2000),
             retry_attempts: 3,
-            deadline_ms: None,
+            deadline: None,
             max_in_flight: 4,
             headers: BTreeMap::new(),
             auth: None,
@@ -135,18 +142,12 @@ pub struct ErrorRateRule {
     pub enabled: bool,
     /// Failure ratio (0–1) that fires. Default 0.5.
     pub threshold: f64,
-    /// The window, milliseconds. Default 60000.
-    pub window_ms: u64,
+    /// The window, milliseconds. Default 60000. JSON key `window_ms`.
+    #[serde(rename = "window_ms")]
+    pub window: Millis,
     /// Calls the window needs before the ratio means anything; fewer never
     /// fire (and resolve a firing alert). Default 20.
     pub min_calls: u64,
-}
-
-impl ErrorRateRule {
-    /// `window_ms` as a duration.
-    pub fn window(&self) -> Duration {
-        Duration::from_millis(self.window_ms)
-    }
 }
 
 impl Default for ErrorRateRule {
@@ -154,7 +155,7 @@ impl Default for ErrorRateRule {
         ErrorRateRule {
             enabled: true,
             threshold: 0.5,
-            window_ms: 60_000,
+            window: Millis::ms(60_000),
             min_calls: 20,
         }
     }
@@ -204,8 +205,8 @@ impl AlertsConfig {
     /// Checks `network.alerts`; the error names the key's path.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         let path = |key: &str| format!("network.alerts.{key}");
-        millis(&path("interval_ms"), self.interval_ms)?;
-        millis(&path("hold_ms"), self.hold_ms.max(1))?;
+        millis(&path("interval_ms"), self.interval)?;
+        millis(&path("hold_ms"), self.hold.max(Millis::ms(1)))?;
         at_least_one(&path("history"), self.history)?;
         if self.history > MAX_ALERT_HISTORY {
             return Err(ConfigError::invalid(
@@ -217,8 +218,8 @@ impl AlertsConfig {
         if let Some(url) = &w.url {
             validate_webhook_url(&path("webhook.url"), url)?;
         }
-        millis(&path("webhook.timeout_ms"), w.timeout_ms)?;
-        if let Some(d) = w.deadline_ms {
+        millis(&path("webhook.timeout_ms"), w.timeout)?;
+        if let Some(d) = w.deadline {
             millis(&path("webhook.deadline_ms"), d)?;
         }
         at_least_one(&path("webhook.max_in_flight"), w.max_in_flight)?;
@@ -229,20 +230,23 @@ impl AlertsConfig {
         let r = &self.rules.upstream_error_rate;
         let at = "rules.upstream_error_rate";
         fraction(&path(&format!("{at}.threshold")), r.threshold)?;
-        millis(&path(&format!("{at}.window_ms")), r.window_ms)?;
+        millis(&path(&format!("{at}.window_ms")), r.window)?;
         // A window can only be judged as finely as the rules look: with a
         // longer interval it would silently stretch to the interval.
         let evictions_window = EVICTIONS_WINDOW.as_millis();
-        if u128::from(self.interval_ms) > evictions_window {
+        if self.interval.0.as_millis() > evictions_window {
             return Err(ConfigError::invalid(
                 &path("interval_ms"),
                 format!("must be <= {evictions_window} (the slow_consumer_evictions window)"),
             ));
         }
-        if self.interval_ms > r.window_ms {
+        if self.interval > r.window {
             return Err(ConfigError::invalid(
                 &path("interval_ms"),
-                format!("must be <= network.alerts.{at}.window_ms ({})", r.window_ms),
+                format!(
+                    "must be <= network.alerts.{at}.window_ms ({})",
+                    r.window.as_millis()
+                ),
             ));
         }
         if r.min_calls == 0 {
@@ -267,16 +271,6 @@ impl AlertsConfig {
         Ok(())
     }
 
-    /// `interval_ms` as a duration.
-    pub fn interval(&self) -> Duration {
-        Duration::from_millis(self.interval_ms)
-    }
-
-    /// `hold_ms` as a duration.
-    pub fn hold(&self) -> Duration {
-        Duration::from_millis(self.hold_ms)
-    }
-
     /// The webhook's upstream settings: `network.http` for the URL's origin,
     /// with this section's timeout, retries, deadline, bulkhead, headers and
     /// auth. `None` without a URL (or with one `validate` refuses).
@@ -286,12 +280,12 @@ impl AlertsConfig {
         let origin = format!("{}://{}", uri.scheme_str()?, uri.authority()?);
         let mut settings = network.origin(&origin);
         settings.name = WEBHOOK_UPSTREAM.to_owned();
-        let timeout = Duration::from_millis(w.timeout_ms);
+        let timeout = w.timeout.0;
         settings.attempt_timeout = timeout;
         settings.retry_attempts = w.retry_attempts;
-        settings.deadline = w.deadline_ms.map_or_else(
+        settings.deadline = w.deadline.map_or_else(
             || timeout.saturating_mul(w.retry_attempts.saturating_add(1)),
-            Duration::from_millis,
+            |d| d.0,
         );
         settings.max_in_flight = w.max_in_flight;
         // Nothing waits in the bulkhead: the alert actor never has more than
@@ -312,8 +306,8 @@ impl AlertsConfig {
 pub const MAX_ALERT_MILLIS: u64 = 86_400_000;
 
 /// Checks a duration in milliseconds: 1 to [`MAX_ALERT_MILLIS`].
-fn millis(path: &str, value: u64) -> Result<(), ConfigError> {
-    if (1..=MAX_ALERT_MILLIS).contains(&value) {
+fn millis(path: &str, value: Millis) -> Result<(), ConfigError> {
+    if (1..=MAX_ALERT_MILLIS).contains(&value.as_millis()) {
         Ok(())
     } else {
         Err(ConfigError::invalid(

@@ -94,7 +94,7 @@ impl Seconds {
 }
 
 /// A duration written in the JSON as a whole number of milliseconds: the
-/// keys whose names end in `_ms` (`network.cluster`). In Rust it is a
+/// keys whose names end in `_ms` (`network.cluster`, `network.alerts`). In Rust it is a
 /// [`Duration`], as a [`Seconds`] is, so that code never has to remember
 /// which unit a key was written in; the field drops the `_ms` suffix and
 /// the JSON keeps it (`#[serde(rename = "…_ms")]`).

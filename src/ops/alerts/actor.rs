@@ -56,7 +56,7 @@ impl AlertsSetup {
         let rules = AlertRules::new(config, node);
         Ok(AlertsSetup {
             log,
-            actor: Some((rules, config.interval(), webhook)),
+            actor: Some((rules, config.interval.0, webhook)),
         })
     }
 

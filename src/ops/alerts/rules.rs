@@ -165,7 +165,7 @@ impl AlertRules {
     pub fn new(config: &AlertsConfig, node: impl Into<String>) -> Self {
         AlertRules {
             rules: config.rules.clone(),
-            hold: config.hold(),
+            hold: config.hold.0,
             states: HashMap::new(),
             opened: HashMap::new(),
             error_windows: HashMap::new(),
@@ -275,7 +275,7 @@ impl AlertRules {
         let window = self
             .error_windows
             .entry(name.to_owned())
-            .or_insert_with(|| CounterWindow::new(rule.window()));
+            .or_insert_with(|| CounterWindow::new(rule.window.0));
         // A call the open breaker refuses is a request that failed, and
         // while it is open there are no admitted calls at all: without the
         // refusals the window would fall below `min_calls` and resolve the
@@ -295,7 +295,7 @@ impl AlertRules {
             (failures as f64 / calls as f64).min(1.0)
         };
         let holds = calls >= rule.min_calls && ratio >= rule.threshold;
-        let secs = rule.window().as_secs_f64();
+        let secs = rule.window.0.as_secs_f64();
         let message = format!(
             "upstream {name}: {failures} of {calls} calls failed or were refused by the breaker in the last {secs}s ({:.0}%; alert at {:.0}% with at least {} calls)",
             ratio * 100.0,
