@@ -8,7 +8,7 @@
 //!
 //! | guard | where | answer |
 //! |---|---|---|
-//! | open TCP connections per IP | [`Network::on_connect`](crate::Network::on_connect) | a raw `429`, connection shut |
+//! | open TCP connections per IP | `Network::on_connect` | a raw `429`, connection shut |
 //! | new upgrades per second per IP (GCRA) | `GET /ws` | `429` + `Retry-After` |
 //! | `Origin` allow-list | `GET /ws` | `403` |
 //! | token | `GET /ws` | `401` (`400` for a token offered as a subprotocol without `happynet`) |

@@ -1,4 +1,4 @@
-//! `GET /metrics`: the node's [`Snapshot`] in the Prometheus text format,
+//! `GET /metrics`: the node's `Snapshot` in the Prometheus text format,
 //! mounted by `Network::configure`.
 //!
 //! Metrics are **collected at scrape time**. The actors already keep
@@ -80,7 +80,7 @@
 //!
 //! # Floods
 //!
-//! Scrapes share snapshots through the [`SnapshotGate`](super::snapshot::SnapshotGate)
+//! Scrapes share snapshots through the `SnapshotGate`
 //! of [`OpsState`] (see [`super::snapshot`], "Floods"). With
 //! `network.security.metrics_tokens` set, `/metrics` needs
 //! `Authorization: Bearer <token>` (Prometheus' `authorization` setting).

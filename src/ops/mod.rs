@@ -3,13 +3,13 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | [`snapshot`] | [`Snapshot`](snapshot::Snapshot): one look at every actor's counters, asked for at once with a deadline each; and the [`SnapshotGate`](snapshot::SnapshotGate) that spaces looks out under a flood |
+//! | [`snapshot`] | `Snapshot`: one look at every actor's counters, asked for at once with a deadline each; and the `SnapshotGate` that spaces looks out under a flood |
 //! | [`metrics`] | `GET /metrics`: the snapshot in the Prometheus text format (the family table is there) |
 //! | [`status`] | `GET /status`: the snapshot as one JSON document for people (the schema is there) |
 //! | [`readiness`] | `GET /ready`: whether the node should get traffic |
 //! | [`alerts`] | rules over the same snapshot that fire and resolve, logged and POSTed to a webhook |
 //!
-//! Because `/metrics`, `/status` and the alert rules read one [`Snapshot`](snapshot::Snapshot)
+//! Because `/metrics`, `/status` and the alert rules read one `Snapshot`
 //! type, taken by one function, the three never disagree about the node.
 //!
 //! None of them reads `Network`. Each takes a [`Probes`]: the handles and

@@ -1,18 +1,18 @@
 //! One look at the node, and the gate that spaces looks out.
 //!
-//! [`take`] asks every part that keeps counters for them at once — the hub,
+//! `take` asks every part that keeps counters for them at once — the hub,
 //! each configured API client's pool, breaker and limiter (and reads its
 //! cache and call stats), the cluster bridge, the guards and the alert log —
 //! each question with a deadline of [`SCRAPE_REPLY_TIMEOUT`]. An actor that
 //! does not answer in time (or has stopped) leaves its part `None`: the views
-//! leave it out instead of failing or stalling. The result, a [`Snapshot`],
+//! leave it out instead of failing or stalling. The result, a `Snapshot`,
 //! is what `/metrics`, `/status` and the alert rules all read.
 //!
 //! # Floods
 //!
 //! A look asks the hub and every upstream's actors, so a flood of
 //! `/metrics` (or `/status`) requests must not become a flood of questions
-//! to them. Each of those views goes through a [`SnapshotGate`]: snapshots
+//! to them. Each of those views goes through a `SnapshotGate`: snapshots
 //! are taken one at a time and at least `network.security.snapshot_interval`
 //! apart (default 0.25 s), and every request that arrives before a snapshot
 //! begins is answered with that snapshot. So whatever the request rate, the

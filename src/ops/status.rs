@@ -1,7 +1,7 @@
 //! `GET /status`: the node's state as one JSON document, for people — the
 //! demo's operations panel polls it — rather than for scrapers.
 //!
-//! It is built from the same [`Snapshot`] that `/metrics` exposes and the
+//! It is built from the same `Snapshot` that `/metrics` exposes and the
 //! alert rules read, so the three views never disagree, plus the busiest
 //! rooms (one extra question to the hub) and the newest alert events. An
 //! actor that does not answer within [`SCRAPE_REPLY_TIMEOUT`] turns its

@@ -1,7 +1,7 @@
 //! [`AlertActor`], the shell around the rules: every
 //! `network.alerts.interval_ms` it takes the node's snapshot, feeds it to
 //! [`AlertRules`], logs and records each event and hands it to the
-//! webhook's queue; and [`AlertsSetup`], what `Network::start` builds
+//! webhook's queue; and `AlertsSetup`, what `Network::start` builds
 //! before the actor can start.
 
 use super::events::{AlertEvent, AlertLog, AlertState};

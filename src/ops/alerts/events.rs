@@ -68,13 +68,14 @@ pub struct AlertEvent {
     /// The node that made the event: its
     /// [`NodeIdentity`](crate::config::NodeIdentity) name.
     pub node: String,
-    /// Random hex drawn once per process start (see [`run_id`]): tells the
+    /// Random hex drawn once per process start (see [`run_id`](super::run_id)): tells the
     /// events of a restarted node from those of its past self.
     pub run: String,
     /// The rule.
     pub rule: AlertRule,
     /// What the rule is about: the API client's name for the per-upstream
-    /// rules, [`HUB_SUBJECT`] or [`WEBSOCKET_SUBJECT`] for the others.
+    /// rules, [`HUB_SUBJECT`](super::HUB_SUBJECT) or
+    /// [`WEBSOCKET_SUBJECT`](super::WEBSOCKET_SUBJECT) for the others.
     pub subject: String,
     /// Firing or resolved.
     pub state: AlertState,
@@ -106,7 +107,7 @@ pub struct AlertCounters {
     pub webhook_sent: u64,
     /// Webhook POSTs that failed after their retries.
     pub webhook_failed: u64,
-    /// Events not POSTed because [`WEBHOOK_QUEUE`] events were already
+    /// Events not POSTed because [`WEBHOOK_QUEUE`](super::WEBHOOK_QUEUE) events were already
     /// waiting.
     pub webhook_dropped: u64,
 }
