@@ -599,3 +599,38 @@ fn bad_alert_settings_name_their_path() {
         );
     }
 }
+
+/// A node of a cluster without `node_id` is named once: its alert events
+/// carry the name `/status` shows as `cluster.node` (the bridge's random
+/// one), not the host name. No Redis is needed: nothing listens at the
+/// configured URL, and the bridge answers for its link all the same.
+#[actix_web::test]
+async fn alerts_and_status_name_a_cluster_node_alike() {
+    let nowhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = nowhere.local_addr().unwrap().port();
+    drop(nowhere);
+    let server = support::start(support::config(&format!(
+        r#"{{"network":{{"websocket":{{"max_connections":2}},
+            "cluster":{{"redis_url":"redis://127.0.0.1:{port}/","reconnect_max_ms":100}},
+            "alerts":{{"interval_ms":20,"hold_ms":0,
+                "rules":{{"connections_near_max":{{"ratio":0.5}}}}}}}}}}"#
+    )))
+    .await;
+    let net = server.net.clone();
+    let _client = WsClient::connect(&server, "").await;
+    let event = wait_for("the firing event", || {
+        net.recent_alerts()
+            .into_iter()
+            .find(|e| e.rule == AlertRule::ConnectionsNearMax)
+    })
+    .await;
+    let mut res = awc::Client::new()
+        .get(format!("http://{}/status", server.addr))
+        .send()
+        .await
+        .unwrap();
+    let status: Value = res.json().await.unwrap();
+    let node = status["cluster"]["node"].as_str().unwrap();
+    assert_eq!(event.node, node);
+    assert_eq!(node.len(), 16, "the bridge's random name: {node}");
+}
