@@ -7,42 +7,41 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the `network` JSON object, with defaults and validation that
-//!   names the offending path;
-//! - [`network`]: [`Network`], the handle an app keeps — it starts the actors,
-//!   mounts the routes and shuts down gracefully: the composition root,
-//!   which imports every module and is imported by none;
-//! - [`realtime`]: the `/ws`, `POST /broadcast` and `/health` routes with
-//!   their [`realtime::RealtimeState`], the `/ws` upgrade's plain/protocol
-//!   choice and TCP close ([`realtime::websocket`]), and
-//!   [`realtime::cluster`]: `ClusterBridge`, scale-out through Redis
-//!   (`network.cluster`): broadcasts to and from the other nodes on one
-//!   stream, cluster-wide presence, one file per part (wire format, outbox,
-//!   sequence tracking, link, presence, bridge); shared rate limits are
-//!   `actors::shared_limiter`;
-//! - [`upstream`]: `HttpClient` (any URL, state per origin) and `ApiClient`
-//!   (one configured upstream), in call order: the request and response
-//!   types, the call path (cache, hand-off to the upstream arbiter), the
-//!   retry pipeline, call stats, credentials kept out of files and logs,
-//!   the typed errors and the registry of upstreams;
-//! - [`metrics`]: `/metrics` (Prometheus text, collected at scrape time from
-//!   the actors' own counters) and `/ready`; [`status`]: `/status`, the
-//!   same numbers as JSON for the demo's operations panel; [`tls`]: a
-//!   rustls server config from PEM files; [`security`]: the per-IP flood
-//!   and abuse guards; [`assets`]: static files with validators and
-//!   compression; [`alerts`]: rules over the same counters (breaker opened,
-//!   error rate, slow-consumer evictions, connections near the cap), logged
-//!   and POSTed to a webhook through the upstream stack;
-//! - [`gateway`]: the HTTP faces of the upstream stack (`/proxy/…` and the
-//!   OpenAI-compatible `/v1/…`), the OpenAI chat-completions client and the
-//!   event-stream parser; `json_error`: the `{"error": …}` body every
-//!   route answers with;
-//! - the `happynet-actors` crate (re-exported as [`actors`]): the five actors,
-//!   their messages (the hub's and the sessions' all in
-//!   `actors::messages`) and the plain state machines inside (rooms and their
-//!   quotas, bounded presence frames, eviction policy, GCRA, breaker, keyed
-//!   limiter, backoff and retry budget, the Redis links' reconnect policy,
-//!   balancer, response cache).
+//! `src/` is built in floors: a module uses only modules on floors below
+//! its own, so there is no import cycle (`tests/layering.rs` checks the
+//! code against this table, and that the table and the tree agree). The
+//! `happynet-actors` crate (`actors/`, re-exported as [`actors`]) is below
+//! them all: the five actors, their messages (the hub's and the sessions'
+//! in `actors::messages`) and the plain state machines inside them.
+//!
+//! | floor | modules | what |
+//! |---|---|---|
+//! | 1 | `config`, `json_error` | [`config`]: the `network` JSON object, one file per section, with defaults and validation that names the offending path (each policy checked by its own constructor); `json_error`: the `{"error": …}` body and `Retry-After` every route answers with |
+//! | 2 | `security`, `tls`, `assets` | [`security`]: the per-IP flood and abuse guards, origin and token checks; [`tls`]: a rustls server config from PEM files; [`assets`]: static files with validators and compression |
+//! | 3 | `upstream` | [`upstream`]: `HttpClient` (any URL) and `ApiClient` (one configured upstream), in call order: types, call path (cache, hand-off to the upstream arbiter), retry pipeline, stats, credentials, errors, and the registry of upstreams |
+//! | 4 | `gateway` | [`gateway`]: the upstream stack's HTTP faces, `/proxy/…` and the OpenAI-compatible `/v1/…`, with the OpenAI client and the event-stream parser |
+//! | 5 | `realtime` | [`realtime`]: the `/ws`, `POST /broadcast` and `/health` routes on a [`realtime::RealtimeState`], the upgrade's pieces, and [`realtime::cluster`] (scale-out through Redis: wire format, outbox, sequence tracking, link, presence, bridge) |
+//! | 6 | `ops` | [`ops`]: one snapshot of the node and its three views, `/metrics`, `/status` and `/ready`, plus the alerts; they read a [`ops::Probes`] struct, never `Network` |
+//! | 7 | `network` | [`network`]: [`Network`], the handle an app keeps and the composition root: it starts the actors, builds each floor's state and mounts the routes |
+//! | 8 | `server` | [`server`]: the embedding helper, an `HttpServer` with what the demo has (connect hook, header timeout, shutdown on a signal with 1001) |
+//!
+//! Two walks through it, for a newcomer:
+//! - **A broadcast to a client**: `POST /broadcast` in
+//!   `realtime/routes.rs` (behind the guards of `security.rs`) builds a
+//!   `Broadcast` (`actors/src/messages.rs`) and sends it to the
+//!   `BroadcastHub` (`actors/src/hub.rs`), which charges each member's byte
+//!   budget and sends it a `Deliver`; the `WsSessionActor`
+//!   (`actors/src/session.rs`) writes the frame. With a cluster the hub
+//!   also hands it to `realtime/cluster/bridge.rs`, whose outbox and
+//!   `wire.rs` put it on the Redis stream for the other nodes.
+//! - **An API call**: `ApiClient::get` (`upstream/client.rs`) gives a
+//!   `RequestBuilder` (`upstream/types.rs`); `send` goes through the call
+//!   path (`upstream/call.rs`: cache, hand-off to the arbiter, deadline)
+//!   and the retry pipeline (`upstream/retry.rs`), which asks
+//!   `RateLimiterActor`, `BreakerActor` and `PoolActor` in turn
+//!   (`actors/src/{limiter,breaker,pool}.rs`); the pool's one verdict on
+//!   the answer (`actors/src/verdict.rs`) decides retry, breaker outcome
+//!   and endpoint health; `upstream/stats.rs` counts the call.
 //!
 //! ```text
 //!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► every WsSessionActor in the room
@@ -82,17 +81,15 @@
 //! }
 //! ```
 
-pub mod alerts;
 pub mod assets;
 pub mod config;
 pub mod gateway;
 pub(crate) mod json_error;
-pub mod metrics;
 pub mod network;
+pub mod ops;
 pub mod realtime;
 pub mod security;
 pub mod server;
-pub mod status;
 pub mod tls;
 pub mod upstream;
 

@@ -16,9 +16,9 @@
 //!   `GET /health`: the real-time routes ([`crate::realtime::routes`]),
 //!   with a [`RealtimeState`];
 //! - `GET /ready`: readiness, and `GET /metrics`: Prometheus metrics
-//!   ([`crate::metrics`]);
+//!   ([`crate::ops`]);
 //! - `GET /status`: the same numbers as one JSON document for people
-//!   ([`crate::status`]).
+//!   ([`crate::ops::status`]).
 //!
 //! The flood and abuse guards of `network.security` ([`crate::security`])
 //! sit in front: `on_connect` caps TCP connections per IP, `/ws` checks the
@@ -31,7 +31,8 @@
 //! `HttpServer::client_request_timeout`. `/health`, `/ready` and `/metrics`
 //! are never rate limited.
 
-use crate::config::{ClusterConfig, Config, ConfigError};
+use crate::config::{ClusterConfig, Config, ConfigError, NodeIdentity};
+use crate::ops::{OpsState, Probes};
 use crate::realtime::cluster::{ClusterBridge, Leave};
 use crate::realtime::websocket::PeerSocket;
 use crate::realtime::{routes, RealtimeState};
@@ -60,23 +61,12 @@ struct Inner {
     realtime: web::Data<RealtimeState>,
     upstreams: Arc<Upstreams>,
     security: Security,
-    alerts: Arc<crate::alerts::AlertLog>,
+    alerts: Arc<crate::ops::alerts::AlertLog>,
     /// The cluster bridge, when `network.cluster` is configured.
     cluster: Option<Addr<ClusterBridge>>,
-    /// The snapshot gates of `/metrics` and `/status`.
-    views: crate::metrics::Views,
-}
-
-/// A handle to a [`Network`] that does not keep it alive: what the actors it
-/// starts hold, so that they stop when the last `Network` is dropped.
-#[derive(Clone)]
-pub(crate) struct WeakNetwork(std::sync::Weak<Inner>);
-
-impl WeakNetwork {
-    /// The network, if a `Network` still holds it.
-    pub(crate) fn upgrade(&self) -> Option<Network> {
-        self.0.upgrade().map(|inner| Network { inner })
-    }
+    /// What `/metrics`, `/status`, `/ready` and the alerts read, and the
+    /// snapshot gates of `/metrics` and `/status`.
+    ops: Arc<OpsState>,
 }
 
 impl Network {
@@ -100,7 +90,9 @@ impl Network {
         let ws = &config.network.websocket;
         let hub = BroadcastHub::new(ws.hub_config());
         let hub_epoch = hub.epoch();
-        let alerts = crate::alerts::AlertsSetup::new(&config.network, &upstreams)?;
+        // One name for this node, in the bridge, the alerts and /status.
+        let node = NodeIdentity::new(config.network.cluster.as_ref());
+        let alerts = crate::ops::alerts::AlertsSetup::new(&config.network, &upstreams, &node.name)?;
         let hub = hub.start();
         // With `network.cluster`, the bridge relays local broadcasts to the
         // other nodes and hands theirs to the hub.
@@ -108,16 +100,36 @@ impl Network {
             .network
             .cluster
             .as_ref()
-            .map(|c| ClusterBridge::start_for(c, hub.clone()))
+            .map(|c| ClusterBridge::start_for(c, node, hub.clone()))
             .transpose()?;
         let realtime = web::Data::new(RealtimeState::new(hub, hub_epoch, ws, security.clone()));
+        let probes = Probes {
+            hub: realtime.hub().clone(),
+            started: hub_epoch,
+            gate: realtime.gate(),
+            shutting_down: realtime.shutting_down_flag(),
+            upstreams: upstreams.clone(),
+            security: security.clone(),
+            cluster: cluster.clone(),
+            alerts: alerts.log(),
+            room_names_public: config.network.security.ws_tokens.is_empty(),
+            ready_requires_link: config
+                .network
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.ready_requires_link),
+        };
+        let ops = Arc::new(OpsState::new(
+            probes,
+            config.network.security.snapshot_interval.0,
+        ));
         let inner = Inner {
             realtime,
             cluster,
             upstreams,
             security,
             alerts: alerts.log(),
-            views: crate::metrics::Views::new(config.network.security.snapshot_interval.0),
+            ops,
             config,
         };
         let gateway = &inner.config.network.gateway;
@@ -127,7 +139,7 @@ impl Network {
         let net = Network {
             inner: Arc::new(inner),
         };
-        alerts.start(WeakNetwork(Arc::downgrade(&net.inner)));
+        alerts.start(Arc::downgrade(&net.inner.ops.probes));
         Ok(net)
     }
 
@@ -187,16 +199,15 @@ impl Network {
     /// How many snapshots `/metrics` and `/status` have taken so far: what
     /// their requests have cost the hub, at most one per
     /// `network.security.snapshot_interval` each, however many came.
-    pub fn snapshots_taken(&self) -> crate::metrics::SnapshotsTaken {
-        let views = &self.inner.views;
-        crate::metrics::SnapshotsTaken {
-            metrics: views.metrics.taken(),
-            status: views.status.taken(),
-        }
+    pub fn snapshots_taken(&self) -> crate::ops::SnapshotsTaken {
+        self.inner.ops.snapshots_taken()
     }
 
-    pub(crate) fn views(&self) -> &crate::metrics::Views {
-        &self.inner.views
+    /// What a look at the node reads: pass it to
+    /// [`crate::ops::metrics::render`], [`crate::ops::status::collect`] or
+    /// [`crate::ops::readiness::readiness`].
+    pub fn probes(&self) -> &Probes {
+        self.inner.ops.probes()
     }
 
     /// WebSocket connections open now.
@@ -211,19 +222,19 @@ impl Network {
 
     /// The most recent alert events (`network.alerts`), oldest first and
     /// newest last, at most `network.alerts.history` of them.
-    pub fn recent_alerts(&self) -> Vec<crate::alerts::AlertEvent> {
+    pub fn recent_alerts(&self) -> Vec<crate::ops::alerts::AlertEvent> {
         self.inner.alerts.recent()
     }
 
     /// The newest `n` of [`Network::recent_alerts`], oldest first, copying
     /// only those (what `/status` shows).
-    pub fn recent_alerts_tail(&self, n: usize) -> Vec<crate::alerts::AlertEvent> {
+    pub fn recent_alerts_tail(&self, n: usize) -> Vec<crate::ops::alerts::AlertEvent> {
         self.inner.alerts.recent_tail(n)
     }
 
     /// What the alerts have done so far: events fired and resolved, firings
     /// held back, webhook POSTs sent, failed and dropped.
-    pub fn alert_counters(&self) -> crate::alerts::AlertCounters {
+    pub fn alert_counters(&self) -> crate::ops::alerts::AlertCounters {
         self.inner.alerts.counters()
     }
 
@@ -244,19 +255,20 @@ impl Network {
             // The last `wrap` runs first: the limiter and the cross-site
             // check before the token, so that guessing is rate limited.
             cfg.app_data(web::Data::new(net.clone()))
-                .route("/ready", web::get().to(crate::metrics::ready_route))
+                .app_data(web::Data::from(net.inner.ops.clone()))
+                .route("/ready", web::get().to(crate::ops::readiness::ready_route))
                 .service(
                     web::resource("/metrics")
                         .wrap(security.token_guard(TokenScope::Metrics))
-                        .route(web::get().to(crate::metrics::metrics_route)),
+                        .route(web::get().to(crate::ops::metrics::metrics_route)),
                 )
                 // Behind the per-IP limiter, unlike /metrics: each request
-                // copies the room table (see crate::status).
+                // copies the room table (see crate::ops::status).
                 .service(
                     web::resource("/status")
                         .wrap(security.token_guard(TokenScope::Status))
                         .wrap(security.api_guard())
-                        .route(web::get().to(crate::status::status_route)),
+                        .route(web::get().to(crate::ops::status::status_route)),
                 );
         }
     }

@@ -8,7 +8,7 @@
 //!
 //! | guard | where | answer |
 //! |---|---|---|
-//! | open TCP connections per IP | [`Network::on_connect`](crate::Network::on_connect) | a raw `429`, connection shut |
+//! | open TCP connections per IP | `Network::on_connect` | a raw `429`, connection shut |
 //! | new upgrades per second per IP (GCRA) | `GET /ws` | `429` + `Retry-After` |
 //! | `Origin` allow-list | `GET /ws` | `403` |
 //! | token | `GET /ws` | `401` (`400` for a token offered as a subprotocol without `happynet`) |
@@ -82,7 +82,7 @@
 //! trickles it is not cut off by it. The per-IP TCP connection cap bounds how
 //! many such connections one address can hold.
 
-use crate::config::{ConfigError, SecurityConfig};
+use crate::config::{normalize_origin, ConfigError, IpRange, SecurityConfig};
 use actix::prelude::*;
 use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{
@@ -105,7 +105,7 @@ use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,69 +145,11 @@ const SHRINK_WHEN_SPARSER_THAN: usize = 4;
 // Client addresses
 // ---------------------------------------------------------------------------
 
-/// An address or CIDR range, as written in `exempt_ips`: `10.0.0.0/8`,
-/// `::1`, `fd00::/8`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpRange {
-    /// The first address of the range (host bits cleared).
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpRange {
-    /// Parses `addr` or `addr/prefix`. Host bits past the prefix are ignored.
-    pub fn parse(s: &str) -> Result<IpRange, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("is not an IP address or CIDR range: {s:?}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.trim().parse::<u8>() {
-                Ok(p) if p <= max => p,
-                _ => return Err(format!("has a prefix length outside 0..={max}: {s:?}")),
-            },
-        };
-        Ok(IpRange {
-            addr: mask(addr, prefix),
-            prefix,
-        })
-    }
-
-    /// Whether `ip` is in the range. IPv4-mapped IPv6 addresses count as
-    /// IPv4.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.prefix) == self.addr
-    }
-}
-
-/// `ip` with every bit past `prefix` cleared.
-fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4);
-            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4(Ipv4Addr::from(bits & m))
-        }
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6(Ipv6Addr::from(bits & m))
-        }
-    }
-}
-
 /// What per-IP limits are kept per: the IPv4 address, or the IPv6 /64.
 pub fn limit_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         v4 @ IpAddr::V4(_) => v4,
-        v6 @ IpAddr::V6(_) => mask(v6, IPV6_KEY_PREFIX_LEN),
+        v6 @ IpAddr::V6(_) => IpRange::containing(v6, IPV6_KEY_PREFIX_LEN).first(),
     }
 }
 
@@ -231,63 +173,15 @@ fn forwarded_for(req: &HttpRequest) -> Option<IpAddr> {
 // Tokens and origins
 // ---------------------------------------------------------------------------
 
-/// Whether `c` may appear in an HTTP token (RFC 9110 `tchar`), and so in a
-/// `Sec-WebSocket-Protocol` value.
-fn is_tchar(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
-}
-
-/// Checks a configured WebSocket token: it must be usable in every way a
-/// client may present it, so it is limited to HTTP token characters (hex or
-/// unpadded base64url are fine; `/`, `=` and spaces are not).
-pub fn check_token(token: &str) -> Result<(), String> {
-    if token.is_empty() {
-        return Err("must not be empty".to_owned());
-    }
-    if !token.bytes().all(is_tchar) {
-        return Err(
-            "must consist of letters, digits and !#$%&'*+-.^_`|~ (it must fit in \
-             Sec-WebSocket-Protocol; use hex or unpadded base64url)"
-                .to_owned(),
-        );
-    }
-    Ok(())
-}
-
-/// Compares without an early exit, so response timing does not reveal how
-/// much of a token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// An origin in the form browsers send it: lower-case `scheme://host`, with
-/// `:port` only when it is not the scheme's default. Errors say what is
-/// wrong (for the config path they are reported under).
-pub fn normalize_origin(origin: &str) -> Result<String, String> {
-    let uri: actix_web::http::Uri = origin
-        .trim()
-        .parse()
-        .map_err(|e| format!("is not an origin (scheme://host[:port]): {e}"))?;
-    let (Some(scheme), Some(host)) = (uri.scheme_str(), uri.host()) else {
-        return Err("is not an origin: it needs a scheme and a host (scheme://host[:port])".into());
-    };
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err("is not an origin: it must not have a path or query".into());
-    }
-    let scheme = scheme.to_ascii_lowercase();
-    let host = host.to_ascii_lowercase();
-    let default_port = match scheme.as_str() {
-        "http" | "ws" => Some(80),
-        "https" | "wss" => Some(443),
-        _ => None,
-    };
-    Ok(match uri.port_u16() {
-        Some(port) if Some(port) != default_port => format!("{scheme}://{host}:{port}"),
-        _ => format!("{scheme}://{host}"),
-    })
+/// Whether `a` and `b` are equal, compared in constant time (`subtle`):
+/// response timing must not reveal how much of a token was right. Every
+/// token comparison in the crate goes through this one function.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    // `ct_eq` on slices of different lengths is false at once: a
+    // token's length is no secret worth hiding (tokens are long, random
+    // and of one length per deployment), its bytes are.
+    bool::from(a.ct_eq(b))
 }
 
 #[derive(Deserialize)]
@@ -1731,6 +1625,7 @@ impl Stream for BodyDeadline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -1799,26 +1694,6 @@ mod tests {
     }
 
     #[test]
-    fn ranges_match_their_addresses() {
-        let lo = IpRange::parse("127.0.0.0/8").unwrap();
-        assert!(lo.contains(ip("127.0.0.1")));
-        assert!(lo.contains(ip("127.255.0.9")));
-        assert!(lo.contains(ip("::ffff:127.0.0.2")), "IPv4-mapped");
-        assert!(!lo.contains(ip("128.0.0.1")));
-        assert!(!lo.contains(ip("::1")));
-        let one = IpRange::parse("::1").unwrap();
-        assert!(one.contains(ip("::1")));
-        assert!(!one.contains(ip("::2")));
-        assert!(IpRange::parse("0.0.0.0/0").unwrap().contains(ip("8.8.8.8")));
-        assert!(IpRange::parse("10.0.0.0/33").is_err());
-        assert!(IpRange::parse("example.com").is_err());
-        assert_eq!(
-            IpRange::parse("10.1.2.3/8").unwrap(),
-            IpRange::parse("10.0.0.0/8").unwrap()
-        );
-    }
-
-    #[test]
     fn ipv6_clients_are_keyed_by_their_slash_64() {
         assert_eq!(
             limit_key(ip("2001:db8:1:2:aaaa::1")),
@@ -1833,27 +1708,12 @@ mod tests {
     }
 
     #[test]
-    fn origins_are_normalised_as_browsers_send_them() {
-        assert_eq!(
-            normalize_origin("HTTPS://Example.com:443/").unwrap(),
-            "https://example.com"
-        );
-        assert_eq!(
-            normalize_origin("http://localhost:8080").unwrap(),
-            "http://localhost:8080"
-        );
-        assert!(normalize_origin("https://example.com/path").is_err());
-        assert!(normalize_origin("example.com").is_err());
-        assert!(normalize_origin("null").is_err());
-    }
-
-    #[test]
-    fn tokens_must_fit_in_a_subprotocol() {
-        assert!(check_token("abc-DEF_123.x~").is_ok());
-        assert!(check_token("").is_err());
-        assert!(check_token("has space").is_err());
-        assert!(check_token("base64/with=").is_err());
-        assert!(check_token("a,b").is_err());
+    fn tokens_compare_equal_only_when_every_byte_and_the_length_match() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[test]

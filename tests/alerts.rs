@@ -17,7 +17,7 @@ use actix_web::dev::ServerHandle;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use fake_upstream::{FakeUpstream, Faults};
 use happynet::actors::{BreakerStateKind, GetBreakerStats};
-use happynet::alerts::{AlertEvent, AlertRule, AlertState};
+use happynet::ops::alerts::{AlertEvent, AlertRule, AlertState};
 use happynet::{Config, Network};
 use serde_json::Value;
 use std::io::{Read, Write};
@@ -252,13 +252,13 @@ async fn a_flapping_breaker_fires_once_and_resolves_once_at_the_webhook() {
         assert_eq!(body["node"], event.node.as_str());
         assert!(!event.node.is_empty());
         assert_eq!(body["run"], event.run.as_str());
-        assert_eq!(event.run, happynet::alerts::run_id());
+        assert_eq!(event.run, happynet::ops::alerts::run_id());
         assert_eq!(body.as_object().unwrap().len(), 10, "{body}");
     }
     assert_eq!(accepted[0].2["value"], 1.0, "opened once");
     assert_eq!(net.alert_counters().webhook_failed, 0);
     // /metrics says the same, through a real Prometheus text parser.
-    let text = happynet::metrics::render(&net).await.unwrap();
+    let text = happynet::ops::metrics::render(net.probes()).await.unwrap();
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
     let sample = |name: &str, label: (&str, &str)| {
         scrape
@@ -492,7 +492,11 @@ fn the_seed_loads_unchanged_with_alerts_on_and_the_webhook_off() {
     let alerts = &seed.network.alerts;
     assert!(alerts.enabled);
     assert_eq!(
-        (alerts.interval_ms, alerts.hold_ms, alerts.history),
+        (
+            alerts.interval.as_millis(),
+            alerts.hold.as_millis(),
+            alerts.history
+        ),
         (1000, 60_000, 50)
     );
     assert!(alerts.webhook.url.is_none());
@@ -500,7 +504,7 @@ fn the_seed_loads_unchanged_with_alerts_on_and_the_webhook_off() {
     let r = &alerts.rules;
     assert!(r.breaker_open.enabled && r.upstream_error_rate.enabled);
     assert_eq!(r.upstream_error_rate.threshold, 0.5);
-    assert_eq!(r.upstream_error_rate.window_ms, 60_000);
+    assert_eq!(r.upstream_error_rate.window.as_millis(), 60_000);
     assert_eq!(r.upstream_error_rate.min_calls, 20);
     assert_eq!(r.slow_consumer_evictions.per_minute, 10);
     assert_eq!(r.connections_near_max.ratio, 0.9);
@@ -593,4 +597,39 @@ fn bad_alert_settings_name_their_path() {
             err.path()
         );
     }
+}
+
+/// A node of a cluster without `node_id` is named once: its alert events
+/// carry the name `/status` shows as `cluster.node` (the bridge's random
+/// one), not the host name. No Redis is needed: nothing listens at the
+/// configured URL, and the bridge answers for its link all the same.
+#[actix_web::test]
+async fn alerts_and_status_name_a_cluster_node_alike() {
+    let nowhere = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = nowhere.local_addr().unwrap().port();
+    drop(nowhere);
+    let server = support::start(support::config(&format!(
+        r#"{{"network":{{"websocket":{{"max_connections":2}},
+            "cluster":{{"redis_url":"redis://127.0.0.1:{port}/","reconnect_max_ms":100}},
+            "alerts":{{"interval_ms":20,"hold_ms":0,
+                "rules":{{"connections_near_max":{{"ratio":0.5}}}}}}}}}}"#
+    )))
+    .await;
+    let net = server.net.clone();
+    let _client = WsClient::connect(&server, "").await;
+    let event = wait_for("the firing event", || {
+        net.recent_alerts()
+            .into_iter()
+            .find(|e| e.rule == AlertRule::ConnectionsNearMax)
+    })
+    .await;
+    let mut res = awc::Client::new()
+        .get(format!("http://{}/status", server.addr))
+        .send()
+        .await
+        .unwrap();
+    let status: Value = res.json().await.unwrap();
+    let node = status["cluster"]["node"].as_str().unwrap();
+    assert_eq!(event.node, node);
+    assert_eq!(node.len(), 16, "the bridge's random name: {node}");
 }

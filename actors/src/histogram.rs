@@ -1,6 +1,6 @@
 //! A fixed-bucket latency histogram: what the hub keeps for broadcast
 //! latency and each upstream keeps for call latency, exposed as Prometheus
-//! histograms by `happynet::metrics`.
+//! histograms by `happynet::ops::metrics`.
 //!
 //! It is plain data owned by one actor (or behind one lock), so observing is
 //! a bucket search over a dozen bounds and two additions: no atomics, no

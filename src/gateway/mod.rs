@@ -25,6 +25,7 @@ pub use proxy::{MAX_FORWARDED_HEADER_BYTES, MAX_PROXY_BODY};
 
 use crate::config::GatewayConfig;
 use crate::json_error::{retry_after_secs, ErrorBody};
+use crate::security::constant_time_eq;
 use crate::upstream::{ApiClient, HttpError};
 use actix_web::http::header;
 use actix_web::http::StatusCode;
@@ -119,15 +120,6 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: &web::Data<GatewayState>) 
     v1::configure(cfg, state.max_body_bytes);
 }
 
-/// Compares without an early exit, so response timing does not reveal how
-/// much of a token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The HTTP answer for a failed upstream call: an error status the upstream
 /// sent is passed on as it came ([`proxy`]'s relay); any other failure is
 /// a status of its own (the table in [`proxy`]) with
@@ -165,17 +157,4 @@ pub fn error_response(e: &HttpError) -> HttpResponse {
             )
             .into_value(),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_comparison_is_exact() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-        assert!(!constant_time_eq(b"", b"a"));
-    }
 }

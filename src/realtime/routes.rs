@@ -48,7 +48,8 @@ pub struct RealtimeState {
     session_config: Arc<SessionConfig>,
     gate: Arc<ConnectionGate>,
     next_session: AtomicU64,
-    shutting_down: AtomicBool,
+    /// Shared with the readiness probe (`/ready` answers 503 once set).
+    shutting_down: Arc<AtomicBool>,
     default_room: RoomName,
     security: Security,
 }
@@ -68,10 +69,20 @@ impl RealtimeState {
             session_config: Arc::new(ws.session_config()),
             gate: ConnectionGate::new(ws.max_connections),
             next_session: AtomicU64::new(1),
-            shutting_down: AtomicBool::new(false),
+            shutting_down: Arc::new(AtomicBool::new(false)),
             default_room: ws.default_room(),
             security,
         }
+    }
+
+    /// The WebSocket connection gate (`max_connections`).
+    pub(crate) fn gate(&self) -> Arc<ConnectionGate> {
+        self.gate.clone()
+    }
+
+    /// The flag [`RealtimeState::begin_shutdown`] sets, for readers elsewhere.
+    pub(crate) fn shutting_down_flag(&self) -> Arc<AtomicBool> {
+        self.shutting_down.clone()
     }
 
     /// The hub's address.

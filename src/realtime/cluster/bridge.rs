@@ -8,7 +8,7 @@ use super::outbox::{OutEntry, Outbox, Pushed};
 use super::presence::{presence_fields, sum_presence, MAX_PRESENCE_NODES, PRESENCE_TTL_INTERVALS};
 use super::sequence::{Seen, SeqTracker, MAX_ORIGINS, ORIGIN_TTL};
 use super::wire::{add_xadd, decode_read_reply, decode_top_id, InEntry, StreamId};
-use crate::config::{ClusterConfig, ConfigError};
+use crate::config::{ClusterConfig, ConfigError, NodeIdentity};
 use actix::prelude::*;
 use happynet_actors::backoff::Jitter;
 use happynet_actors::{
@@ -125,13 +125,6 @@ struct Inbound {
     entries: Vec<InEntry>,
 }
 
-/// The node's name (presence, logs) and its origin id on the stream.
-#[derive(Debug, Clone)]
-struct NodeName {
-    name: String,
-    origin: String,
-}
-
 /// After a reconnect: entries up to `top` were in the stream before the
 /// link came back.
 #[derive(Debug, Clone, Copy)]
@@ -158,7 +151,7 @@ impl Keys {
 pub struct ClusterBridge {
     hub: Addr<BroadcastHub>,
     client: redis::Client,
-    node: NodeName,
+    node: NodeIdentity,
     keys: Keys,
     stream_max_len: usize,
     read_batch: usize,
@@ -186,32 +179,21 @@ pub struct ClusterBridge {
 }
 
 impl ClusterBridge {
-    /// A bridge for `config` that hands remote broadcasts to `hub`. Start it
-    /// with `Actor::start`, then install it as the hub's relay
-    /// ([`ClusterBridge::start_for`] does both).
-    pub fn new(config: &ClusterConfig, hub: Addr<BroadcastHub>) -> Result<Self, ConfigError> {
+    /// A bridge for `config` that hands remote broadcasts to `hub`, for the
+    /// node `node` ([`NodeIdentity::new`], decided once so that the alerts
+    /// name the node as the bridge does). Start it with `Actor::start`, then
+    /// install it as the hub's relay ([`ClusterBridge::start_for`] does both).
+    pub fn new(
+        config: &ClusterConfig,
+        node: NodeIdentity,
+        hub: Addr<BroadcastHub>,
+    ) -> Result<Self, ConfigError> {
         let client =
             redis::Client::open(config.redis_url.as_str()).map_err(|e| ConfigError::Invalid {
                 path: "network.cluster.redis_url".into(),
                 message: format!("is not a Redis URL: {e}"),
             })?;
-        let mut jitter = Jitter::new();
-        let node = match &config.node_id {
-            // A configured name gets a per-start suffix on the stream: a
-            // restarted node starts its sequence again and must not look
-            // like a replay of its past self.
-            Some(name) => NodeName {
-                name: name.clone(),
-                origin: format!("{name}~{:08x}", jitter.next_u64() as u32),
-            },
-            None => {
-                let name = format!("{:016x}", jitter.next_u64());
-                NodeName {
-                    origin: name.clone(),
-                    name,
-                }
-            }
-        };
+        let jitter = Jitter::new();
         let prefix = config.prefix.clone();
         Ok(ClusterBridge {
             hub,
@@ -223,11 +205,8 @@ impl ClusterBridge {
             },
             stream_max_len: config.stream_max_len,
             read_batch: config.read_batch,
-            presence_interval: Duration::from_millis(config.presence_interval_ms),
-            link: LinkState::new(
-                Duration::from_millis(config.reconnect_min_ms),
-                Duration::from_millis(config.reconnect_max_ms),
-            ),
+            presence_interval: config.presence_interval.0,
+            link: LinkState::new(config.reconnect_min.0, config.reconnect_max.0),
             jitter,
             generation: 0,
             publisher: None,
@@ -252,9 +231,10 @@ impl ClusterBridge {
     /// as `hub`'s relay.
     pub fn start_for(
         config: &ClusterConfig,
+        node: NodeIdentity,
         hub: Addr<BroadcastHub>,
     ) -> Result<Addr<ClusterBridge>, ConfigError> {
-        let bridge = ClusterBridge::new(config, hub.clone())?.start();
+        let bridge = ClusterBridge::new(config, node, hub.clone())?.start();
         // One message at start-up: do_send is bounded by design.
         hub.do_send(SetRelay(Some(bridge.clone().recipient())));
         Ok(bridge)

@@ -1,8 +1,8 @@
-//! What an operator watches: `GET /metrics` (Prometheus text format) and
-//! `GET /ready` (readiness), both mounted by [`Network::configure`].
+//! `GET /metrics`: the node's `Snapshot` in the Prometheus text format,
+//! mounted by `Network::configure`.
 //!
 //! Metrics are **collected at scrape time**. The actors already keep
-//! counters for their own status messages (`GetStats`, `GetPoolStats`,
+//! counters for their own status messages (`GetHubStats`, `GetPoolStats`,
 //! `GetBreakerStats`, `GetLimiterStats`), the cache and the security guards
 //! keep theirs in plain fields and atomics, and each `Upstream` counts its
 //! calls in a [`CallStats`] behind an uncontended lock, so a scrape asks
@@ -19,7 +19,8 @@
 //!
 //! A fresh registry per scrape means a counter starts at 0, so
 //! `inc_by(total)` exposes the actor's running total; gauges are `set`.
-//! Every question to an actor is a `send(..).timeout(`[`SCRAPE_REPLY_TIMEOUT`]`)`:
+//! Every question to an actor is a `send(..).timeout(`[`SCRAPE_REPLY_TIMEOUT`](super::snapshot::SCRAPE_REPLY_TIMEOUT)`)`
+//! ([`super::snapshot`]):
 //! an actor that does not answer in time (or has stopped) makes its families
 //! disappear from that scrape instead of failing or stalling it.
 //!
@@ -79,52 +80,28 @@
 //!
 //! # Floods
 //!
-//! A scrape asks the hub and every upstream's actors, so a flood of
-//! `/metrics` (or `/status`) requests must not become a flood of questions
-//! to them. Each view goes through a [`SnapshotGate`]: snapshots are taken
-//! one at a time and at least `network.security.snapshot_interval` apart
-//! (default 0.25 s), and every request that arrives before a snapshot
-//! begins is answered with that snapshot. So whatever the request rate, the
-//! hub hears at most one question per view per interval, and no answer is
-//! older than its request. [`Network::snapshots_taken`] counts them. With
+//! Scrapes share snapshots through the `SnapshotGate`
+//! of [`OpsState`] (see [`super::snapshot`], "Floods"). With
 //! `network.security.metrics_tokens` set, `/metrics` needs
 //! `Authorization: Bearer <token>` (Prometheus' `authorization` setting).
 
-use crate::alerts::AlertCounters;
-use crate::cluster::{ClusterStats, GetClusterStats};
-use crate::network::Network;
+use super::alerts::events::AlertCounters;
+use super::snapshot::{take, Snapshot, UpstreamSnapshot};
+use super::{OpsState, Probes};
+use crate::realtime::cluster::ClusterStats;
 use crate::security::SecurityStats;
-use crate::upstream::ApiClient;
-use crate::upstream::{CacheStats, CallStats};
-use actix::MailboxError;
+use crate::upstream::CacheStats;
+use crate::upstream::CallStats;
 use actix_web::{web, HttpResponse};
-use futures::future::join_all;
-use happynet_actors::pool::{GetPoolStats, PoolStats};
+use happynet_actors::pool::PoolStats;
 use happynet_actors::single_flight::FlightCounters;
-use happynet_actors::{
-    BreakerStateKind, BreakerStats, GetBreakerStats, GetHubStats as GetStats, GetLimiterStats,
-    Histogram, HubStats, LimiterStats,
-};
+use happynet_actors::{BreakerStateKind, BreakerStats, Histogram, HubStats, LimiterStats};
 use prometheus_client::encoding::{prometheus_text, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use serde_json::json;
-use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-use tokio::time::Instant;
-
-/// How long a scrape waits for each actor's snapshot. Short, because a
-/// Prometheus scrape has its own timeout (10 s by default) and one stuck
-/// actor must not cost the others' numbers.
-pub const SCRAPE_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// How long `/ready` waits for the hub. A hub that cannot answer a status
-/// message this fast cannot serve clients either.
-pub const READY_REPLY_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The `Content-Type` of `/metrics`: the Prometheus text format 0.0.4.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -142,196 +119,6 @@ const BREAKER_STATES: [(BreakerStateKind, &str); 3] = [
     (BreakerStateKind::Open, "open"),
     (BreakerStateKind::HalfOpen, "half_open"),
 ];
-
-/// Everything one scrape learned; a `None` is an actor that did not answer.
-/// Also what the alert rules and the `/status` page read, so that the three
-/// views of the node never disagree.
-pub(crate) struct Snapshot {
-    pub(crate) shutting_down: bool,
-    pub(crate) connections: usize,
-    pub(crate) max_connections: usize,
-    pub(crate) hub: Option<HubStats>,
-    pub(crate) upstreams: Vec<UpstreamSnapshot>,
-    pub(crate) security: SecurityStats,
-    /// What the alert rules and their webhook have done.
-    pub(crate) alerts: AlertCounters,
-    /// The cluster bridge's counters; `None` on a single node (or when the
-    /// bridge did not answer).
-    pub(crate) cluster: Option<ClusterStats>,
-}
-
-/// What one API client's actors and cache reported.
-pub(crate) struct UpstreamSnapshot {
-    pub(crate) name: String,
-    pub(crate) endpoints: Vec<String>,
-    pub(crate) pool: Option<PoolStats>,
-    pub(crate) breaker: Option<BreakerStats>,
-    pub(crate) limiter: Option<LimiterStats>,
-    /// The cache's counters, collapsed calls, entries and bytes.
-    pub(crate) cache: Option<CacheStats>,
-    /// What the cache's single-flight did; `None` without a cache.
-    pub(crate) flights: Option<FlightCounters>,
-    /// What the calls did; kept by the `Upstream` itself, so always there.
-    pub(crate) calls: CallStats,
-}
-
-/// Logs a status request that went unanswered and turns it into `None`.
-fn answered<T>(what: &str, reply: Result<T, MailboxError>) -> Option<T> {
-    match reply {
-        Ok(v) => Some(v),
-        Err(e) => {
-            log::warn!("metrics: {what} did not answer: {e}; its families are left out");
-            None
-        }
-    }
-}
-
-async fn upstream_snapshot(client: ApiClient) -> UpstreamSnapshot {
-    let up = client.upstream();
-    let name = client.name().to_owned();
-    // Request/response with a deadline (STYLE 4): the pool, breaker and
-    // limiter run on the upstream arbiter; all three are asked at once.
-    let (pool, breaker, limiter) = futures::join!(
-        up.pool().send(GetPoolStats).timeout(SCRAPE_REPLY_TIMEOUT),
-        up.breaker()
-            .send(GetBreakerStats)
-            .timeout(SCRAPE_REPLY_TIMEOUT),
-        up.limiter()
-            .send(GetLimiterStats)
-            .timeout(SCRAPE_REPLY_TIMEOUT),
-    );
-    UpstreamSnapshot {
-        pool: answered(&format!("{name}: pool"), pool),
-        breaker: answered(&format!("{name}: breaker"), breaker),
-        limiter: answered(&format!("{name}: limiter"), limiter),
-        cache: up.cache_stats(),
-        flights: up.flight_stats(),
-        calls: up.call_stats(),
-        endpoints: up.settings().endpoints.clone(),
-        name,
-    }
-}
-
-pub(crate) async fn snapshot(net: &Network) -> Snapshot {
-    let hub = net.hub().send(GetStats).timeout(SCRAPE_REPLY_TIMEOUT);
-    let upstreams = join_all(net.api_clients().into_iter().map(upstream_snapshot));
-    let cluster = async {
-        match net.cluster() {
-            Some(bridge) => answered(
-                "cluster bridge",
-                bridge
-                    .send(GetClusterStats)
-                    .timeout(SCRAPE_REPLY_TIMEOUT)
-                    .await,
-            ),
-            None => None,
-        }
-    };
-    let (hub, upstreams, cluster) = futures::join!(hub, upstreams, cluster);
-    Snapshot {
-        alerts: net.alert_counters(),
-        cluster,
-        shutting_down: net.is_shutting_down(),
-        connections: net.open_connections(),
-        max_connections: net.config().network.websocket.max_connections,
-        hub: answered("broadcast hub", hub),
-        upstreams,
-        security: net.security().stats(),
-    }
-}
-
-/// Spaces out the snapshots behind one view (`/metrics` or `/status`) and
-/// shares each among the requests waiting for it; see the module docs.
-///
-/// The lock is held while a snapshot is taken, and while waiting for the
-/// interval to pass: requests queue behind it (their number is bounded by
-/// the connections the server admits) and are answered in turn from what
-/// it took. A request that hangs up while it holds the lock drops it, and
-/// the next one takes over.
-#[derive(Debug)]
-pub(crate) struct SnapshotGate<T> {
-    interval: Duration,
-    latest: tokio::sync::Mutex<Option<Taken<T>>>,
-    taken: AtomicU64,
-}
-
-/// A snapshot and when it was begun.
-#[derive(Debug)]
-struct Taken<T> {
-    began: Instant,
-    value: T,
-}
-
-impl<T: Clone> SnapshotGate<T> {
-    /// A gate taking snapshots at least `interval` apart.
-    pub(crate) fn new(interval: Duration) -> Self {
-        SnapshotGate {
-            interval,
-            latest: tokio::sync::Mutex::new(None),
-            taken: AtomicU64::new(0),
-        }
-    }
-
-    /// A snapshot begun after this call, from `take` or shared with the
-    /// other callers that were waiting for the same one.
-    pub(crate) async fn get<F, Fut>(&self, take: F) -> T
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = T>,
-    {
-        let arrived = Instant::now();
-        let mut latest = self.latest.lock().await;
-        if let Some(last) = latest.as_ref() {
-            if last.began >= arrived {
-                return last.value.clone();
-            }
-            tokio::time::sleep_until(last.began + self.interval).await;
-        }
-        let began = Instant::now();
-        self.taken.fetch_add(1, Ordering::Relaxed);
-        let value = take().await;
-        *latest = Some(Taken {
-            began,
-            value: value.clone(),
-        });
-        value
-    }
-
-    /// How many snapshots have been taken.
-    pub(crate) fn taken(&self) -> u64 {
-        self.taken.load(Ordering::Relaxed)
-    }
-}
-
-/// The gates of `/metrics` and `/status`, one per [`Network`].
-#[derive(Debug)]
-pub(crate) struct Views {
-    /// The encoded exposition, or the encoder's error.
-    pub(crate) metrics: SnapshotGate<Result<actix_web::web::Bytes, String>>,
-    /// The `/status` document, serialized.
-    pub(crate) status: SnapshotGate<actix_web::web::Bytes>,
-}
-
-impl Views {
-    /// Gates `snapshot_interval` apart.
-    pub(crate) fn new(snapshot_interval: Duration) -> Self {
-        Views {
-            metrics: SnapshotGate::new(snapshot_interval),
-            status: SnapshotGate::new(snapshot_interval),
-        }
-    }
-}
-
-/// How many snapshots `/metrics` and `/status` have taken: what a flood of
-/// either costs the hub ([`Network::snapshots_taken`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct SnapshotsTaken {
-    /// For `/metrics`.
-    pub metrics: u64,
-    /// For `/status`.
-    pub status: u64,
-}
 
 /// Saturating conversion for gauges, which prometheus-client keeps as `i64`.
 fn gauge_value(v: usize) -> i64 {
@@ -1001,81 +788,16 @@ fn encode(snapshot: &Snapshot) -> Result<String, std::fmt::Error> {
 /// Collects every actor's counters now and renders them in the Prometheus
 /// text format ([`CONTENT_TYPE`]); what `GET /metrics` serves. Never fails
 /// for an actor that does not answer: its families are left out.
-pub async fn render(net: &Network) -> Result<String, std::fmt::Error> {
-    encode(&snapshot(net).await)
-}
-
-/// Why the network is not ready; see [`readiness`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum NotReady {
-    /// [`Network::shutdown`] has been called.
-    ShuttingDown,
-    /// The broadcast hub did not answer within [`READY_REPLY_TIMEOUT`], or
-    /// has stopped.
-    HubUnavailable(String),
-    /// `network.cluster` is configured and the link to Redis is down (or
-    /// the bridge did not answer): broadcasts would not reach the other
-    /// nodes.
-    ClusterLinkDown(String),
-}
-
-impl std::fmt::Display for NotReady {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NotReady::ShuttingDown => f.write_str("shutting down"),
-            NotReady::HubUnavailable(e) => write!(f, "broadcast hub unavailable: {e}"),
-            NotReady::ClusterLinkDown(e) => write!(f, "cluster link down: {e}"),
-        }
-    }
-}
-
-/// Whether the network should get traffic: not shutting down, the hub
-/// answers a status request within [`READY_REPLY_TIMEOUT`], and, with
-/// `network.cluster`, the link to Redis is up.
-pub async fn readiness(net: &Network) -> Result<(), NotReady> {
-    if net.is_shutting_down() {
-        return Err(NotReady::ShuttingDown);
-    }
-    // Request/response with a deadline (STYLE 4): a hub with a backed-up
-    // mailbox is as good as a stopped one for a load balancer's purposes.
-    net.hub()
-        .send(GetStats)
-        .timeout(READY_REPLY_TIMEOUT)
-        .await
-        .map_err(|e| NotReady::HubUnavailable(e.to_string()))?;
-    // With a cluster, the link to Redis must be up, unless the operator
-    // chose not to gate readiness on it.
-    let gate_on_link = net
-        .config()
-        .network
-        .cluster
-        .as_ref()
-        .is_some_and(|c| c.ready_requires_link);
-    if let Some(bridge) = net.cluster().filter(|_| gate_on_link) {
-        let stats = bridge
-            .send(crate::cluster::GetClusterStats)
-            .timeout(READY_REPLY_TIMEOUT)
-            .await
-            .map_err(|e| NotReady::ClusterLinkDown(format!("the bridge did not answer: {e}")))?;
-        if !stats.link_up {
-            return Err(NotReady::ClusterLinkDown(format!(
-                "down for {} ms ({})",
-                stats.link_down_ms,
-                stats.last_error.as_deref().unwrap_or("not connected yet")
-            )));
-        }
-    }
-    Ok(())
+pub async fn render(probes: &Probes) -> Result<String, std::fmt::Error> {
+    encode(&take(probes).await)
 }
 
 /// `GET /metrics`.
-pub(crate) async fn metrics_route(net: web::Data<Network>) -> HttpResponse {
-    let rendered = net
-        .views()
+pub(crate) async fn metrics_route(ops: web::Data<OpsState>) -> HttpResponse {
+    let rendered = ops
         .metrics
         .get(|| async {
-            render(&net)
+            render(&ops.probes)
                 .await
                 .map(actix_web::web::Bytes::from)
                 .map_err(|e| e.to_string())
@@ -1092,82 +814,11 @@ pub(crate) async fn metrics_route(net: web::Data<Network>) -> HttpResponse {
     }
 }
 
-/// `GET /ready`: `200 {"ready": true}` or `503 {"ready": false, "reason": …}`.
-pub(crate) async fn ready_route(net: web::Data<Network>) -> HttpResponse {
-    match readiness(&net).await {
-        Ok(()) => HttpResponse::Ok().json(json!({ "ready": true })),
-        Err(reason) => HttpResponse::ServiceUnavailable()
-            .json(json!({ "ready": false, "reason": reason.to_string() })),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::upstream::CallOutcome;
-
-    const GAP: Duration = Duration::from_millis(250);
-
-    /// A snapshot that takes `d` and reports how many were taken before it.
-    async fn slow_take(gate: &SnapshotGate<u64>, d: Duration) -> u64 {
-        let n = gate.taken();
-        gate.get(|| async move {
-            tokio::time::sleep(d).await;
-            n
-        })
-        .await
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn concurrent_requests_share_one_snapshot_and_the_next_waits_the_gap() {
-        let gate = SnapshotGate::new(GAP);
-        let t0 = Instant::now();
-        // Ten at once: one snapshot, every caller gets it.
-        let got = futures::future::join_all((0..10).map(|_| slow_take(&gate, GAP / 5))).await;
-        assert_eq!(got, vec![0; 10]);
-        assert_eq!(gate.taken(), 1);
-        // The next one arrived after that snapshot began: it gets a fresh
-        // one, but not before the gap since the last began.
-        assert_eq!(slow_take(&gate, Duration::ZERO).await, 1);
-        assert_eq!(gate.taken(), 2);
-        assert!(t0.elapsed() >= GAP, "{:?}", t0.elapsed());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_flood_over_time_takes_one_snapshot_per_gap() {
-        let gate = SnapshotGate::new(GAP);
-        let t0 = Instant::now();
-        // A request every 10 ms for two seconds, each waiting its answer.
-        let requests = (0..200u32).map(|i| {
-            let gate = &gate;
-            async move {
-                tokio::time::sleep(Duration::from_millis(10) * i).await;
-                slow_take(gate, Duration::from_millis(1)).await
-            }
-        });
-        futures::future::join_all(requests).await;
-        let spent = t0.elapsed();
-        let most = 1 + (spent.as_millis() / GAP.as_millis()) as u64;
-        assert!(
-            gate.taken() <= most,
-            "{} snapshots in {spent:?}",
-            gate.taken()
-        );
-        assert!(gate.taken() >= 8, "{} snapshots", gate.taken());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_caller_that_hangs_up_mid_snapshot_frees_the_gate() {
-        let gate = SnapshotGate::new(GAP);
-        // Cut off by its deadline while taking the snapshot: the lock goes
-        // with it, and the next caller takes its own.
-        let cut = tokio::time::timeout(GAP / 10, slow_take(&gate, GAP * 4)).await;
-        assert!(cut.is_err());
-        let t1 = Instant::now();
-        assert_eq!(slow_take(&gate, Duration::ZERO).await, 1);
-        assert_eq!(gate.taken(), 2);
-        assert!(t1.elapsed() < GAP, "it waited {:?}", t1.elapsed());
-    }
+    use std::time::Duration;
 
     fn empty() -> Snapshot {
         Snapshot {

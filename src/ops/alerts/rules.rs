@@ -1,199 +1,27 @@
-//! Alerts (`network.alerts`): rules over the node's own counters that fire
-//! and resolve, are logged, kept in a bounded history and, when a webhook is
-//! configured, POSTed as JSON through the upstream stack.
-//!
-//! The parts, in the workspace's usual shape:
-//!
-//! - [`AlertRules`] is the state machine. It takes `now` and an
-//!   [`AlertInput`] (the counters of one look at the node), does no I/O and
-//!   returns the [`AlertEvent`]s that look produced. It keeps, per rule and
-//!   subject, whether the alert is firing and when it last resolved; per
-//!   upstream, a bounded window of `(time, calls, failures)` samples; for
-//!   the hub, a bounded window of eviction counts.
-//! - [`AlertActor`] is its shell: every `network.alerts.interval_ms` it takes
-//!   the same snapshot `/metrics` and `/status` read
-//!   (`crate::metrics::snapshot`), feeds it to the rules, logs each event
-//!   (`warn` firing, `info` resolved), appends it to the history behind
-//!   [`crate::Network::recent_alerts`] and queues it for the webhook.
-//! - The webhook is an upstream like the API clients (pool, breaker,
-//!   limiter, retries with backoff and jitter, deadline), started on the
-//!   upstream arbiter. Events wait in a queue of at most [`WEBHOOK_QUEUE`];
-//!   a POST is spawned, never awaited by the evaluation, while fewer than
-//!   `webhook.max_in_flight` are out, and each one that ends lets the next
-//!   go. At most one POST per (rule, subject) is out at a time, so a
-//!   `firing` retried with backoff cannot arrive after its own `resolved`.
-//!   Only a full queue drops an event: the oldest `firing` before any
-//!   `resolved` (a lost `resolved` would leave a receiver showing the alert
-//!   firing for ever), counted and logged. A dead webhook costs nothing but
-//!   its own failed POSTs and a bounded queue.
-//!
-//! # Event identity
-//!
-//! `id` numbers the events of one process from 1; a restart starts again
-//! at 1, and every node of a cluster counts on its own. Each event therefore
-//! also carries its `node` (`network.cluster.node_id` when set, else the
-//! `HOSTNAME` environment variable, else `happynet`) and its `run` (random
-//! hex drawn once per process start). A receiver dedupes retried POSTs on
-//! (`node`, `run`, `id`).
-//!
-//! # No flapping
-//!
-//! A rule that resolved cannot fire again for the same subject until
-//! `network.alerts.hold_ms` has passed since it resolved: a breaker that opens
-//! and closes ten times in a minute alerts once and resolves once. A
-//! condition still true when the hold ends fires then. Conditions that come
-//! and go within the hold are counted as `suppressed`.
-//!
-//! # The rules
-//!
-//! | rule | subject | fires when | resolves when |
-//! |---|---|---|---|
-//! | `breaker_open` | API client | its breaker opened since the last look (counted by `BreakerStats::opened`, so an open that closed in between is seen), or it is not closed | it is closed and did not open since the last look |
-//! | `upstream_error_rate` | API client | failures ÷ calls over `window_ms` ≥ `threshold`, with ≥ `min_calls` calls; a call the open breaker refused counts as a failed call | the ratio is below, or calls are too few |
-//! | `slow_consumer_evictions` | `hub` | ≥ `per_minute` slow consumers evicted in the last minute | fewer |
-//! | `connections_near_max` | `websocket` | open WebSockets ≥ `ratio × max_connections` | fewer |
+//! The alert state machine: [`AlertRules`] takes `now` and an
+//! [`AlertInput`] (the counters of one look at the node), does no I/O and
+//! returns the events that look produced; see the [module docs](super).
 
-use crate::config::{AlertRulesConfig, AlertsConfig, ConfigError, NetworkConfig};
-use crate::metrics::Snapshot;
-use crate::network::WeakNetwork;
-use crate::upstream::{ApiClient, Upstreams};
-use actix::prelude::*;
+use super::events::{AlertCounters, AlertEvent, AlertRule, AlertState};
+use crate::config::{AlertRulesConfig, AlertsConfig, EVICTIONS_WINDOW};
+use crate::ops::snapshot::Snapshot;
 use happynet_actors::{BreakerStateKind, BreakerStats};
-use serde::Serialize;
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// The window of the `slow_consumer_evictions` rule: its threshold is per
-/// minute.
-pub const EVICTIONS_WINDOW: Duration = Duration::from_secs(60);
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Samples a counter window keeps per window length. Samples closer
 /// together than `window / SAMPLES_PER_WINDOW` are not kept, so a short
 /// interval with a long window costs the same memory as a long interval.
 const SAMPLES_PER_WINDOW: u32 = 256;
 
-/// Events that may wait for a webhook POST slot. Each look adds at most a
-/// few events per API client, so this covers a long webhook outage; beyond
-/// it the oldest `firing` is dropped first (see the module docs).
-pub const WEBHOOK_QUEUE: usize = 256;
-
-/// The `node` of events when neither `network.cluster.node_id` nor the
-/// `HOSTNAME` environment variable names one.
-pub const DEFAULT_NODE: &str = "happynet";
-
 /// The subject of the `slow_consumer_evictions` rule.
 pub const HUB_SUBJECT: &str = "hub";
 
 /// The subject of the `connections_near_max` rule.
 pub const WEBSOCKET_SUBJECT: &str = "websocket";
-
-/// Which rule an [`AlertEvent`] comes from. Serialized in snake_case, as
-/// named under `network.alerts.rules`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum AlertRule {
-    /// An upstream's circuit breaker opened.
-    BreakerOpen,
-    /// An upstream's failure ratio over the window is at or over the
-    /// threshold.
-    UpstreamErrorRate,
-    /// The hub evicted at least the configured number of slow consumers in
-    /// the last minute.
-    SlowConsumerEvictions,
-    /// Open WebSocket connections are near `websocket.max_connections`.
-    ConnectionsNearMax,
-}
-
-impl AlertRule {
-    /// The rule's name under `network.alerts.rules`.
-    pub fn name(self) -> &'static str {
-        match self {
-            AlertRule::BreakerOpen => "breaker_open",
-            AlertRule::UpstreamErrorRate => "upstream_error_rate",
-            AlertRule::SlowConsumerEvictions => "slow_consumer_evictions",
-            AlertRule::ConnectionsNearMax => "connections_near_max",
-        }
-    }
-}
-
-/// Whether an alert started or ended. Serialized as `"firing"` / `"resolved"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertState {
-    /// The condition holds (and the rule was not in its hold time).
-    Firing,
-    /// The condition no longer holds.
-    Resolved,
-}
-
-/// One firing or resolving of a rule: what is logged, kept in
-/// [`crate::Network::recent_alerts`] and POSTed to the webhook, as this JSON:
-///
-/// ```json
-/// {"id": 1, "node": "web-1", "run": "9f2c4e1a7b3d5f60", "rule": "breaker_open",
-///  "subject": "openai", "state": "firing", "value": 1.0, "threshold": 1.0,
-///  "at": 1700000000000,
-///  "message": "upstream openai: circuit breaker opened (1 time since the last check); it is open"}
-/// ```
-///
-/// A receiver dedupes on (`node`, `run`, `id`): `id` alone repeats across
-/// restarts and nodes.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AlertEvent {
-    /// Numbers the events of one [`crate::Network`] from 1, so a receiver
-    /// can drop a POST that a retry delivered twice (together with `node`
-    /// and `run`).
-    pub id: u64,
-    /// The node that made the event: `network.cluster.node_id` when set,
-    /// else the `HOSTNAME` environment variable, else [`DEFAULT_NODE`].
-    pub node: String,
-    /// Random hex drawn once per process start (see [`run_id`]): tells the
-    /// events of a restarted node from those of its past self.
-    pub run: String,
-    /// The rule.
-    pub rule: AlertRule,
-    /// What the rule is about: the API client's name for the per-upstream
-    /// rules, [`HUB_SUBJECT`] or [`WEBSOCKET_SUBJECT`] for the others.
-    pub subject: String,
-    /// Firing or resolved.
-    pub state: AlertState,
-    /// The measured value that decided the event: times opened since the
-    /// last look (`breaker_open`), the failure ratio, evictions in the last
-    /// minute, open connections.
-    pub value: f64,
-    /// What it was compared with (for `connections_near_max`, in
-    /// connections: `ratio × max_connections`).
-    pub threshold: f64,
-    /// When, in milliseconds since the Unix epoch.
-    pub at: u64,
-    /// A sentence for people.
-    pub message: String,
-}
-
-/// What the alerts have done since the network started, for `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct AlertCounters {
-    /// Looks at the node the rules have judged.
-    pub evaluations: u64,
-    /// Events with state `firing`.
-    pub fired: u64,
-    /// Events with state `resolved`.
-    pub resolved: u64,
-    /// Conditions that came true during their rule's hold and fired no event.
-    pub suppressed: u64,
-    /// Webhook POSTs answered with a success status.
-    pub webhook_sent: u64,
-    /// Webhook POSTs that failed after their retries.
-    pub webhook_failed: u64,
-    /// Events not POSTed because [`WEBHOOK_QUEUE`] events were already
-    /// waiting.
-    pub webhook_dropped: u64,
-}
 
 /// One look at the node: what the rules read.
 #[derive(Debug, Clone, Default)]
@@ -332,12 +160,12 @@ pub struct AlertRules {
 
 impl AlertRules {
     /// Rules as configured in `network.alerts` (already validated), whose
-    /// events name `node` (see [`node_name`]) and this process's
-    /// [`run_id`].
+    /// events name `node` (the [`NodeIdentity`](crate::config::NodeIdentity)
+    /// name) and this process's [`run_id`].
     pub fn new(config: &AlertsConfig, node: impl Into<String>) -> Self {
         AlertRules {
             rules: config.rules.clone(),
-            hold: config.hold(),
+            hold: config.hold.0,
             states: HashMap::new(),
             opened: HashMap::new(),
             error_windows: HashMap::new(),
@@ -447,7 +275,7 @@ impl AlertRules {
         let window = self
             .error_windows
             .entry(name.to_owned())
-            .or_insert_with(|| CounterWindow::new(rule.window()));
+            .or_insert_with(|| CounterWindow::new(rule.window.0));
         // A call the open breaker refuses is a request that failed, and
         // while it is open there are no admitted calls at all: without the
         // refusals the window would fall below `min_calls` and resolve the
@@ -467,7 +295,7 @@ impl AlertRules {
             (failures as f64 / calls as f64).min(1.0)
         };
         let holds = calls >= rule.min_calls && ratio >= rule.threshold;
-        let secs = rule.window().as_secs_f64();
+        let secs = rule.window.0.as_secs_f64();
         let message = format!(
             "upstream {name}: {failures} of {calls} calls failed or were refused by the breaker in the last {secs}s ({:.0}%; alert at {:.0}% with at least {} calls)",
             ratio * 100.0,
@@ -583,182 +411,6 @@ impl AlertRules {
     }
 }
 
-/// The history and counters the [`AlertActor`] writes and the [`Network`]
-/// reads (`recent_alerts`, `alert_counters`), shared without messages so
-/// that reading them never waits for the actor.
-///
-/// [`Network`]: crate::Network
-#[derive(Debug)]
-pub(crate) struct AlertLog {
-    capacity: usize,
-    history: Mutex<VecDeque<AlertEvent>>,
-    evaluations: AtomicU64,
-    fired: AtomicU64,
-    resolved: AtomicU64,
-    suppressed: AtomicU64,
-    webhook_sent: AtomicU64,
-    webhook_failed: AtomicU64,
-    webhook_dropped: AtomicU64,
-}
-
-impl AlertLog {
-    pub(crate) fn new(capacity: usize) -> Self {
-        AlertLog {
-            capacity,
-            history: Mutex::new(VecDeque::with_capacity(capacity.min(64))),
-            evaluations: AtomicU64::new(0),
-            fired: AtomicU64::new(0),
-            resolved: AtomicU64::new(0),
-            suppressed: AtomicU64::new(0),
-            webhook_sent: AtomicU64::new(0),
-            webhook_failed: AtomicU64::new(0),
-            webhook_dropped: AtomicU64::new(0),
-        }
-    }
-
-    /// The kept events, oldest first.
-    pub(crate) fn recent(&self) -> Vec<AlertEvent> {
-        match self.history.lock() {
-            Ok(h) => h.iter().cloned().collect(),
-            Err(poisoned) => poisoned.get_ref().iter().cloned().collect(),
-        }
-    }
-
-    /// The newest `n` kept events, oldest first: what `/status` shows,
-    /// without copying the whole history.
-    pub(crate) fn recent_tail(&self, n: usize) -> Vec<AlertEvent> {
-        let tail =
-            |h: &VecDeque<AlertEvent>| h.iter().skip(h.len().saturating_sub(n)).cloned().collect();
-        match self.history.lock() {
-            Ok(h) => tail(&h),
-            Err(poisoned) => tail(poisoned.get_ref()),
-        }
-    }
-
-    pub(crate) fn counters(&self) -> AlertCounters {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        AlertCounters {
-            evaluations: get(&self.evaluations),
-            fired: get(&self.fired),
-            resolved: get(&self.resolved),
-            suppressed: get(&self.suppressed),
-            webhook_sent: get(&self.webhook_sent),
-            webhook_failed: get(&self.webhook_failed),
-            webhook_dropped: get(&self.webhook_dropped),
-        }
-    }
-
-    fn record(&self, event: AlertEvent) {
-        let mut history = match self.history.lock() {
-            Ok(h) => h,
-            // A panic elsewhere while holding the lock leaves a valid deque.
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        while history.len() >= self.capacity {
-            history.pop_front();
-        }
-        history.push_back(event);
-    }
-
-    fn set_rule_counts(&self, counters: AlertCounters) {
-        self.evaluations
-            .store(counters.evaluations, Ordering::Relaxed);
-        self.fired.store(counters.fired, Ordering::Relaxed);
-        self.resolved.store(counters.resolved, Ordering::Relaxed);
-        self.suppressed
-            .store(counters.suppressed, Ordering::Relaxed);
-    }
-}
-
-/// The events waiting for a webhook POST and the POSTs out: the webhook's
-/// state machine, without I/O. [`AlertActor`] pushes each event, asks
-/// [`WebhookQueue::next`] for what to POST now and reports each POST that
-/// ended with [`WebhookQueue::done`].
-#[derive(Debug)]
-struct WebhookQueue {
-    capacity: usize,
-    max_in_flight: usize,
-    /// Waiting events, oldest first.
-    pending: VecDeque<AlertEvent>,
-    /// The (rule, subject) of every POST out now; one POST per key at most,
-    /// so its length is the number in flight.
-    in_flight: HashSet<(AlertRule, String)>,
-}
-
-impl WebhookQueue {
-    fn new(max_in_flight: usize, capacity: usize) -> Self {
-        WebhookQueue {
-            capacity,
-            max_in_flight,
-            pending: VecDeque::new(),
-            in_flight: HashSet::new(),
-        }
-    }
-
-    /// Queues `event`. When the queue is full, returns the event dropped
-    /// to make room: the oldest `firing` (possibly `event` itself), and only
-    /// when none is waiting, the oldest `resolved`. A lost `firing` means an
-    /// alert never shown; a lost `resolved`, one shown for ever.
-    fn push(&mut self, event: AlertEvent) -> Option<AlertEvent> {
-        let mut dropped = None;
-        if self.pending.len() >= self.capacity {
-            let oldest_firing = self
-                .pending
-                .iter()
-                .position(|e| e.state == AlertState::Firing);
-            dropped = match oldest_firing {
-                Some(i) => self.pending.remove(i),
-                None if event.state == AlertState::Firing => return Some(event),
-                None => self.pending.pop_front(),
-            };
-        }
-        self.pending.push_back(event);
-        dropped
-    }
-
-    /// The event to POST now, if any, counted as in flight: the oldest
-    /// waiting one whose (rule, subject) has no POST out, while fewer than
-    /// `max_in_flight` are out. Events of one key thus go out in order.
-    fn next(&mut self) -> Option<AlertEvent> {
-        if self.in_flight.len() >= self.max_in_flight {
-            return None;
-        }
-        let in_flight = &self.in_flight;
-        let i = self
-            .pending
-            .iter()
-            .position(|e| !in_flight.contains(&(e.rule, e.subject.clone())))?;
-        let event = self.pending.remove(i)?;
-        self.in_flight.insert((event.rule, event.subject.clone()));
-        Some(event)
-    }
-
-    /// The POST for (`rule`, `subject`) ended, delivered or not.
-    fn done(&mut self, rule: AlertRule, subject: &str) {
-        self.in_flight.remove(&(rule, subject.to_owned()));
-    }
-}
-
-/// The webhook's client and its queue.
-struct Webhook {
-    client: ApiClient,
-    /// The URL's path and query, POSTed to on the webhook's origin.
-    path: String,
-    queue: WebhookQueue,
-}
-
-/// The `node` of a network's events: `network.cluster.node_id` when set,
-/// else the `HOSTNAME` environment variable (when not empty), else
-/// [`DEFAULT_NODE`].
-pub fn node_name(network: &NetworkConfig) -> String {
-    network
-        .cluster
-        .as_ref()
-        .and_then(|c| c.node_id.clone())
-        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-        .unwrap_or_else(|| DEFAULT_NODE.to_owned())
-}
-
 /// This process's `run`: 16 hex digits drawn on first use and the same for
 /// every later call, so every network of one process shares it.
 pub fn run_id() -> &'static str {
@@ -771,215 +423,6 @@ pub fn run_id() -> &'static str {
         std::process::id().hash(&mut hasher);
         format!("{:016x}", hasher.finish())
     })
-}
-
-/// Everything [`AlertActor`] needs but the network handle, built by
-/// [`Network::start`](crate::Network::start) before the network exists.
-pub(crate) struct AlertsSetup {
-    log: Arc<AlertLog>,
-    actor: Option<(AlertRules, Duration, Option<Webhook>)>,
-}
-
-impl AlertsSetup {
-    /// Builds the rules, the history and (with a URL) the webhook's
-    /// upstream on the upstream arbiter. With `enabled: false` only the
-    /// (empty) history exists.
-    pub(crate) fn new(network: &NetworkConfig, upstreams: &Upstreams) -> Result<Self, ConfigError> {
-        let config = &network.alerts;
-        let log = Arc::new(AlertLog::new(config.history));
-        if !config.enabled {
-            return Ok(AlertsSetup { log, actor: None });
-        }
-        let webhook = match config.webhook_upstream(network) {
-            Some(settings) => {
-                let invalid = |message: String| ConfigError::Invalid {
-                    path: "network.alerts.webhook".into(),
-                    message,
-                };
-                let path = webhook_path(config.webhook.url.as_deref().unwrap_or("/"));
-                let upstream = upstreams.start_extra(settings).map_err(invalid)?;
-                Some(Webhook {
-                    client: ApiClient::new(upstream),
-                    path,
-                    queue: WebhookQueue::new(config.webhook.max_in_flight, WEBHOOK_QUEUE),
-                })
-            }
-            None => None,
-        };
-        let rules = AlertRules::new(config, node_name(network));
-        Ok(AlertsSetup {
-            log,
-            actor: Some((rules, config.interval(), webhook)),
-        })
-    }
-
-    /// The history and counters, for the network to read.
-    pub(crate) fn log(&self) -> Arc<AlertLog> {
-        self.log.clone()
-    }
-
-    /// Starts the actor on the current arbiter (if alerts are enabled).
-    pub(crate) fn start(self, net: WeakNetwork) {
-        if let Some((rules, interval, webhook)) = self.actor {
-            AlertActor {
-                net,
-                rules,
-                interval,
-                webhook,
-                log: self.log,
-                evaluating: false,
-            }
-            .start();
-        }
-    }
-}
-
-/// The path and query of a validated webhook URL.
-fn webhook_path(url: &str) -> String {
-    url.parse::<actix_web::http::Uri>()
-        .ok()
-        .and_then(|u| u.path_and_query().map(|p| p.as_str().to_owned()))
-        .filter(|p| p.starts_with('/'))
-        .unwrap_or_else(|| "/".to_owned())
-}
-
-/// Milliseconds since the Unix epoch (0 for a clock before 1970).
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// The shell around [`AlertRules`]; see the module docs. It holds the
-/// network weakly (the network does not hold it at all) and stops when the
-/// network is dropped or shut down.
-pub struct AlertActor {
-    net: WeakNetwork,
-    rules: AlertRules,
-    interval: Duration,
-    webhook: Option<Webhook>,
-    log: Arc<AlertLog>,
-    /// A snapshot is being taken: the next tick is skipped rather than
-    /// stacking a second one behind an actor that is slow to answer.
-    evaluating: bool,
-}
-
-impl Actor for AlertActor {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.interval, |act, ctx| act.tick(ctx));
-    }
-}
-
-impl AlertActor {
-    fn tick(&mut self, ctx: &mut Context<Self>) {
-        let Some(net) = self.net.upgrade() else {
-            ctx.stop();
-            return;
-        };
-        if net.is_shutting_down() {
-            ctx.stop();
-            return;
-        }
-        if self.evaluating {
-            return;
-        }
-        self.evaluating = true;
-        // The snapshot asks every actor with a deadline of its own
-        // (metrics::SCRAPE_REPLY_TIMEOUT), so this future ends.
-        let look = async move { AlertInput::from_snapshot(&crate::metrics::snapshot(&net).await) };
-        ctx.spawn(look.into_actor(self).map(|input, act, ctx| {
-            act.evaluating = false;
-            act.evaluate(&input, ctx);
-        }));
-    }
-
-    fn evaluate(&mut self, input: &AlertInput, ctx: &mut Context<Self>) {
-        let now = tokio::time::Instant::now().into_std();
-        let events = self.rules.evaluate(now, unix_millis(), input);
-        for event in events {
-            match event.state {
-                AlertState::Firing => log::warn!(
-                    "alert firing: {} {}: {}",
-                    event.rule.name(),
-                    event.subject,
-                    event.message
-                ),
-                AlertState::Resolved => log::info!(
-                    "alert resolved: {} {}: {}",
-                    event.rule.name(),
-                    event.subject,
-                    event.message
-                ),
-            }
-            self.post(&event);
-            self.log.record(event);
-        }
-        // After the history: whoever sees the count grow sees its events.
-        self.log.set_rule_counts(self.rules.counters());
-        self.pump(ctx);
-    }
-
-    /// Queues the webhook POST of `event` (see [`WebhookQueue::push`]).
-    fn post(&mut self, event: &AlertEvent) {
-        let Some(webhook) = &mut self.webhook else {
-            return;
-        };
-        if let Some(dropped) = webhook.queue.push(event.clone()) {
-            self.log.webhook_dropped.fetch_add(1, Ordering::Relaxed);
-            log::warn!(
-                "alert webhook: {WEBHOOK_QUEUE} events already wait for it; event {} ({} {} {:?}) not sent",
-                dropped.id,
-                dropped.rule.name(),
-                dropped.subject,
-                dropped.state
-            );
-        }
-    }
-
-    /// Spawns the POSTs the queue lets go now; each one that ends calls
-    /// this again.
-    fn pump(&mut self, ctx: &mut Context<Self>) {
-        let Some(webhook) = &mut self.webhook else {
-            return;
-        };
-        while let Some(event) = webhook.queue.next() {
-            // A POST is retried only when the caller says a repeat is
-            // harmless; it is here: the receiver can tell a repeat by the
-            // event's (`node`, `run`, `id`).
-            let request = webhook
-                .client
-                .post(&webhook.path)
-                .json(&event)
-                .retry_non_idempotent();
-            let AlertEvent {
-                id, rule, subject, ..
-            } = event;
-            let send = async move { request.send().await };
-            ctx.spawn(
-                actix::fut::wrap_future::<_, Self>(send).map(move |result, act, ctx| {
-                    if let Some(webhook) = &mut act.webhook {
-                        webhook.queue.done(rule, &subject);
-                    }
-                    match result {
-                        Ok(resp) if resp.status.is_success() => {
-                            act.log.webhook_sent.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(resp) => {
-                            act.log.webhook_failed.fetch_add(1, Ordering::Relaxed);
-                            log::warn!("alert webhook: event {id} answered {}", resp.status);
-                        }
-                        Err(e) => {
-                            act.log.webhook_failed.fetch_add(1, Ordering::Relaxed);
-                            log::warn!("alert webhook: event {id} not delivered: {e}");
-                        }
-                    }
-                    act.pump(ctx);
-                }),
-            );
-        }
-    }
 }
 
 #[cfg(test)]
@@ -1355,58 +798,6 @@ mod tests {
     }
 
     #[test]
-    fn the_event_json_has_the_documented_shape() {
-        let event = AlertEvent {
-            rule: AlertRule::UpstreamErrorRate,
-            subject: "openai".into(),
-            state: AlertState::Resolved,
-            value: 0.25,
-            threshold: 0.5,
-            at: 1_700_000_000_000,
-            message: "m".into(),
-            ..event(7, AlertRule::BreakerOpen, "x", AlertState::Firing)
-        };
-        assert_eq!(
-            serde_json::to_value(&event).unwrap(),
-            serde_json::json!({"id": 7, "node": "n1", "run": "r1",
-                "rule": "upstream_error_rate", "subject": "openai",
-                "state": "resolved", "value": 0.25, "threshold": 0.5,
-                "at": 1_700_000_000_000u64, "message": "m"})
-        );
-    }
-
-    fn event(id: u64, rule: AlertRule, subject: &str, state: AlertState) -> AlertEvent {
-        AlertEvent {
-            id,
-            node: "n1".into(),
-            run: "r1".into(),
-            rule,
-            subject: subject.into(),
-            state,
-            value: 1.0,
-            threshold: 1.0,
-            at: 0,
-            message: String::new(),
-        }
-    }
-
-    fn ids(events: &[AlertEvent]) -> Vec<u64> {
-        events.iter().map(|e| e.id).collect()
-    }
-
-    #[test]
-    fn the_history_keeps_the_newest_and_its_tail_copies_only_the_tail() {
-        let log = AlertLog::new(3);
-        for id in 1..=4 {
-            log.record(event(id, AlertRule::BreakerOpen, "up", AlertState::Firing));
-        }
-        assert_eq!(ids(&log.recent()), [2, 3, 4]);
-        assert_eq!(ids(&log.recent_tail(2)), [3, 4]);
-        assert_eq!(ids(&log.recent_tail(10)), [2, 3, 4]);
-        assert!(log.recent_tail(0).is_empty());
-    }
-
-    #[test]
     fn events_carry_the_node_and_a_run_per_process() {
         let t0 = Instant::now();
         let mut rules = breaker_only();
@@ -1419,7 +810,8 @@ mod tests {
         assert_eq!(breaker_only().run, rules.run);
         let with_node = |json: &str| {
             let text = format!(r#"{{"network":{{"cluster":{json}}}}}"#);
-            node_name(&crate::Config::from_json_str(&text).unwrap().network)
+            let config = crate::Config::from_json_str(&text).unwrap();
+            crate::config::NodeIdentity::new(config.network.cluster.as_ref()).name
         };
         assert_eq!(
             with_node(r#"{"redis_url":"redis://127.0.0.1:6379","node_id":"web-1"}"#),
@@ -1428,87 +820,7 @@ mod tests {
         let fallback = std::env::var("HOSTNAME")
             .ok()
             .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| DEFAULT_NODE.to_owned());
+            .unwrap_or_else(|| crate::config::DEFAULT_NODE.to_owned());
         assert_eq!(with_node("null"), fallback);
-    }
-
-    /// Takes what the queue lets go now.
-    fn drain(queue: &mut WebhookQueue) -> Vec<AlertEvent> {
-        std::iter::from_fn(|| queue.next()).collect()
-    }
-
-    #[test]
-    fn a_burst_beyond_max_in_flight_waits_and_all_of_it_goes_out() {
-        use AlertState::Firing;
-        let mut q = WebhookQueue::new(4, WEBHOOK_QUEUE);
-        for id in 1..=10 {
-            assert!(q
-                .push(event(
-                    id,
-                    AlertRule::BreakerOpen,
-                    &format!("up{id}"),
-                    Firing
-                ))
-                .is_none());
-        }
-        let first = drain(&mut q);
-        assert_eq!(ids(&first), [1, 2, 3, 4]);
-        // Each POST that ends lets one more go.
-        q.done(AlertRule::BreakerOpen, "up2");
-        assert_eq!(ids(&drain(&mut q)), [5]);
-        for e in first.iter().filter(|e| e.id != 2) {
-            q.done(e.rule, &e.subject);
-        }
-        assert_eq!(ids(&drain(&mut q)), [6, 7, 8]);
-        for id in [5, 6, 7, 8] {
-            q.done(AlertRule::BreakerOpen, &format!("up{id}"));
-        }
-        assert_eq!(ids(&drain(&mut q)), [9, 10]);
-        assert!(q.pending.is_empty());
-    }
-
-    #[test]
-    fn one_post_per_rule_and_subject_keeps_their_order() {
-        use AlertState::{Firing, Resolved};
-        let mut q = WebhookQueue::new(4, WEBHOOK_QUEUE);
-        q.push(event(1, AlertRule::BreakerOpen, "a", Firing));
-        q.push(event(2, AlertRule::BreakerOpen, "a", Resolved));
-        q.push(event(3, AlertRule::UpstreamErrorRate, "a", Firing));
-        q.push(event(4, AlertRule::BreakerOpen, "b", Firing));
-        // The resolved of (breaker_open, a) waits behind its firing, which
-        // may be retried with backoff; the others pass it.
-        assert_eq!(ids(&drain(&mut q)), [1, 3, 4]);
-        q.done(AlertRule::BreakerOpen, "b");
-        assert!(drain(&mut q).is_empty());
-        q.done(AlertRule::BreakerOpen, "a");
-        assert_eq!(ids(&drain(&mut q)), [2]);
-    }
-
-    #[test]
-    fn a_full_queue_drops_the_oldest_firing_before_any_resolved() {
-        use AlertState::{Firing, Resolved};
-        let mut q = WebhookQueue::new(1, 3);
-        let rule = AlertRule::BreakerOpen;
-        q.push(event(1, rule, "a", Resolved));
-        q.push(event(2, rule, "b", Firing));
-        q.push(event(3, rule, "c", Firing));
-        let dropped = q.push(event(4, rule, "d", Resolved)).unwrap();
-        assert_eq!(dropped.id, 2);
-        let dropped = q.push(event(5, rule, "e", Resolved)).unwrap();
-        assert_eq!(dropped.id, 3);
-        // Only resolved events wait: a new firing is the one dropped…
-        assert_eq!(q.push(event(6, rule, "f", Firing)).unwrap().id, 6);
-        // …and a new resolved pushes out the oldest resolved.
-        assert_eq!(q.push(event(7, rule, "g", Resolved)).unwrap().id, 1);
-        assert_eq!(
-            ids(&q.pending.iter().cloned().collect::<Vec<_>>()),
-            [4, 5, 7]
-        );
-    }
-
-    #[test]
-    fn the_webhook_path_keeps_the_query() {
-        assert_eq!(webhook_path("http://h:1/hooks/a?k=v"), "/hooks/a?k=v");
-        assert_eq!(webhook_path("http://h:1"), "/");
     }
 }

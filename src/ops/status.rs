@@ -1,15 +1,14 @@
 //! `GET /status`: the node's state as one JSON document, for people — the
 //! demo's operations panel polls it — rather than for scrapers.
 //!
-//! It is built from the same [`crate::metrics`] snapshot that `/metrics`
-//! exposes and the alert rules read, so the three views never disagree,
-//! plus the busiest rooms (one extra question to the hub) and
-//! [`Network::recent_alerts`]. An actor that does not answer within
-//! [`crate::metrics::SCRAPE_REPLY_TIMEOUT`] turns its part into `null`
-//! instead of failing the request.
+//! It is built from the same `Snapshot` that `/metrics` exposes and the
+//! alert rules read, so the three views never disagree, plus the busiest
+//! rooms (one extra question to the hub) and the newest alert events. An
+//! actor that does not answer within [`SCRAPE_REPLY_TIMEOUT`] turns its
+//! part into `null` instead of failing the request.
 //!
 //! Exposure: the same as `/metrics` (mounted beside it by
-//! [`Network::configure`]; with `network.security.status_tokens` set it
+//! `Network::configure`; with `network.security.status_tokens` set it
 //! needs `Authorization: Bearer <token>`) — counters, upstream names and
 //! endpoints, and room names with member counts, which a presence frame
 //! also shows. When `network.security.ws_tokens` is set, presence frames go
@@ -18,7 +17,7 @@
 //! the per-IP request limiter ([`crate::security::Security::api_guard`]),
 //! because each request copies the hub's room table; loopback is exempt by
 //! default. Either way a flood costs the hub at most one snapshot per
-//! `network.security.snapshot_interval` (see [`crate::metrics`], "Floods").
+//! `network.security.snapshot_interval` (see [`super::snapshot`], "Floods").
 //!
 //! # Schema
 //!
@@ -54,21 +53,21 @@
 //!   }],                                // breaker, limiter, pool: null when that actor did not answer
 //!   "security": {"refusals": {"rate_limited": 0, …},  // by Refusal::kind, as in /metrics
 //!                "ips_with_websockets": 1, "ips_with_connections": 2},
-//!   "alerts": [AlertEvent, …],         // newest last, at most 20 (crate::alerts::AlertEvent)
+//!   "alerts": [AlertEvent, …],         // newest last, at most 20 (ops::alerts::AlertEvent)
 //!   "cluster": null | {                // null on a single node (no network.cluster)
 //!     "node": "a1b2…", "link_up": true, "link_down_ms": 0, "last_error": null,
 //!     "published": 10, "received": 20, "skipped_own": 10, "duplicates": 0,
 //!     "lost_outbound": 0, "lost_inbound": 0, "replayed": 0, "malformed": 0,
 //!     "dropped_inbound": 0, "reconnects": 0, "outbox": 0, "peers": 2,
 //!     "remote_sessions": 7
-//!   }                                  // crate::cluster::ClusterStats
+//!   }                                  // crate::realtime::cluster::ClusterStats
 //! }
 //! ```
 
-use crate::alerts::AlertEvent;
-use crate::cluster::ClusterStats;
-use crate::metrics::{snapshot, Snapshot, UpstreamSnapshot, SCRAPE_REPLY_TIMEOUT};
-use crate::network::Network;
+use super::alerts::AlertEvent;
+use super::snapshot::{take, Snapshot, UpstreamSnapshot, SCRAPE_REPLY_TIMEOUT};
+use super::{OpsState, Probes};
+use crate::realtime::cluster::ClusterStats;
 use crate::security::SecurityStats;
 use actix_web::http::header;
 use actix_web::{web, HttpResponse};
@@ -93,9 +92,9 @@ pub const MAX_ALERTS: usize = 20;
 pub struct Status {
     /// When the snapshot was taken, in milliseconds since the Unix epoch.
     pub time_ms: u64,
-    /// Milliseconds since [`Network::start`].
+    /// Milliseconds since `Network::start`.
     pub uptime_ms: u64,
-    /// True once [`Network::shutdown`] has begun.
+    /// True once `Network::shutdown` has begun.
     pub shutting_down: bool,
     /// WebSocket connections open now.
     pub connections: usize,
@@ -254,32 +253,32 @@ pub struct SecurityStatus {
 /// Collects the node's status now: the metrics snapshot, the room
 /// occupancy and the recent alerts, asked for at once. Never fails: a part
 /// whose actor does not answer is `None`.
-pub async fn collect(net: &Network) -> Status {
+pub async fn collect(probes: &Probes) -> Status {
     // Request/response with a deadline (STYLE 4), like the scrape itself.
     // Room names are for the clients allowed in: with WebSocket tokens
     // configured, an unauthenticated /status shows the count, not the names.
-    let names_are_public = net.config().network.security.ws_tokens.is_empty();
     let occupancy = async {
-        if !names_are_public {
+        if !probes.room_names_public {
             return Some(Occupancy::default());
         }
-        net.hub()
+        probes
+            .hub
             .send(GetOccupancy)
             .timeout(SCRAPE_REPLY_TIMEOUT)
             .await
             .map_err(|e| log::warn!("status: the hub's occupancy did not arrive: {e}"))
             .ok()
     };
-    let (snap, occupancy) = futures::join!(snapshot(net), occupancy);
+    let (snap, occupancy) = futures::join!(take(probes), occupancy);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
     build(
         &snap,
         occupancy,
-        net.recent_alerts_tail(MAX_ALERTS),
+        probes.alerts.recent_tail(MAX_ALERTS),
         now,
-        net.uptime(),
+        probes.uptime(),
     )
 }
 
@@ -402,15 +401,14 @@ fn security(s: &SecurityStats) -> SecurityStatus {
 
 /// `GET /status`: `200` with the [`Status`] document, never cached by
 /// the client. The document comes through the network's snapshot gate
-/// (see [`crate::metrics`], "Floods"): taken after the request arrived,
+/// (see [`super::snapshot`], "Floods"): taken after the request arrived,
 /// shared with the requests that arrived with it.
-pub(crate) async fn status_route(net: web::Data<Network>) -> HttpResponse {
-    let body = net
-        .views()
+pub(crate) async fn status_route(ops: web::Data<OpsState>) -> HttpResponse {
+    let body = ops
         .status
         .get(|| async {
             // A `Status` is plain data; serializing it cannot fail.
-            serde_json::to_vec(&collect(&net).await)
+            serde_json::to_vec(&collect(&ops.probes).await)
                 .map(web::Bytes::from)
                 .unwrap_or_default()
         })
@@ -425,7 +423,7 @@ pub(crate) async fn status_route(net: web::Data<Network>) -> HttpResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::alerts::{AlertRule, AlertState};
+    use crate::ops::alerts::{AlertRule, AlertState};
     use happynet_actors::pool::PoolStats;
     use happynet_actors::{BreakerStats, HubStats, LimiterStats};
 
