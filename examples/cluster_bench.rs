@@ -1,6 +1,6 @@
 //! Run with: cargo run --release --example cluster_bench [-- --clients 1000 --rate 50 --seconds 5 --burst 500]
 //!
-//! Scale-out (issue 6): the same number of WebSocket clients served by one
+//! Scale-out: the same number of WebSocket clients served by one
 //! node, then by three nodes sharing broadcasts through Redis, in the same
 //! run. For each it prints:
 //!

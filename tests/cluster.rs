@@ -1,4 +1,4 @@
-//! Scale-out through Redis (issue 6), end to end: real `redis-server`
+//! Scale-out through Redis, end to end: real `redis-server`
 //! processes (one per test, on a free port, so a test can kill and restart
 //! its own), nodes that are whole happynet servers each on its own thread
 //! and actix `System` (so one can be killed without a goodbye), and real

@@ -2,8 +2,7 @@
 //! structs with documented defaults and a `validate()` that names the path of
 //! whatever is wrong.
 //!
-//! The user's seed file (`../shared/config/seed-network.json`, copied to
-//! `tests/fixtures/seed-network.json` and embedded as [`EMBEDDED_DEFAULT`])
+//! The user's seed file (kept as `tests/fixtures/seed-network.json` and embedded as [`EMBEDDED_DEFAULT`])
 //! loads unchanged: its keys keep their meaning
 //! (durations are seconds; `rate_limit` is requests per minute). Every other
 //! key is optional. Unknown keys are rejected, so a typo is an error that

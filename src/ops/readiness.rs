@@ -46,7 +46,7 @@ pub async fn readiness(probes: &Probes) -> Result<(), NotReady> {
     if probes.is_shutting_down() {
         return Err(NotReady::ShuttingDown);
     }
-    // Request/response with a deadline (STYLE 4): a hub with a backed-up
+    // Request/response with a deadline: a hub with a backed-up
     // mailbox is as good as a stopped one for a load balancer's purposes.
     probes
         .hub

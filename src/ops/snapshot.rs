@@ -88,7 +88,7 @@ fn answered<T>(what: &str, reply: Result<T, MailboxError>) -> Option<T> {
 async fn upstream_snapshot(client: ApiClient) -> UpstreamSnapshot {
     let up = client.upstream();
     let name = client.name().to_owned();
-    // Request/response with a deadline (STYLE 4): the pool, breaker and
+    // Request/response with a deadline: the pool, breaker and
     // limiter run on the upstream arbiter; all three are asked at once.
     let (pool, breaker, limiter) = futures::join!(
         up.pool().send(GetPoolStats).timeout(SCRAPE_REPLY_TIMEOUT),

@@ -254,7 +254,7 @@ pub struct SecurityStatus {
 /// occupancy and the recent alerts, asked for at once. Never fails: a part
 /// whose actor does not answer is `None`.
 pub async fn collect(probes: &Probes) -> Status {
-    // Request/response with a deadline (STYLE 4), like the scrape itself.
+    // Request/response with a deadline, like the scrape itself.
     // Room names are for the clients allowed in: with WebSocket tokens
     // configured, an unauthenticated /status shows the count, not the names.
     let occupancy = async {

@@ -204,12 +204,18 @@ async fn ws_route(
             "websocket upgrade refused: {} connections open (max_connections)",
             state.gate.max()
         );
-        return Ok(HttpResponse::ServiceUnavailable()
-            .insert_header((header::RETRY_AFTER, "5"))
-            .json(json!({
-                "error": "too_many_connections",
-                "message": format!("the server holds its maximum of {} WebSocket connections", state.gate.max()),
-            })));
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_connections",
+            &format!(
+                "the server holds its maximum of {} WebSocket connections",
+                state.gate.max()
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        return Ok(response);
     };
     let peer = req.conn_data::<PeerSocket>();
     let socket = peer.map(|p| p.socket.clone());
@@ -270,9 +276,11 @@ async fn ws_route(
                 ConnectRefused::RoomQuota(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_rooms"),
                 _ => (StatusCode::SERVICE_UNAVAILABLE, "hub_unavailable"),
             };
-            return Ok(HttpResponse::build(status)
-                .insert_header((header::RETRY_AFTER, "5"))
-                .json(json!({ "error": code, "message": refused.to_string() })));
+            let mut response = error_response(status, code, &refused.to_string());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+            return Ok(response);
         }
         Err(e) => {
             return Ok(error_response(
