@@ -615,20 +615,8 @@ mod tests {
 
     /// A masked client frame: `b0` is FIN/RSV/opcode as sent.
     fn frame(b0: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = vec![b0];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                out.push(0x80 | 127);
-                out.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&MASK);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+        let mut out = Vec::new();
+        testkit::ws::push_client_frame(&mut out, b0, payload, MASK);
         out
     }
 
