@@ -139,6 +139,16 @@ fn error_response(status: StatusCode, error: &str, message: &str) -> HttpRespons
     crate::json_error::ErrorBody::new(error, message).answer(status)
 }
 
+/// A refused upgrade the client may try again: the error body with
+/// `Retry-After: 5`.
+fn retry_later(status: StatusCode, error: &str, message: &str) -> HttpResponse {
+    let mut response = error_response(status, error, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+    response
+}
+
 #[derive(Deserialize)]
 struct WsQuery {
     room: Option<String>,
@@ -204,18 +214,14 @@ async fn ws_route(
             "websocket upgrade refused: {} connections open (max_connections)",
             state.gate.max()
         );
-        let mut response = error_response(
+        return Ok(retry_later(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_connections",
             &format!(
                 "the server holds its maximum of {} WebSocket connections",
                 state.gate.max()
             ),
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-        return Ok(response);
+        ));
     };
     let peer = req.conn_data::<PeerSocket>();
     let socket = peer.map(|p| p.socket.clone());
@@ -276,11 +282,7 @@ async fn ws_route(
                 ConnectRefused::RoomQuota(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_rooms"),
                 _ => (StatusCode::SERVICE_UNAVAILABLE, "hub_unavailable"),
             };
-            let mut response = error_response(status, code, &refused.to_string());
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-            return Ok(response);
+            return Ok(retry_later(status, code, &refused.to_string()));
         }
         Err(e) => {
             return Ok(error_response(
