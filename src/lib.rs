@@ -29,9 +29,11 @@
 //! - **A broadcast to a client**: `POST /broadcast` in
 //!   `realtime/routes.rs` (behind the guards of `security.rs`) builds a
 //!   `Broadcast` (`actors/src/messages.rs`) and sends it to the
-//!   `BroadcastHub` (`actors/src/hub.rs`), which charges each member's byte
-//!   budget and sends it a `Deliver`; the `WsSessionActor`
-//!   (`actors/src/session.rs`) writes the frame. With a cluster the hub
+//!   `BroadcastHub` (`actors/src/hub.rs`), the router, which hands it once
+//!   to each worker thread's `HubShard` (same file); the shard encodes the
+//!   frame once, charges each member's byte budget and queues the bytes on
+//!   the member's `DeliveryQueue` (`actors/src/delivery.rs`), which the
+//!   connection's response body writes to the socket. With a cluster the hub
 //!   also hands it to `realtime/cluster/bridge.rs`, whose outbox and
 //!   `wire.rs` put it on the Redis stream for the other nodes.
 //! - **An API call**: `ApiClient::get` (`upstream/client.rs`) gives a
@@ -44,11 +46,12 @@
 //!   and endpoint health; `upstream/stats.rs` counts the call.
 //!
 //! ```text
-//!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► every WsSessionActor in the room
-//!  app code ──Broadcast─────────────────────────►      │
-//!  POST /broadcast ──Broadcast──────────────────►      └── heartbeat timer: pings, evicts the silent and the slow
-//!                                                      │ Relay (local broadcasts)        ▲ Broadcast::from_cluster
-//!                                                      ▼                                 │
+//!  app code / POST /broadcast ──Broadcast──► BroadcastHub (router) ──Fan──► HubShard × workers
+//!  client ──ws──► WsSessionActor ──FromClient──► its HubShard ──Fan──► the other shards
+//!                  each shard: frame encoded once ──► members' DeliveryQueues ──► sockets;
+//!                  heartbeat timer: pings, evicts the silent and the slow
+//!                                                      │ Relay (local broadcasts, once per node)  ▲ Broadcast::from_cluster
+//!                                                      ▼                                          │
 //!                                                ClusterBridge ──XADD──► Redis stream ──XREAD──► (every node's bridge)
 //!
 //!  HttpClient / ApiClient / OpenAiClient / gateways          (one upstream arbiter thread)

@@ -90,6 +90,7 @@ impl Network {
         let ws = &config.network.websocket;
         let hub = BroadcastHub::new(ws.hub_config());
         let hub_epoch = hub.epoch();
+        let shards = hub.shards();
         // One name for this node, in the bridge, the alerts and /status.
         let node = NodeIdentity::new(config.network.cluster.as_ref());
         let alerts = crate::ops::alerts::AlertsSetup::new(&config.network, &upstreams, &node.name)?;
@@ -102,7 +103,13 @@ impl Network {
             .as_ref()
             .map(|c| ClusterBridge::start_for(c, node, hub.clone()))
             .transpose()?;
-        let realtime = web::Data::new(RealtimeState::new(hub, hub_epoch, ws, security.clone()));
+        let realtime = web::Data::new(RealtimeState::new(
+            hub,
+            shards,
+            hub_epoch,
+            ws,
+            security.clone(),
+        ));
         let probes = Probes {
             hub: realtime.hub().clone(),
             started: hub_epoch,

@@ -1,9 +1,27 @@
-//! `BroadcastHub`: the node's registry of WebSocket sessions, its rooms, its
-//! fan-out, and its one heartbeat timer.
+//! `BroadcastHub`: the node's registry of WebSocket sessions, its rooms and
+//! its fan-out, as one router in front of one shard per worker thread.
 //!
-//! Every session registers here on start ([`Connect`]) and every broadcast —
-//! from app code, from `POST /broadcast`, or from a client — is fanned out
-//! from here. The payload is encoded once and shared ([`Payload`] is a
+//! **Shards.** Every session registers with the [`HubShard`] on its own
+//! thread ([`HubShards::local`], which starts that thread's shard the first
+//! time), so the hub's deliveries to a session — a `try_send` into its
+//! mailbox and a wake — never cross threads. Each shard owns its sessions,
+//! their byte budgets, its heartbeat and its evictions. A [`Broadcast`] sent
+//! to the [`BroadcastHub`] (the one address app code knows: `net.hub()`)
+//! becomes one message per shard, not one per session, and each shard fans
+//! it out to its own members. A client's message to its rooms is delivered
+//! by its own shard at once and handed to the other shards as one message
+//! each. Order per sender holds: every path from one sender to one receiver
+//! is a chain of FIFO mailboxes.
+//!
+//! **One node.** What must be counted once per node lives in [`NodeRooms`],
+//! shared by every shard and the router: the room table (so
+//! `max_rooms`, `max_rooms_per_ip` and the member counts in `joined` and
+//! presence frames are node-wide), the session count, the other nodes'
+//! presence, and the relay to the cluster, which every local broadcast
+//! takes once. It is behind a lock taken per broadcast and per join, never
+//! per delivery. `GetHubStats` merges the shards' counters.
+//!
+//! The payload is encoded once and shared ([`Payload`] is a
 //! reference-counted buffer, text or binary), so a broadcast to 5,000
 //! sessions allocates one frame, not 5,000.
 //!
@@ -15,32 +33,37 @@
 //! client in a frame it refuses before the upgrade ([`ConnectRefused`]).
 //!
 //! **Registration comes before the `101`.** The upgrade route sends
-//! [`Connect`] and waits for the hub's answer before it returns the
-//! response, so a broadcast sent once the client holds its `101` reaches it.
-//! The session's actor has not started then, and its mailbox still has
-//! actix's default capacity of 16: until the session marks its
+//! [`Connect`] to its shard and waits for the answer before it returns the
+//! response, so a broadcast sent once the client holds its `101` reaches it
+//! (the shard is in the directory the router reads before the `Connect` is
+//! sent). The session's actor has not started then, and its mailbox still
+//! has actix's default capacity of 16: until the session marks its
 //! [`SessionLink`] started, a full mailbox is not taken for a slow consumer
-//! and the hub queues past it with `do_send` — bounded still, by the
+//! and the shard queues past it with `do_send` — bounded still, by the
 //! session's byte budget (each message is charged its payload plus
 //! [`PER_MESSAGE_OVERHEAD`](crate::liveness::PER_MESSAGE_OVERHEAD)).
 //!
 //! Each send is chosen for what a full mailbox must mean (the messages
 //! themselves are in [`crate::messages`]):
-//! - hub → session uses `try_send` into a bounded mailbox and charges the
+//! - shard → session uses `try_send` into a bounded mailbox and charges the
 //!   session's [`SessionLink`] byte budget; a full mailbox or an exhausted
 //!   budget means the client is not reading, and it is evicted as a slow
 //!   consumer instead of letting the server's memory grow;
-//! - session → hub ([`FromClient`]) uses `try_send` too, so a flood of client
-//!   frames meets a bounded hub mailbox and the sender is told it was dropped;
+//! - session → shard ([`FromClient`]) uses `try_send` too, so a flood of
+//!   client frames meets a bounded mailbox and the sender is told it was
+//!   dropped;
+//! - router → shard uses `do_send`, so that no broadcast overtakes another
+//!   (a `send` to a full mailbox is retried later, out of order); what is
+//!   queued is counted in `HubStats::queued_broadcasts`;
 //! - [`Connect`] is a request (`send(..).timeout(..)`, one per upgrade);
 //!   [`Disconnect`] uses `do_send`: one per connection, bounded by
 //!   `websocket.max_connections`.
 //!
 //! Eviction must work on a session whose actor is frozen (its socket is not
-//! being written, so actix never polls it). The hub therefore also holds a
+//! being written, so actix never polls it). The shard therefore also holds a
 //! duplicate of each session's socket, when the server gave it one, and shuts
 //! the socket down itself: that ends the connection, which drops the frozen
-//! actor and frees everything queued for it. When the hub cuts a
+//! actor and frees everything queued for it. When the shard cuts a
 //! connection off like that (a slow consumer, or a session that did not
 //! close within its grace), it aborts it: `SO_LINGER` 0 first, so that the
 //! last close sends a reset and the kernel frees the socket's send buffer at
@@ -48,13 +71,14 @@
 //! a peer that does not read. A session that closes itself, as every healthy
 //! one does on a graceful shutdown (1001), is never aborted.
 
+use crate::delivery::{self, Frame, Refused};
 use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
+use crate::messages::Payload;
 use crate::messages::{
-    queued_broadcasts, Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Deliver,
-    Disconnect, Flush, Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats,
-    Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
+    queued_broadcasts, Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Disconnect,
+    Flush, Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin,
+    Relay, RelayTarget, SetRelay, Shutdown, Target,
 };
-use crate::payload::Payload;
 use crate::presence::{self, PresenceLimits};
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
@@ -65,7 +89,10 @@ use bytestring::ByteString;
 use socket2::Socket;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Shutdown as SocketShutdown};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard};
+use std::thread::ThreadId;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -143,20 +170,99 @@ struct Closing {
     deadline: Instant,
 }
 
-/// The node's session registry, room table and fan-out. See the module docs.
-pub struct BroadcastHub {
+/// What the shards of one hub share: whatever must be counted once per
+/// node. See the module docs.
+pub struct NodeRooms {
     config: HubConfig,
     epoch: Instant,
+    /// Which sessions are in which rooms, node-wide: the limits and the
+    /// counts clients see are the node's, not a shard's.
+    rooms: Mutex<RoomTable>,
+    /// Sessions registered on every shard.
+    sessions: AtomicUsize,
+    /// Bumped by whatever changes what a presence frame would say; a shard
+    /// publishes when it differs from what it last published.
+    presence_version: AtomicU64,
+    /// The other nodes' presence, added to this node's in presence frames.
+    remote_presence: Mutex<ClusterPresence>,
+    /// Where local broadcasts go for the other nodes, when clustered.
+    relay: Mutex<Option<Recipient<Relay>>>,
+    /// Every shard, by the thread it runs on.
+    shards: Mutex<Vec<(ThreadId, Addr<HubShard>)>>,
+    /// Set by [`Shutdown`]: no new shard starts.
+    shutting_down: AtomicBool,
+}
+
+/// A lock that a panic elsewhere does not make unusable: every value behind
+/// these locks is left consistent by each critical section.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl NodeRooms {
+    fn touch_presence(&self) {
+        self.presence_version.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn relay(&self) -> Option<Recipient<Relay>> {
+        lock(&self.relay).clone()
+    }
+
+    /// Every shard in the directory.
+    fn shard_addrs(&self) -> Vec<Addr<HubShard>> {
+        lock(&self.shards).iter().map(|(_, a)| a.clone()).collect()
+    }
+}
+
+/// The directory of a hub's shards: how the upgrade route finds the shard
+/// its session belongs to. Cheap to clone.
+#[derive(Clone)]
+pub struct HubShards {
+    node: Arc<NodeRooms>,
+}
+
+impl HubShards {
+    /// The shard on the calling thread, started on the first call from that
+    /// thread. Call it from the thread the session's actor will run on (the
+    /// upgrade route's worker). Refused once the hub is shutting down.
+    pub fn local(&self) -> Result<Addr<HubShard>, ConnectRefused> {
+        if self.node.shutting_down.load(Ordering::Acquire) {
+            return Err(ConnectRefused::ShuttingDown);
+        }
+        let me = std::thread::current().id();
+        let mut shards = lock(&self.node.shards);
+        if let Some((_, addr)) = shards.iter().find(|(t, a)| *t == me && a.connected()) {
+            return Ok(addr.clone());
+        }
+        // A shard whose thread went away (a worker that stopped) is gone
+        // from the directory with it: bounded by the threads alive.
+        shards.retain(|(_, a)| a.connected());
+        let addr = HubShard::new(self.node.clone()).start();
+        shards.push((me, addr.clone()));
+        Ok(addr)
+    }
+
+    /// How many shards are running.
+    pub fn count(&self) -> usize {
+        lock(&self.node.shards)
+            .iter()
+            .filter(|(_, a)| a.connected())
+            .count()
+    }
+}
+
+/// One worker thread's part of the hub: the sessions on that thread, their
+/// budgets, heartbeat and eviction. See the module docs.
+pub struct HubShard {
+    node: Arc<NodeRooms>,
+    /// This shard's own address, to skip itself among its peers.
+    me: Option<Addr<HubShard>>,
     sessions: HashMap<SessionId, Member>,
-    rooms: RoomTable,
     presence: HashSet<SessionId>,
-    presence_dirty: bool,
+    /// The presence version this shard last published.
+    presence_seen: u64,
     closing: HashMap<SessionId, Closing>,
     stats: HubStats,
-    /// Where local broadcasts go for the other nodes, when clustered.
-    relay: Option<Recipient<Relay>>,
-    /// The other nodes' presence, added to this node's in presence frames.
-    remote_presence: ClusterPresence,
     /// Set by [`Shutdown`]: the sessions still to close, and who to tell
     /// when none are left.
     shutting_down: Option<Draining>,
@@ -167,28 +273,18 @@ struct Draining {
     done: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-impl BroadcastHub {
-    /// A hub with `config`; start it with `Actor::start`.
-    pub fn new(config: HubConfig) -> Self {
-        BroadcastHub {
-            rooms: RoomTable::new(config.max_rooms_per_session, config.max_rooms)
-                .with_max_rooms_per_ip(config.max_rooms_per_ip),
-            config,
-            epoch: Instant::now(),
+impl HubShard {
+    fn new(node: Arc<NodeRooms>) -> Self {
+        HubShard {
+            node,
+            me: None,
             sessions: HashMap::new(),
             presence: HashSet::new(),
-            presence_dirty: false,
+            presence_seen: 0,
             closing: HashMap::new(),
             stats: HubStats::default(),
-            relay: None,
-            remote_presence: ClusterPresence::default(),
             shutting_down: None,
         }
-    }
-
-    /// The reference instant for [`SessionLink`]s registered with this hub.
-    pub fn epoch(&self) -> Instant {
-        self.epoch
     }
 
     /// Queues `payload` for one session. Returns false if it was not queued;
@@ -199,10 +295,10 @@ impl BroadcastHub {
         stats: &mut HubStats,
         id: SessionId,
         member: &mut Member,
-        payload: &Payload,
+        frame: &Frame,
         evict: &mut Vec<SessionId>,
     ) -> bool {
-        let cost = EvictionPolicy::cost_of(payload.len());
+        let cost = frame.cost();
         let link = &member.link;
         if !member
             .budget
@@ -212,30 +308,21 @@ impl BroadcastHub {
             evict.push(id);
             return false;
         }
-        match member.addr.try_send(Deliver {
-            payload: payload.clone(),
-            cost,
-        }) {
+        // Registered but not started (see the module docs): its body has
+        // not been polled yet, so only the budget charged above bounds it.
+        match link.queue().push(frame.clone(), link.is_started()) {
             Ok(()) => {
                 stats.deliveries += 1;
                 true
             }
-            // Registered but not started (see the module docs): its mailbox
-            // is still actix's default 16. do_send queues past that; the
-            // budget charged above bounds it.
-            Err(SendError::Full(deliver)) if !member.link.is_started() => {
-                member.addr.do_send(deliver);
-                stats.deliveries += 1;
-                true
-            }
-            Err(SendError::Full(_)) => {
+            Err(Refused::Full) => {
                 member.budget.refund(cost);
                 stats.dropped += 1;
                 evict.push(id);
                 false
             }
-            // The session is gone; its Disconnect is on its way.
-            Err(SendError::Closed(_)) => {
+            // The session is closing or gone; its Disconnect is on its way.
+            Err(Refused::Closed) => {
                 member.budget.refund(cost);
                 stats.dropped += 1;
                 false
@@ -246,18 +333,25 @@ impl BroadcastHub {
     /// Delivers `payload` to the sessions `walk` visits, then evicts those
     /// found to be slow consumers (after the walk: the table cannot change
     /// under it). Returns how many it was queued for.
+    ///
+    /// The frame is encoded here, once per shard: every member on this
+    /// shard shares it, and its reference count stays on this shard's core.
     fn fan_out_by(
         &mut self,
         payload: &Payload,
         walk: impl FnOnce(&mut HashMap<SessionId, Member>, &mut dyn FnMut(SessionId, &mut Member)),
     ) -> usize {
+        let frame = Frame::new(
+            delivery::encode(payload),
+            EvictionPolicy::cost_of(payload.len()),
+        );
         let mut evict = Vec::new();
         let mut sent = 0;
         {
-            let policy = &self.config.eviction;
+            let policy = &self.node.config.eviction;
             let stats = &mut self.stats;
             let mut one = |id: SessionId, member: &mut Member| {
-                if Self::deliver(policy, stats, id, member, payload, &mut evict) {
+                if Self::deliver(policy, stats, id, member, &frame, &mut evict) {
                     sent += 1;
                 }
             };
@@ -294,9 +388,10 @@ impl BroadcastHub {
 
     fn remove(&mut self, id: SessionId) -> Option<Member> {
         let member = self.sessions.remove(&id)?;
-        self.rooms.remove_session(id);
+        lock(&self.node.rooms).remove_session(id);
+        self.node.sessions.fetch_sub(1, Ordering::Relaxed);
         self.presence.remove(&id);
-        self.presence_dirty = true;
+        self.node.touch_presence();
         self.stats.peak_session_queued_bytes = self
             .stats
             .peak_session_queued_bytes
@@ -316,7 +411,7 @@ impl BroadcastHub {
                 log::warn!(
                     "session {id}: evicted as a slow consumer ({} bytes undelivered, cap {})",
                     member.budget.backlog(),
-                    self.config.eviction.max_outbound_bytes
+                    self.node.config.eviction.max_outbound_bytes
                 );
                 (CloseCode::Again, "slow consumer")
             }
@@ -324,7 +419,7 @@ impl BroadcastHub {
                 self.stats.evicted_heartbeat += 1;
                 log::info!(
                     "session {id}: evicted, silent for more than {:?}",
-                    self.config.eviction.client_timeout
+                    self.node.config.eviction.client_timeout
                 );
                 (CloseCode::Policy, "heartbeat timeout")
             }
@@ -350,9 +445,9 @@ impl BroadcastHub {
             // Give a live session time to send its close frame; a frozen one
             // is cut off when that time is up.
             let grace = if why == Eviction::Shutdown {
-                self.config.shutdown_timeout
+                self.node.config.shutdown_timeout
             } else {
-                self.config.heartbeat_interval
+                self.node.config.heartbeat_interval
             };
             self.closing.insert(
                 id,
@@ -378,7 +473,13 @@ impl BroadcastHub {
         let mut silent = Vec::new();
         let mut slow = Vec::new();
         for (&id, member) in &self.sessions {
-            if self.config.eviction.liveness(member.link.last_seen(), now) == Verdict::Silent {
+            if self
+                .node
+                .config
+                .eviction
+                .liveness(member.link.last_seen(), now)
+                == Verdict::Silent
+            {
                 silent.push(id);
             } else if let Err(SendError::Full(_)) = member.addr.try_send(Heartbeat) {
                 slow.push(id);
@@ -393,64 +494,102 @@ impl BroadcastHub {
     }
 
     fn publish_presence(&mut self) {
-        if !self.presence_dirty || self.presence.is_empty() {
+        let version = self.node.presence_version.load(Ordering::Relaxed);
+        if version == self.presence_seen || self.presence.is_empty() {
             return;
         }
-        self.presence_dirty = false;
-        // Cluster-wide when clustered: this node's rooms plus the other
-        // nodes'. Bounded in bytes either way (crate::presence).
-        let remote = &self.remote_presence;
-        let rooms = if remote.rooms.is_empty() {
-            self.rooms.occupancy().collect()
-        } else {
-            presence::merge(self.rooms.occupancy(), &remote.rooms)
+        self.presence_seen = version;
+        // Node-wide (the shared room table and session count), and
+        // cluster-wide when clustered: the other nodes' rooms added. Bounded
+        // in bytes either way (crate::presence).
+        let frame = {
+            let remote = lock(&self.node.remote_presence);
+            let rooms = lock(&self.node.rooms);
+            let merged = if remote.rooms.is_empty() {
+                rooms.occupancy().collect()
+            } else {
+                presence::merge(rooms.occupancy(), &remote.rooms)
+            };
+            let clients = self
+                .node
+                .sessions
+                .load(Ordering::Relaxed)
+                .saturating_add(remote.sessions);
+            presence::presence_frame(clients, merged, &self.node.config.presence_limits)
         };
-        let clients = self.sessions.len().saturating_add(remote.sessions);
-        let frame = presence::presence_frame(clients, rooms, &self.config.presence_limits);
         let to: Vec<SessionId> = self.presence.iter().copied().collect();
         self.fan_out(to, &Payload::Text(frame));
     }
 
-    /// Hands a local broadcast to the relay, if there is one.
-    fn relay(&mut self, target: RelayTarget, payload: Payload) {
-        if let Some(relay) = &self.relay {
-            self.stats.relayed += 1;
-            relay.do_send(Relay { target, payload });
+    /// A client's message to `rooms`: to this shard's members at once, then
+    /// to the other shards (one message each) and to the other nodes.
+    fn publish_from_client(&mut self, rooms: Vec<RoomName>, payload: Payload) {
+        self.stats.broadcasts += 1;
+        for shard in self.node.shard_addrs() {
+            if shard.connected() && !self.is_me(&shard) {
+                shard.do_send(Fan {
+                    broadcast: Broadcast::new(Target::Rooms(rooms.clone()), payload.clone()),
+                    done: None,
+                });
+            }
         }
+        if let Some(relay) = self.node.relay() {
+            self.stats.relayed += 1;
+            relay.do_send(Relay {
+                target: RelayTarget::Rooms(rooms.clone()),
+                payload: payload.clone(),
+            });
+        }
+        self.fan_out_rooms(&rooms, &payload);
+    }
+
+    fn is_me(&self, shard: &Addr<HubShard>) -> bool {
+        self.me.as_ref().is_some_and(|me| me == shard)
+    }
+
+    fn members_of(&self, room: &RoomName) -> Vec<SessionId> {
+        lock(&self.node.rooms).members(room).collect()
     }
 
     fn fan_out_rooms(&mut self, rooms: &[RoomName], payload: &Payload) -> usize {
         let mut to = HashSet::new();
-        for room in rooms {
-            to.extend(self.rooms.members(room));
+        {
+            let table = lock(&self.node.rooms);
+            for room in rooms {
+                to.extend(table.members(room));
+            }
         }
         self.fan_out(to, payload)
     }
 
     fn on_client_frame(&mut self, id: SessionId, frame: ClientFrame) {
-        if !self.sessions.contains_key(&id) {
+        let Some(member) = self.sessions.get(&id) else {
             return;
-        }
+        };
+        let ip_key = member.ip_key;
         match frame {
             ClientFrame::Text(text) => self.send_to_senders_rooms(id, Payload::Text(text)),
             ClientFrame::Binary(bytes) => self.send_to_senders_rooms(id, Payload::Binary(bytes)),
             ClientFrame::Join(room) => {
-                let ip_key = self.sessions.get(&id).and_then(|m| m.ip_key);
-                let reply = match self.rooms.join_from(id, &room, ip_key) {
-                    Ok(Joined::Added) => {
-                        self.presence_dirty = true;
-                        protocol::joined_frame(&room, self.rooms.member_count(&room))
+                let reply = {
+                    let mut table = lock(&self.node.rooms);
+                    match table.join_from(id, &room, ip_key) {
+                        Ok(Joined::Added) => {
+                            self.node.touch_presence();
+                            protocol::joined_frame(&room, table.member_count(&room))
+                        }
+                        Ok(Joined::AlreadyMember) => {
+                            protocol::joined_frame(&room, table.member_count(&room))
+                        }
+                        Err(e) => join_error_frame(&e),
                     }
-                    Ok(Joined::AlreadyMember) => {
-                        protocol::joined_frame(&room, self.rooms.member_count(&room))
-                    }
-                    Err(e) => join_error_frame(&e),
                 };
                 self.send_to(id, reply);
             }
             ClientFrame::Leave(room) => {
-                let reply = if self.rooms.leave(id, &room) {
-                    self.presence_dirty = true;
+                let left = lock(&self.node.rooms).leave(id, &room);
+                let reply = if left {
+                    self.node.touch_presence();
                     protocol::left_frame(&room)
                 } else {
                     protocol::error_frame("not_member", &format!("not in room {room}"))
@@ -458,7 +597,8 @@ impl BroadcastHub {
                 self.send_to(id, reply);
             }
             ClientFrame::Publish { room, data } => {
-                if !self.rooms.is_member(id, &room) {
+                let member = lock(&self.node.rooms).is_member(id, &room);
+                if !member {
                     self.send_to(
                         id,
                         protocol::error_frame(
@@ -468,11 +608,8 @@ impl BroadcastHub {
                     );
                     return;
                 }
-                self.stats.broadcasts += 1;
                 let payload = Payload::Text(protocol::message_frame(Some(&room), &data));
-                let members: Vec<SessionId> = self.rooms.members(&room).collect();
-                self.relay(RelayTarget::Rooms(vec![room]), payload.clone());
-                self.fan_out(members, &payload);
+                self.publish_from_client(vec![room], payload);
             }
         }
     }
@@ -480,7 +617,8 @@ impl BroadcastHub {
     /// A client's text or binary message: verbatim to every room it is in,
     /// itself included.
     fn send_to_senders_rooms(&mut self, id: SessionId, payload: Payload) {
-        if self.rooms.rooms_of(id).is_empty() {
+        let rooms = lock(&self.node.rooms).rooms_of(id).to_vec();
+        if rooms.is_empty() {
             let Some(member) = self.sessions.get(&id) else {
                 return;
             };
@@ -503,21 +641,29 @@ impl BroadcastHub {
             }
             return;
         }
-        self.stats.broadcasts += 1;
-        if self.relay.is_some() {
-            let rooms = self.rooms.rooms_of(id).to_vec();
-            self.relay(RelayTarget::Rooms(rooms), payload.clone());
+        self.publish_from_client(rooms, payload);
+    }
+
+    /// This shard's share of a broadcast.
+    fn fan_out_target(&mut self, target: &Target, payload: &Payload) -> usize {
+        match target {
+            Target::All => self.fan_out_all(payload),
+            Target::Room(room) => {
+                let members = self.members_of(room);
+                self.fan_out(members, payload)
+            }
+            Target::Session(id) => self.fan_out(std::iter::once(*id), payload),
+            Target::Rooms(rooms) => self.fan_out_rooms(rooms, payload),
         }
-        let mates = self.rooms.room_mates(id);
-        self.fan_out(mates, &payload);
     }
 }
 
-impl Actor for BroadcastHub {
+impl Actor for HubShard {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.config.mailbox_capacity);
+        ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
+        self.me = Some(ctx.address());
         // An app that starts the network and then leaves its System before
         // the hub ever ran (a bind error, say) drops the hub outside the
         // runtime; actix still calls `started` then, and a timer there
@@ -525,20 +671,22 @@ impl Actor for BroadcastHub {
         if tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        ctx.run_interval(self.config.heartbeat_interval, |hub, _| hub.heartbeat());
-        if !self.config.presence_interval.is_zero() {
-            ctx.run_interval(self.config.presence_interval, |hub, _| {
-                hub.publish_presence()
+        ctx.run_interval(self.node.config.heartbeat_interval, |shard, _| {
+            shard.heartbeat()
+        });
+        if !self.node.config.presence_interval.is_zero() {
+            ctx.run_interval(self.node.config.presence_interval, |shard, _| {
+                shard.publish_presence()
             });
         }
     }
 }
 
-impl Handler<Connect> for BroadcastHub {
+impl Handler<Connect> for HubShard {
     type Result = Result<(), ConnectRefused>;
 
     fn handle(&mut self, msg: Connect, _: &mut Self::Context) -> Self::Result {
-        if self.shutting_down.is_some() {
+        if self.shutting_down.is_some() || self.node.shutting_down.load(Ordering::Acquire) {
             return Err(ConnectRefused::ShuttingDown);
         }
         // The route gave up waiting (or the client left) and dropped the
@@ -551,7 +699,11 @@ impl Handler<Connect> for BroadcastHub {
         // table-wide or the per-address room limit. A protocol client then
         // starts in no room and is told why; a plain client could not be,
         // so it is refused.
-        let joined = self.rooms.join_from(id, &msg.room, msg.ip_key);
+        let (joined, rooms_of) = {
+            let mut table = lock(&self.node.rooms);
+            let joined = table.join_from(id, &msg.room, msg.ip_key);
+            (joined, table.rooms_of(id).to_vec())
+        };
         let join_error = match (joined, msg.kind) {
             (Ok(_), _) => None,
             (Err(e @ JoinError::TooManyRoomsForAddress { .. }), ClientKind::Plain) => {
@@ -563,6 +715,7 @@ impl Handler<Connect> for BroadcastHub {
             (Err(e), ClientKind::Protocol) => Some(e),
         };
         self.stats.sessions_opened += 1;
+        self.node.sessions.fetch_add(1, Ordering::Relaxed);
         self.sessions.insert(
             id,
             Member {
@@ -577,9 +730,9 @@ impl Handler<Connect> for BroadcastHub {
         if msg.presence && msg.kind == ClientKind::Protocol {
             self.presence.insert(id);
         }
-        self.presence_dirty = true;
+        self.node.touch_presence();
         if msg.kind == ClientKind::Protocol {
-            let welcome = protocol::welcome_frame(id, self.rooms.rooms_of(id));
+            let welcome = protocol::welcome_frame(id, &rooms_of);
             self.send_to(id, welcome);
             if let Some(e) = join_error {
                 self.send_to(id, join_error_frame(&e));
@@ -589,7 +742,7 @@ impl Handler<Connect> for BroadcastHub {
     }
 }
 
-impl Handler<Flush> for BroadcastHub {
+impl Handler<Flush> for HubShard {
     type Result = ();
 
     fn handle(&mut self, msg: Flush, _: &mut Self::Context) {
@@ -599,7 +752,7 @@ impl Handler<Flush> for BroadcastHub {
     }
 }
 
-impl Handler<Disconnect> for BroadcastHub {
+impl Handler<Disconnect> for HubShard {
     type Result = ();
 
     fn handle(&mut self, msg: Disconnect, _: &mut Self::Context) {
@@ -610,7 +763,7 @@ impl Handler<Disconnect> for BroadcastHub {
         }
         if let Some(draining) = &mut self.shutting_down {
             draining.open.remove(&msg.id);
-            // The Shutdown handler's future stops the hub once told.
+            // The Shutdown handler's future stops the shard once told.
             if draining.open.is_empty() {
                 if let Some(done) = draining.done.take() {
                     let _ = done.send(());
@@ -620,7 +773,7 @@ impl Handler<Disconnect> for BroadcastHub {
     }
 }
 
-impl Handler<FromClient> for BroadcastHub {
+impl Handler<FromClient> for HubShard {
     type Result = ();
 
     fn handle(&mut self, msg: FromClient, _: &mut Self::Context) {
@@ -628,83 +781,35 @@ impl Handler<FromClient> for BroadcastHub {
     }
 }
 
-impl Handler<Broadcast> for BroadcastHub {
-    type Result = usize;
-
-    fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> usize {
-        self.stats.broadcasts += 1;
-        // Relay first: the other nodes' clients should not wait for this
-        // node's fan-out (a `do_send` and a refcount bump, not a copy).
-        match (&msg.origin, &msg.target) {
-            (Origin::Cluster, _) => self.stats.from_cluster += 1,
-            // Session ids are per node.
-            (Origin::Local, Target::Session(_)) => {}
-            (Origin::Local, target) if self.relay.is_some() => {
-                let target = match target {
-                    Target::Room(room) => RelayTarget::Rooms(vec![room.clone()]),
-                    Target::Rooms(rooms) => RelayTarget::Rooms(rooms.clone()),
-                    _ => RelayTarget::All,
-                };
-                self.relay(target, msg.payload.clone());
-            }
-            (Origin::Local, _) => {}
-        }
-        let sent = match &msg.target {
-            Target::All => self.fan_out_all(&msg.payload),
-            Target::Room(room) => {
-                let members: Vec<SessionId> = self.rooms.members(room).collect();
-                self.fan_out(members, &msg.payload)
-            }
-            Target::Session(id) => self.fan_out(std::iter::once(*id), &msg.payload),
-            Target::Rooms(rooms) => self.fan_out_rooms(rooms, &msg.payload),
-        };
-        self.stats.broadcast_latency.observe(msg.created.elapsed());
-        sent
-    }
+/// A broadcast for one shard's sessions only (it has been relayed, if it
+/// was to be, by whoever sent this), and where to say how many it was
+/// queued for.
+struct Fan {
+    broadcast: Broadcast,
+    done: Option<tokio::sync::oneshot::Sender<usize>>,
 }
 
-impl Handler<SetRelay> for BroadcastHub {
+impl Message for Fan {
+    type Result = ();
+}
+
+impl Handler<Fan> for HubShard {
     type Result = ();
 
-    fn handle(&mut self, msg: SetRelay, _: &mut Self::Context) {
-        self.relay = msg.0;
-    }
-}
-
-impl Handler<GetOccupancy> for BroadcastHub {
-    type Result = MessageResult<GetOccupancy>;
-
-    fn handle(&mut self, _: GetOccupancy, _: &mut Self::Context) -> Self::Result {
-        MessageResult(Occupancy {
-            sessions: self.sessions.len(),
-            rooms: self
-                .rooms
-                .occupancy()
-                .map(|(r, n)| (r.clone(), n))
-                .collect(),
-        })
-    }
-}
-
-impl Handler<ClusterPresence> for BroadcastHub {
-    type Result = ();
-
-    fn handle(&mut self, msg: ClusterPresence, _: &mut Self::Context) {
-        if msg != self.remote_presence {
-            self.remote_presence = msg;
-            self.presence_dirty = true;
+    fn handle(&mut self, msg: Fan, _: &mut Self::Context) {
+        let sent = self.fan_out_target(&msg.broadcast.target, &msg.broadcast.payload);
+        if let Some(done) = msg.done {
+            let _ = done.send(sent);
         }
     }
 }
 
-impl Handler<GetHubStats> for BroadcastHub {
+impl Handler<GetHubStats> for HubShard {
     type Result = MessageResult<GetHubStats>;
 
     fn handle(&mut self, _: GetHubStats, _: &mut Self::Context) -> Self::Result {
         let mut stats = self.stats.clone();
-        stats.queued_broadcasts = queued_broadcasts();
         stats.sessions = self.sessions.len();
-        stats.rooms = self.rooms.room_count();
         stats.peak_session_queued_bytes = self
             .sessions
             .values()
@@ -714,12 +819,12 @@ impl Handler<GetHubStats> for BroadcastHub {
     }
 }
 
-impl Handler<Shutdown> for BroadcastHub {
+impl Handler<Shutdown> for HubShard {
     type Result = ResponseActFuture<Self, usize>;
 
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
         let open = self.sessions.len();
-        log::info!("hub: shutting down, closing {open} sessions");
+        log::info!("hub shard: shutting down, closing {open} sessions");
         let (done, wait) = tokio::sync::oneshot::channel();
         let ids: HashSet<SessionId> = self.sessions.keys().copied().collect();
         for &id in &ids {
@@ -732,21 +837,231 @@ impl Handler<Shutdown> for BroadcastHub {
             Some(done)
         };
         self.shutting_down = Some(Draining { open: ids, done });
-        let timeout = self.config.shutdown_timeout;
+        let timeout = self.node.config.shutdown_timeout;
         Box::pin(
             async move {
                 let _ = tokio::time::timeout(timeout, wait).await;
             }
             .into_actor(self)
-            .map(move |_, hub, ctx| {
+            .map(move |_, shard, ctx| {
                 // Those that closed are gone from `closing`; what is left
                 // did not read its 1001 within shutdown_timeout.
-                for (_, c) in hub.closing.drain() {
+                for (_, c) in shard.closing.drain() {
                     abort(&c.socket);
                 }
                 ctx.stop();
                 open
             }),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The router: the one address app code sends to
+// ---------------------------------------------------------------------------
+
+/// The node's hub: the address app code, the routes and the cluster bridge
+/// send to. It holds no sessions; it hands each broadcast to every shard
+/// once, relays local broadcasts to the cluster once, and answers for the
+/// node (stats merged over the shards). See the module docs.
+pub struct BroadcastHub {
+    node: Arc<NodeRooms>,
+    /// The router's own counters: broadcasts it took, relayed, from the
+    /// cluster, and their fan-out latency (until every shard has queued
+    /// it). The shards' are added in `GetHubStats`.
+    stats: HubStats,
+}
+
+impl BroadcastHub {
+    /// A hub with `config`; start it with `Actor::start`, and get its
+    /// shards' directory ([`BroadcastHub::shards`]) for the upgrade route
+    /// first.
+    pub fn new(config: HubConfig) -> Self {
+        let rooms = RoomTable::new(config.max_rooms_per_session, config.max_rooms)
+            .with_max_rooms_per_ip(config.max_rooms_per_ip);
+        BroadcastHub {
+            node: Arc::new(NodeRooms {
+                config,
+                epoch: Instant::now(),
+                rooms: Mutex::new(rooms),
+                sessions: AtomicUsize::new(0),
+                presence_version: AtomicU64::new(0),
+                remote_presence: Mutex::new(ClusterPresence::default()),
+                relay: Mutex::new(None),
+                shards: Mutex::new(Vec::new()),
+                shutting_down: AtomicBool::new(false),
+            }),
+            stats: HubStats::default(),
+        }
+    }
+
+    /// The reference instant for [`SessionLink`]s registered with this hub.
+    pub fn epoch(&self) -> Instant {
+        self.node.epoch
+    }
+
+    /// Where each session finds the shard on its own thread.
+    pub fn shards(&self) -> HubShards {
+        HubShards {
+            node: self.node.clone(),
+        }
+    }
+}
+
+impl Actor for BroadcastHub {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
+    }
+}
+
+impl Handler<Broadcast> for BroadcastHub {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> Self::Result {
+        self.stats.broadcasts += 1;
+        // Relay first: the other nodes' clients should not wait for this
+        // node's fan-out (a `do_send` and a refcount bump, not a copy).
+        match (&msg.origin, &msg.target) {
+            (Origin::Cluster, _) => self.stats.from_cluster += 1,
+            // Session ids are per node.
+            (Origin::Local, Target::Session(_)) => {}
+            (Origin::Local, target) => {
+                if let Some(relay) = self.node.relay() {
+                    let target = match target {
+                        Target::Room(room) => RelayTarget::Rooms(vec![room.clone()]),
+                        Target::Rooms(rooms) => RelayTarget::Rooms(rooms.clone()),
+                        _ => RelayTarget::All,
+                    };
+                    self.stats.relayed += 1;
+                    relay.do_send(Relay {
+                        target,
+                        payload: msg.payload.clone(),
+                    });
+                }
+            }
+        }
+        let created = msg.created;
+        let shards = self.node.shard_addrs();
+        let mut counts = Vec::with_capacity(shards.len());
+        let mut msg = Some(msg);
+        for (i, shard) in shards.iter().enumerate() {
+            let (done, count) = tokio::sync::oneshot::channel();
+            // The last shard takes the message itself; the others a copy
+            // (refcounts, not bytes).
+            let broadcast = if i + 1 == shards.len() {
+                msg.take()
+            } else {
+                msg.clone()
+            };
+            if let Some(broadcast) = broadcast {
+                shard.do_send(Fan {
+                    broadcast,
+                    done: Some(done),
+                });
+                counts.push(count);
+            }
+        }
+        Box::pin(
+            async move {
+                let mut sent = 0;
+                for count in counts {
+                    // A shard that stopped meanwhile queued nothing.
+                    sent += count.await.unwrap_or(0);
+                }
+                sent
+            }
+            .into_actor(self)
+            .map(move |sent, hub, _| {
+                hub.stats.broadcast_latency.observe(created.elapsed());
+                sent
+            }),
+        )
+    }
+}
+
+impl Handler<SetRelay> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetRelay, _: &mut Self::Context) {
+        *lock(&self.node.relay) = msg.0;
+    }
+}
+
+impl Handler<GetOccupancy> for BroadcastHub {
+    type Result = MessageResult<GetOccupancy>;
+
+    fn handle(&mut self, _: GetOccupancy, _: &mut Self::Context) -> Self::Result {
+        let rooms = lock(&self.node.rooms)
+            .occupancy()
+            .map(|(r, n)| (r.clone(), n))
+            .collect();
+        MessageResult(Occupancy {
+            sessions: self.node.sessions.load(Ordering::Relaxed),
+            rooms,
+        })
+    }
+}
+
+impl Handler<ClusterPresence> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: ClusterPresence, _: &mut Self::Context) {
+        let mut remote = lock(&self.node.remote_presence);
+        if msg != *remote {
+            *remote = msg;
+            self.node.touch_presence();
+        }
+    }
+}
+
+impl Handler<GetHubStats> for BroadcastHub {
+    type Result = ResponseActFuture<Self, HubStats>;
+
+    fn handle(&mut self, _: GetHubStats, _: &mut Self::Context) -> Self::Result {
+        let asks: Vec<_> = self
+            .node
+            .shard_addrs()
+            .into_iter()
+            .map(|shard| shard.send(GetHubStats))
+            .collect();
+        Box::pin(
+            futures::future::join_all(asks)
+                .into_actor(self)
+                .map(|answers, hub, _| {
+                    let mut stats = hub.stats.clone();
+                    for shard in answers.into_iter().flatten() {
+                        stats.absorb(&shard);
+                        stats.shard_sessions.push(shard.sessions);
+                    }
+                    stats.queued_broadcasts = queued_broadcasts();
+                    stats.sessions = hub.node.sessions.load(Ordering::Relaxed);
+                    stats.rooms = lock(&hub.node.rooms).room_count();
+                    stats
+                }),
+        )
+    }
+}
+
+impl Handler<Shutdown> for BroadcastHub {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
+        self.node.shutting_down.store(true, Ordering::Release);
+        let asks: Vec<_> = self
+            .node
+            .shard_addrs()
+            .into_iter()
+            .map(|shard| shard.send(Shutdown))
+            .collect();
+        Box::pin(
+            futures::future::join_all(asks)
+                .into_actor(self)
+                .map(|answers, _, ctx| {
+                    ctx.stop();
+                    answers.into_iter().flatten().sum()
+                }),
         )
     }
 }

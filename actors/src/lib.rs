@@ -4,10 +4,12 @@
 //! # Topology
 //!
 //! ```text
-//!  client ──ws──► WsSessionActor ──FromClient──► BroadcastHub ──Deliver──► WsSessionActor …
-//!  app code ──Broadcast────────────────────────►      │
-//!                                                     └── heartbeat timer: Heartbeat to every
-//!                                                         session; evicts the silent and the slow
+//!  app code ──Broadcast──► BroadcastHub (router) ──Fan──► HubShard, one per worker thread
+//!  client ──ws──► WsSessionActor ──FromClient──► its thread's HubShard ──Fan──► other shards
+//!                                                     │ encoded frame, once per shard
+//!                                                     ▼
+//!                                  each member's DeliveryQueue ──► its socket (no mailbox)
+//!                                  heartbeat timer per shard: pings, evicts the silent and the slow
 //! ```
 //!
 //! Every message in that picture, and those between the hub and the cluster
@@ -33,6 +35,7 @@ pub mod backoff;
 pub mod balancer;
 pub mod breaker;
 pub mod cache;
+pub mod delivery;
 pub mod frame_check;
 pub mod gcra;
 pub mod histogram;
@@ -40,7 +43,6 @@ pub mod hub;
 pub mod limiter;
 pub mod liveness;
 pub mod messages;
-pub mod payload;
 pub mod pool;
 pub mod presence;
 pub mod protocol;
@@ -57,17 +59,17 @@ pub use breaker::{
 };
 pub use frame_check::Violation;
 pub use histogram::Histogram;
-pub use hub::{BroadcastHub, HubConfig};
+pub use hub::{BroadcastHub, HubConfig, HubShard, HubShards};
 pub use limiter::{
     Acquire, GetLimiterStats, Grant, LimiterStats, RateLimited, RateLimiterActor, Reserve,
 };
 pub use liveness::ClosedBy;
+pub use messages::Payload;
 pub use messages::{
-    Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused, Deliver, Disconnect,
-    Flush, Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin,
-    Relay, RelayTarget, SetRelay, Shutdown, Target,
+    Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused, Disconnect, Flush,
+    Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin, Relay,
+    RelayTarget, SetRelay, Shutdown, Target,
 };
-pub use payload::Payload;
 pub use protocol::ClientKind;
 pub use rooms::{RoomName, SessionId};
 pub use session::{ConnectionGate, ConnectionSlot, SessionConfig, WsSessionActor};

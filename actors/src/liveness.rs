@@ -9,9 +9,14 @@
 //! queues. The hub's one heartbeat timer and its delivery path read the link
 //! and ask [`EvictionPolicy`] — plain code that takes `now` — what to do.
 
+use crate::delivery::DeliveryQueue;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// How many frames a session's queue holds unless its config says
+/// otherwise (`websocket.session_mailbox_capacity` does, in the server).
+pub const DEFAULT_MAX_QUEUED_FRAMES: usize = 1024;
 
 /// What it costs to hold one queued message for a session beyond its payload:
 /// the boxed envelope, the queue node and the shared-payload handle. Counting
@@ -53,6 +58,11 @@ pub struct SessionLink {
     /// holds only actix's default 16, so a full mailbox is not yet a sign of
     /// a slow consumer. Read by the hub only when a mailbox is full.
     started: AtomicBool,
+    /// Set by the session just before it writes its close frame: from
+    /// then on nothing more is queued for it (see [`crate::delivery`]).
+    closing: AtomicBool,
+    /// The frames the hub has queued for the session's socket.
+    queue: DeliveryQueue,
 }
 
 /// Why a session ended its own connection, as the hub counts it in
@@ -98,9 +108,33 @@ impl SessionLink {
             released: AtomicU64::new(0),
             close_reason: AtomicU8::new(ClosedBy::Normal as u8),
             started: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            queue: DeliveryQueue::new(DEFAULT_MAX_QUEUED_FRAMES),
         };
         link.touch(now);
         link
+    }
+
+    /// Lets the hub queue up to `max` frames for the session (see
+    /// [`crate::delivery`]).
+    pub fn with_max_queued(mut self, max: usize) -> Self {
+        self.queue = DeliveryQueue::new(max);
+        self
+    }
+
+    /// The frames queued for the session's socket.
+    pub fn queue(&self) -> &DeliveryQueue {
+        &self.queue
+    }
+
+    /// Session side: it is about to write its close frame.
+    pub fn mark_closing(&self) {
+        self.closing.store(true, Ordering::Release);
+    }
+
+    /// Whether the session has begun writing its close frame.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Records that the client sent something at `now`.

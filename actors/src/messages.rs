@@ -5,7 +5,9 @@
 //!
 //! - **Session → hub**: [`Connect`] (sent by the upgrade route for the
 //!   session, before the `101`), [`FromClient`], [`Flush`], [`Disconnect`];
-//! - **hub → session**: [`Deliver`], [`Heartbeat`], [`Close`];
+//! - **hub → session**: [`Heartbeat`], [`Close`], [`Flushed`]; data does not
+//!   travel as a message but as encoded frames in the session's delivery
+//!   queue ([`crate::delivery`]);
 //! - **app code and routes → hub**: [`Broadcast`] (to a [`Target`]),
 //!   [`GetHubStats`] (answered with the hub's [`HubStats`]), [`Shutdown`];
 //! - **hub ↔ cluster bridge**: the hub hands local broadcasts to its relay
@@ -21,7 +23,6 @@
 
 use crate::histogram::Histogram;
 use crate::liveness::{ClosedBy, SessionLink};
-use crate::payload::Payload;
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::{RoomName, SessionId};
 use crate::session::WsSessionActor;
@@ -36,6 +37,85 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant;
+
+// ---------------------------------------------------------------------------
+// The data every message carries
+// ---------------------------------------------------------------------------
+
+// [`Payload`]: the data of one WebSocket message, text or binary, as it
+// travels from a broadcast through the hub to every recipient's socket and
+// to the other nodes.
+//
+// Both variants are reference-counted buffers, so cloning one for each of
+// 5,000 recipients is a counter increment, not a copy. Keeping the kind
+// next to the bytes is also what later work needs to encode a frame once
+// per broadcast: the frame header depends on it.
+/// One message's data: sent to clients as a text frame or a binary frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// A text frame (always valid UTF-8).
+    Text(ByteString),
+    /// A binary frame, bytes verbatim.
+    Binary(Bytes),
+}
+
+impl Payload {
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Text(t) => t.len(),
+            Payload::Binary(b) => b.len(),
+        }
+    }
+
+    /// True for an empty message.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, whichever the kind.
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Payload::Text(t) => t.as_bytes(),
+            Payload::Binary(b) => b,
+        }
+    }
+
+    /// True for a binary message.
+    pub fn is_binary(&self) -> bool {
+        matches!(self, Payload::Binary(_))
+    }
+}
+
+impl From<ByteString> for Payload {
+    fn from(text: ByteString) -> Self {
+        Payload::Text(text)
+    }
+}
+
+impl From<String> for Payload {
+    fn from(text: String) -> Self {
+        Payload::Text(text.into())
+    }
+}
+
+impl From<&str> for Payload {
+    fn from(text: &str) -> Self {
+        Payload::Text(text.into())
+    }
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Self {
+        Payload::Binary(bytes)
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(bytes: Vec<u8>) -> Self {
+        Payload::Binary(bytes.into())
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Session → hub
@@ -104,10 +184,10 @@ impl std::error::Error for ConnectRefused {}
 /// Sent by a session before it closes when it has forwarded messages. The
 /// hub answers with [`Flushed`] *into the session's mailbox*, once it has
 /// handled everything the session sent before: the frames those messages
-/// produced for the session (its own echo) were queued in that same
-/// mailbox first, so they are written ahead of the close frame. (An answer
-/// through `send`'s reply channel would not do: the session's context may
-/// see the reply before a `Deliver` that was queued ahead of it.)
+/// produced for the session (its own echo) are in its delivery queue by
+/// then, and the session's body takes the queue before it runs the
+/// handler that writes the close frame ([`crate::delivery`]), so they are
+/// written ahead of it.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Flush {
@@ -115,7 +195,7 @@ pub struct Flush {
     pub reply_to: Recipient<Flushed>,
 }
 
-/// The hub's answer to [`Flush`], behind every `Deliver` it queued for the
+/// The hub's answer to [`Flush`], sent after every frame it queued for the
 /// session before.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -142,18 +222,6 @@ pub struct FromClient {
 // ---------------------------------------------------------------------------
 // Hub → session
 // ---------------------------------------------------------------------------
-
-/// The hub queues one frame (text or binary) for the client. `cost` is what
-/// the hub charged against the session's byte budget; the session gives it
-/// back once the frame is handed to the socket writer.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Deliver {
-    /// The frame's data, shared by every recipient.
-    pub payload: Payload,
-    /// What was charged to the session's [`SessionLink`].
-    pub cost: usize,
-}
 
 /// The hub's heartbeat: send the client a ping.
 #[derive(Debug, Message)]
@@ -360,6 +428,32 @@ pub struct HubStats {
     pub relayed: u64,
     /// Broadcasts that arrived from other nodes.
     pub from_cluster: u64,
+    /// Sessions on each of the hub's shards (one per worker thread that
+    /// has hosted a session), in the order the shards started.
+    pub shard_sessions: Vec<usize>,
+}
+
+impl HubStats {
+    /// Adds one shard's counters to these (the node's): sums, except the
+    /// peak backlog, which is the largest. `sessions`, `rooms` and
+    /// `queued_broadcasts` are the node's own and are left alone.
+    pub fn absorb(&mut self, shard: &HubStats) {
+        self.sessions_opened += shard.sessions_opened;
+        self.sessions_closed += shard.sessions_closed;
+        self.broadcasts += shard.broadcasts;
+        self.deliveries += shard.deliveries;
+        self.dropped += shard.dropped;
+        self.evicted_slow_consumer += shard.evicted_slow_consumer;
+        self.evicted_heartbeat += shard.evicted_heartbeat;
+        self.closed_by_shutdown += shard.closed_by_shutdown;
+        self.peak_session_queued_bytes = self
+            .peak_session_queued_bytes
+            .max(shard.peak_session_queued_bytes);
+        self.closed.absorb(&shard.closed);
+        self.broadcast_latency.merge(&shard.broadcast_latency);
+        self.relayed += shard.relayed;
+        self.from_cluster += shard.from_cluster;
+    }
 }
 
 /// Sessions that ended their own connection, by [`ClosedBy`] reason.
@@ -380,6 +474,15 @@ pub struct ClosedCounts {
 }
 
 impl ClosedCounts {
+    fn absorb(&mut self, other: &ClosedCounts) {
+        self.normal += other.normal;
+        self.too_big += other.too_big;
+        self.rate += other.rate;
+        self.invalid += other.invalid;
+        self.protocol += other.protocol;
+        self.error += other.error;
+    }
+
     /// Counts one session that closed for `why`.
     pub(crate) fn count(&mut self, why: ClosedBy) {
         let n = match why {

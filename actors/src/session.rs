@@ -1,8 +1,8 @@
 //! `WsSessionActor`: one WebSocket connection.
 //!
 //! The session reads what its client sends, forwards data (and, for a
-//! protocol client, control frames) to the [`BroadcastHub`], and writes what
-//! the hub delivers. It owns no timers: the hub pings it and judges its
+//! protocol client, control frames) to the hub's shard on its own thread
+//! ([`HubShard`]), and writes what the hub delivers. It owns no timers: the hub pings it and judges its
 //! liveness from the [`SessionLink`] the two share, because a session whose
 //! client stops reading is never polled again by actix-web-actors and so
 //! could not act on its own timers.
@@ -34,10 +34,9 @@
 
 use crate::frame_check::{CheckedPayload, InboundVerdict};
 use crate::gcra::{Gcra, Quota};
-use crate::hub::BroadcastHub;
+use crate::hub::HubShard;
 use crate::liveness::{ClosedBy, SessionLink};
-use crate::messages::{Close, Deliver, Disconnect, Flush, Flushed, FromClient, Heartbeat};
-use crate::payload::Payload;
+use crate::messages::{Close, Disconnect, Flush, Flushed, FromClient, Heartbeat};
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::SessionId;
 use actix::prelude::*;
@@ -126,7 +125,7 @@ struct Fragments {
 /// it with the hub ([`crate::messages::Connect`]) before returning the `101`.
 pub struct WsSessionActor {
     id: SessionId,
-    hub: Addr<BroadcastHub>,
+    hub: Addr<HubShard>,
     link: Arc<SessionLink>,
     config: Arc<SessionConfig>,
     kind: ClientKind,
@@ -146,13 +145,14 @@ pub struct WsSessionActor {
 }
 
 impl WsSessionActor {
-    /// A session `id` for `hub`, of `kind`.
+    /// A session `id` for `hub` (the shard on the thread the session will
+    /// run on: [`crate::HubShards::local`]), of `kind`.
     ///
-    /// `epoch` must be the hub's ([`BroadcastHub::epoch`]). `slot` is
+    /// `epoch` must be the hub's ([`crate::BroadcastHub::epoch`]). `slot` is
     /// released when the session ends.
     pub fn new(
         id: SessionId,
-        hub: Addr<BroadcastHub>,
+        hub: Addr<HubShard>,
         epoch: Instant,
         config: Arc<SessionConfig>,
         kind: ClientKind,
@@ -161,7 +161,9 @@ impl WsSessionActor {
         WsSessionActor {
             id,
             hub,
-            link: Arc::new(SessionLink::new(epoch, Instant::now())),
+            link: Arc::new(
+                SessionLink::new(epoch, Instant::now()).with_max_queued(config.mailbox_capacity),
+            ),
             config,
             kind,
             inbound: Gcra::new(),
@@ -223,6 +225,7 @@ impl WsSessionActor {
         }
         self.closing = true;
         if !self.forwarded {
+            self.link.mark_closing();
             ctx.close(reason);
             ctx.stop();
             return;
@@ -244,6 +247,7 @@ impl WsSessionActor {
     /// Sends the close frame `close_after_flush` is holding, once.
     fn finish_close(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         if let Some(reason) = self.pending_close.take() {
+            self.link.mark_closing();
             ctx.close(reason);
             ctx.stop();
         }
@@ -449,18 +453,6 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSessionActor {
                 ctx.stop();
             }
         }
-    }
-}
-
-impl Handler<Deliver> for WsSessionActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Deliver, ctx: &mut Self::Context) {
-        match msg.payload {
-            Payload::Text(text) => ctx.text(text),
-            Payload::Binary(bytes) => ctx.binary(bytes),
-        }
-        self.link.release(msg.cost);
     }
 }
 

@@ -19,11 +19,12 @@ use actix_web::web::{Bytes, BytesMut};
 use actix_web_actors::ws::WebsocketContext;
 use futures::channel::mpsc;
 use futures::{FutureExt, Stream, StreamExt};
+use happynet_actors::delivery::Outbound;
 use happynet_actors::gcra::Quota;
 use happynet_actors::liveness::EvictionPolicy;
 use happynet_actors::session::CLOSE_FLUSH_TIMEOUT;
 use happynet_actors::{
-    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, GetHubStats, RoomName,
+    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, GetHubStats, HubShard, RoomName,
     SessionConfig, WsSessionActor,
 };
 use std::pin::Pin;
@@ -44,7 +45,7 @@ struct DrivenSession {
 /// upgrade route holds just before it registers the session.
 fn unstarted_session(
     id: u64,
-    hub: &Addr<BroadcastHub>,
+    hub: &Addr<HubShard>,
     epoch: tokio::time::Instant,
 ) -> (DrivenSession, Connect) {
     unstarted_session_of(id, hub, epoch, ClientKind::Protocol)
@@ -52,7 +53,7 @@ fn unstarted_session(
 
 fn unstarted_session_of(
     id: u64,
-    hub: &Addr<BroadcastHub>,
+    hub: &Addr<HubShard>,
     epoch: tokio::time::Instant,
     kind: ClientKind,
 ) -> (DrivenSession, Connect) {
@@ -66,6 +67,9 @@ fn unstarted_session_of(
     let (input, rx) = mpsc::unbounded();
     let checked = actor.check_inbound(rx);
     let (addr, output) = WebsocketContext::create_with_addr(actor, checked);
+    // What the upgrade route makes the response body: the session's own
+    // frames and the frames the hub queues for it.
+    let output = Outbound::new(link.clone(), output);
     let connect = Connect {
         id,
         addr,
@@ -88,7 +92,7 @@ fn unstarted_session_of(
 impl DrivenSession {
     /// A session registered with `hub` as the upgrade route does it: before
     /// its actor has started.
-    async fn start(id: u64, hub: &Addr<BroadcastHub>, epoch: tokio::time::Instant) -> Self {
+    async fn start(id: u64, hub: &Addr<HubShard>, epoch: tokio::time::Instant) -> Self {
         let (session, connect) = unstarted_session(id, hub, epoch);
         hub.send(connect).await.unwrap().unwrap();
         session
@@ -159,11 +163,14 @@ async fn the_hub_timer_keeps_answering_sessions_and_evicts_a_frozen_one() {
     tokio::time::pause();
     let hub_actor = BroadcastHub::new(hub_config());
     let epoch = hub_actor.epoch();
+    let shards = hub_actor.shards();
     let hub = hub_actor.start();
+    // This test's thread's shard: where its sessions register.
+    let shard = shards.local().unwrap();
     let t0 = tokio::time::Instant::now();
 
-    let mut live = DrivenSession::start(1, &hub, epoch).await;
-    let mut frozen = DrivenSession::start(2, &hub, epoch).await;
+    let mut live = DrivenSession::start(1, &shard, epoch).await;
+    let mut frozen = DrivenSession::start(2, &shard, epoch).await;
     assert!(live.next_text().await.contains("welcome"));
     assert!(frozen.next_text().await.contains("welcome"));
     // From here on nobody polls `frozen`: its actor never runs again.
@@ -198,9 +205,12 @@ async fn a_session_that_stops_answering_is_evicted_after_client_timeout() {
     tokio::time::pause();
     let hub_actor = BroadcastHub::new(hub_config());
     let epoch = hub_actor.epoch();
+    let shards = hub_actor.shards();
     let hub = hub_actor.start();
+    // This test's thread's shard: where its sessions register.
+    let shard = shards.local().unwrap();
     let t0 = tokio::time::Instant::now();
-    let mut s = DrivenSession::start(1, &hub, epoch).await;
+    let mut s = DrivenSession::start(1, &shard, epoch).await;
     assert!(s.next_text().await.contains("welcome"));
 
     // It answers once at tick 1 (30.001 s), then goes quiet but keeps reading.
@@ -228,9 +238,12 @@ async fn a_frozen_session_is_evicted_once_its_byte_budget_is_spent() {
     const CAP: usize = 1 << 20;
     let hub_actor = BroadcastHub::new(hub_config());
     let epoch = hub_actor.epoch();
+    let shards = hub_actor.shards();
     let hub = hub_actor.start();
-    let mut live = DrivenSession::start(1, &hub, epoch).await;
-    let mut frozen = DrivenSession::start(2, &hub, epoch).await;
+    // This test's thread's shard: where its sessions register.
+    let shard = shards.local().unwrap();
+    let mut live = DrivenSession::start(1, &shard, epoch).await;
+    let mut frozen = DrivenSession::start(2, &shard, epoch).await;
     assert!(live.next_text().await.contains("welcome"));
     assert!(frozen.next_text().await.contains("welcome"));
 
@@ -260,8 +273,11 @@ async fn a_burst_before_the_session_starts_is_delivered_not_evicted() {
     const BURST: usize = 200;
     let hub_actor = BroadcastHub::new(hub_config());
     let epoch = hub_actor.epoch();
+    let shards = hub_actor.shards();
     let hub = hub_actor.start();
-    let mut s = DrivenSession::start(1, &hub, epoch).await;
+    // This test's thread's shard: where its sessions register.
+    let shard = shards.local().unwrap();
+    let mut s = DrivenSession::start(1, &shard, epoch).await;
     for i in 0..BURST {
         // Awaited: the hub has queued each one before the next, all while
         // the session's actor has yet to run.
@@ -286,10 +302,16 @@ async fn a_burst_before_the_session_starts_is_delivered_not_evicted() {
 async fn a_session_dropped_before_it_registers_is_refused() {
     let hub_actor = BroadcastHub::new(hub_config());
     let epoch = hub_actor.epoch();
+    let shards = hub_actor.shards();
     let hub = hub_actor.start();
-    let (session, connect) = unstarted_session(1, &hub, epoch);
+    // This test's thread's shard: where its sessions register.
+    let shard = shards.local().unwrap();
+    let (session, connect) = unstarted_session(1, &shard, epoch);
     drop(session);
-    assert_eq!(hub.send(connect).await.unwrap(), Err(ConnectRefused::Gone));
+    assert_eq!(
+        shard.send(connect).await.unwrap(),
+        Err(ConnectRefused::Gone)
+    );
     assert_eq!(stats(&hub).await.sessions, 0);
 }
 
@@ -304,7 +326,7 @@ async fn a_full_hub_is_an_error_frame_for_a_protocol_client_and_1013_for_a_plain
     // stays full. actix lets each sender queue one message past the
     // capacity, so each session's first message is taken and its second
     // is refused.
-    let stalled: Context<BroadcastHub> = Context::new();
+    let stalled: Context<HubShard> = Context::new();
     let hub = stalled.address();
     while hub.try_send(GetHubStats).is_ok() {}
     let epoch = tokio::time::Instant::now();

@@ -23,14 +23,17 @@
 //!    the body to `broadcast_route`, which parses the room and the body and
 //!    sends the hub a `Broadcast`;
 //! 2. `happynet_actors::messages`: `Broadcast` (its constructors, its
-//!    `Target`) and, further down the same file, `Deliver`, the message the
-//!    hub turns it into for each session;
-//! 3. `happynet_actors::hub`: `Handler<Broadcast>` relays a local broadcast
-//!    to the cluster bridge, if any, then fans it out: `fan_out` →
-//!    `deliver` charges each session's byte budget
-//!    (`happynet_actors::liveness`) and `try_send`s a `Deliver`;
-//! 4. `happynet_actors::session`: `Handler<Deliver>` writes the text or
-//!    binary frame and gives the budget back.
+//!    `Target`) and `Fan`, what the router hands each shard;
+//! 3. `happynet_actors::hub`: the `BroadcastHub` router's
+//!    `Handler<Broadcast>` relays a local broadcast to the cluster bridge,
+//!    if any, once per node, then sends one `Fan` to each worker thread's
+//!    `HubShard`; the shard encodes the frame once and `deliver` charges
+//!    each member's byte budget (`happynet_actors::liveness`) and pushes
+//!    the encoded bytes onto its `DeliveryQueue`;
+//! 4. `happynet_actors::delivery`: the upgrade response's body
+//!    (`Outbound`) takes everything queued at once and hands it to the
+//!    HTTP layer, which writes it to the socket; the session actor is not
+//!    woken for data at all.
 //!
 //! With `network.cluster`, the relay continues in [`cluster`]: the bridge's
 //! `Handler<Relay>` queues it in the outbox, and `flush` publishes it with

@@ -26,7 +26,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use happynet_actors::{
     Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, ConnectionGate, GetHubStats,
-    RoomName, SessionConfig, Shutdown, WsSessionActor,
+    HubShards, RoomName, SessionConfig, Shutdown, WsSessionActor,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -43,6 +43,8 @@ const HUB_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// `Network::start` and registered as app data by `Network::configure`.
 pub struct RealtimeState {
     hub: Addr<BroadcastHub>,
+    /// Where each upgrade finds the hub's shard on its own worker thread.
+    shards: HubShards,
     /// The hub's epoch, which every session's link is measured from.
     hub_epoch: Instant,
     session_config: Arc<SessionConfig>,
@@ -55,16 +57,19 @@ pub struct RealtimeState {
 }
 
 impl RealtimeState {
-    /// The state for a started `hub` whose epoch is `hub_epoch`, with the
-    /// limits of `ws` and the guards of `security`.
+    /// The state for a started `hub` whose epoch is `hub_epoch` and whose
+    /// shards are `shards`, with the limits of `ws` and the guards of
+    /// `security`.
     pub(crate) fn new(
         hub: Addr<BroadcastHub>,
+        shards: HubShards,
         hub_epoch: Instant,
         ws: &WebSocketConfig,
         security: Security,
     ) -> Self {
         RealtimeState {
             hub,
+            shards,
             hub_epoch,
             session_config: Arc::new(ws.session_config()),
             gate: ConnectionGate::new(ws.max_connections),
@@ -225,16 +230,26 @@ async fn ws_route(
     };
     let peer = req.conn_data::<PeerSocket>();
     let socket = peer.map(|p| p.socket.clone());
+    // The session registers with the shard on this worker's thread, so that
+    // the hub's deliveries to it never cross threads.
+    let Ok(shard) = state.shards.local() else {
+        return Ok(error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    };
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
     let session = WsSessionActor::new(
         id,
-        state.hub.clone(),
+        shard.clone(),
         state.hub_epoch,
         state.session_config.clone(),
         kind,
         Some(slot),
     );
     let link = session.link();
+    let queue_link = link.clone();
     let checked = session.check_inbound(stream);
     let builder = ws::WsResponseBuilder::new(session, &req, checked)
         // The frame checker refuses a message over the limit first (1009);
@@ -270,7 +285,7 @@ async fn ws_route(
         // same key, and the same exemptions, as the per-IP guards).
         ip_key: room_quota_key(&state.security, &req),
     };
-    match state.hub.send(connect).timeout(HUB_REPLY_TIMEOUT).await {
+    match shard.send(connect).timeout(HUB_REPLY_TIMEOUT).await {
         Ok(Ok(())) => {}
         Ok(Err(refused)) => {
             let (status, code) = match refused {
@@ -292,6 +307,7 @@ async fn ws_route(
             ))
         }
     }
+    let response = websocket::with_delivery_queue(response, queue_link);
     let plain_tcp = peer.filter(|p| !p.tls).map(|p| p.socket.clone());
     let response = websocket::close_tcp_when_done(response, plain_tcp);
     Ok(pass.hold_until_closed(response))

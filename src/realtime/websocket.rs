@@ -28,10 +28,12 @@
 //! only; over TLS the connection ends after the linger (a TLS stream would
 //! read the bare end-of-stream as a truncation attack).
 
-use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::body::{BodySize, BodyStream, BoxBody, MessageBody};
 use actix_web::http::header;
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse};
+use happynet_actors::delivery::Outbound;
+use happynet_actors::liveness::SessionLink;
 use happynet_actors::ClientKind;
 use socket2::Socket;
 use std::net::Shutdown;
@@ -58,6 +60,16 @@ pub fn requested_kind(req: &HttpRequest) -> ClientKind {
             .get_all(header::SEC_WEBSOCKET_PROTOCOL)
             .filter_map(|v| v.to_str().ok()),
     )
+}
+
+/// Makes `response` (the upgrade's) write the frames the hub queues for the
+/// session behind `link` as well as the session's own: the upgrade's body
+/// becomes [`Outbound`] (see `happynet_actors::delivery`).
+pub fn with_delivery_queue(response: HttpResponse, link: Arc<SessionLink>) -> HttpResponse {
+    response.map_body(|_, mut body| {
+        let own = futures::stream::poll_fn(move |cx| Pin::new(&mut body).poll_next(cx));
+        BoxBody::new(BodyStream::new(Outbound::new(link, own)))
+    })
 }
 
 /// Makes `response` (the upgrade's) shut down the read half of `socket`
