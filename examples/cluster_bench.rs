@@ -798,6 +798,9 @@ fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
+/// One row's figures from one run.
+type Pick<'a> = &'a dyn Fn(&Figures) -> Vec<f64>;
+
 /// Medians over the runs, one row each.
 struct Table<'a> {
     one: &'a [Figures],
@@ -823,12 +826,7 @@ impl Table<'_> {
             .join(" / ")
     }
 
-    fn row(
-        &self,
-        label: &str,
-        one: Option<&dyn Fn(&Figures) -> Vec<f64>>,
-        three: &dyn Fn(&Figures) -> Vec<f64>,
-    ) {
+    fn row(&self, label: &str, one: Option<Pick<'_>>, three: &dyn Fn(&Figures) -> Vec<f64>) {
         let left = one.map_or_else(|| "-".to_owned(), |f| Self::cell(self.one, f));
         println!(
             "{label:<44} {left:>22} {:>24}",
