@@ -15,6 +15,7 @@ use happynet_actors::{
     Broadcast, BroadcastHub, ClusterPresence, GetOccupancy, Relay, RelayTarget, SetRelay,
 };
 use redis::aio::MultiplexedConnection;
+use redis::IntoConnectionInfo;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::fmt;
@@ -115,11 +116,18 @@ pub struct GetClusterStats;
 #[rtype(result = "()")]
 pub struct Leave;
 
+/// The hub's handling of a batch's last broadcast: done once the hub has
+/// handled the whole batch (its mailbox is FIFO).
+type Delivery = actix::dev::Request<BroadcastHub, Broadcast>;
+
 /// A batch read from the stream, from the bridge's reader to the bridge.
-/// The reply comes once the hub has handled the batch, so the reader reads
-/// no faster than the hub delivers.
+/// The reply is the batch's [`Delivery`] (none if nothing in it was for
+/// the hub). The reader reads the next batch while this one is delivered
+/// and waits for the delivery before it hands the next one over: the read
+/// no longer waits for the fan-out, and still no more than one batch is in
+/// the hub and one in the reader.
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Option<Delivery>")]
 struct Inbound {
     generation: u64,
     entries: Vec<InEntry>,
@@ -188,11 +196,21 @@ impl ClusterBridge {
         node: NodeIdentity,
         hub: Addr<BroadcastHub>,
     ) -> Result<Self, ConfigError> {
-        let client =
-            redis::Client::open(config.redis_url.as_str()).map_err(|e| ConfigError::Invalid {
-                path: "network.cluster.redis_url".into(),
-                message: format!("is not a Redis URL: {e}"),
-            })?;
+        let invalid = |e: redis::RedisError| ConfigError::Invalid {
+            path: "network.cluster.redis_url".into(),
+            message: format!("is not a Redis URL: {e}"),
+        };
+        // TCP_NODELAY on both connections (the redis crate turns it off):
+        // an XADD pipeline written while another command's bytes are not
+        // yet acknowledged must not wait for that ACK (Nagle) before it
+        // leaves, and every entry is small.
+        let info = config
+            .redis_url
+            .as_str()
+            .into_connection_info()
+            .map_err(invalid)?;
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(invalid)?;
         let jitter = Jitter::new();
         let prefix = config.prefix.clone();
         Ok(ClusterBridge {
@@ -402,8 +420,8 @@ impl ClusterBridge {
     }
 
     /// Reads the stream from `from` until the link fails; each batch goes
-    /// to the bridge as an [`Inbound`] and the next read waits for it to be
-    /// delivered.
+    /// to the bridge as an [`Inbound`], and the next batch is read while it
+    /// is delivered (see [`Inbound`]).
     fn spawn_reader(
         &mut self,
         ctx: &mut Context<Self>,
@@ -417,6 +435,7 @@ impl ClusterBridge {
         let handle = ctx.spawn(
             async move {
                 let mut last = from;
+                let mut delivering: Option<Delivery> = None;
                 loop {
                     let mut xread = redis::cmd("XREAD");
                     xread
@@ -430,7 +449,19 @@ impl ClusterBridge {
                     // Raw: each entry is decoded on its own, so one that is
                     // malformed cannot fail the whole read.
                     let read = xread.query_async::<redis::Value>(&mut conn);
-                    let reply = match tokio::time::timeout(READ_BLOCK + READ_GRACE, read).await {
+                    let read = tokio::time::timeout(READ_BLOCK + READ_GRACE, read);
+                    // Polled together: the previous batch's delivery is
+                    // driven (if the hub's mailbox was full, its last
+                    // message is queued only when polled) while the read
+                    // waits for entries.
+                    let previous = delivering.take();
+                    let delivered = async move {
+                        if let Some(delivery) = previous {
+                            let _ = delivery.await;
+                        }
+                    };
+                    let (read, ()) = futures::join!(read, delivered);
+                    let reply = match read {
                         Err(_) => {
                             return format!(
                                 "no answer to XREAD within {:?}",
@@ -449,15 +480,15 @@ impl ClusterBridge {
                     }
                     // An empty batch (the block expired) still goes: it
                     // tells a reconnected bridge that it has caught up.
-                    if me
+                    match me
                         .send(Inbound {
                             generation,
                             entries,
                         })
                         .await
-                        .is_err()
                     {
-                        return "the bridge stopped".to_owned();
+                        Ok(delivery) => delivering = delivery,
+                        Err(_) => return "the bridge stopped".to_owned(),
                     }
                 }
             }
@@ -788,23 +819,18 @@ impl Handler<Relay> for ClusterBridge {
 }
 
 impl Handler<Inbound> for ClusterBridge {
-    type Result = ResponseFuture<()>;
+    type Result = MessageResult<Inbound>;
 
     fn handle(&mut self, msg: Inbound, _: &mut Self::Context) -> Self::Result {
         if msg.generation != self.generation {
-            return Box::pin(async {});
+            return MessageResult(None);
         }
         // A read came back on this connection: it works.
         self.link.healthy();
         let last = self.on_inbound(msg.entries);
-        let hub = self.hub.clone();
-        // send (not try_send) for the last one: waiting for its answer is
-        // the reader's back-pressure.
-        Box::pin(async move {
-            if let Some(last) = last {
-                let _ = hub.send(last).await;
-            }
-        })
+        // send (not try_send) for the last one: the reader waits for its
+        // answer before handing over the next batch (its back-pressure).
+        MessageResult(last.map(|last| self.hub.send(last)))
     }
 }
 
