@@ -45,7 +45,7 @@
 //! and [`PoolStats::stream_write_timeouts`] counts it.
 
 use crate::backoff::Jitter;
-use crate::balancer::{Balancer, EjectionConfig, Strategy};
+use crate::balancer::{Balancer, EjectionConfig, EjectionConfigError, Strategy};
 use crate::limiter::Grant;
 use crate::verdict::Verdict;
 use actix::dev::{MessageResponse, OneshotSender};
@@ -59,8 +59,17 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+/// The most connections one endpoint may keep, and the most calls the
+/// bulkhead may run or queue. awc's connection limit is a semaphore, which
+/// panics above 2^61 permits, and the pool's mailbox holds `max_in_flight +
+/// max_queue`, whose channel arithmetic overflows (a panic) far below
+/// `usize::MAX`; a million is far beyond what one process can hold open and
+/// keeps the bound meaningful.
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
 /// How a pool is set up, resolved from `network.api_clients.<name>` or
-/// `network.http` by the `happynet` crate.
+/// `network.http` by the `happynet` crate. [`PoolConfig::validate`] is the
+/// one judge of these settings.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     /// The upstream's name, used in errors, logs and metrics.
@@ -68,22 +77,110 @@ pub struct PoolConfig {
     /// Base URLs of the endpoints (scheme, host, port and an optional path
     /// prefix, without a trailing slash); requests append their path.
     pub endpoints: Vec<String>,
-    /// Connections kept per endpoint.
+    /// Connections kept per endpoint, 1 to [`MAX_CONNECTIONS`].
     pub max_connections: usize,
-    /// How long establishing a connection (including TLS) may take.
+    /// How long establishing a connection (including TLS) may take, above
+    /// zero.
     pub connect_timeout: Duration,
     /// How long an idle keep-alive connection is kept.
     pub keep_alive: Duration,
-    /// Calls running at once.
+    /// Calls running at once, 1 to [`MAX_CONNECTIONS`].
     pub max_in_flight: usize,
-    /// Calls waiting for a slot; beyond it callers get `Overloaded`.
+    /// Calls waiting for a slot, at most [`MAX_CONNECTIONS`]; beyond it
+    /// callers get `Overloaded`.
     pub max_queue: usize,
-    /// The largest response body read into memory.
+    /// The largest response body read into memory, at least 1.
     pub max_response_bytes: usize,
     /// How endpoints are chosen.
     pub strategy: Strategy,
     /// When an endpoint is ejected for failing.
     pub ejection: EjectionConfig,
+}
+
+/// Why [`PoolConfig::validate`] refused a configuration: the first field
+/// that is wrong. [`PoolConfigError::field`] names the field (an ejection
+/// field as `ejection.<field>`), so that a configuration file can report the
+/// error under its own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolConfigError {
+    /// `max_connections` is 0 or above [`MAX_CONNECTIONS`].
+    MaxConnections(usize),
+    /// `connect_timeout` is zero.
+    ConnectTimeout,
+    /// `max_response_bytes` is 0.
+    MaxResponseBytes,
+    /// `max_in_flight` is 0 or above [`MAX_CONNECTIONS`].
+    MaxInFlight(usize),
+    /// `max_queue` is above [`MAX_CONNECTIONS`].
+    MaxQueue(usize),
+    /// The ejection settings are wrong.
+    Ejection(EjectionConfigError),
+}
+
+impl PoolConfigError {
+    /// The [`PoolConfig`] field that is wrong.
+    pub fn field(&self) -> &'static str {
+        match self {
+            PoolConfigError::MaxConnections(_) => "max_connections",
+            PoolConfigError::ConnectTimeout => "connect_timeout",
+            PoolConfigError::MaxResponseBytes => "max_response_bytes",
+            PoolConfigError::MaxInFlight(_) => "max_in_flight",
+            PoolConfigError::MaxQueue(_) => "max_queue",
+            PoolConfigError::Ejection(e) => match e.field() {
+                "consecutive_failures" => "ejection.consecutive_failures",
+                "base_ejection" => "ejection.base_ejection",
+                _ => "ejection.max_ejection",
+            },
+        }
+    }
+
+    /// What the field must be, without the field's name.
+    pub fn requirement(&self) -> String {
+        match self {
+            PoolConfigError::MaxConnections(0) | PoolConfigError::MaxInFlight(0) => {
+                "must be >= 1".to_owned()
+            }
+            PoolConfigError::MaxConnections(_)
+            | PoolConfigError::MaxInFlight(_)
+            | PoolConfigError::MaxQueue(_) => format!("must be <= {MAX_CONNECTIONS}"),
+            PoolConfigError::ConnectTimeout => "must be > 0".to_owned(),
+            PoolConfigError::MaxResponseBytes => "must be >= 1".to_owned(),
+            PoolConfigError::Ejection(e) => e.requirement(),
+        }
+    }
+}
+
+impl fmt::Display for PoolConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field(), self.requirement())
+    }
+}
+
+impl std::error::Error for PoolConfigError {}
+
+impl PoolConfig {
+    /// Checks every field but the name and endpoints; the error names the
+    /// first that is wrong.
+    pub fn validate(&self) -> Result<(), PoolConfigError> {
+        let count = |n: usize| (1..=MAX_CONNECTIONS).contains(&n);
+        if !count(self.max_connections) {
+            return Err(PoolConfigError::MaxConnections(self.max_connections));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(PoolConfigError::ConnectTimeout);
+        }
+        if self.max_response_bytes == 0 {
+            return Err(PoolConfigError::MaxResponseBytes);
+        }
+        if !count(self.max_in_flight) {
+            return Err(PoolConfigError::MaxInFlight(self.max_in_flight));
+        }
+        if self.max_queue > MAX_CONNECTIONS {
+            return Err(PoolConfigError::MaxQueue(self.max_queue));
+        }
+        self.ejection.validate().map_err(PoolConfigError::Ejection)
+    }
 }
 
 /// One HTTP call for the pool to make.

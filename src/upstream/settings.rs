@@ -10,10 +10,9 @@
 //! rule is written once. Nothing downstream reshapes them again.
 
 use super::auth::Auth;
-use crate::config::{LoadBalancing, UpstreamSettings};
+use crate::config::UpstreamSettings;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use happynet_actors::backoff::{Backoff, RetryBudget};
-use happynet_actors::balancer::{EjectionConfig, Strategy};
 use happynet_actors::breaker::BreakerActor;
 use happynet_actors::cache::ResponseCache;
 use happynet_actors::gcra::Quota;
@@ -51,25 +50,8 @@ impl Parts {
             settings.rate_burst,
         )
         .map_err(|e| format!("{name}: rate limit: {e}"))?;
-        let pool = PoolConfig {
-            name: name.clone(),
-            endpoints: settings.endpoints.clone(),
-            max_connections: settings.max_connections,
-            connect_timeout: settings.connect_timeout,
-            keep_alive: settings.keep_alive,
-            max_in_flight: settings.max_in_flight,
-            max_queue: settings.max_queue,
-            max_response_bytes: settings.max_response_bytes,
-            strategy: match settings.load_balancing {
-                LoadBalancing::RoundRobin => Strategy::RoundRobin,
-                LoadBalancing::PeakEwma => Strategy::PeakEwma,
-            },
-            ejection: EjectionConfig {
-                consecutive_failures: settings.ejection.consecutive_failures,
-                base_ejection: settings.ejection.base_ejection.0,
-                max_ejection: settings.ejection.max_ejection.0,
-            },
-        };
+        let pool = settings.pool_config();
+        pool.validate().map_err(|e| format!("{name}: pool: {e}"))?;
         let r = &settings.retry;
         let backoff = Backoff::try_new(r.base_delay.0, r.max_delay.0)
             .map_err(|e| format!("{name}: retry backoff: {e}"))?;
