@@ -293,7 +293,7 @@ impl AlertsConfig {
         let mut settings = network.origin(origin);
         settings.name = WEBHOOK_UPSTREAM.to_owned();
         let timeout = w.timeout.0;
-        settings.attempt_timeout = timeout;
+        settings.timeout = timeout;
         settings.retry_attempts = w.retry_attempts;
         settings.deadline = w.deadline.map_or_else(
             || timeout.saturating_mul(w.retry_attempts.saturating_add(1)),

@@ -178,14 +178,14 @@ pub struct UpstreamSettings {
     pub name: String,
     /// Endpoint base URLs without a trailing slash.
     pub endpoints: Vec<String>,
-    /// Requests per minute.
-    pub rate_per_minute: f64,
+    /// `rate_limit`: requests per minute.
+    pub rate_limit: f64,
     /// Requests that may go at once.
     pub rate_burst: u32,
     /// Whether calls wait for the limiter when the wait fits the deadline.
     pub wait_for_rate_limit: bool,
-    /// Per-attempt timeout.
-    pub attempt_timeout: Duration,
+    /// `timeout`: the per-attempt timeout.
+    pub timeout: Duration,
     /// Overall deadline of a call.
     pub deadline: Duration,
     /// Retries after the first attempt.
@@ -223,7 +223,8 @@ pub struct UpstreamSettings {
 
 impl UpstreamSettings {
     /// The pool's settings: connections, bulkhead, balancing and ejection,
-    /// field by field under the same names.
+    /// field by field under the same names (the `bulkhead` block's two keys
+    /// are flat in the pool, as they are here).
     pub fn pool_config(&self) -> PoolConfig {
         PoolConfig {
             name: self.name.clone(),
@@ -234,7 +235,7 @@ impl UpstreamSettings {
             max_in_flight: self.max_in_flight,
             max_queue: self.max_queue,
             max_response_bytes: self.max_response_bytes,
-            strategy: self.load_balancing,
+            load_balancing: self.load_balancing,
             ejection: self.ejection.ejection_config(),
         }
     }
@@ -261,7 +262,7 @@ impl NetworkConfig {
     pub fn api_client(&self, name: &str) -> Option<UpstreamSettings> {
         let c = self.api_clients.get(name)?;
         let h = &self.http;
-        let attempt_timeout = c.timeout.unwrap_or(h.timeout).0;
+        let timeout = c.timeout.unwrap_or(h.timeout).0;
         let retry_attempts = c.retry_attempts.unwrap_or(h.retry_attempts);
         let max_connections = c.max_connections.unwrap_or(h.max_connections);
         let bulkhead = c.bulkhead.clone().unwrap_or_else(|| h.bulkhead.clone());
@@ -275,15 +276,11 @@ impl NetworkConfig {
         Some(UpstreamSettings {
             name: name.to_owned(),
             endpoints,
-            rate_per_minute: c.rate_limit,
+            rate_limit: c.rate_limit,
             rate_burst: c.rate_burst.unwrap_or_else(|| default_burst(c.rate_limit)),
             wait_for_rate_limit: c.wait_for_rate_limit.unwrap_or(h.wait_for_rate_limit),
-            attempt_timeout,
-            deadline: Self::deadline_for(
-                c.deadline.or(h.deadline),
-                attempt_timeout,
-                retry_attempts,
-            ),
+            timeout,
+            deadline: Self::deadline_for(c.deadline.or(h.deadline), timeout, retry_attempts),
             retry_attempts,
             connect_timeout: c.connect_timeout.unwrap_or(h.connect_timeout).0,
             keep_alive: h.keep_alive.0,
@@ -324,10 +321,10 @@ impl NetworkConfig {
         UpstreamSettings {
             name: origin.to_owned(),
             endpoints: vec![trim_base(origin)],
-            rate_per_minute: h.rate_limit,
+            rate_limit: h.rate_limit,
             rate_burst: h.rate_burst.unwrap_or_else(|| default_burst(h.rate_limit)),
             wait_for_rate_limit: h.wait_for_rate_limit,
-            attempt_timeout: h.timeout.0,
+            timeout: h.timeout.0,
             deadline: Self::deadline_for(h.deadline, h.timeout.0, h.retry_attempts),
             retry_attempts: h.retry_attempts,
             connect_timeout: h.connect_timeout.0,

@@ -6,8 +6,16 @@
 //! default applied. This module is the only step after that: each actor's
 //! config is filled from it field by field, under the same names the JSON
 //! uses (`failure_rate` is `failure_rate` in the file, in the settings and in
-//! the breaker), and each is checked by its policy's own constructor, so a
-//! rule is written once. Nothing downstream reshapes them again.
+//! the breaker; `timeout`, `rate_limit`, `load_balancing` likewise), and each
+//! is checked by its policy's own constructor, so a rule is written once.
+//! Nothing downstream reshapes them again.
+//!
+//! The one place names change is the retry block's backoff: [`Backoff`] is
+//! one policy shared by three blocks (`retry`'s `base_delay`/`max_delay`,
+//! the ejection's lengths, the Redis links' `reconnect_min_ms`/`_max_ms`),
+//! so its fields are `base` and `max`, and the retry budget's `ttl` and
+//! `ratio` are `budget_window` and `budget_ratio` in the `retry` block;
+//! `config::http` maps those errors back to the JSON's keys.
 
 use super::auth::Auth;
 use crate::config::UpstreamSettings;
@@ -45,7 +53,7 @@ impl Parts {
     pub(super) fn from_settings(settings: &UpstreamSettings) -> Result<Parts, String> {
         let name = &settings.name;
         let quota = Quota::new(
-            settings.rate_per_minute,
+            settings.rate_limit,
             Duration::from_secs(60),
             settings.rate_burst,
         )
