@@ -18,7 +18,7 @@
 //! |---|---|---|
 //! | 1 | `config`, `json_error` | [`config`]: the `network` JSON object, one file per section, with defaults and validation that names the offending path (each policy checked by its own constructor); `json_error`: the `{"error": …}` body and `Retry-After` every route answers with |
 //! | 2 | `security`, `tls`, `assets` | [`security`]: the per-IP flood and abuse guards, origin and token checks; [`tls`]: a rustls server config from PEM files; [`assets`]: static files with validators and compression |
-//! | 3 | `upstream` | [`upstream`]: `HttpClient` (any URL) and `ApiClient` (one configured upstream), in call order: types, call path (cache, hand-off to the upstream arbiter), retry pipeline, stats, credentials, errors, and the registry of upstreams |
+//! | 3 | `upstream` | [`upstream`]: `HttpClient` (any URL) and `ApiClient` (one configured upstream), in call order: the clients with their request and response types, call path (cache, hand-off to the upstream arbiter), retry pipeline, stats, credentials, errors, and the registry of upstreams |
 //! | 4 | `gateway` | [`gateway`]: the upstream stack's HTTP faces, `/proxy/…` and the OpenAI-compatible `/v1/…`, with the OpenAI client and the event-stream parser |
 //! | 5 | `realtime` | [`realtime`]: the `/ws`, `POST /broadcast` and `/health` routes on a [`realtime::RealtimeState`], the upgrade's pieces, and [`realtime::cluster`] (scale-out through Redis: wire format, outbox, sequence tracking, link, presence, bridge) |
 //! | 6 | `ops` | [`ops`]: one snapshot of the node and its three views, `/metrics`, `/status` and `/ready`, plus the alerts; they read a [`ops::Probes`] struct, never `Network` |
@@ -37,13 +37,14 @@
 //!   also hands it to `realtime/cluster/bridge.rs`, whose outbox and
 //!   `wire.rs` put it on the Redis stream for the other nodes.
 //! - **An API call**: `ApiClient::get` (`upstream/client.rs`) gives a
-//!   `RequestBuilder` (`upstream/types.rs`); `send` goes through the call
-//!   path (`upstream/call.rs`: cache, hand-off to the arbiter, deadline)
-//!   and the retry pipeline (`upstream/retry.rs`), which asks
-//!   `RateLimiterActor`, `BreakerActor` and `PoolActor` in turn
-//!   (`actors/src/{limiter,breaker,pool}.rs`); the pool's one verdict on
-//!   the answer (`actors/src/verdict.rs`) decides retry, breaker outcome
-//!   and endpoint health; `upstream/stats.rs` counts the call.
+//!   `RequestBuilder` (same file); `send` goes through the call path
+//!   (`upstream/call.rs`: cache, hand-off to the arbiter, deadline) and the
+//!   retry pipeline (`upstream/retry.rs`), which asks `RateLimiterActor`
+//!   (`actors/src/limiter.rs`, its GCRA in `gcra.rs`), `BreakerActor`
+//!   (`breaker.rs`) and `PoolActor` (`pool.rs`, its endpoints chosen by
+//!   `balancer.rs`) in turn; the pool's one verdict on the answer (in
+//!   `pool.rs`) decides retry, breaker outcome and endpoint health;
+//!   `upstream/stats.rs` counts the call: 9 files.
 //!
 //! ```text
 //!  app code / POST /broadcast ──Broadcast──► BroadcastHub (router) ──Fan──► HubShard × workers

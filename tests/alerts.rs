@@ -524,7 +524,7 @@ fn the_webhook_is_an_upstream_with_its_own_timeouts() {
         .webhook_upstream(&config.network)
         .unwrap();
     assert_eq!(w.endpoints, ["https://hooks.example.com"]);
-    assert_eq!(w.attempt_timeout, Duration::from_millis(1500));
+    assert_eq!(w.timeout, Duration::from_millis(1500));
     assert_eq!(w.deadline, Duration::from_millis(4500));
     assert_eq!((w.retry_attempts, w.max_in_flight), (2, 3));
     assert_eq!(w.headers, [("x-team".to_owned(), "net".to_owned())]);

@@ -240,6 +240,56 @@ const BAD_POLICIES: &[(&str, &str, &str)] = &[
         "network.http.rate_burst",
         "must be >= 1",
     ),
+    // The pool's settings, judged by `PoolConfig::validate` (the ejection
+    // by `EjectionConfig::validate`), under the key they were written at.
+    // Before, the balancer took a `consecutive_failures` of 0 as 1 while
+    // the loader refused it, and the webhook's `max_in_flight` had no upper
+    // bound at all (the pool's mailbox overflows above it).
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","ejection":{"consecutive_failures":0}}}}}"#,
+        "network.api_clients.a.ejection.consecutive_failures",
+        "must be >= 1",
+    ),
+    (
+        r#"{"network":{"http":{"ejection":{"base_ejection":30,"max_ejection":10}}}}"#,
+        "network.http.ejection.max_ejection",
+        "must be >= base_ejection",
+    ),
+    (
+        r#"{"network":{"http":{"ejection":{"base_ejection":0}}}}"#,
+        "network.http.ejection.base_ejection",
+        "must be > 0",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","bulkhead":{"max_queue":2000000}}}}}"#,
+        "network.api_clients.a.bulkhead.max_queue",
+        "must be <= 1048576",
+    ),
+    (
+        r#"{"network":{"http":{"bulkhead":{"max_in_flight":0}}}}"#,
+        "network.http.bulkhead.max_in_flight",
+        "must be >= 1",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","max_connections":2000000}}}}"#,
+        "network.api_clients.a.max_connections",
+        "must be <= 1048576",
+    ),
+    (
+        r#"{"network":{"api_clients":{"a":{"base_url":"https://x","connect_timeout":0}}}}"#,
+        "network.api_clients.a.connect_timeout",
+        "must be > 0",
+    ),
+    (
+        r#"{"network":{"http":{"max_response_bytes":0}}}"#,
+        "network.http.max_response_bytes",
+        "must be >= 1",
+    ),
+    (
+        r#"{"network":{"alerts":{"webhook":{"url":"http://127.0.0.1:9/hook","max_in_flight":2000000}}}}"#,
+        "network.alerts.webhook.max_in_flight",
+        "must be <= 1048576",
+    ),
     (
         r#"{"network":{"websocket":{"max_messages_per_second":1e-300}}}"#,
         "network.websocket.max_messages_per_second",
@@ -285,8 +335,10 @@ async fn what_loads_starts() {
 #[test]
 fn the_policy_defaults_are_the_policies_own() {
     use happynet::actors::backoff::{self, Backoff, RetryBudget};
+    use happynet::actors::balancer::EjectionConfig;
     use happynet::actors::breaker::BreakerConfig;
-    use happynet::config::{BreakerSettings, RetrySettings};
+    use happynet::actors::cache::CacheConfig;
+    use happynet::config::{BreakerSettings, CacheSettings, EjectionSettings, RetrySettings};
     assert_eq!(
         BreakerSettings::default().breaker_config(),
         BreakerConfig::default()
@@ -303,6 +355,19 @@ fn the_policy_defaults_are_the_policies_own() {
         backoff::DEFAULT_MIN_RETRIES_PER_SEC
     );
     assert!(RetryBudget::new(retry.budget_window.0, 10, retry.budget_ratio).is_ok());
+    assert_eq!(
+        EjectionSettings::default().ejection_config(),
+        EjectionConfig::default()
+    );
+    assert_eq!(
+        CacheSettings::default().cache_config(),
+        CacheConfig::default()
+    );
+    // The cache's defaults are the ones the README documents for
+    // `cache: {}` (on main the cache's own were 32 MiB and 60 s, the
+    // loader's 8 MiB and 0).
+    let c = CacheConfig::default();
+    assert_eq!((c.max_bytes, c.default_ttl), (8 << 20, Duration::ZERO));
 }
 
 #[test]

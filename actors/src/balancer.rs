@@ -141,19 +141,81 @@ pub enum Strategy {
     PeakEwma,
 }
 
-/// When endpoints are ejected for failing, and for how long.
+/// When endpoints are ejected for failing, and for how long. Checked by
+/// [`EjectionConfig::validate`] (the pool's [`PoolConfig::validate`](crate::pool::PoolConfig::validate)
+/// runs it), the one judge of these settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EjectionConfig {
-    /// Failures in a row that eject an endpoint. Default
-    /// [`DEFAULT_CONSECUTIVE_FAILURES`]; 0 behaves as 1.
+    /// Failures in a row that eject an endpoint, at least 1. Default
+    /// [`DEFAULT_CONSECUTIVE_FAILURES`].
     pub consecutive_failures: u32,
-    /// The first ejection's length; each further one doubles it. Default
-    /// [`DEFAULT_BASE_EJECTION`].
+    /// The first ejection's length, above zero; each further one doubles
+    /// it. Default [`DEFAULT_BASE_EJECTION`].
     pub base_ejection: Duration,
     /// The longest ejection. Default [`DEFAULT_MAX_EJECTION`]. It is also how
     /// long an endpoint must stay in rotation, after an ejection ends, for its
     /// next ejection to start again from `base_ejection`.
     pub max_ejection: Duration,
+}
+
+/// Why [`EjectionConfig::validate`] refused a configuration: the first
+/// field that is wrong. [`EjectionConfigError::field`] names the field, so
+/// that a configuration file can report the error under its own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EjectionConfigError {
+    /// `consecutive_failures` is 0: there is no such thing as ejecting
+    /// before the first failure.
+    ConsecutiveFailures,
+    /// `base_ejection` is zero: the ejection would end as it began.
+    BaseEjection,
+    /// `max_ejection` is shorter than `base_ejection`.
+    MaxEjection,
+}
+
+impl EjectionConfigError {
+    /// The [`EjectionConfig`] field that is wrong.
+    pub fn field(&self) -> &'static str {
+        match self {
+            EjectionConfigError::ConsecutiveFailures => "consecutive_failures",
+            EjectionConfigError::BaseEjection => "base_ejection",
+            EjectionConfigError::MaxEjection => "max_ejection",
+        }
+    }
+
+    /// What the field must be, without the field's name.
+    pub fn requirement(&self) -> String {
+        match self {
+            EjectionConfigError::ConsecutiveFailures => "must be >= 1",
+            EjectionConfigError::BaseEjection => "must be > 0",
+            EjectionConfigError::MaxEjection => "must be >= base_ejection",
+        }
+        .to_owned()
+    }
+}
+
+impl std::fmt::Display for EjectionConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.field(), self.requirement())
+    }
+}
+
+impl std::error::Error for EjectionConfigError {}
+
+impl EjectionConfig {
+    /// Checks every field; the error names the first that is wrong.
+    pub fn validate(&self) -> Result<(), EjectionConfigError> {
+        if self.consecutive_failures == 0 {
+            return Err(EjectionConfigError::ConsecutiveFailures);
+        }
+        if self.base_ejection.is_zero() {
+            return Err(EjectionConfigError::BaseEjection);
+        }
+        if self.max_ejection < self.base_ejection {
+            return Err(EjectionConfigError::MaxEjection);
+        }
+        Ok(())
+    }
 }
 
 impl Default for EjectionConfig {
@@ -329,7 +391,9 @@ impl Balancer {
     /// only counted, see [`suppressed_ejections`](Self::suppressed_ejections)).
     pub fn on_end(&mut self, idx: usize, now: Instant, latency: Duration, success: bool) {
         self.reinstate(now);
-        let threshold = self.ejection.consecutive_failures.max(1);
+        // `validate` refuses 0; were an unchecked 0 given, every failure
+        // would eject, as with 1.
+        let threshold = self.ejection.consecutive_failures;
         let healthy = self.healthy_count(now);
         let ejection = self.ejection;
         let Some(e) = self.endpoints.get_mut(idx) else {
@@ -823,5 +887,38 @@ mod tests {
         assert!(!b.is_empty());
         assert_eq!(b.strategy(), Strategy::RoundRobin);
         assert!(b.endpoints().iter().all(|e| e.in_flight() == 0));
+    }
+
+    #[test]
+    fn the_ejection_config_is_checked_field_by_field() {
+        assert_eq!(EjectionConfig::default().validate(), Ok(()));
+        let bad = |c: EjectionConfig| c.validate().map_err(|e| e.to_string());
+        let d = EjectionConfig::default();
+        assert_eq!(
+            bad(EjectionConfig {
+                consecutive_failures: 0,
+                ..d
+            }),
+            Err("consecutive_failures must be >= 1".to_owned())
+        );
+        assert_eq!(
+            bad(EjectionConfig {
+                base_ejection: Duration::ZERO,
+                ..d
+            }),
+            Err("base_ejection must be > 0".to_owned())
+        );
+        assert_eq!(
+            bad(EjectionConfig {
+                max_ejection: d.base_ejection - ms(1),
+                ..d
+            }),
+            Err("max_ejection must be >= base_ejection".to_owned())
+        );
+        let equal = EjectionConfig {
+            max_ejection: d.base_ejection,
+            ..d
+        };
+        assert_eq!(equal.validate(), Ok(()), "a fixed ejection length is fine");
     }
 }

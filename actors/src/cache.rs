@@ -54,13 +54,14 @@ use serde::Serialize;
 /// Default [`CacheConfig::max_entries`].
 pub const DEFAULT_MAX_ENTRIES: usize = 1024;
 
-/// Default [`CacheConfig::max_bytes`]: 32 MiB.
-pub const DEFAULT_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// Default [`CacheConfig::max_bytes`]: 8 MiB.
+pub const DEFAULT_MAX_BYTES: usize = 8 * 1024 * 1024;
 
-/// Default [`CacheConfig::default_ttl`]: long enough to absorb a burst of
-/// identical calls, short enough that data without caching headers is never
-/// far behind the upstream.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// Default [`CacheConfig::default_ttl`]: zero. A response that says nothing
+/// of its freshness is kept only to be revalidated (a conditional request,
+/// answered by a cheap 304) and never served unasked: the cache never makes
+/// an app see data the upstream did not say it may keep.
+pub const DEFAULT_TTL: Duration = Duration::ZERO;
 
 /// Default [`CacheConfig::stale_if_error`]: five minutes covers a typical
 /// upstream restart or deploy.
@@ -1018,8 +1019,20 @@ mod tests {
         CacheKey::for_request(&Method::GET, path, &[])
     }
 
+    /// The freshness the tests give a response without caching headers:
+    /// the default (zero) would make every such entry stale at once.
+    const TEST_TTL: Duration = Duration::from_secs(60);
+
+    /// The defaults, but with [`TEST_TTL`].
+    fn test_config() -> CacheConfig {
+        CacheConfig {
+            default_ttl: TEST_TTL,
+            ..CacheConfig::default()
+        }
+    }
+
     fn cache() -> ResponseCache {
-        ResponseCache::new(CacheConfig::default()).unwrap()
+        ResponseCache::new(test_config()).unwrap()
     }
 
     fn body_of(lookup: &Lookup) -> Option<&[u8]> {
@@ -1070,7 +1083,7 @@ mod tests {
     fn default_ttl_applies_without_max_age() {
         let mut c = ResponseCache::new(CacheConfig {
             default_ttl: secs(7),
-            ..CacheConfig::default()
+            ..test_config()
         })
         .unwrap();
         let t0 = Instant::now();
@@ -1276,7 +1289,7 @@ mod tests {
     fn a_304_without_cache_control_keeps_the_stored_directives_or_the_default() {
         let mut c = ResponseCache::new(CacheConfig {
             default_ttl: secs(5),
-            ..CacheConfig::default()
+            ..test_config()
         })
         .unwrap();
         let t0 = Instant::now();
@@ -1321,7 +1334,7 @@ mod tests {
     fn stale_on_error_only_within_the_window() {
         let mut c = ResponseCache::new(CacheConfig {
             stale_if_error: secs(30),
-            ..CacheConfig::default()
+            ..test_config()
         })
         .unwrap();
         let t0 = Instant::now();
@@ -1357,7 +1370,7 @@ mod tests {
     fn stale_if_error_zero_means_never() {
         let mut c = ResponseCache::new(CacheConfig {
             stale_if_error: Duration::ZERO,
-            ..CacheConfig::default()
+            ..test_config()
         })
         .unwrap();
         let t0 = Instant::now();
@@ -1369,7 +1382,7 @@ mod tests {
     fn least_recently_used_goes_first_and_a_hit_protects() {
         let mut c = ResponseCache::new(CacheConfig {
             max_entries: 3,
-            ..CacheConfig::default()
+            ..test_config()
         })
         .unwrap();
         let t0 = Instant::now();
@@ -1381,7 +1394,7 @@ mod tests {
         assert_eq!(
             out,
             StoreOutcome::Stored {
-                fresh_for: DEFAULT_TTL,
+                fresh_for: TEST_TTL,
                 evicted: 1
             }
         );
@@ -1404,7 +1417,7 @@ mod tests {
         let mut c = ResponseCache::new(CacheConfig {
             max_entry_bytes: 1024,
             max_bytes: 4096,
-            ..CacheConfig::default()
+            ..test_config()
         })
         .unwrap();
         let t0 = Instant::now();
@@ -1440,7 +1453,7 @@ mod tests {
             max_entries: 100,
             max_bytes: 256 * 1024,
             max_entry_bytes: 16 * 1024,
-            ..CacheConfig::default()
+            ..test_config()
         };
         let mut c = ResponseCache::new(config.clone()).unwrap();
         let zeros = Bytes::from(vec![0u8; 20 * 1024]);
@@ -1496,7 +1509,7 @@ mod tests {
     fn counters_are_exact() {
         let mut c = ResponseCache::new(CacheConfig {
             max_entries: 2,
-            ..CacheConfig::default()
+            ..test_config()
         })
         .unwrap();
         let t0 = Instant::now();
@@ -1653,47 +1666,47 @@ mod tests {
 
     #[test]
     fn validate_names_the_offending_field() {
-        assert_eq!(CacheConfig::default().validate(), Ok(()));
+        assert_eq!(test_config().validate(), Ok(()));
         let cases: [(CacheConfig, &str); 6] = [
             (
                 CacheConfig {
                     max_entries: 0,
-                    ..CacheConfig::default()
+                    ..test_config()
                 },
                 "max_entries",
             ),
             (
                 CacheConfig {
                     max_bytes: 10,
-                    ..CacheConfig::default()
+                    ..test_config()
                 },
                 "max_bytes",
             ),
             (
                 CacheConfig {
                     max_entry_bytes: DEFAULT_MAX_BYTES + 1,
-                    ..CacheConfig::default()
+                    ..test_config()
                 },
                 "max_entry_bytes",
             ),
             (
                 CacheConfig {
                     max_entry_bytes: ENTRY_OVERHEAD_BYTES,
-                    ..CacheConfig::default()
+                    ..test_config()
                 },
                 "max_entry_bytes",
             ),
             (
                 CacheConfig {
                     default_ttl: Duration::MAX,
-                    ..CacheConfig::default()
+                    ..test_config()
                 },
                 "default_ttl",
             ),
             (
                 CacheConfig {
                     stale_if_error: Duration::MAX,
-                    ..CacheConfig::default()
+                    ..test_config()
                 },
                 "stale_if_error",
             ),

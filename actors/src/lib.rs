@@ -51,7 +51,6 @@ pub mod rooms;
 pub mod session;
 pub mod shared_limiter;
 pub mod single_flight;
-pub mod verdict;
 
 pub use breaker::{
     AttemptOutcome, BreakerActor, BreakerConfig, BreakerOpen, BreakerPermit, BreakerStateKind,

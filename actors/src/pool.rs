@@ -43,11 +43,42 @@
 //! [`ExecuteStream::write_timeout`] is abandoned: the upstream connection is
 //! dropped, the slot freed, the reader told ([`StreamHead::ended`])
 //! and [`PoolStats::stream_write_timeouts`] counts it.
+//!
+//! # The one verdict
+//!
+//! [`Verdict`] is the one answer to "did this attempt fail?": what an
+//! upstream's answer to one attempt — a status, or a [`PoolError`] instead —
+//! says about the upstream, for everyone who asks. It lives with the pool
+//! because it judges the pool's answers.
+//!
+//! Three parties act on an attempt, and they must agree on it, so they all
+//! ask [`Verdict::of_status`] or [`Verdict::of_error`]:
+//!
+//! - the pool's balancer, which ejects an endpoint that keeps failing
+//!   (`health == Failure`);
+//! - the breaker, which opens on a failure rate ([`Verdict::outcome`]);
+//! - the retry loop of the `happynet` crate (`retryable`), and, for a call
+//!   that ended, its `/v1` gateway's choice to try the next client (which
+//!   asks the same verdict of an error status).
+//!
+//! | answer | health | retryable |
+//! |---|---|---|
+//! | 5xx | failure | 502, 503, 504 |
+//! | 429 | ignored (it says "slow down", not "unhealthy") | yes |
+//! | any other status | success (the upstream judged the request) | no |
+//! | [`PoolError::Connect`] | failure | yes (nothing was sent) |
+//! | [`PoolError::Timeout`] after the call left the queue, [`PoolError::Transport`] | failure | no (the request may have arrived) |
+//! | a timeout in the queue, [`PoolError::Overloaded`], [`PoolError::Invalid`], [`PoolError::BodyTooLarge`], [`PoolError::ReaderStalled`], [`PoolError::Closed`] | ignored (our own limits, or the caller's doing) | no |
+//!
+//! A verdict is about one attempt's answer only. What the caller asked for
+//! (`give_up_if`, whether its method may be repeated) is the retry loop's
+//! business, and a streamed body cut short after its head is the pool's
+//! (it counts against the endpoint: the head said all was well).
 
 use crate::backoff::Jitter;
-use crate::balancer::{Balancer, EjectionConfig, Strategy};
+use crate::balancer::{Balancer, EjectionConfig, EjectionConfigError, Strategy};
+use crate::breaker::AttemptOutcome;
 use crate::limiter::Grant;
-use crate::verdict::Verdict;
 use actix::dev::{MessageResponse, OneshotSender};
 use actix::prelude::*;
 use actix_web::http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -59,8 +90,17 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+/// The most connections one endpoint may keep, and the most calls the
+/// bulkhead may run or queue. awc's connection limit is a semaphore, which
+/// panics above 2^61 permits, and the pool's mailbox holds `max_in_flight +
+/// max_queue`, whose channel arithmetic overflows (a panic) far below
+/// `usize::MAX`; a million is far beyond what one process can hold open and
+/// keeps the bound meaningful.
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+
 /// How a pool is set up, resolved from `network.api_clients.<name>` or
-/// `network.http` by the `happynet` crate.
+/// `network.http` by the `happynet` crate. [`PoolConfig::validate`] is the
+/// one judge of these settings.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     /// The upstream's name, used in errors, logs and metrics.
@@ -68,22 +108,110 @@ pub struct PoolConfig {
     /// Base URLs of the endpoints (scheme, host, port and an optional path
     /// prefix, without a trailing slash); requests append their path.
     pub endpoints: Vec<String>,
-    /// Connections kept per endpoint.
+    /// Connections kept per endpoint, 1 to [`MAX_CONNECTIONS`].
     pub max_connections: usize,
-    /// How long establishing a connection (including TLS) may take.
+    /// How long establishing a connection (including TLS) may take, above
+    /// zero.
     pub connect_timeout: Duration,
     /// How long an idle keep-alive connection is kept.
     pub keep_alive: Duration,
-    /// Calls running at once.
+    /// Calls running at once, 1 to [`MAX_CONNECTIONS`].
     pub max_in_flight: usize,
-    /// Calls waiting for a slot; beyond it callers get `Overloaded`.
+    /// Calls waiting for a slot, at most [`MAX_CONNECTIONS`]; beyond it
+    /// callers get `Overloaded`.
     pub max_queue: usize,
-    /// The largest response body read into memory.
+    /// The largest response body read into memory, at least 1.
     pub max_response_bytes: usize,
     /// How endpoints are chosen.
-    pub strategy: Strategy,
+    pub load_balancing: Strategy,
     /// When an endpoint is ejected for failing.
     pub ejection: EjectionConfig,
+}
+
+/// Why [`PoolConfig::validate`] refused a configuration: the first field
+/// that is wrong. [`PoolConfigError::field`] names the field (an ejection
+/// field as `ejection.<field>`), so that a configuration file can report the
+/// error under its own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoolConfigError {
+    /// `max_connections` is 0 or above [`MAX_CONNECTIONS`].
+    MaxConnections(usize),
+    /// `connect_timeout` is zero.
+    ConnectTimeout,
+    /// `max_response_bytes` is 0.
+    MaxResponseBytes,
+    /// `max_in_flight` is 0 or above [`MAX_CONNECTIONS`].
+    MaxInFlight(usize),
+    /// `max_queue` is above [`MAX_CONNECTIONS`].
+    MaxQueue(usize),
+    /// The ejection settings are wrong.
+    Ejection(EjectionConfigError),
+}
+
+impl PoolConfigError {
+    /// The [`PoolConfig`] field that is wrong.
+    pub fn field(&self) -> &'static str {
+        match self {
+            PoolConfigError::MaxConnections(_) => "max_connections",
+            PoolConfigError::ConnectTimeout => "connect_timeout",
+            PoolConfigError::MaxResponseBytes => "max_response_bytes",
+            PoolConfigError::MaxInFlight(_) => "max_in_flight",
+            PoolConfigError::MaxQueue(_) => "max_queue",
+            PoolConfigError::Ejection(e) => match e.field() {
+                "consecutive_failures" => "ejection.consecutive_failures",
+                "base_ejection" => "ejection.base_ejection",
+                _ => "ejection.max_ejection",
+            },
+        }
+    }
+
+    /// What the field must be, without the field's name.
+    pub fn requirement(&self) -> String {
+        match self {
+            PoolConfigError::MaxConnections(0) | PoolConfigError::MaxInFlight(0) => {
+                "must be >= 1".to_owned()
+            }
+            PoolConfigError::MaxConnections(_)
+            | PoolConfigError::MaxInFlight(_)
+            | PoolConfigError::MaxQueue(_) => format!("must be <= {MAX_CONNECTIONS}"),
+            PoolConfigError::ConnectTimeout => "must be > 0".to_owned(),
+            PoolConfigError::MaxResponseBytes => "must be >= 1".to_owned(),
+            PoolConfigError::Ejection(e) => e.requirement(),
+        }
+    }
+}
+
+impl fmt::Display for PoolConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field(), self.requirement())
+    }
+}
+
+impl std::error::Error for PoolConfigError {}
+
+impl PoolConfig {
+    /// Checks every field but the name and endpoints; the error names the
+    /// first that is wrong.
+    pub fn validate(&self) -> Result<(), PoolConfigError> {
+        let count = |n: usize| (1..=MAX_CONNECTIONS).contains(&n);
+        if !count(self.max_connections) {
+            return Err(PoolConfigError::MaxConnections(self.max_connections));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(PoolConfigError::ConnectTimeout);
+        }
+        if self.max_response_bytes == 0 {
+            return Err(PoolConfigError::MaxResponseBytes);
+        }
+        if !count(self.max_in_flight) {
+            return Err(PoolConfigError::MaxInFlight(self.max_in_flight));
+        }
+        if self.max_queue > MAX_CONNECTIONS {
+            return Err(PoolConfigError::MaxQueue(self.max_queue));
+        }
+        self.ejection.validate().map_err(PoolConfigError::Ejection)
+    }
 }
 
 /// One HTTP call for the pool to make.
@@ -294,6 +422,79 @@ impl fmt::Display for PoolError {
 
 impl std::error::Error for PoolError {}
 
+/// What one attempt's answer says about the upstream's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The upstream answered well.
+    Success,
+    /// The upstream (or the way to it) failed: it counts against the
+    /// breaker and the endpoint.
+    Failure,
+    /// Says nothing about the upstream: back-pressure, our own limits, a
+    /// request that could not be built, a 429.
+    Ignored,
+}
+
+/// One attempt's verdict; see the table in the module docs ("The one
+/// verdict").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    /// What it says about the upstream.
+    pub health: Health,
+    /// Whether another attempt may do better (when the call may be repeated).
+    pub retryable: bool,
+}
+
+impl Verdict {
+    /// The verdict on an answer with `status`.
+    pub fn of_status(status: StatusCode) -> Verdict {
+        let health = if status.is_server_error() {
+            Health::Failure
+        } else if status == StatusCode::TOO_MANY_REQUESTS {
+            Health::Ignored
+        } else {
+            Health::Success
+        };
+        Verdict {
+            health,
+            retryable: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+        }
+    }
+
+    /// The verdict on an attempt that got no answer, only `error`.
+    pub fn of_error(error: &PoolError) -> Verdict {
+        let health = match error {
+            PoolError::Connect { .. }
+            | PoolError::Timeout {
+                endpoint: Some(_), ..
+            }
+            | PoolError::Transport { .. } => Health::Failure,
+            _ => Health::Ignored,
+        };
+        Verdict {
+            health,
+            // Only a connection that was never made is safe to retry
+            // whatever the method: nothing reached the upstream.
+            retryable: matches!(error, PoolError::Connect { .. }),
+        }
+    }
+
+    /// True when the attempt counts against the upstream (the breaker's
+    /// failure, the balancer's ejection).
+    pub fn is_failure(&self) -> bool {
+        self.health == Health::Failure
+    }
+
+    /// The breaker's outcome for this attempt, which took `elapsed`.
+    pub fn outcome(&self, elapsed: Duration) -> AttemptOutcome {
+        match self.health {
+            Health::Success => AttemptOutcome::Success { elapsed },
+            Health::Failure => AttemptOutcome::Failure { elapsed },
+            Health::Ignored => AttemptOutcome::Ignored,
+        }
+    }
+}
+
 /// Asks for the pool's counters.
 #[derive(Debug, Message)]
 #[rtype(result = "PoolStats")]
@@ -480,7 +681,7 @@ impl PoolActor {
             .finish();
         let n = config.endpoints.len();
         PoolActor {
-            balancer: Balancer::new(n, config.strategy, config.ejection),
+            balancer: Balancer::new(n, config.load_balancing, config.ejection),
             jitter: Jitter::new(),
             client,
             in_flight: 0,
@@ -942,5 +1143,74 @@ mod tests {
             after: Duration::from_secs(1),
         };
         assert!(!Verdict::of_error(&stalled).is_failure());
+    }
+}
+
+#[cfg(test)]
+mod verdict_tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_judged_by_class() {
+        let v = |code| Verdict::of_status(StatusCode::from_u16(code).expect("valid status"));
+        assert_eq!(v(200).health, Health::Success);
+        assert_eq!(v(404).health, Health::Success);
+        assert_eq!(v(429).health, Health::Ignored);
+        assert_eq!(v(500).health, Health::Failure);
+        for retryable in [429, 502, 503, 504] {
+            assert!(v(retryable).retryable, "{retryable}");
+        }
+        for final_status in [200, 400, 404, 500, 501] {
+            assert!(!v(final_status).retryable, "{final_status}");
+        }
+    }
+
+    #[test]
+    fn only_the_way_to_the_upstream_failing_counts_against_it() {
+        let up = || "up".to_owned();
+        let failing = [
+            PoolError::Connect {
+                upstream: up(),
+                endpoint: "e".into(),
+                message: String::new(),
+            },
+            PoolError::Timeout {
+                upstream: up(),
+                endpoint: Some("e".into()),
+            },
+            PoolError::Transport {
+                upstream: up(),
+                endpoint: "e".into(),
+                message: String::new(),
+            },
+        ];
+        for e in &failing {
+            assert!(Verdict::of_error(e).is_failure(), "{e:?}");
+        }
+        let neutral = [
+            PoolError::Timeout {
+                upstream: up(),
+                endpoint: None,
+            },
+            PoolError::Overloaded { upstream: up() },
+            PoolError::BodyTooLarge {
+                upstream: up(),
+                limit: 1,
+            },
+            PoolError::Closed { upstream: up() },
+            PoolError::Invalid {
+                upstream: up(),
+                message: String::new(),
+            },
+            PoolError::ReaderStalled {
+                upstream: up(),
+                after: Duration::from_secs(1),
+            },
+        ];
+        for e in &neutral {
+            assert_eq!(Verdict::of_error(e).health, Health::Ignored, "{e:?}");
+        }
+        assert!(Verdict::of_error(&failing[0]).retryable);
+        assert!(!Verdict::of_error(&failing[1]).retryable);
     }
 }

@@ -222,7 +222,8 @@ impl AlertsConfig {
         if let Some(d) = w.deadline {
             millis(&path("webhook.deadline_ms"), d)?;
         }
-        at_least_one(&path("webhook.max_in_flight"), w.max_in_flight)?;
+        // webhook.max_in_flight is the webhook pool's: `Config::validate`
+        // has the pool check it.
         validate_headers(&path("webhook.headers"), &w.headers)?;
         if let Some(auth) = &w.auth {
             validate_auth(&path("webhook.auth"), auth)?;
@@ -278,10 +279,21 @@ impl AlertsConfig {
         let w = &self.webhook;
         let uri: actix_web::http::Uri = w.url.as_deref()?.parse().ok()?;
         let origin = format!("{}://{}", uri.scheme_str()?, uri.authority()?);
-        let mut settings = network.origin(&origin);
+        Some(self.webhook_settings(network, &origin))
+    }
+
+    /// The webhook's upstream settings for `origin`; see
+    /// [`webhook_upstream`](Self::webhook_upstream).
+    pub(super) fn webhook_settings(
+        &self,
+        network: &NetworkConfig,
+        origin: &str,
+    ) -> UpstreamSettings {
+        let w = &self.webhook;
+        let mut settings = network.origin(origin);
         settings.name = WEBHOOK_UPSTREAM.to_owned();
         let timeout = w.timeout.0;
-        settings.attempt_timeout = timeout;
+        settings.timeout = timeout;
         settings.retry_attempts = w.retry_attempts;
         settings.deadline = w.deadline.map_or_else(
             || timeout.saturating_mul(w.retry_attempts.saturating_add(1)),
@@ -297,7 +309,7 @@ impl AlertsConfig {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         settings.auth = w.auth.clone();
-        Some(settings)
+        settings
     }
 }
 

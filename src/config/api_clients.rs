@@ -4,10 +4,7 @@
 //! the upstream stack is built from, for an API client, the plain
 //! `HttpClient`'s origins and the alert webhook alike).
 
-use super::checks::{
-    at_least_one, policy_error, positive, upstream_connections, validate_headers, validate_url,
-    ConfigError, Seconds,
-};
+use super::checks::{policy_error, positive, validate_headers, validate_url, ConfigError, Seconds};
 use super::cluster::ClusterConfig;
 use super::http::{
     default_burst, validate_rate_per_minute, BreakerSettings, BulkheadSettings, EjectionSettings,
@@ -15,6 +12,7 @@ use super::http::{
 };
 use super::NetworkConfig;
 use happynet_actors::cache::{CacheConfig, ResponseCache};
+use happynet_actors::pool::PoolConfig;
 use happynet_actors::shared_limiter::SharedLimit;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -127,13 +125,16 @@ impl CacheSettings {
 }
 
 impl Default for CacheSettings {
+    /// The cache's own defaults ([`CacheConfig::default`]): one source of
+    /// truth.
     fn default() -> Self {
+        let c = CacheConfig::default();
         CacheSettings {
-            max_entries: 1024,
-            max_bytes: 8 << 20,
-            default_ttl: Seconds(Duration::ZERO),
-            stale_if_error: Seconds::secs(300),
-            max_entry_bytes: 1 << 20,
+            max_entries: c.max_entries,
+            max_bytes: c.max_bytes,
+            default_ttl: Seconds(c.default_ttl),
+            stale_if_error: Seconds(c.stale_if_error),
+            max_entry_bytes: c.max_entry_bytes,
         }
     }
 }
@@ -177,14 +178,14 @@ pub struct UpstreamSettings {
     pub name: String,
     /// Endpoint base URLs without a trailing slash.
     pub endpoints: Vec<String>,
-    /// Requests per minute.
-    pub rate_per_minute: f64,
+    /// `rate_limit`: requests per minute.
+    pub rate_limit: f64,
     /// Requests that may go at once.
     pub rate_burst: u32,
     /// Whether calls wait for the limiter when the wait fits the deadline.
     pub wait_for_rate_limit: bool,
-    /// Per-attempt timeout.
-    pub attempt_timeout: Duration,
+    /// `timeout`: the per-attempt timeout.
+    pub timeout: Duration,
     /// Overall deadline of a call.
     pub deadline: Duration,
     /// Retries after the first attempt.
@@ -220,6 +221,33 @@ pub struct UpstreamSettings {
     pub shared_limit: Option<SharedLimit>,
 }
 
+impl UpstreamSettings {
+    /// The pool's settings: connections, bulkhead, balancing and ejection,
+    /// field by field under the same names (the `bulkhead` block's two keys
+    /// are flat in the pool, as they are here).
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            name: self.name.clone(),
+            endpoints: self.endpoints.clone(),
+            max_connections: self.max_connections,
+            connect_timeout: self.connect_timeout,
+            keep_alive: self.keep_alive,
+            max_in_flight: self.max_in_flight,
+            max_queue: self.max_queue,
+            max_response_bytes: self.max_response_bytes,
+            load_balancing: self.load_balancing,
+            ejection: self.ejection.ejection_config(),
+        }
+    }
+}
+
+/// Where a pool field an API client (or `network.http`) sets sits in the
+/// JSON, when that is not the field's own name.
+pub(super) const POOL_KEYS: &[(&str, &str)] = &[
+    ("max_in_flight", "bulkhead.max_in_flight"),
+    ("max_queue", "bulkhead.max_queue"),
+];
+
 fn trim_base(url: &str) -> String {
     url.trim_end_matches('/').to_owned()
 }
@@ -234,7 +262,7 @@ impl NetworkConfig {
     pub fn api_client(&self, name: &str) -> Option<UpstreamSettings> {
         let c = self.api_clients.get(name)?;
         let h = &self.http;
-        let attempt_timeout = c.timeout.unwrap_or(h.timeout).0;
+        let timeout = c.timeout.unwrap_or(h.timeout).0;
         let retry_attempts = c.retry_attempts.unwrap_or(h.retry_attempts);
         let max_connections = c.max_connections.unwrap_or(h.max_connections);
         let bulkhead = c.bulkhead.clone().unwrap_or_else(|| h.bulkhead.clone());
@@ -248,15 +276,11 @@ impl NetworkConfig {
         Some(UpstreamSettings {
             name: name.to_owned(),
             endpoints,
-            rate_per_minute: c.rate_limit,
+            rate_limit: c.rate_limit,
             rate_burst: c.rate_burst.unwrap_or_else(|| default_burst(c.rate_limit)),
             wait_for_rate_limit: c.wait_for_rate_limit.unwrap_or(h.wait_for_rate_limit),
-            attempt_timeout,
-            deadline: Self::deadline_for(
-                c.deadline.or(h.deadline),
-                attempt_timeout,
-                retry_attempts,
-            ),
+            timeout,
+            deadline: Self::deadline_for(c.deadline.or(h.deadline), timeout, retry_attempts),
             retry_attempts,
             connect_timeout: c.connect_timeout.unwrap_or(h.connect_timeout).0,
             keep_alive: h.keep_alive.0,
@@ -297,10 +321,10 @@ impl NetworkConfig {
         UpstreamSettings {
             name: origin.to_owned(),
             endpoints: vec![trim_base(origin)],
-            rate_per_minute: h.rate_limit,
+            rate_limit: h.rate_limit,
             rate_burst: h.rate_burst.unwrap_or_else(|| default_burst(h.rate_limit)),
             wait_for_rate_limit: h.wait_for_rate_limit,
-            attempt_timeout: h.timeout.0,
+            timeout: h.timeout.0,
             deadline: Self::deadline_for(h.deadline, h.timeout.0, h.retry_attempts),
             retry_attempts: h.retry_attempts,
             connect_timeout: h.connect_timeout.0,
@@ -376,32 +400,19 @@ impl ApiClientConfig {
             validate_url(&format!("{at}.endpoints[{i}]"), e)?;
         }
         validate_rate_per_minute(&at, self.rate_limit, self.rate_burst)?;
-        for (key, value) in [
-            ("timeout", self.timeout),
-            ("deadline", self.deadline),
-            ("connect_timeout", self.connect_timeout),
-        ] {
+        for (key, value) in [("timeout", self.timeout), ("deadline", self.deadline)] {
             if let Some(v) = value {
                 positive(&path(key), v)?;
             }
         }
-        if let Some(n) = self.max_connections {
-            upstream_connections(&path("max_connections"), n)?;
-        }
-        if let Some(n) = self.max_response_bytes {
-            at_least_one(&path("max_response_bytes"), n)?;
-        }
+        // The pool's settings (`max_connections`, `connect_timeout`,
+        // `max_response_bytes`, `bulkhead`, `ejection`) are checked by the
+        // pool on the resolved settings (`Config::validate`).
         if let Some(r) = &self.retry {
             r.validate(&path("retry"))?;
         }
         if let Some(b) = &self.breaker {
             b.validate(&path("breaker"))?;
-        }
-        if let Some(b) = &self.bulkhead {
-            b.validate(&path("bulkhead"))?;
-        }
-        if let Some(e) = &self.ejection {
-            e.validate(&path("ejection"))?;
         }
         if let Some(c) = &self.cache {
             c.validate(&path("cache"))?;

@@ -4,6 +4,7 @@
 //! counts, rate quotas, a policy's own error under the config's key).
 
 use happynet_actors::gcra::Quota;
+use happynet_actors::pool::PoolConfig;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -225,20 +226,19 @@ pub(super) fn at_least_one(path: &str, value: usize) -> Result<(), ConfigError> 
 }
 
 /// The most connections one upstream endpoint may keep, and the most calls
-/// its bulkhead may run or queue. awc's connection limit is a semaphore,
-/// which panics above 2^61 permits, and the pool's mailbox is sized from
-/// the bulkhead; a million is far beyond what one process can hold open and
-/// keeps the bound meaningful.
-pub const MAX_UPSTREAM_CONNECTIONS: usize = 1 << 20;
+/// its bulkhead may run or queue: the pool's own bound
+/// ([`happynet_actors::pool::MAX_CONNECTIONS`], which says why).
+pub use happynet_actors::pool::MAX_CONNECTIONS as MAX_UPSTREAM_CONNECTIONS;
 
-/// A connection or bulkhead count: 1 to [`MAX_UPSTREAM_CONNECTIONS`].
-pub(super) fn upstream_connections(path: &str, value: usize) -> Result<(), ConfigError> {
-    at_least_one(path, value)?;
-    if value > MAX_UPSTREAM_CONNECTIONS {
-        return Err(ConfigError::invalid(
-            path,
-            format!("must be <= {MAX_UPSTREAM_CONNECTIONS}"),
-        ));
-    }
-    Ok(())
+/// Checks an upstream's pool settings with the pool's own judge,
+/// [`PoolConfig::validate`]; an error goes under `at`, at the config key of
+/// the field it names (`renames` pairs a pool field with its key where the
+/// two differ, e.g. `max_queue` is `bulkhead.max_queue` in the JSON).
+pub(super) fn validate_pool(
+    at: &str,
+    pool: &PoolConfig,
+    renames: &[(&str, &str)],
+) -> Result<(), ConfigError> {
+    pool.validate()
+        .map_err(|e| policy_error(at, e.field(), e.requirement(), renames))
 }

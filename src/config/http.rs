@@ -5,15 +5,17 @@
 //! `happynet_actors` in the JSON's units and names: its defaults are the
 //! policy's defaults, and its checks are the policy's constructor
 //! ([`Breaker::new`], [`Backoff::try_new`], [`RetryBudget::new`]), whose
-//! error this file only moves under the config key.
+//! error this file only moves under the config key. The pool's settings
+//! (`max_connections`, `connect_timeout`, `max_response_bytes`, `bulkhead`,
+//! `ejection`) are judged by [`PoolConfig::validate`] on the resolved
+//! settings of each upstream (see `Config::validate`).
 
-use super::checks::{
-    at_least_one, policy_error, positive, upstream_connections, validate_quota, ConfigError,
-    Seconds, MAX_UPSTREAM_CONNECTIONS,
-};
+use super::checks::{at_least_one, policy_error, positive, validate_quota, ConfigError, Seconds};
 use happynet_actors::backoff::{self, Backoff, RetryBudget};
-use happynet_actors::balancer;
+use happynet_actors::balancer::EjectionConfig;
 use happynet_actors::breaker::{Breaker, BreakerConfig};
+#[cfg(doc)]
+use happynet_actors::pool::PoolConfig;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -87,15 +89,10 @@ impl Default for HttpConfig {
     }
 }
 
-/// `load_balancing`
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoadBalancing {
-    /// Each healthy endpoint in turn.
-    RoundRobin,
-    /// Power of two choices on peak-EWMA latency × load.
-    PeakEwma,
-}
+/// `load_balancing`: the balancer's own [`Strategy`](happynet_actors::balancer::Strategy)
+/// (`"round_robin"` or `"peak_ewma"`), read straight from the JSON, so the
+/// setting has one type from the file to the pool.
+pub use happynet_actors::balancer::Strategy as LoadBalancing;
 
 /// `retry`: when and how fast to retry.
 #[derive(Debug, Clone, Deserialize)]
@@ -194,14 +191,15 @@ impl BreakerSettings {
     }
 }
 
-/// `bulkhead`: how many calls an upstream may have at once.
+/// `bulkhead`: how many calls an upstream may have at once (the pool's
+/// `max_in_flight` and `max_queue`, checked by [`PoolConfig::validate`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BulkheadSettings {
-    /// Calls running at once. Default: `max_connections`.
+    /// Calls running at once, 1 to 1048576. Default: `max_connections`.
     pub max_in_flight: Option<usize>,
-    /// Calls waiting for a slot; beyond it calls fail at once with
-    /// "overloaded". Default 100.
+    /// Calls waiting for a slot, at most 1048576; beyond it calls fail at
+    /// once with "overloaded". Default 100.
     pub max_queue: usize,
 }
 
@@ -214,25 +212,41 @@ impl Default for BulkheadSettings {
     }
 }
 
-/// `ejection`: passive outlier ejection.
+/// `ejection`: passive outlier ejection. Each key is a field of
+/// [`EjectionConfig`] of the same name (durations in seconds), with the
+/// balancer's default and checked by [`EjectionConfig::validate`].
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EjectionSettings {
-    /// Consecutive failures that eject an endpoint. Default 5.
+    /// Consecutive failures that eject an endpoint, at least 1. Default 5.
     pub consecutive_failures: u32,
-    /// First ejection, seconds; doubles with each ejection. Default 30.
+    /// First ejection, seconds (above 0); doubles with each ejection.
+    /// Default 30.
     pub base_ejection: Seconds,
-    /// Longest ejection, seconds. Default 300.
+    /// Longest ejection, seconds, at least `base_ejection`. Default 300.
     pub max_ejection: Seconds,
 }
 
 impl Default for EjectionSettings {
+    /// The balancer's own defaults ([`EjectionConfig::default`]): one
+    /// source of truth.
     fn default() -> Self {
-        // The balancer's own defaults: one source of truth.
+        let c = EjectionConfig::default();
         EjectionSettings {
-            consecutive_failures: balancer::DEFAULT_CONSECUTIVE_FAILURES,
-            base_ejection: Seconds(balancer::DEFAULT_BASE_EJECTION),
-            max_ejection: Seconds(balancer::DEFAULT_MAX_EJECTION),
+            consecutive_failures: c.consecutive_failures,
+            base_ejection: Seconds(c.base_ejection),
+            max_ejection: Seconds(c.max_ejection),
+        }
+    }
+}
+
+impl EjectionSettings {
+    /// The balancer's ejection settings.
+    pub fn ejection_config(&self) -> EjectionConfig {
+        EjectionConfig {
+            consecutive_failures: self.consecutive_failures,
+            base_ejection: self.base_ejection.0,
+            max_ejection: self.max_ejection.0,
         }
     }
 }
@@ -300,55 +314,18 @@ impl BreakerSettings {
     }
 }
 
-impl BulkheadSettings {
-    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        if let Some(n) = self.max_in_flight {
-            upstream_connections(&format!("{at}.max_in_flight"), n)?;
-        }
-        // The pool's mailbox holds max_in_flight + max_queue; actix's
-        // channel arithmetic overflows (a panic) far below usize::MAX.
-        if self.max_queue > MAX_UPSTREAM_CONNECTIONS {
-            return Err(ConfigError::invalid(
-                &format!("{at}.max_queue"),
-                format!("must be <= {MAX_UPSTREAM_CONNECTIONS}"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl EjectionSettings {
-    pub(super) fn validate(&self, at: &str) -> Result<(), ConfigError> {
-        at_least_one(
-            &format!("{at}.consecutive_failures"),
-            self.consecutive_failures as usize,
-        )?;
-        positive(&format!("{at}.base_ejection"), self.base_ejection)?;
-        if self.max_ejection < self.base_ejection {
-            return Err(ConfigError::invalid(
-                &format!("{at}.max_ejection"),
-                "must be >= base_ejection",
-            ));
-        }
-        Ok(())
-    }
-}
-
 impl HttpConfig {
     /// Checks `network.http`; the error names the key's path.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         positive("network.http.timeout", self.timeout)?;
-        upstream_connections("network.http.max_connections", self.max_connections)?;
         if let Some(d) = self.deadline {
             positive("network.http.deadline", d)?;
         }
-        positive("network.http.connect_timeout", self.connect_timeout)?;
         validate_rate_per_minute("network.http", self.rate_limit, self.rate_burst)?;
         at_least_one("network.http.max_origins", self.max_origins)?;
-        at_least_one("network.http.max_response_bytes", self.max_response_bytes)?;
         self.retry.validate("network.http.retry")?;
-        self.breaker.validate("network.http.breaker")?;
-        self.bulkhead.validate("network.http.bulkhead")?;
-        self.ejection.validate("network.http.ejection")
+        self.breaker.validate("network.http.breaker")
+        // The pool's settings are checked on the resolved settings, by
+        // the pool (`Config::validate`).
     }
 }

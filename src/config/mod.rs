@@ -26,7 +26,7 @@
 //!
 //! This module sits below everything else in the crate: it imports nothing
 //! from `crate::`, only `happynet_actors`, whose policies (breaker, backoff,
-//! retry budget, cache, rate quota) are the one judge of their own settings:
+//! retry budget, cache, rate quota, pool and ejection) are the one judge of their own settings:
 //! a section hands its values to the policy's constructor and reports the
 //! error under its own key. Every type is re-exported here, so
 //! `happynet::config::X` is the path to use.
@@ -138,6 +138,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let network = &self.network;
         network.http.validate()?;
+        // An upstream's pool is judged by the pool, on the settings it will
+        // be built from. `network.http` comes first, so that a value an
+        // API client inherits is reported where it is written.
+        validate_pool(
+            "network.http",
+            &network.origin("network.http").pool_config(),
+            POOL_KEYS,
+        )?;
         network.websocket.validate()?;
         network.gateway.validate()?;
         network.security.validate()?;
@@ -150,8 +158,25 @@ impl Config {
             ));
         }
         network.alerts.validate()?;
+        // The webhook's own pool keys, with or without a URL; the rest is
+        // `network.http`'s, checked above.
+        let webhook = network
+            .alerts
+            .webhook_settings(network, "network.alerts.webhook");
+        validate_pool(
+            "network.alerts.webhook",
+            &webhook.pool_config(),
+            &[("max_queue", "max_in_flight")],
+        )?;
         for (name, client) in &network.api_clients {
             client.validate(name, network.cluster.is_some())?;
+            if let Some(settings) = network.api_client(name) {
+                validate_pool(
+                    &format!("network.api_clients.{name}"),
+                    &settings.pool_config(),
+                    POOL_KEYS,
+                )?;
+            }
         }
         Ok(())
     }

@@ -20,10 +20,10 @@
 //! the single-flight table right when a leader or a follower goes away.
 
 use super::auth::Auth;
+use super::client::{Request, Response, StreamingResponse};
 use super::error::HttpError;
 use super::settings::Parts;
 use super::stats::{CallOutcome, CallRecord, CallStats};
-use super::types::{Request, Response, StreamingResponse};
 use crate::config::UpstreamSettings;
 use actix::prelude::*;
 use actix_web::http::header::{self, HeaderName, HeaderValue};

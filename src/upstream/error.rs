@@ -36,17 +36,17 @@
 //! | the app could not decode a body it asked for | `Response::json`, `text` | `Decode` | — | — | — | — | — |
 //!
 //! "Decided in" names where the code is. Every attempt's answer is judged
-//! once, by `happynet_actors::verdict::Verdict` (`of_status`, `of_error`):
+//! once, by `happynet_actors::pool::Verdict` (`of_status`, `of_error`):
 //! its health is the breaker's outcome and the pool's ejection, and its
 //! `retryable` is the retry loop's (which adds the caller's policy:
 //! idempotency, `give_up_if`). The `next` column is
 //! [`HttpError::tries_next_client`], which asks the same verdict of an error
 //! status.
 
-use super::types::Response;
+use super::client::Response;
 use actix_web::http::StatusCode;
 use happynet_actors::pool::PoolError;
-use happynet_actors::verdict::{Health, Verdict};
+use happynet_actors::pool::{Health, Verdict};
 use std::fmt;
 use std::time::Duration;
 use tokio::time::Instant;

@@ -10,19 +10,19 @@
 //! before the first byte of a successful answer reaches the caller.
 
 use super::call::{CallTime, Upstream};
-use super::error::HttpError;
-use super::types::{
+use super::client::{
     drop_decoded_encoding, header_bytes, Request, Response, StreamingResponse,
     MAX_RESPONSE_HEADER_BYTES,
 };
+use super::error::HttpError;
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::Method;
 use happynet_actors::backoff::{parse_retry_after, Jitter, RetryDecision};
 use happynet_actors::breaker::{AttemptOutcome, Permit};
 use happynet_actors::cache::Validators;
 use happynet_actors::limiter::{Grant, Reserve};
+use happynet_actors::pool::Verdict;
 use happynet_actors::pool::{Execute, ExecuteStream, PoolError};
-use happynet_actors::verdict::Verdict;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -150,7 +150,7 @@ impl Upstream {
                 }
             };
 
-            let attempt_deadline = deadline.min(Instant::now() + self.settings.attempt_timeout);
+            let attempt_deadline = deadline.min(Instant::now() + self.settings.timeout);
             if attempt > 0 {
                 self.count(|s| s.retries += 1);
             }
@@ -271,10 +271,8 @@ impl Upstream {
                     decompress: !req.keep_encoding,
                     grant: Some(grant),
                 },
-                idle_timeout: self.settings.attempt_timeout,
-                write_timeout: req
-                    .stream_write_timeout
-                    .unwrap_or(self.settings.attempt_timeout),
+                idle_timeout: self.settings.timeout,
+                write_timeout: req.stream_write_timeout.unwrap_or(self.settings.timeout),
             };
             let name = name.clone();
             async move {

@@ -6,14 +6,21 @@
 //! default applied. This module is the only step after that: each actor's
 //! config is filled from it field by field, under the same names the JSON
 //! uses (`failure_rate` is `failure_rate` in the file, in the settings and in
-//! the breaker), and each is checked by its policy's own constructor, so a
-//! rule is written once. Nothing downstream reshapes them again.
+//! the breaker; `timeout`, `rate_limit`, `load_balancing` likewise), and each
+//! is checked by its policy's own constructor, so a rule is written once.
+//! Nothing downstream reshapes them again.
+//!
+//! The one place names change is the retry block's backoff: [`Backoff`] is
+//! one policy shared by three blocks (`retry`'s `base_delay`/`max_delay`,
+//! the ejection's lengths, the Redis links' `reconnect_min_ms`/`_max_ms`),
+//! so its fields are `base` and `max`, and the retry budget's `ttl` and
+//! `ratio` are `budget_window` and `budget_ratio` in the `retry` block;
+//! `config::http` maps those errors back to the JSON's keys.
 
 use super::auth::Auth;
-use crate::config::{LoadBalancing, UpstreamSettings};
+use crate::config::UpstreamSettings;
 use actix_web::http::header::{HeaderName, HeaderValue};
 use happynet_actors::backoff::{Backoff, RetryBudget};
-use happynet_actors::balancer::{EjectionConfig, Strategy};
 use happynet_actors::breaker::BreakerActor;
 use happynet_actors::cache::ResponseCache;
 use happynet_actors::gcra::Quota;
@@ -46,30 +53,13 @@ impl Parts {
     pub(super) fn from_settings(settings: &UpstreamSettings) -> Result<Parts, String> {
         let name = &settings.name;
         let quota = Quota::new(
-            settings.rate_per_minute,
+            settings.rate_limit,
             Duration::from_secs(60),
             settings.rate_burst,
         )
         .map_err(|e| format!("{name}: rate limit: {e}"))?;
-        let pool = PoolConfig {
-            name: name.clone(),
-            endpoints: settings.endpoints.clone(),
-            max_connections: settings.max_connections,
-            connect_timeout: settings.connect_timeout,
-            keep_alive: settings.keep_alive,
-            max_in_flight: settings.max_in_flight,
-            max_queue: settings.max_queue,
-            max_response_bytes: settings.max_response_bytes,
-            strategy: match settings.load_balancing {
-                LoadBalancing::RoundRobin => Strategy::RoundRobin,
-                LoadBalancing::PeakEwma => Strategy::PeakEwma,
-            },
-            ejection: EjectionConfig {
-                consecutive_failures: settings.ejection.consecutive_failures,
-                base_ejection: settings.ejection.base_ejection.0,
-                max_ejection: settings.ejection.max_ejection.0,
-            },
-        };
+        let pool = settings.pool_config();
+        pool.validate().map_err(|e| format!("{name}: pool: {e}"))?;
         let r = &settings.retry;
         let backoff = Backoff::try_new(r.base_delay.0, r.max_delay.0)
             .map_err(|e| format!("{name}: retry backoff: {e}"))?;
