@@ -59,11 +59,6 @@ impl Frame {
     pub fn cost(&self) -> usize {
         self.cost
     }
-
-    /// The frame's bytes, header included.
-    pub fn bytes(&self) -> &Bytes {
-        &self.bytes
-    }
 }
 
 /// `payload` as one final server frame (unmasked), header and all.
@@ -134,16 +129,6 @@ impl DeliveryQueue {
         }
         self.waker.wake();
         Ok(())
-    }
-
-    /// How many frames are queued.
-    pub fn len(&self) -> usize {
-        lock(&self.queued).frames.len()
-    }
-
-    /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Takes everything queued into `into` (an empty deque: a swap).

@@ -3,8 +3,9 @@
 //!
 //! **Shards.** Every session registers with the [`HubShard`] on its own
 //! thread ([`HubShards::local`], which starts that thread's shard the first
-//! time), so the hub's deliveries to a session — a `try_send` into its
-//! mailbox and a wake — never cross threads. Each shard owns its sessions,
+//! time), so the hub's deliveries to a session — a push onto its
+//! [`crate::delivery::DeliveryQueue`] and, at most once per burst, a wake —
+//! never cross threads. Each shard owns its sessions,
 //! their byte budgets, its heartbeat and its evictions. A [`Broadcast`] sent
 //! to the [`BroadcastHub`] (the one address app code knows: `net.hub()`)
 //! becomes one message per shard, not one per session, and each shard fans
@@ -21,9 +22,10 @@
 //! takes once. It is behind a lock taken per broadcast and per join, never
 //! per delivery. `GetHubStats` merges the shards' counters.
 //!
-//! The payload is encoded once and shared ([`Payload`] is a
-//! reference-counted buffer, text or binary), so a broadcast to 5,000
-//! sessions allocates one frame, not 5,000.
+//! Each shard encodes a broadcast's frame once ([`crate::delivery::encode`]:
+//! header and payload, unmasked) and every member on it shares those bytes,
+//! so a broadcast to 5,000 sessions allocates one frame per shard, not
+//! 5,000.
 //!
 //! **Plain and protocol clients.** A session is one or the other for its
 //! whole life ([`ClientKind`]). A plain client receives only data: exactly
@@ -36,19 +38,20 @@
 //! [`Connect`] to its shard and waits for the answer before it returns the
 //! response, so a broadcast sent once the client holds its `101` reaches it
 //! (the shard is in the directory the router reads before the `Connect` is
-//! sent). The session's actor has not started then, and its mailbox still
-//! has actix's default capacity of 16: until the session marks its
-//! [`SessionLink`] started, a full mailbox is not taken for a slow consumer
-//! and the shard queues past it with `do_send` — bounded still, by the
-//! session's byte budget (each message is charged its payload plus
+//! sent). Its response body has not been polled then: until the session
+//! marks its [`SessionLink`] started, its delivery queue's frame limit is
+//! not applied (a queue nobody drains yet is not a slow consumer), and it
+//! is bounded still by the session's byte budget (each frame is charged its
+//! payload plus
 //! [`PER_MESSAGE_OVERHEAD`](crate::liveness::PER_MESSAGE_OVERHEAD)).
 //!
 //! Each send is chosen for what a full mailbox must mean (the messages
 //! themselves are in [`crate::messages`]):
-//! - shard → session uses `try_send` into a bounded mailbox and charges the
-//!   session's [`SessionLink`] byte budget; a full mailbox or an exhausted
-//!   budget means the client is not reading, and it is evicted as a slow
-//!   consumer instead of letting the server's memory grow;
+//! - shard → session data is no message at all: the shard charges the
+//!   session's [`SessionLink`] byte budget and pushes the encoded frame onto
+//!   its bounded delivery queue; a full queue or an exhausted budget means
+//!   the client is not reading, and it is evicted as a slow consumer
+//!   instead of letting the server's memory grow;
 //! - session → shard ([`FromClient`]) uses `try_send` too, so a flood of
 //!   client frames meets a bounded mailbox and the sender is told it was
 //!   dropped;
@@ -211,6 +214,21 @@ impl NodeRooms {
     /// Every shard in the directory.
     fn shard_addrs(&self) -> Vec<Addr<HubShard>> {
         lock(&self.shards).iter().map(|(_, a)| a.clone()).collect()
+    }
+
+    /// Sends `msg` to every shard and waits for all the answers (a shard
+    /// that stopped meanwhile gives an error, which callers skip).
+    fn ask_every_shard<M>(&self, msg: M) -> futures::future::JoinAll<Request<HubShard, M>>
+    where
+        M: Message + Send + Clone + 'static,
+        M::Result: Send,
+        HubShard: Handler<M>,
+    {
+        futures::future::join_all(
+            self.shard_addrs()
+                .into_iter()
+                .map(|shard| shard.send(msg.clone())),
+        )
     }
 }
 
@@ -1020,14 +1038,9 @@ impl Handler<GetHubStats> for BroadcastHub {
     type Result = ResponseActFuture<Self, HubStats>;
 
     fn handle(&mut self, _: GetHubStats, _: &mut Self::Context) -> Self::Result {
-        let asks: Vec<_> = self
-            .node
-            .shard_addrs()
-            .into_iter()
-            .map(|shard| shard.send(GetHubStats))
-            .collect();
         Box::pin(
-            futures::future::join_all(asks)
+            self.node
+                .ask_every_shard(GetHubStats)
                 .into_actor(self)
                 .map(|answers, hub, _| {
                     let mut stats = hub.stats.clone();
@@ -1049,14 +1062,9 @@ impl Handler<Shutdown> for BroadcastHub {
 
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
         self.node.shutting_down.store(true, Ordering::Release);
-        let asks: Vec<_> = self
-            .node
-            .shard_addrs()
-            .into_iter()
-            .map(|shard| shard.send(Shutdown))
-            .collect();
         Box::pin(
-            futures::future::join_all(asks)
+            self.node
+                .ask_every_shard(Shutdown)
                 .into_actor(self)
                 .map(|answers, _, ctx| {
                     ctx.stop();

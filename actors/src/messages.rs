@@ -500,7 +500,7 @@ impl ClosedCounts {
 /// Asks the hub to close every session with 1001 (going away) and stop. The
 /// result is how many sessions were open; it arrives once they have all
 /// closed or `shutdown_timeout` has passed (the rest are cut off).
-#[derive(Debug, Message)]
+#[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "usize")]
 pub struct Shutdown;
 

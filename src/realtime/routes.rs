@@ -207,13 +207,17 @@ async fn ws_route(
             }
         },
     };
-    if state.is_shutting_down() || !state.hub.connected() {
+    // The session registers with the shard on this worker's thread, so that
+    // the hub's deliveries to it never cross threads; the directory refuses
+    // once the hub is shutting down, as the state does once the network is.
+    let open = !state.is_shutting_down() && state.hub.connected();
+    let Some(shard) = open.then(|| state.shards.local().ok()).flatten() else {
         return Ok(error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "the server is shutting down",
         ));
-    }
+    };
     let Some(slot) = state.gate.try_acquire() else {
         log::warn!(
             "websocket upgrade refused: {} connections open (max_connections)",
@@ -230,15 +234,6 @@ async fn ws_route(
     };
     let peer = req.conn_data::<PeerSocket>();
     let socket = peer.map(|p| p.socket.clone());
-    // The session registers with the shard on this worker's thread, so that
-    // the hub's deliveries to it never cross threads.
-    let Ok(shard) = state.shards.local() else {
-        return Ok(error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        ));
-    };
     let id = state.next_session.fetch_add(1, Ordering::Relaxed);
     let session = WsSessionActor::new(
         id,
