@@ -61,7 +61,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use testkit::bench::payload::unix_nanos;
-use testkit::bench::proc_stats;
+use testkit::bench::{median, proc_stats};
 use testkit::redis_server::RedisServer;
 use testkit::ws;
 use tokio::io::AsyncWriteExt;
@@ -781,21 +781,6 @@ async fn run_topology(
     }
     drop(procs);
     Ok(figures)
-}
-
-/// The median of the figures that are numbers; NaN if none is.
-fn median(values: impl IntoIterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = values.into_iter().filter(|x| !x.is_nan()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let mid = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    }
 }
 
 /// One row's figures from one run.

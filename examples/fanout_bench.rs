@@ -79,6 +79,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use testkit::bench::load_clients::{ClientPool, Shared};
+use testkit::bench::median;
 use testkit::bench::naive_hub as naive;
 use testkit::bench::payload::{bench_payload, unix_nanos, PAYLOAD_BYTES, RUN_MODULUS};
 use testkit::bench::proc_stats::{self, CpuTime};
@@ -984,20 +985,6 @@ async fn bench(args: Args) -> ExitCode {
 // Reporting
 // ---------------------------------------------------------------------------
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.retain(|v| !v.is_nan());
-    if values.is_empty() {
-        return f64::NAN;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    if values.len() % 2 == 1 {
-        values[mid]
-    } else {
-        (values[mid - 1] + values[mid]) / 2.0
-    }
-}
-
 /// How a row's happynet figure is judged.
 enum Target {
     None,
@@ -1146,8 +1133,8 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
         "figure", "happynet", "naive", "h/n", "target (happynet)"
     );
     for row in &rows {
-        let h = median(happy.iter().map(row.get).collect());
-        let v = median(naive.iter().map(row.get).collect());
+        let h = median(happy.iter().map(row.get));
+        let v = median(naive.iter().map(row.get));
         let ratio = h / v;
         let (target, verdict) = match row.target {
             Target::None => ("", ""),

@@ -8,10 +8,40 @@
 //! - [`histogram`]: a fixed-footprint latency histogram;
 //! - [`naive_hub`]: the baseline server, written as the actix chat example
 //!   writes one;
-//! - [`proc_stats`]: CPU time, memory and load from `/proc`.
+//! - [`proc_stats`]: CPU time, memory and load from `/proc`;
+//! - [`median`]: how every benchmark reduces its repeated runs.
 
 pub mod histogram;
 pub mod load_clients;
 pub mod naive_hub;
 pub mod payload;
 pub mod proc_stats;
+
+/// The median of the figures that are numbers (a run that could not
+/// measure a figure reports NaN, and is left out); NaN if none is.
+pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_leaves_out_what_was_not_measured() {
+        assert_eq!(median([3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median([4.0, f64::NAN, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median([f64::NAN]).is_nan());
+        assert!(median(Vec::new()).is_nan());
+    }
+}
