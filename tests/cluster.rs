@@ -302,6 +302,10 @@ fn bad_cluster_settings_name_their_path() {
             "network.cluster.outbox_max_bytes",
         ),
         (
+            r#"{"network":{"cluster":{"redis_url":"redis://h","reconnect_min_ms":0}}}"#,
+            "network.cluster.reconnect_min_ms",
+        ),
+        (
             r#"{"network":{"cluster":{"redis_url":"redis://h","reconnect_min_ms":500,"reconnect_max_ms":100}}}"#,
             "network.cluster.reconnect_max_ms",
         ),

@@ -21,7 +21,8 @@
 //! It is generic over the instant type, so the bridge can use tokio's
 //! (paused in tests) and the limiter std's.
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, BackoffError};
+use std::fmt;
 use std::time::Duration;
 
 /// An instant an outage is measured with: std's or tokio's.
@@ -64,22 +65,76 @@ pub struct Retry {
     pub outage_began: bool,
 }
 
-impl<I: Moment> Reconnect<I> {
-    /// Waits from `min` (plus jitter) growing exponentially, capped at
-    /// `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Reconnect {
-            min,
-            max,
-            backoff: Backoff { base: min, max },
-            attempt: 0,
-            down_since: None,
+/// Why [`Reconnect::try_new`] refused its bounds. [`field`](Self::field)
+/// names the argument, so that a configuration reports it under its own key
+/// (`network.cluster.reconnect_min_ms`, say): the bounds are judged here
+/// and nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconnectError(BackoffError);
+
+impl ReconnectError {
+    /// The argument that was wrong: `"min"` or `"max"`.
+    pub fn field(&self) -> &'static str {
+        match self.0 {
+            BackoffError::MaxBelowBase { .. } => "max",
+            _ => "min",
         }
     }
 
-    /// Waits `gap` after every failure.
+    /// What the argument must be, without its name.
+    pub fn requirement(&self) -> String {
+        match self.0 {
+            BackoffError::MaxBelowBase { base, max } => format!(
+                "must be >= min ({} ms), got {} ms",
+                base.as_millis(),
+                max.as_millis()
+            ),
+            // A zero first wait reconnects in a tight loop against a Redis
+            // that is down.
+            _ => "must be > 0".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ReconnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.field(), self.requirement())
+    }
+}
+
+impl std::error::Error for ReconnectError {}
+
+impl<I: Moment> Reconnect<I> {
+    /// Waits from `min` (plus jitter) growing exponentially, capped at
+    /// `max`. `min` must be above zero (a zero wait reconnects in a tight
+    /// loop) and `max` at least `min`; the backoff's own constructor judges
+    /// both.
+    pub fn try_new(min: Duration, max: Duration) -> Result<Self, ReconnectError> {
+        let backoff = Backoff::try_new(min, max).map_err(ReconnectError)?;
+        Ok(Reconnect {
+            min,
+            max,
+            backoff,
+            attempt: 0,
+            down_since: None,
+        })
+    }
+
+    /// Waits `gap` after every failure; a zero gap is taken as 1 ms, so
+    /// that even a fixed policy never spins.
     pub fn fixed(gap: Duration) -> Self {
-        Self::new(gap, gap)
+        let gap = gap.max(Duration::from_millis(1));
+        match Self::try_new(gap, gap) {
+            Ok(policy) => policy,
+            // Unreachable: gap > 0 and max == min.
+            Err(_) => Reconnect {
+                min: gap,
+                max: gap,
+                backoff: Backoff { base: gap, max: gap },
+                attempt: 0,
+                down_since: None,
+            },
+        }
     }
 
     /// An attempt failed, or the link broke, at `now`: begins an outage if
@@ -130,10 +185,30 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn policy(min: Duration, max: Duration) -> Reconnect {
+        Reconnect::try_new(min, max).expect("valid bounds")
+    }
+
+    #[test]
+    fn bad_bounds_are_refused_by_name() {
+        let zero = Reconnect::<Instant>::try_new(ms(0), ms(10)).unwrap_err();
+        assert_eq!((zero.field(), zero.requirement().as_str()), ("min", "must be > 0"));
+        let below = Reconnect::<Instant>::try_new(ms(100), ms(50)).unwrap_err();
+        assert_eq!(below.field(), "max");
+        assert_eq!(below.requirement(), "must be >= min (100 ms), got 50 ms");
+        assert!(Reconnect::<Instant>::try_new(ms(100), ms(100)).is_ok());
+    }
+
+    #[test]
+    fn a_fixed_policy_never_waits_zero() {
+        let mut r = Reconnect::fixed(ms(0));
+        assert_eq!(r.failed(Instant::now(), 0.5).wait, ms(1));
+    }
+
     #[test]
     fn waits_grow_with_jitter_and_are_capped() {
         let t0 = Instant::now();
-        let mut r = Reconnect::new(ms(100), ms(1000));
+        let mut r = policy(ms(100), ms(1000));
         // min + unit × base × 2^attempt.
         assert_eq!(r.failed(t0, 0.0).wait, ms(100));
         assert_eq!(r.failed(t0, 0.5).wait, ms(200));
@@ -147,7 +222,7 @@ mod tests {
     #[test]
     fn an_outage_begins_once_and_ends_on_connect() {
         let t0 = Instant::now();
-        let mut r = Reconnect::new(ms(100), ms(1000));
+        let mut r = policy(ms(100), ms(1000));
         assert!(!r.is_down());
         assert_eq!(r.connected(t0), None, "no outage: nothing to report");
         assert!(r.failed(t0, 0.0).outage_began);
@@ -161,7 +236,7 @@ mod tests {
     #[test]
     fn only_a_healthy_link_starts_from_the_shortest_wait_again() {
         let t0 = Instant::now();
-        let mut r = Reconnect::new(ms(100), ms(10_000));
+        let mut r = policy(ms(100), ms(10_000));
         let mut waits = Vec::new();
         for _ in 0..5 {
             waits.push(r.failed(t0, 0.99).wait);
@@ -185,7 +260,8 @@ mod tests {
     #[test]
     fn works_on_tokio_instants() {
         let t0 = tokio::time::Instant::now();
-        let mut r: Reconnect<tokio::time::Instant> = Reconnect::new(ms(10), ms(20));
+        let mut r: Reconnect<tokio::time::Instant> =
+            Reconnect::try_new(ms(10), ms(20)).expect("valid bounds");
         r.failed(t0, 0.0);
         assert_eq!(r.connected(t0 + ms(3)), Some(ms(3)));
     }

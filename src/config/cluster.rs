@@ -2,8 +2,9 @@
 //! [`NodeIdentity`], the one place this node's name is decided (the cluster
 //! bridge, the alert events and `/status` all use it).
 
-use super::checks::{at_least_one, ConfigError, Millis};
+use super::checks::{at_least_one, policy_error, ConfigError, Millis};
 use happynet_actors::backoff::Jitter;
+use happynet_actors::reconnect::Reconnect;
 use happynet_actors::shared_limiter::{Fallback, SharedLimit};
 use serde::Deserialize;
 
@@ -128,18 +129,7 @@ impl ClusterConfig {
         at_least_one(&path("outbox_max"), self.outbox_max)?;
         at_least_one(&path("outbox_max_bytes"), self.outbox_max_bytes)?;
         at_least_one(&path("read_batch"), self.read_batch)?;
-        if self.reconnect_min.0.is_zero() {
-            return Err(ConfigError::invalid(
-                &path("reconnect_min_ms"),
-                "must be >= 1",
-            ));
-        }
-        if self.reconnect_max < self.reconnect_min {
-            return Err(ConfigError::invalid(
-                &path("reconnect_max_ms"),
-                "must be >= network.cluster.reconnect_min_ms",
-            ));
-        }
+        self.reconnect()?;
         if self.limiter_timeout.0.is_zero() {
             return Err(ConfigError::invalid(
                 &path("limiter_timeout_ms"),
@@ -147,6 +137,20 @@ impl ClusterConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The bridge's reconnect policy, judged by its own constructor
+    /// ([`Reconnect::try_new`]); a bad bound is reported under its key
+    /// (`network.cluster.reconnect_min_ms` or `reconnect_max_ms`).
+    pub fn reconnect(&self) -> Result<Reconnect<tokio::time::Instant>, ConfigError> {
+        Reconnect::try_new(self.reconnect_min.0, self.reconnect_max.0).map_err(|e| {
+            policy_error(
+                "network.cluster",
+                e.field(),
+                e.requirement(),
+                &[("min", "reconnect_min_ms"), ("max", "reconnect_max_ms")],
+            )
+        })
     }
 
     /// The Redis side of a shared rate limit (`shared_rate_limit`,

@@ -224,7 +224,7 @@ impl ClusterBridge {
             stream_max_len: config.stream_max_len,
             read_batch: config.read_batch,
             presence_interval: config.presence_interval.0,
-            link: LinkState::new(config.reconnect_min.0, config.reconnect_max.0),
+            link: LinkState::new(config.reconnect()?),
             jitter,
             generation: 0,
             publisher: None,

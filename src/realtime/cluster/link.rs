@@ -35,12 +35,13 @@ pub struct LinkState {
 }
 
 impl LinkState {
-    /// A link that has never been up.
-    pub fn new(reconnect_min: Duration, reconnect_max: Duration) -> Self {
+    /// A link that has never been up, reconnecting by `reconnect`
+    /// (`ClusterConfig::reconnect`, which judged its bounds).
+    pub fn new(reconnect: Reconnect<Instant>) -> Self {
         LinkState {
             phase: Phase::Down,
             ever_up: false,
-            reconnect: Reconnect::new(reconnect_min, reconnect_max),
+            reconnect,
             reconnects: 0,
         }
     }
@@ -124,7 +125,7 @@ mod tests {
     fn the_link_backs_off_with_jitter_and_reports_downtime() {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
-        let mut l = LinkState::new(ms(100), ms(1000));
+        let mut l = LinkState::new(Reconnect::try_new(ms(100), ms(1000)).expect("valid"));
         assert!(!l.is_up());
         assert!(l.start_connect());
         assert!(!l.start_connect(), "one attempt at a time");
@@ -153,7 +154,7 @@ mod tests {
     fn a_link_that_dies_at_once_keeps_backing_off() {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
-        let mut l = LinkState::new(ms(100), ms(10_000));
+        let mut l = LinkState::new(Reconnect::try_new(ms(100), ms(10_000)).expect("valid"));
         let mut waits = Vec::new();
         for i in 0..5 {
             assert!(l.start_connect());
