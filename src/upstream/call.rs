@@ -3,7 +3,7 @@
 //!
 //! [`Upstream::call`] first looks in the cache on the caller's thread: a
 //! fresh hit needs no actor. Anything else is handed off
-//! ([`Upstream::hand_off`]) to the upstream's arbiter, where the retry
+//! (`Upstream::hand_off`) to the upstream's arbiter, where the retry
 //! pipeline ([`super::retry`]) runs beside the limiter, breaker and pool
 //! actors, bounded by the call's deadline. The hand-off counts the call
 //! ([`super::stats`]), cancellation included.
@@ -14,7 +14,7 @@
 //! ask for the same key at once (single flight), and its answer is stored,
 //! revalidated or, when the upstream fails, replaced by a stale copy while
 //! `stale_if_error` allows. Which requests may use the cache is
-//! [`Upstream::cache_key`]'s rule: a GET or HEAD without a credential of the
+//! `Upstream::cache_key`'s rule: a GET or HEAD without a credential of the
 //! caller's own, or any request the caller gave a key. Cancellation is a
 //! normal path: the flight guards (`LeadingFlight`, `FollowingFlight`) keep
 //! the single-flight table right when a leader or a follower goes away.
@@ -78,7 +78,7 @@ pub struct Upstream {
 
 impl Upstream {
     /// Starts the upstream's pool, breaker and limiter on `arbiter`, from
-    /// the parts [`Parts::from_settings`] builds.
+    /// the parts `Parts::from_settings` builds.
     pub fn start(settings: UpstreamSettings, arbiter: &ArbiterHandle) -> Result<Self, String> {
         let Parts {
             quota,

@@ -1,4 +1,4 @@
-//! The registry of upstreams: [`Upstreams`], every upstream of one
+//! The registry of upstreams: `Upstreams`, every upstream of one
 //! `Network` — the configured API clients, started with the network, and
 //! the plain client's per-origin upstreams, started on first use — with the
 //! one arbiter (thread) all their actors run on.

@@ -55,7 +55,7 @@
 //! OpenAI's shape, `{"error":{"message","type","code"}}` (a `429` has type
 //! `rate_limit_exceeded`, a quota fault `insufficient_quota`, other `5xx`
 //! `server_error`, other `4xx` `invalid_request_error`); errors elsewhere
-//! are `{"upstream","error","status","n"}` (see [`serve_echo`]).
+//! are `{"upstream","error","status","n"}` (see `serve_echo`).
 //!
 //! # The OpenAI-compatible API
 //!
@@ -63,7 +63,7 @@
 //! `messages: [{role, content}]`, optional `temperature`, `max_tokens`,
 //! `stream`, `stream_options.include_usage`; other fields are ignored) and
 //! answers deterministically: the content is `"Echo: "` followed by the
-//! last `user` message (see [`ChatCall`]), and token counts are word counts.
+//! last `user` message (see `ChatCall`), and token counts are word counts.
 //! Any model name is accepted and echoed back. With `"stream": true` the
 //! answer is `text/event-stream`: one `data: {chat.completion.chunk}` event
 //! with the role, one per word of the content (the deltas concatenate to

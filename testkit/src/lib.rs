@@ -16,7 +16,7 @@
 //! - [`ws`]: a WebSocket client written by hand on a raw socket: the
 //!   handshake, frame parsing and building for the load generators, and
 //!   [`ws::RawWsClient`] for tests that need a client awc will not be;
-//! - [`bench`]: the benchmark programs' shared parts (the fan-out load
+//! - [`bench`](mod@bench): the benchmark programs' shared parts (the fan-out load
 //!   generator, its payload and histogram, the naive baseline hub, `/proc`
 //!   readers);
 //! - [`free_port`].

@@ -5,7 +5,7 @@
 //! most `--concurrency` handshakes in flight, so the server's listen backlog
 //! never overflows into SYN retries), waits for the `welcome` frame, then
 //! reads frames until the connection ends, answering pings. For every
-//! benchmark frame it checks the sequence number against its [`Tally`]
+//! benchmark frame it checks the sequence number against its `Tally`
 //! (8 bytes per client) and records the latency in one shared histogram.
 //! Everything is single-threaded, so the shared counters are `Cell`s.
 
