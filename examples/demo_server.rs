@@ -34,12 +34,12 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use testkit::fake_upstream;
 
-// jemalloc kept idle-connection memory lowest and flattest under reconnect
-// churn when the allocators were measured (`fanout_bench`, RSS per idle
-// connection and after churn). Choosing an allocator is the
-// application's call, so it lives here and not in the library.
+// jemalloc unless built with `--features testkit/alloc-system` or
+// `testkit/alloc-mimalloc` (`testkit::alloc`, README "Allocators" for the
+// figures behind the default). Choosing an allocator is the application's
+// call, so it lives here and not in the library.
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: testkit::alloc::Chosen = testkit::alloc::CHOSEN;
 
 /// The page, compiled in so the binary serves it from anywhere.
 const INDEX_HTML: &str = include_str!("demo/index.html");

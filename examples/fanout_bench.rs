@@ -21,7 +21,8 @@
 //!
 //! How to read it: each server runs in a child process (this same binary,
 //! re-executed with `--serve happynet|naive`), so /proc figures are the
-//! server's alone; both children use jemalloc, 2 workers and the same
+//! server's alone; both children use the same allocator (jemalloc unless
+//! built otherwise, see `testkit::alloc`; the header names it), 2 workers and the same
 //! `HttpServer` settings. Latency is receipt time at the client minus the
 //! send time stamped into the payload (both read `SystemTime` on the same
 //! machine); it includes the time the load generator takes to get round to
@@ -84,11 +85,12 @@ use testkit::bench::naive_hub as naive;
 use testkit::bench::payload::{bench_payload, unix_nanos, PAYLOAD_BYTES, RUN_MODULUS};
 use testkit::bench::proc_stats::{self, CpuTime};
 
-// Both servers, and the load generator, use jemalloc: the servers share it so
-// the comparison is fair, and of the allocators measured it kept memory the
-// lowest and flattest under connection churn.
+// Both servers, and the load generator, use one allocator, so the
+// comparison is fair: jemalloc unless built with
+// `--features testkit/alloc-system` or `testkit/alloc-mimalloc`
+// (`testkit::alloc`); the header names it.
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: testkit::alloc::Chosen = testkit::alloc::CHOSEN;
 
 /// The happynet server's configuration.
 const HAPPYNET_CONFIG: &str = r#"{"network":{"websocket":{"max_connections":20000,"presence_interval":0,"heartbeat_interval":30}}}"#;
@@ -916,10 +918,11 @@ async fn bench(args: Args) -> ExitCode {
     );
     let limit = proc_stats::open_files_soft_limit();
     println!(
-        "machine: {} CPUs, load average {} at start; open-files soft limit {}",
+        "machine: {} CPUs, load average {} at start; open-files soft limit {}; allocator {}",
         proc_stats::cpus(),
         proc_stats::load_average(),
-        limit.map_or("unknown".to_owned(), |l| l.to_string())
+        limit.map_or("unknown".to_owned(), |l| l.to_string()),
+        testkit::alloc::NAME
     );
     println!(
         "phases: fixed {}/s for {} s, full speed {} broadcasts; {} run(s) each; {WORKERS} server workers; load generator: 1 thread, {} handshakes in flight",

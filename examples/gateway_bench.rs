@@ -61,7 +61,7 @@ use testkit::fake_upstream;
 use tokio::sync::{mpsc, Semaphore};
 
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: testkit::alloc::Chosen = testkit::alloc::CHOSEN;
 
 /// Requests outstanding at once in the open loop (and the awc pool's
 /// connection limit): enough for a 250 ms stall at 1,000/s, small enough

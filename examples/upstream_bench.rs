@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use testkit::fake_upstream;
 
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: testkit::alloc::Chosen = testkit::alloc::CHOSEN;
 
 const CONCURRENCIES: [usize; 2] = [1, 64];
 const WARMUP: usize = 2_000;

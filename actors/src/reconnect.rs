@@ -130,7 +130,10 @@ impl<I: Moment> Reconnect<I> {
             Err(_) => Reconnect {
                 min: gap,
                 max: gap,
-                backoff: Backoff { base: gap, max: gap },
+                backoff: Backoff {
+                    base: gap,
+                    max: gap,
+                },
                 attempt: 0,
                 down_since: None,
             },
@@ -192,7 +195,10 @@ mod tests {
     #[test]
     fn bad_bounds_are_refused_by_name() {
         let zero = Reconnect::<Instant>::try_new(ms(0), ms(10)).unwrap_err();
-        assert_eq!((zero.field(), zero.requirement().as_str()), ("min", "must be > 0"));
+        assert_eq!(
+            (zero.field(), zero.requirement().as_str()),
+            ("min", "must be > 0")
+        );
         let below = Reconnect::<Instant>::try_new(ms(100), ms(50)).unwrap_err();
         assert_eq!(below.field(), "max");
         assert_eq!(below.requirement(), "must be >= min (100 ms), got 50 ms");

@@ -19,8 +19,10 @@
 //! - [`bench`](mod@bench): the benchmark programs' shared parts (the fan-out load
 //!   generator, its payload and histogram, the naive baseline hub, `/proc`
 //!   readers);
+//! - [`alloc`]: the example programs' global allocator, chosen by feature;
 //! - [`free_port`].
 
+pub mod alloc;
 pub mod bench;
 pub mod fake_upstream;
 pub mod redis_server;
