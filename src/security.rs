@@ -84,7 +84,7 @@
 
 use crate::config::{normalize_origin, ConfigError, IpRange, SecurityConfig};
 use actix::prelude::*;
-use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{
     forward_ready, Extensions, Payload, Service, ServiceRequest, ServiceResponse, Transform,
 };
@@ -1022,8 +1022,9 @@ impl Security {
 
     /// Runs the upgrade checks of `GET /ws` (see the module docs), in order:
     /// connection rate, origin, token, open connections per IP. On success
-    /// the [`UpgradePass`] holds the IP's connection slot; hand the upgrade's
-    /// response to [`UpgradePass::hold_until_closed`].
+    /// the [`UpgradePass`] holds the IP's connection slot: keep it as long
+    /// as the connection is open (the `/ws` route puts it in the upgrade's
+    /// response body, which lives exactly that long).
     pub async fn admit_upgrade(&self, req: &HttpRequest) -> Result<UpgradePass, Refusal> {
         let result = self.check_upgrade(req).await;
         if let Err(refusal) = &result {
@@ -1060,7 +1061,7 @@ impl Security {
             }
             _ => None,
         };
-        Ok(UpgradePass { slot })
+        Ok(UpgradePass { _slot: slot })
     }
 
     fn check_origin(&self, req: &HttpRequest) -> Result<(), Refusal> {
@@ -1235,7 +1236,8 @@ fn warn_if_proxy_clients_are_exempt(config: &SecurityConfig) {
 #[derive(Debug)]
 #[must_use = "the slot is released when the pass is dropped"]
 pub struct UpgradePass {
-    slot: Option<IpSlot>,
+    /// Held, never read: dropping the pass frees the slot.
+    _slot: Option<IpSlot>,
 }
 
 impl UpgradePass {
@@ -1243,39 +1245,6 @@ impl UpgradePass {
     /// `WsResponseBuilder::protocols`. A client offering `happynet` gets it
     /// back, whether or not a token is required.
     pub const PROTOCOLS: &'static [&'static str] = &[HAPPYNET_SUBPROTOCOL];
-
-    /// Makes `response` (the upgrade's) hold the connection slot until the
-    /// connection ends: the slot is dropped with the response body, which
-    /// the HTTP dispatcher keeps exactly as long as the WebSocket is open.
-    pub fn hold_until_closed(self, response: HttpResponse) -> HttpResponse {
-        match self.slot {
-            None => response,
-            Some(slot) => {
-                response.map_body(|_, body| BoxBody::new(HoldWhileOpen { body, _guard: slot }))
-            }
-        }
-    }
-}
-
-/// A response body that keeps `_guard` alive as long as the body.
-struct HoldWhileOpen<B, G> {
-    body: B,
-    _guard: G,
-}
-
-impl<B: MessageBody + Unpin, G: Unpin> MessageBody for HoldWhileOpen<B, G> {
-    type Error = B::Error;
-
-    fn size(&self) -> BodySize {
-        self.body.size()
-    }
-
-    fn poll_next(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_next(cx)
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -161,3 +161,56 @@ async fn a_client_that_stops_reading_on_one_shard_holds_up_nobody() {
         assert_eq!(r.next_text().await, "after");
     }
 }
+
+/// The sessions each shard's table has room for, from `/health`.
+fn shard_capacity(health: &Value) -> Vec<u64> {
+    health["hub"]["shard_session_capacity"]
+        .as_array()
+        .expect("shard_session_capacity in /health")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect()
+}
+
+#[actix_web::test]
+async fn after_every_client_leaves_the_shards_give_their_tables_back() {
+    // Enough that a table sized for them is above the most an empty shard
+    // keeps (see happynet_actors::capacity), few enough for a debug build.
+    const CLIENTS: usize = 700;
+    let server = start(config("{}")).await;
+    for round in 0..2 {
+        let mut clients = Vec::with_capacity(CLIENTS);
+        for _ in 0..CLIENTS {
+            clients.push(RawWsClient::connect(server.addr, "", 65536).await);
+        }
+        let full = wait_for_hub(&server, "every client registered", |h| {
+            spread_over_two_shards(h, CLIENTS as u64)
+        })
+        .await;
+        // Each shard has grown past what an empty one may keep: else this
+        // test could not tell a shard that shrinks from one that does not.
+        let held = shard_capacity(&full);
+        assert!(
+            held.iter()
+                .all(|&c| c > happynet::actors::capacity::ceiling(0) as u64),
+            "round {round}: {full}"
+        );
+
+        drop(clients);
+        let empty = wait_for_hub(&server, "every session gone", |h| h["sessions"] == 0).await;
+        // Each shard is back to its floor, not sized for the crowd that left.
+        for cap in shard_capacity(&empty) {
+            assert!(
+                cap <= happynet::actors::capacity::ceiling(0) as u64,
+                "round {round}: a shard still holds room for {cap} sessions: {empty}"
+            );
+        }
+        assert_eq!(empty["hub"]["rooms"], 0, "{empty}");
+    }
+    // And the hub works as before for whoever comes next.
+    let mut a = WsClient::connect(&server, "?room=after").await;
+    let mut b = WsClient::connect(&server, "?room=after").await;
+    a.send_text("still here").await;
+    assert_eq!(b.next_text().await, "still here");
+    assert_eq!(a.next_text().await, "still here");
+}

@@ -14,7 +14,8 @@
 //! - the upgrade response's body ([`Outbound`]) takes everything queued at
 //!   once each time the HTTP layer polls it and hands it over frame by
 //!   frame (the HTTP layer copies them into its write buffer and writes
-//!   them with one `write()`).
+//!   them with one `write()`), at most [`PASS_BYTES`] per pass (see
+//!   below).
 //!
 //! The session's own frames (pings, pongs, error frames, the close frame)
 //! still go through its `WebsocketContext`, which [`Outbound`] polls too, so
@@ -24,12 +25,27 @@
 //! `Flush` waits for exactly those); once the close is out, the queue is
 //! closed and later pushes are refused.
 //!
+//! **Memory per idle session.** actix-http's dispatcher copies whatever the
+//! body yields into its write buffer until that holds
+//! `h1_write_buffer_size` (32 KiB by default), and a buffer that grew keeps
+//! its size until it exceeds 128 KiB: a burst of broadcasts would leave
+//! every session that took it with a write buffer of 32 KiB or more for
+//! the rest of its life. So [`Outbound`] hands over at most
+//! [`PASS_BYTES`] between two `Pending`s (splitting a larger frame, which
+//! costs a reference count, not a copy) and then wakes itself: a pass
+//! that starts with the write buffer flushed fits it at its initial 8 KiB.
+//! (One that starts with unwritten bytes, a client slow to read, can still
+//! grow it: see `src/realtime/websocket.rs` in the `happynet` crate for the
+//! bound and the evidence.) And a drained queue gives its storage back
+//! ([`crate::capacity::release_drained`]): a burst's room is not kept.
+//!
 //! Bounded as before: the shard charges each frame to the session's byte
 //! budget ([`crate::liveness::OutboundBudget`]) and the queue holds at most
 //! `max_frames`; either limit reached means a slow consumer. Since the
 //! queue is filled while the body is not polled (a client that stops
 //! reading), both limits are what evicts it.
 
+use crate::capacity::release_drained;
 use crate::liveness::SessionLink;
 use crate::messages::Payload;
 use actix_http::ws::{OpCode, Parser};
@@ -40,6 +56,12 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+
+/// The most [`Outbound`] hands the HTTP layer in one pass (from a poll to
+/// the `Pending` that ends it): actix-http's initial write buffer (8 KiB,
+/// `HW_BUFFER_SIZE` in actix-http's `h1/dispatcher.rs`) less room for the
+/// `101` response head, which is in that buffer during the first pass.
+pub const PASS_BYTES: usize = 7 * 1024;
 
 /// One encoded frame, ready for the socket, with what it was charged.
 #[derive(Debug, Clone)]
@@ -131,7 +153,9 @@ impl DeliveryQueue {
         Ok(())
     }
 
-    /// Takes everything queued into `into` (an empty deque: a swap).
+    /// Takes everything queued into `into` (an empty deque: a swap, which
+    /// leaves the queue `into`'s storage; the body frees it once drained,
+    /// so what the queue keeps is small).
     fn take_all(&self, into: &mut VecDeque<Frame>) {
         let mut q = lock(&self.queued);
         if into.is_empty() {
@@ -139,6 +163,7 @@ impl DeliveryQueue {
         } else {
             into.extend(q.frames.drain(..));
         }
+        release_drained(&mut q.frames);
     }
 
     /// Refuses every later push and drops what is queued; returns what the
@@ -146,7 +171,15 @@ impl DeliveryQueue {
     fn close(&self) -> usize {
         let mut q = lock(&self.queued);
         q.closed = true;
-        q.frames.drain(..).map(|f| f.cost).sum()
+        let dropped = q.frames.drain(..).map(|f| f.cost).sum();
+        // Nothing is queued again: no room is kept.
+        q.frames = VecDeque::new();
+        dropped
+    }
+
+    /// How many frames the queue has room for without growing.
+    pub fn capacity(&self) -> usize {
+        lock(&self.queued).frames.capacity()
     }
 }
 
@@ -162,6 +195,8 @@ pub struct Outbound<S, E> {
     held: Option<Bytes>,
     /// The context's output ended with this (an error, or `None`).
     ended: Option<Option<E>>,
+    /// Bytes handed over in this pass, at most [`PASS_BYTES`].
+    this_pass: usize,
 }
 
 impl<S, E> Outbound<S, E> {
@@ -174,7 +209,14 @@ impl<S, E> Outbound<S, E> {
             ready: VecDeque::new(),
             held: None,
             ended: None,
+            this_pass: 0,
         }
+    }
+
+    /// How many frames the body has room for, taken from the queue and
+    /// not yet handed over.
+    pub fn capacity(&self) -> usize {
+        self.ready.capacity()
     }
 
     fn close_queue(&mut self) {
@@ -222,12 +264,37 @@ where
                 this.close_queue();
             }
         }
-        if let Some(frame) = this.ready.pop_front() {
-            this.link.release(frame.cost);
-            return Poll::Ready(Some(Ok(frame.bytes)));
+        let room = PASS_BYTES - this.this_pass;
+        if room == 0 && (!this.ready.is_empty() || this.held.is_some()) {
+            // This pass has had its share (see the module docs): the HTTP
+            // layer writes it out, and the wake brings it back for more.
+            this.this_pass = 0;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
-        if let Some(chunk) = this.held.take() {
-            return Poll::Ready(Some(Ok(chunk)));
+        if let Some(front) = this.ready.front_mut() {
+            if front.bytes.len() > room {
+                // The rest of the frame goes in the next pass; its cost is
+                // released once all of it is handed over.
+                this.this_pass = PASS_BYTES;
+                return Poll::Ready(Some(Ok(front.bytes.split_to(room))));
+            }
+            if let Some(frame) = this.ready.pop_front() {
+                this.this_pass += frame.bytes.len();
+                this.link.release(frame.cost);
+                release_drained(&mut this.ready);
+                return Poll::Ready(Some(Ok(frame.bytes)));
+            }
+        }
+        if let Some(chunk) = this.held.as_mut() {
+            if chunk.len() > room {
+                this.this_pass = PASS_BYTES;
+                return Poll::Ready(Some(Ok(chunk.split_to(room))));
+            }
+            if let Some(chunk) = this.held.take() {
+                this.this_pass += chunk.len();
+                return Poll::Ready(Some(Ok(chunk)));
+            }
         }
         match this.ended.take() {
             Some(Some(e)) => {
@@ -239,7 +306,11 @@ where
                 this.ended = Some(None);
                 Poll::Ready(None)
             }
-            None => Poll::Pending,
+            None => {
+                // Nothing more to hand over: the pass ends here.
+                this.this_pass = 0;
+                Poll::Pending
+            }
         }
     }
 }
@@ -306,6 +377,112 @@ mod tests {
         assert!(out.next().await.is_none());
         // Both handed-over frames were released.
         assert_eq!(l.released(), 200);
+    }
+
+    /// Counts its wakes.
+    #[derive(Default)]
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl futures::task::ArcWake for Wakes {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    type Body = Outbound<futures::channel::mpsc::UnboundedReceiver<Result<Bytes, ()>>, ()>;
+
+    /// Polls `out` until it is pending; returns what it handed over.
+    fn one_pass(out: &mut Body, cx: &mut Context<'_>) -> Vec<Bytes> {
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(Ok(piece))) = Pin::new(&mut *out).poll_next(cx) {
+            got.push(piece);
+        }
+        got
+    }
+
+    #[test]
+    fn a_pass_hands_over_at_most_pass_bytes_and_a_big_frame_goes_in_slices() {
+        let l = link(16);
+        let big = |fill: u8| {
+            let f = encode(&Payload::Binary(Bytes::from(vec![fill; 5000])));
+            (Frame::new(f.clone(), 100), f)
+        };
+        let mut expected = Vec::new();
+        for fill in [1, 2, 3] {
+            let (frame, bytes) = big(fill);
+            l.queue().push(frame, true).unwrap();
+            expected.extend_from_slice(&bytes);
+        }
+        // Keeps the context's output open: the body never ends here.
+        let (_tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out = Outbound::new(l.clone(), rx);
+        let wakes = Arc::new(Wakes::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut written = Vec::new();
+        let mut passes = 0;
+        while written.len() < expected.len() {
+            let before = wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+            let pass: usize = one_pass(&mut out, &mut cx)
+                .into_iter()
+                .map(|piece| {
+                    written.extend_from_slice(&piece);
+                    piece.len()
+                })
+                .sum();
+            assert!(pass <= PASS_BYTES, "one pass handed over {pass} bytes");
+            if written.len() < expected.len() {
+                // More is ready: the body woke itself for the next pass.
+                assert_eq!(
+                    wakes.0.load(std::sync::atomic::Ordering::SeqCst),
+                    before + 1
+                );
+            }
+            passes += 1;
+            assert!(passes <= 10, "no progress");
+        }
+        assert_eq!(written, expected, "every byte, in order, once");
+        assert_eq!(passes, expected.len().div_ceil(PASS_BYTES));
+        // Each frame's cost was released once, after its last slice.
+        assert_eq!(l.released(), 300);
+    }
+
+    #[test]
+    fn a_drained_queue_and_body_keep_no_room_for_the_burst_they_took() {
+        let l = link(4096);
+        for i in 0..1000 {
+            l.queue().push(frame(&i.to_string()), true).unwrap();
+        }
+        assert!(l.queue().capacity() >= 1000);
+        let (_tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out: Body = Outbound::new(l.clone(), rx);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut frames = 0;
+        for _ in 0..100 {
+            frames += one_pass(&mut out, &mut cx).len();
+            if frames == 1000 {
+                break;
+            }
+        }
+        assert_eq!(frames, 1000);
+        assert_eq!(l.queue().capacity(), 0, "the queue keeps room");
+        assert_eq!(out.capacity(), 0, "the body keeps room");
+        // And it still delivers what comes next, keeping nothing after.
+        l.queue().push(frame("after"), true).unwrap();
+        let next = one_pass(&mut out, &mut cx);
+        assert_eq!(next, vec![encode(&Payload::Text("after".into()))]);
+        assert_eq!((l.queue().capacity(), out.capacity()), (0, 0));
+    }
+
+    #[test]
+    fn a_closed_queue_keeps_no_room() {
+        let l = link(4096);
+        for i in 0..100 {
+            l.queue().push(frame(&i.to_string()), true).unwrap();
+        }
+        assert_eq!(l.queue().close(), 100 * 100);
+        assert_eq!(l.queue().capacity(), 0);
     }
 
     #[actix::test]

@@ -74,6 +74,7 @@
 //! a peer that does not read. A session that closes itself, as every healthy
 //! one does on a graceful shutdown (1001), is never aborted.
 
+use crate::capacity;
 use crate::delivery::{self, Frame, Refused};
 use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::messages::Payload;
@@ -409,6 +410,9 @@ impl HubShard {
         lock(&self.node.rooms).remove_session(id);
         self.node.sessions.fetch_sub(1, Ordering::Relaxed);
         self.presence.remove(&id);
+        // After churn the tables are not left sized for the crowd that left.
+        capacity::shrink_map(&mut self.sessions);
+        capacity::shrink_set(&mut self.presence);
         self.node.touch_presence();
         self.stats.peak_session_queued_bytes = self
             .stats
@@ -488,6 +492,7 @@ impl HubShard {
                 true
             }
         });
+        capacity::shrink_map(&mut self.closing);
         let mut silent = Vec::new();
         let mut slow = Vec::new();
         for (&id, member) in &self.sessions {
@@ -774,7 +779,9 @@ impl Handler<Disconnect> for HubShard {
     type Result = ();
 
     fn handle(&mut self, msg: Disconnect, _: &mut Self::Context) {
-        self.closing.remove(&msg.id);
+        if self.closing.remove(&msg.id).is_some() {
+            capacity::shrink_map(&mut self.closing);
+        }
         if let Some(member) = self.remove(msg.id) {
             self.stats.sessions_closed += 1;
             self.stats.closed.count(member.link.close_reason());
@@ -828,6 +835,7 @@ impl Handler<GetHubStats> for HubShard {
     fn handle(&mut self, _: GetHubStats, _: &mut Self::Context) -> Self::Result {
         let mut stats = self.stats.clone();
         stats.sessions = self.sessions.len();
+        stats.shard_session_capacity = vec![self.sessions.capacity()];
         stats.peak_session_queued_bytes = self
             .sessions
             .values()
@@ -1047,6 +1055,9 @@ impl Handler<GetHubStats> for BroadcastHub {
                     for shard in answers.into_iter().flatten() {
                         stats.absorb(&shard);
                         stats.shard_sessions.push(shard.sessions);
+                        stats
+                            .shard_session_capacity
+                            .extend(shard.shard_session_capacity);
                     }
                     stats.queued_broadcasts = queued_broadcasts();
                     stats.sessions = hub.node.sessions.load(Ordering::Relaxed);

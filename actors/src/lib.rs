@@ -35,6 +35,7 @@ pub mod backoff;
 pub mod balancer;
 pub mod breaker;
 pub mod cache;
+pub mod capacity;
 pub mod delivery;
 pub mod frame_check;
 pub mod gcra;

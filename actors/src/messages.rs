@@ -431,6 +431,10 @@ pub struct HubStats {
     /// Sessions on each of the hub's shards (one per worker thread that
     /// has hosted a session), in the order the shards started.
     pub shard_sessions: Vec<usize>,
+    /// How many sessions each shard's table has room for, in the same
+    /// order: it follows `shard_sessions` back down after churn (see
+    /// [`crate::capacity`]).
+    pub shard_session_capacity: Vec<usize>,
 }
 
 impl HubStats {

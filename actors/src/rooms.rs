@@ -19,6 +19,7 @@
 //! left stays charged to the creator. Sessions without a key (exempt
 //! addresses, see `network.security.exempt_ips`) create rooms uncharged.
 
+use crate::capacity;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
@@ -236,7 +237,9 @@ impl RoomTable {
         self.rooms.entry(room.clone()).or_default().insert(session);
         self.memberships
             .entry(session)
-            .or_default()
+            // Most sessions are in one room for life: room for one, not
+            // the four a first push would make (memory per connection).
+            .or_insert_with(|| Vec::with_capacity(1))
             .push(room.clone());
         Ok(Joined::Added)
     }
@@ -252,14 +255,18 @@ impl RoomTable {
         mine.swap_remove(pos);
         if mine.is_empty() {
             self.memberships.remove(&session);
+            capacity::shrink_map(&mut self.memberships);
         }
         self.remove_member(room, session);
         true
     }
 
-    /// Takes `session` out of every room (it disconnected).
+    /// Takes `session` out of every room (it disconnected). Tables left
+    /// mostly empty shrink (see [`crate::capacity`]): a crowd that came and
+    /// went leaves no room for itself behind.
     pub fn remove_session(&mut self, session: SessionId) {
         if let Some(mine) = self.memberships.remove(&session) {
+            capacity::shrink_map(&mut self.memberships);
             for room in mine {
                 self.remove_member(&room, session);
             }
@@ -271,9 +278,26 @@ impl RoomTable {
             members.remove(&session);
             if members.is_empty() {
                 self.rooms.remove(room);
+                capacity::shrink_map(&mut self.rooms);
                 self.uncharge(room);
+            } else {
+                capacity::shrink_set(members);
             }
         }
+    }
+
+    /// The most room any of the table's maps has, and how many entries the
+    /// largest holds: what [`crate::capacity::ceiling`] bounds.
+    #[cfg(test)]
+    fn room_kept(&self) -> Vec<(usize, usize)> {
+        let mut kept = vec![
+            (self.rooms.len(), self.rooms.capacity()),
+            (self.memberships.len(), self.memberships.capacity()),
+            (self.creators.len(), self.creators.capacity()),
+            (self.created_by.len(), self.created_by.capacity()),
+        ];
+        kept.extend(self.rooms.values().map(|m| (m.len(), m.capacity())));
+        kept
     }
 
     /// A room disappeared: its creator's address may create another.
@@ -281,10 +305,12 @@ impl RoomTable {
         let Some(ip) = self.creators.remove(room) else {
             return;
         };
+        capacity::shrink_map(&mut self.creators);
         if let Some(n) = self.created_by.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
                 self.created_by.remove(&ip);
+                capacity::shrink_map(&mut self.created_by);
             }
         }
     }
@@ -359,6 +385,39 @@ mod tests {
         assert!(RoomName::new(&"x".repeat(MAX_ROOM_NAME_BYTES)).is_ok());
         assert_eq!(RoomName::new("a\nb"), Err(RoomNameError::ControlCharacter));
         assert_eq!(room("café ☕").as_str(), "café ☕");
+    }
+
+    #[test]
+    fn after_a_crowd_leaves_every_map_of_the_table_is_back_under_its_ceiling() {
+        let mut t = RoomTable::new(4, 10_000).with_max_rooms_per_ip(10_000);
+        let lobby = room("lobby");
+        for s in 0..3000u64 {
+            t.join(s, &lobby).unwrap();
+            let ip = IpAddr::from([10, 0, (s >> 8) as u8, s as u8]);
+            t.join_from(s, &room(&format!("own-{s}")), Some(ip))
+                .unwrap();
+        }
+        assert!(t.room_kept().iter().any(|&(_, cap)| cap >= 3000));
+        for s in 0..3000u64 {
+            if s % 2 == 0 {
+                t.remove_session(s);
+            } else {
+                assert!(t.leave(s, &room(&format!("own-{s}"))));
+                assert!(t.leave(s, &lobby));
+            }
+            for (len, cap) in t.room_kept() {
+                assert!(
+                    cap <= capacity::ceiling(len),
+                    "{len} entries, room for {cap}"
+                );
+            }
+        }
+        assert_eq!(t.room_count(), 0);
+        assert_eq!(t.creator_count(), 0);
+        // One session in one room holds room for one room name.
+        t.join(1, &lobby).unwrap();
+        assert_eq!(t.rooms_of(1).len(), 1);
+        assert_eq!(t.memberships[&1].capacity(), 1);
     }
 
     #[test]

@@ -130,7 +130,9 @@ pub struct WsSessionActor {
     config: Arc<SessionConfig>,
     kind: ClientKind,
     inbound: Gcra,
-    fragments: Option<Fragments>,
+    /// Boxed, like `pending_close`: rare, and every idle session would
+    /// otherwise carry its room (see the size test below).
+    fragments: Option<Box<Fragments>>,
     /// What the frame checker found wrong, if it ended the stream.
     verdict: InboundVerdict,
     /// Set once the session has decided to close: nothing more the client
@@ -140,7 +142,7 @@ pub struct WsSessionActor {
     /// closing waits for [`Flush`] (see the module docs).
     forwarded: bool,
     /// The close frame held until the hub's [`Flushed`] (or the timeout).
-    pending_close: Option<Option<CloseReason>>,
+    pending_close: Option<Box<Option<CloseReason>>>,
     _slot: Option<ConnectionSlot>,
 }
 
@@ -233,7 +235,7 @@ impl WsSessionActor {
         // The hub answers with `Flushed` into this session's mailbox, behind
         // the echoes it queued there first. A hub that is full or stalled
         // does not hold the close for longer than the timeout.
-        self.pending_close = Some(reason);
+        self.pending_close = Some(Box::new(reason));
         let flush = Flush {
             reply_to: ctx.address().recipient(),
         };
@@ -248,7 +250,7 @@ impl WsSessionActor {
     fn finish_close(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         if let Some(reason) = self.pending_close.take() {
             self.link.mark_closing();
-            ctx.close(reason);
+            ctx.close(*reason);
             ctx.stop();
         }
     }
@@ -313,10 +315,10 @@ impl WsSessionActor {
         // stay so that the session never depends on it for memory safety.
         match (first, &mut self.fragments) {
             (Some(is_text), None) => {
-                self.fragments = Some(Fragments {
+                self.fragments = Some(Box::new(Fragments {
                     is_text,
                     buf: BytesMut::new(),
-                })
+                }))
             }
             (None, Some(_)) => {}
             _ => {
@@ -333,9 +335,10 @@ impl WsSessionActor {
         if !last {
             return;
         }
-        let Some(Fragments { is_text, buf }) = self.fragments.take() else {
+        let Some(frags) = self.fragments.take() else {
             return;
         };
+        let Fragments { is_text, buf } = *frags;
         if !is_text {
             return self.forward(ClientFrame::Binary(buf.freeze()), ctx);
         }
@@ -490,6 +493,19 @@ impl Handler<Close> for WsSessionActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every open connection carries one session for as long as it is open,
+    /// idle or not, so its size is memory per idle connection (it lives in
+    /// the upgrade body's allocation, with actix-web-actors' context). What
+    /// only a fragmented message or a closing session needs is boxed; this
+    /// keeps a new field from quietly adding to every connection. 104 bytes
+    /// on 64-bit targets: the hub's address (24), the rate limiter's
+    /// timestamp (16), six pointer-sized fields and three flags.
+    #[test]
+    fn a_session_stays_small() {
+        let size = std::mem::size_of::<WsSessionActor>();
+        assert!(size <= 104, "WsSessionActor is {size} bytes");
+    }
 
     #[test]
     fn gate_admits_up_to_max_and_frees_on_drop() {

@@ -302,10 +302,10 @@ async fn ws_route(
             ))
         }
     }
-    let response = websocket::with_delivery_queue(response, queue_link);
     let plain_tcp = peer.filter(|p| !p.tls).map(|p| p.socket.clone());
-    let response = websocket::close_tcp_when_done(response, plain_tcp);
-    Ok(pass.hold_until_closed(response))
+    Ok(websocket::upgrade_body(
+        response, queue_link, plain_tcp, pass,
+    ))
 }
 
 /// The key `websocket.max_rooms_per_ip` counts `req`'s client under: the

@@ -1,8 +1,9 @@
 //! The `/ws` upgrade's own pieces, used by the route in [`super::routes`]:
 //! which kind of client is asking ([`requested_kind`]), the duplicate of the
 //! accepted socket the route finds in the connection's data
-//! (`PeerSocket`), and the response body that gets the TCP connection
-//! closed once the WebSocket is done ([`close_tcp_when_done`]).
+//! (`PeerSocket`), and the upgrade's response body (`upgrade_body`): the
+//! delivery queue's writer, which also gets the TCP connection closed once
+//! the WebSocket is done.
 //!
 //! **Plain or protocol.** A client that offers the subprotocol
 //! `happynet.v1` ([`happynet_actors::protocol::SUBPROTOCOL`]) gets it
@@ -27,11 +28,47 @@
 //! (`Network::on_connect` stores a `PeerSocket`), and is done for plain TCP
 //! only; over TLS the connection ends after the linger (a TLS stream would
 //! read the bare end-of-stream as a truncation attack).
+//!
+//! **Memory per connection: actix-http's two buffers.** An actix-web
+//! WebSocket is a streaming `101` response, so actix-http's HTTP/1
+//! dispatcher stays in charge of the connection for as long as it is open,
+//! and so do its read and write buffers: two `BytesMut` of 8 KiB allocated
+//! when the connection is accepted (`actix-http-3.20.0/src/h1/dispatcher.rs`
+//! lines 307-308, `HW_BUFFER_SIZE` at line 40). Nothing in the public API
+//! shrinks them after the upgrade: the dispatcher is private, a response
+//! body gets no handle to it, and `HttpServer::h1_write_buffer_size`
+//! (`actix-web-4.18.1/src/server.rs` line 305) sets how full the write
+//! buffer may get before it is flushed (32 KiB by default,
+//! `DEFAULT_H1_WRITE_BUFFER_SIZE` in actix-http's `src/config.rs` line 54),
+//! not its size. What the dispatcher does with them:
+//! - it fills the write buffer from the body while the buffer holds less
+//!   than `h1_write_buffer_size`, copying each item whole
+//!   (`dispatcher.rs` lines 686-690), and a buffer that grew keeps its size
+//!   unless it grew past max(`h1_write_buffer_size`, 128 KiB)
+//!   (`WRITE_BUFFER_RETENTION_LIMIT`, line 44; the reset after a flush,
+//!   lines 373-405). So [`Outbound`] hands over at most
+//!   `happynet_actors::delivery::PASS_BYTES` (7 KiB) per pass and then
+//!   wakes itself: a pass that starts with the buffer flushed stays inside
+//!   its 8 KiB. A pass that starts with bytes still unwritten (a client
+//!   slow to read) adds to them, and the buffer can grow, doubling, up to
+//!   about `h1_write_buffer_size` + 7 KiB, which it then keeps; an app that
+//!   wants that lower sets `HttpServer::h1_write_buffer_size`;
+//! - the read buffer only grows (1 KiB low-water mark, +8 KiB:
+//!   `dispatcher.rs` lines 1238-1241): 8 KiB for a client that sends small
+//!   messages, up to the decoder's 128 KiB (`MAX_BUFFER_SIZE`,
+//!   `h1/decoder.rs` line 14) for one that sends large ones, for good.
+//!
+//! That is the floor under any actix-web WebSocket server: about 12 KiB of
+//! resident memory per idle HTTP/1 keep-alive connection, before any
+//! WebSocket code (`examples/conn_memory.rs` measures it, and the README
+//! has the figures).
 
-use actix_web::body::{BodySize, BodyStream, BoxBody, MessageBody};
+use crate::security::UpgradePass;
+use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::http::header;
 use actix_web::web::Bytes;
 use actix_web::{HttpRequest, HttpResponse};
+use futures::Stream;
 use happynet_actors::delivery::Outbound;
 use happynet_actors::liveness::SessionLink;
 use happynet_actors::ClientKind;
@@ -62,42 +99,58 @@ pub fn requested_kind(req: &HttpRequest) -> ClientKind {
     )
 }
 
-/// Makes `response` (the upgrade's) write the frames the hub queues for the
-/// session behind `link` as well as the session's own: the upgrade's body
-/// becomes [`Outbound`] (see `happynet_actors::delivery`).
-pub fn with_delivery_queue(response: HttpResponse, link: Arc<SessionLink>) -> HttpResponse {
-    response.map_body(|_, mut body| {
-        let own = futures::stream::poll_fn(move |cx| Pin::new(&mut body).poll_next(cx));
-        BoxBody::new(BodyStream::new(Outbound::new(link, own)))
+/// Makes `response` (the upgrade's) the WebSocket's body for as long as it
+/// is open, in one allocation ([`UpgradeBody`]): it writes the frames the
+/// hub queues for the session behind `link` as well as the session's own
+/// ([`Outbound`], see `happynet_actors::delivery`), shuts down the read half
+/// of `socket` when it ends (plain TCP only; see the module docs), and
+/// holds `pass` (the client IP's connection slot) until then.
+pub(crate) fn upgrade_body(
+    response: HttpResponse,
+    link: Arc<SessionLink>,
+    socket: Option<Arc<Socket>>,
+    pass: UpgradePass,
+) -> HttpResponse {
+    response.map_body(|_, body| {
+        BoxBody::new(UpgradeBody {
+            out: Outbound::new(link, ContextOutput(body)),
+            socket,
+            _pass: pass,
+        })
     })
 }
 
-/// Makes `response` (the upgrade's) shut down the read half of `socket`
-/// when its body ends, so that actix-http closes the connection at once
-/// (see the module docs). Without a socket the response is unchanged.
-pub fn close_tcp_when_done(response: HttpResponse, socket: Option<Arc<Socket>>) -> HttpResponse {
-    match socket {
-        None => response,
-        Some(socket) => response.map_body(|_, body| {
-            BoxBody::new(CloseTcpWhenDone {
-                body,
-                socket: Some(socket),
-            })
-        }),
+/// actix-web-actors' body (the session's `WebsocketContext` output) as the
+/// stream [`Outbound`] merges with the delivery queue.
+struct ContextOutput(BoxBody);
+
+impl Stream for ContextOutput {
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.get_mut().0).poll_next(cx)
     }
 }
 
-/// The upgrade response's body, which half-closes the socket once it ends.
-struct CloseTcpWhenDone<B> {
-    body: B,
+/// What actix's boxed bodies fail with.
+type BodyError = Box<dyn std::error::Error>;
+
+/// The upgrade response's body: the session's output merged with its
+/// delivery queue, the socket to half-close when it ends, and the IP's
+/// connection slot, held until then. One allocation per connection (the
+/// `BoxBody` around it), where there were one per concern.
+struct UpgradeBody {
+    out: Outbound<ContextOutput, BodyError>,
+    /// Taken when the body ends.
     socket: Option<Arc<Socket>>,
+    _pass: UpgradePass,
 }
 
-impl<B: MessageBody + Unpin> MessageBody for CloseTcpWhenDone<B> {
-    type Error = B::Error;
+impl MessageBody for UpgradeBody {
+    type Error = BodyError;
 
     fn size(&self) -> BodySize {
-        self.body.size()
+        BodySize::Stream
     }
 
     fn poll_next(
@@ -105,7 +158,7 @@ impl<B: MessageBody + Unpin> MessageBody for CloseTcpWhenDone<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
         let this = self.get_mut();
-        let next = Pin::new(&mut this.body).poll_next(cx);
+        let next = Pin::new(&mut this.out).poll_next(cx);
         if let Poll::Ready(None) = next {
             if let Some(socket) = this.socket.take() {
                 // Fails only if the peer is already gone: nothing to do then.
