@@ -63,7 +63,7 @@ use tokio::net::TcpStream;
 
 // The same allocator as fanout_bench's servers, so the figures compare.
 #[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static GLOBAL: testkit::alloc::Chosen = testkit::alloc::CHOSEN;
 
 /// happynet's configuration: fanout_bench's.
 const HAPPYNET_CONFIG: &str = r#"{"network":{"websocket":{"max_connections":20000,"presence_interval":0,"heartbeat_interval":30}}}"#;
