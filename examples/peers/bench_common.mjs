@@ -67,32 +67,30 @@ export function parseRunQuery(searchParams) {
 }
 
 /** Sends `count` broadcasts of run `run` through `broadcast(payload)`,
- * `rate` per second, or as fast as the event loop allows when `rate` is 0
- * (yielding every YIELD_EVERY). Returns at once; the driver runs on timers. */
+ * `rate` per second, or as fast as the event loop allows when `rate` is 0.
+ * Returns at once: the driver starts on the next turn of the event loop
+ * (so the route's 202 goes out first, as the Rust servers' does) and never
+ * sends more than YIELD_EVERY broadcasts without letting the loop poll its
+ * sockets. That matters when a server falls behind the rate: a timer that
+ * is always already due would keep Node in its timers phase and starve
+ * every socket, the control connection included. */
 export function drive(broadcast, { run, count, rate }) {
   let seq = 0;
-  if (rate > 0) {
-    const start = performance.now();
-    const next = () => {
-      // Every broadcast that is due goes now; a late timer does not skip any.
-      while (seq < count && performance.now() >= start + (seq * 1000) / rate) {
-        broadcast(benchPayload(run, seq, unixNanos()));
-        seq += 1;
-      }
-      if (seq < count) {
-        const due = start + (seq * 1000) / rate;
-        setTimeout(next, Math.max(0, due - performance.now()));
-      }
-    };
-    next();
-  } else {
-    const step = () => {
-      const end = Math.min(count, seq + YIELD_EVERY);
-      for (; seq < end; seq += 1) broadcast(benchPayload(run, seq, unixNanos()));
-      if (seq < count) setImmediate(step);
-    };
-    step();
-  }
+  const start = performance.now();
+  const due = (s) => (rate > 0 ? start + (s * 1000) / rate : start);
+  const step = () => {
+    const end = Math.min(count, seq + YIELD_EVERY);
+    // Every broadcast that is due goes now; a late timer skips none.
+    while (seq < end && performance.now() >= due(seq)) {
+      broadcast(benchPayload(run, seq, unixNanos()));
+      seq += 1;
+    }
+    if (seq >= count) return;
+    const wait = due(seq) - performance.now();
+    if (wait > 0) setTimeout(step, wait);
+    else setImmediate(step);
+  };
+  setImmediate(step);
 }
 
 /** The `/bench/stats` body; these peers evict no one. */
