@@ -1055,7 +1055,7 @@ async fn bench(mut args: Args) -> ExitCode {
                 true
             }
             Err(e) => {
-                println!("!! {} skipped: {e}", peer.name());
+                println!("  {:<8} skipped: {e}", peer.name());
                 false
             }
         }
