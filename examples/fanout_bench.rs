@@ -1,11 +1,16 @@
 //! Run with: cargo run --release --example fanout_bench [-- --clients 100,1000,5000]
 //!
 //! Measures WebSocket fan-out of 64-byte text broadcasts to N clients, for
-//! happynet and, in the same run, for a naive actix hub written the way the
-//! actix chat example is (a `HashMap` of `Recipient`s, one fresh `String` per
-//! session per broadcast, `do_send` into unbounded mailboxes). For each N it
-//! prints both sets of figures side by side, the ratio happynet / naive, and
-//! the targets happynet is held to:
+//! happynet and, in the same run, for its peers: a naive actix hub written
+//! the way the actix chat example is (a `HashMap` of `Recipient`s, one fresh
+//! `String` per session per broadcast, `do_send` into unbounded mailboxes),
+//! and, when they are installed (`cd examples/peers && npm ci`), Bun's
+//! `Bun.serve` (uWebSockets, `server.publish` to one topic) and Node's `ws`
+//! (`client.send` per client), see `examples/peers/`. A peer that is not
+//! installed is skipped with a note saying how to install it; `--servers`
+//! picks which run. For each N it prints every server's figures side by
+//! side, the ratios happynet / each peer, and the targets happynet is held
+//! to (against the naive hub):
 //!
 //! - **connect**: time until all N clients have completed the handshake and
 //!   received their first frame (the `welcome`, sent once the hub has
@@ -20,10 +25,13 @@
 //!   process's CPU time over the run divided by the deliveries).
 //!
 //! How to read it: each server runs in a child process (this same binary,
-//! re-executed with `--serve happynet|naive`), so /proc figures are the
-//! server's alone; both children use the same allocator (jemalloc unless
-//! built otherwise, see `testkit::alloc`; the header names it), 2 workers and the same
-//! `HttpServer` settings. Latency is receipt time at the client minus the
+//! re-executed with `--serve happynet|naive`, or the peer's runtime, `bun`
+//! or `node`, on its script), so /proc figures are the server's alone, all
+//! its threads included; both Rust children use the same allocator
+//! (jemalloc unless built otherwise, see `testkit::alloc`; the header names
+//! it), 2 workers and the same `HttpServer` settings, while Bun and Node run
+//! their JavaScript, and so every client, on one thread (an event loop;
+//! their other threads are the runtime's helpers). Latency is receipt time at the client minus the
 //! send time stamped into the payload (both read `SystemTime` on the same
 //! machine); it includes the time the load generator takes to get round to
 //! reading a socket. Ratios below 1 are better for times, memory and CPU,
@@ -41,15 +49,22 @@
 //! load is competing and the latency figures describe the machine, not the
 //! server.
 //!
+//! `--syscalls` counts each server's system calls over the full-speed phase
+//! with `perf stat` on the syscall tracepoints (`testkit::bench::syscalls`)
+//! and prints them per delivery: writes, `epoll_wait`s, `futex`es. perf adds
+//! a little to every syscall, so use that run for the counts, not the times.
+//!
 //! Choices worth knowing:
 //! - CPU per delivery comes from `/proc/<pid>/task/*/schedstat` (nanoseconds);
 //!   `utime+stime` from `/proc/<pid>/stat` is shown too, but its 10 ms tick
 //!   is too coarse for short runs.
-//! - Both servers set `TCP_NODELAY` (happynet does it in `on_connect`; the
-//!   naive one through `HttpServer`), so Nagle's algorithm is not compared.
+//! - Every server sets `TCP_NODELAY` (happynet does it in `on_connect`; the
+//!   naive one through `HttpServer`; Node's http server and uWebSockets by
+//!   default), so Nagle's algorithm is not compared.
 //! - The broadcast driver runs on its own arbiter and waits for a round trip
 //!   through the hub every 16 broadcasts: full speed is what the hub accepts,
-//!   not how fast a mailbox can grow.
+//!   not how fast a mailbox can grow. The JavaScript peers' driver yields to
+//!   the event loop every 16 broadcasts instead, so sockets get written.
 //! - Clients connect with at most `--concurrency` handshakes in flight, so
 //!   the listen backlog (capped by `net.core.somaxconn`) never overflows into
 //!   one-second SYN retries.
@@ -63,7 +78,8 @@
 //! crate's `bench` module holds the naive baseline (`naive_hub`), the load
 //! generator's clients (`load_clients`) on a minimal WebSocket client
 //! (`testkit::ws`), the payload format (`payload`), a fixed-size latency
-//! histogram (`histogram`) and the `/proc` readers (`proc_stats`).
+//! histogram (`histogram`), the `/proc` readers (`proc_stats`), where the
+//! JavaScript peers are (`peers`) and the syscall counter (`syscalls`).
 
 use actix::prelude::*;
 use actix_web::{web, App, HttpResponse, HttpServer};
@@ -83,9 +99,11 @@ use testkit::bench::load_clients::{ClientPool, Shared};
 use testkit::bench::median;
 use testkit::bench::naive_hub as naive;
 use testkit::bench::payload::{bench_payload, unix_nanos, PAYLOAD_BYTES, RUN_MODULUS};
+use testkit::bench::peers::{Peer, PeerCommand};
 use testkit::bench::proc_stats::{self, CpuTime};
+use testkit::bench::syscalls::{self, SyscallCount, SyscallFigures};
 
-// Both servers, and the load generator, use one allocator, so the
+// Both Rust servers, and the load generator, use one allocator, so the
 // comparison is fair: jemalloc unless built with
 // `--features testkit/alloc-system` or `testkit/alloc-mimalloc`
 // (`testkit::alloc`); the header names it.
@@ -123,8 +141,16 @@ const POLL: Duration = Duration::from_millis(2);
 /// A traffic phase ends early if nothing arrives for this long after the
 /// last broadcast was due.
 const STALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// The longest a full-speed phase may take.
-const FULL_SPEED_TIMEOUT: Duration = Duration::from_secs(120);
+/// The longest a traffic phase may take: this much, plus its sending time
+/// at `--rate`, plus its deliveries at [`DELIVERY_FLOOR`] per second, so
+/// that a large `--clients` × `--burst` is not cut short by a fixed limit.
+const PHASE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest delivery rate the phase budget allows for (deliveries/s);
+/// the slowest server measured, Node's ws, does about 30,000 on a busy
+/// two-core machine.
+const DELIVERY_FLOOR: u64 = 20_000;
+/// Where the JavaScript peers and their `node_modules` are.
+const PEERS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/peers");
 /// Clients connected and closed before the baseline RSS is read, so that
 /// one-off allocations (thread caches, first arenas) are not charged to the
 /// N clients measured.
@@ -136,8 +162,8 @@ fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("--serve") {
         return match argv.get(1).and_then(|k| ServerKind::parse(k)) {
-            Some(kind) => serve(kind),
-            None => {
+            Some(kind) if kind.peer().is_none() => serve(kind),
+            _ => {
                 eprintln!("fanout_bench: --serve needs happynet or naive");
                 ExitCode::FAILURE
             }
@@ -179,21 +205,45 @@ fn main() -> ExitCode {
 enum ServerKind {
     Happynet,
     Naive,
+    /// A JavaScript peer in `examples/peers/`.
+    Peer(Peer),
 }
 
 impl ServerKind {
+    /// Every server, in the order the report shows them.
+    const ALL: [ServerKind; 4] = [
+        ServerKind::Happynet,
+        ServerKind::Naive,
+        ServerKind::Peer(Peer::Bun),
+        ServerKind::Peer(Peer::Node),
+    ];
+
     fn name(self) -> &'static str {
         match self {
             ServerKind::Happynet => "happynet",
             ServerKind::Naive => "naive",
+            ServerKind::Peer(peer) => peer.name(),
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        match s {
-            "happynet" => Some(ServerKind::Happynet),
-            "naive" => Some(ServerKind::Naive),
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    fn peer(self) -> Option<Peer> {
+        match self {
+            ServerKind::Peer(peer) => Some(peer),
             _ => None,
+        }
+    }
+
+    /// File descriptors the server holds per connection: happynet keeps a
+    /// duplicate of every accepted socket (so the hub can shut down a
+    /// connection whose session is frozen); the others hold just the socket.
+    fn fds_per_connection(self) -> u64 {
+        match self {
+            ServerKind::Happynet => 2,
+            _ => 1,
         }
     }
 }
@@ -209,12 +259,14 @@ struct Args {
     churn: usize,
     concurrency: usize,
     servers: Vec<ServerKind>,
+    syscalls: bool,
 }
 
 impl Args {
     const USAGE: &'static str = "\
 usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst 200]
-                    [--repeat 1] [--churn 1] [--concurrency 256] [--servers happynet,naive]
+                    [--repeat 1] [--churn 1] [--concurrency 256]
+                    [--servers happynet,naive,bun,node] [--syscalls]
 
   --clients      client counts to measure, comma-separated
   --seconds      length of the fixed-rate phase
@@ -224,7 +276,10 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
   --churn        disconnect/reconnect cycles before the after-churn RSS is read
                  (more than one tells a one-off high-water mark from a leak)
   --concurrency  handshakes the load generator keeps in flight while connecting
-  --servers      which servers to measure (ratios need both)";
+  --servers      which servers to measure (ratios are against happynet; bun and node
+                 need `cd examples/peers && npm ci` and are skipped with a note without)
+  --syscalls     count each server's syscalls over the full-speed phase with
+                 `perf stat` (apt-get install linux-perf) and print them per delivery";
 
     /// Parses the command line; `Ok(None)` for `--help`.
     fn parse(argv: &[String]) -> Result<Option<Args>, String> {
@@ -236,12 +291,17 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
             repeat: 1,
             churn: 1,
             concurrency: 256,
-            servers: vec![ServerKind::Happynet, ServerKind::Naive],
+            servers: ServerKind::ALL.to_vec(),
+            syscalls: false,
         };
         let mut it = argv.iter();
         while let Some(arg) = it.next() {
             if arg == "--help" || arg == "-h" {
                 return Ok(None);
+            }
+            if arg == "--syscalls" {
+                args.syscalls = true;
+                continue;
             }
             let (name, inline) = match arg.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_owned())),
@@ -273,7 +333,11 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
                             ServerKind::parse(s.trim())
                                 .ok_or_else(|| format!("--servers: unknown server `{s}`"))
                         })
-                        .collect::<Result<_, _>>()?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    if (1..args.servers.len()).any(|i| args.servers[..i].contains(&args.servers[i]))
+                    {
+                        return Err("--servers: a server is named twice".into());
+                    }
                 }
                 other => return Err(format!("unknown option `{other}`")),
             }
@@ -444,6 +508,8 @@ fn serve(kind: ServerKind) -> ExitCode {
         let result = match kind {
             ServerKind::Happynet => serve_happynet(driver.handle()).await,
             ServerKind::Naive => serve_naive(driver.handle()).await,
+            // main() does not get here: peers are their runtimes' programs.
+            ServerKind::Peer(peer) => Err(format!("{} is not served by this binary", peer.name())),
         };
         driver.stop();
         result
@@ -532,10 +598,19 @@ struct ServerChild {
 }
 
 impl ServerChild {
-    fn spawn(kind: ServerKind) -> Result<ServerChild, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let mut child = Command::new(exe)
-            .args(["--serve", kind.name()])
+    /// Starts `kind`: this binary with `--serve`, or the peer's runtime on
+    /// its script (`peer`, which the caller located).
+    fn spawn(kind: ServerKind, peer: Option<&PeerCommand>) -> Result<ServerChild, String> {
+        let mut command = match peer {
+            Some(peer) => peer.command(),
+            None => {
+                let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+                let mut command = Command::new(exe);
+                command.args(["--serve", kind.name()]);
+                command
+            }
+        };
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -675,6 +750,9 @@ struct Traffic {
     server_wait_pct: f64,
     /// The same for the load generator.
     client_wait_pct: f64,
+    /// With `--syscalls`, the full-speed phase's: what perf counted, or
+    /// why it could not.
+    syscalls: Option<Result<SyscallFigures, String>>,
 }
 
 impl Traffic {
@@ -706,6 +784,8 @@ struct Bench<'a> {
     args: &'a Args,
     ticks_per_sec: u64,
     next_run: Cell<u32>,
+    /// The installed peers, located once at start.
+    peers: Vec<(Peer, PeerCommand)>,
 }
 
 impl Bench<'_> {
@@ -714,13 +794,15 @@ impl Bench<'_> {
     }
 
     /// Sends `count` broadcasts at `rate` (0: full speed) to the connected
-    /// clients and waits until all have them, or the phase times out.
+    /// clients and waits until all have them, or the phase times out. With
+    /// `count_syscalls`, perf counts the server's syscalls over the phase.
     async fn traffic(
         &self,
         server: &ServerChild,
         shared: &Shared,
         count: u32,
         rate: u32,
+        count_syscalls: bool,
     ) -> Result<Traffic, String> {
         let run = self.next_run.get();
         self.next_run.set(run.wrapping_add(1));
@@ -732,12 +814,25 @@ impl Bench<'_> {
         } else {
             Duration::from_secs_f64(f64::from(count) / f64::from(rate))
         };
-        let budget = if rate == 0 {
-            FULL_SPEED_TIMEOUT
-        } else {
-            sending_for + Duration::from_secs(20)
-        };
+        // A server slower than the rate (Node's ws at 5,000 clients on two
+        // cores) gets the same allowance per delivery as at full speed, so
+        // that its phase ends late rather than cut short.
+        let deliveries = live as u64 * u64::from(count);
+        let budget = sending_for + PHASE_TIMEOUT + Duration::from_secs(deliveries / DELIVERY_FLOOR);
 
+        let perf_output = std::env::temp_dir().join(format!(
+            "fanout_bench-syscalls-{}-{run}.csv",
+            std::process::id()
+        ));
+        let counter = if count_syscalls {
+            let counter = SyscallCount::attach(server.pid, &perf_output);
+            if counter.is_ok() {
+                tokio::time::sleep(syscalls::ATTACH_SETTLE).await;
+            }
+            Some(counter)
+        } else {
+            None
+        };
         let cpu_before = self.cpu(server.pid)?;
         let threads_before = proc_stats::thread_cpu(server.pid);
         let client_before = self.cpu(std::process::id())?;
@@ -774,6 +869,8 @@ impl Bench<'_> {
         let cpu_after = self.cpu(server.pid)?;
         let client_after = self.cpu(std::process::id())?;
         let wall_ns = start.elapsed().as_nanos() as u64;
+        let syscalls = counter.map(|counter| counter.and_then(SyscallCount::finish));
+        let _ = std::fs::remove_file(&perf_output);
         let threads_after = proc_stats::thread_cpu(server.pid);
         let server_threads = proc_stats::thread_cpu_delta(&threads_before, &threads_after, wall_ns);
         let wait_pct = |ns: u64| ns as f64 * 100.0 / wall_ns.max(1) as f64;
@@ -829,12 +926,23 @@ impl Bench<'_> {
             server_threads,
             server_wait_pct,
             client_wait_pct,
+            syscalls,
         })
     }
 
     /// Every figure for one server at `n` clients, from a fresh child.
     async fn measure(&self, kind: ServerKind, n: usize) -> Result<Figures, String> {
-        let server = ServerChild::spawn(kind)?;
+        let peer = match kind.peer() {
+            Some(peer) => Some(
+                self.peers
+                    .iter()
+                    .find(|(p, _)| *p == peer)
+                    .map(|(_, command)| command)
+                    .ok_or_else(|| format!("{} is not installed", peer.name()))?,
+            ),
+            None => None,
+        };
+        let server = ServerChild::spawn(kind, peer)?;
         let addr = server.addr();
         let rss = |what: &str| {
             proc_stats::rss_kib(server.pid).map_err(|e| format!("server RSS ({what}): {e}"))
@@ -867,9 +975,17 @@ impl Bench<'_> {
         }
 
         let fixed = self
-            .traffic(&server, &shared, self.args.fixed_count(), self.args.rate)
+            .traffic(
+                &server,
+                &shared,
+                self.args.fixed_count(),
+                self.args.rate,
+                false,
+            )
             .await?;
-        let full = self.traffic(&server, &shared, self.args.burst, 0).await?;
+        let full = self
+            .traffic(&server, &shared, self.args.burst, 0, self.args.syscalls)
+            .await?;
         let stats = server_stats(addr).await?;
         let peak =
             proc_stats::peak_rss_kib(server.pid).map_err(|e| format!("server VmHWM: {e}"))?;
@@ -912,10 +1028,44 @@ impl Bench<'_> {
     }
 }
 
-async fn bench(args: Args) -> ExitCode {
-    println!(
-        "fanout_bench: happynet vs a naive actix hub (chat-example style), {PAYLOAD_BYTES}-byte text broadcasts"
-    );
+async fn bench(mut args: Args) -> ExitCode {
+    println!("fanout_bench: happynet and its peers, {PAYLOAD_BYTES}-byte text broadcasts");
+    // Locate the JavaScript peers once; one that is not installed is left
+    // out of this run, with a note on how to install it.
+    let mut peers = Vec::new();
+    args.servers.retain(|&kind| {
+        let Some(peer) = kind.peer() else {
+            println!(
+                "  {:<8} {}",
+                kind.name(),
+                match kind {
+                    ServerKind::Happynet => "this crate, 2 workers + the hub's thread",
+                    _ => "actix chat-example style: a String per session per broadcast, do_send",
+                }
+            );
+            return true;
+        };
+        match peer.locate(std::path::Path::new(PEERS_DIR)) {
+            Ok(command) => {
+                println!(
+                    "  {:<8} {}: {}",
+                    peer.name(),
+                    command.version,
+                    peer.describe()
+                );
+                peers.push((peer, command));
+                true
+            }
+            Err(e) => {
+                println!("  {:<8} skipped: {e}", peer.name());
+                false
+            }
+        }
+    });
+    if args.servers.is_empty() {
+        println!("!! no server to measure");
+        return ExitCode::FAILURE;
+    }
     let limit = proc_stats::open_files_soft_limit();
     println!(
         "machine: {} CPUs, load average {} at start; open-files soft limit {}; allocator {}",
@@ -928,29 +1078,44 @@ async fn bench(args: Args) -> ExitCode {
         "phases: fixed {}/s for {} s, full speed {} broadcasts; {} run(s) each; {WORKERS} server workers; load generator: 1 thread, {} handshakes in flight",
         args.rate, args.seconds, args.burst, args.repeat, args.concurrency
     );
-    let mut clients = args.clients.clone();
-    if let Some(limit) = limit {
-        // The server holds each connection twice (happynet duplicates every
-        // accepted socket); the load generator once.
-        clients.retain(|&n| {
-            let need = 2 * n as u64 + FD_HEADROOM;
-            if need > limit {
-                println!(
-                    "!! open-files soft limit {limit} is too low for {n} clients (the server needs about {need}): skipped; raise it with `ulimit -n {need}`"
-                );
-            }
-            need <= limit
-        });
+    if args.syscalls {
+        println!(
+            "syscalls: counted by perf stat over each full-speed phase (perf slows every syscall a little: take times from a run without --syscalls)"
+        );
     }
     let bench = Bench {
         args: &args,
         ticks_per_sec: proc_stats::clock_ticks_per_sec(),
         next_run: Cell::new(1),
+        peers,
     };
     let mut failed = false;
-    for &n in &clients {
+    for &n in &args.clients {
+        // Each server holds its connections (happynet twice: it duplicates
+        // every accepted socket), the load generator each once; both
+        // inherit this process's limit.
+        let servers: Vec<ServerKind> = args
+            .servers
+            .iter()
+            .copied()
+            .filter(|&kind| {
+                let need = kind.fds_per_connection() * n as u64 + FD_HEADROOM;
+                let fits = limit.is_none_or(|limit| need <= limit);
+                if !fits {
+                    println!(
+                        "!! open-files soft limit {} is too low for {} at {n} clients (it needs about {need}): skipped; raise it with `ulimit -n {need}`",
+                        limit.unwrap_or_default(),
+                        kind.name()
+                    );
+                }
+                fits
+            })
+            .collect();
+        if servers.is_empty() {
+            continue;
+        }
         let mut results: Vec<(ServerKind, Vec<Figures>)> =
-            args.servers.iter().map(|&k| (k, Vec::new())).collect();
+            servers.iter().map(|&k| (k, Vec::new())).collect();
         for repeat in 0..args.repeat {
             let mut order: Vec<usize> = (0..results.len()).collect();
             if repeat % 2 == 1 {
@@ -1028,6 +1193,9 @@ fn fmt_value(v: f64, decimals: usize) -> String {
     }
 }
 
+/// One table for `n` clients: a column per server measured (in
+/// `results`' order), then happynet / each other server; the targets are
+/// judged on happynet's figure and its ratio to the naive hub.
 fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
     let pick = |kind: ServerKind| {
         results
@@ -1038,7 +1206,12 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
     };
     let happy = pick(ServerKind::Happynet);
     let naive = pick(ServerKind::Naive);
-    let runs = happy.len().max(naive.len());
+    let others: Vec<ServerKind> = results
+        .iter()
+        .map(|(k, _)| *k)
+        .filter(|&k| k != ServerKind::Happynet)
+        .collect();
+    let runs = results.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
     let rate = args.rate;
     let rows = [
         Row {
@@ -1131,14 +1304,38 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
         "== {n} clients: {PAYLOAD_BYTES}-byte broadcasts, fixed {rate}/s x {} s, full speed x {}; median of {runs} run(s) ==",
         args.seconds, args.burst
     );
-    println!(
-        "{:<38} {:>12} {:>12} {:>7}   {:<24} verdict",
-        "figure", "happynet", "naive", "h/n", "target (happynet)"
-    );
+    let ratio_text = |ratio: f64| {
+        if ratio.is_finite() {
+            format!("{ratio:.2}")
+        } else {
+            "-".to_owned()
+        }
+    };
+    let mut header = format!("{:<38}", "figure");
+    for (kind, _) in results {
+        header.push_str(&format!(" {:>12}", kind.name()));
+    }
+    if !happy.is_empty() {
+        for kind in &others {
+            header.push_str(&format!(" {:>8}", format!("h/{}", kind.name())));
+        }
+    }
+    println!("{header}   {:<24} verdict", "target (happynet)");
     for row in &rows {
         let h = median(happy.iter().map(row.get));
         let v = median(naive.iter().map(row.get));
         let ratio = h / v;
+        let mut line = format!("{:<38}", row.label);
+        for (_, figures) in results {
+            let value = median(figures.iter().map(row.get));
+            line.push_str(&format!(" {:>12}", fmt_value(value, row.decimals)));
+        }
+        if !happy.is_empty() {
+            for &kind in &others {
+                let other = median(pick(kind).iter().map(row.get));
+                line.push_str(&format!(" {:>8}", ratio_text(h / other)));
+            }
+        }
         let (target, verdict) = match row.target {
             Target::None => ("", ""),
             Target::AtMost(max, text) => (text, verdict(h <= max, h)),
@@ -1157,19 +1354,7 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
             Target::RatioAtLeast(min, text) => (text, verdict(ratio >= min, ratio)),
             Target::RatioAtMost(max, text) => (text, verdict(ratio <= max, ratio)),
         };
-        println!(
-            "{:<38} {:>12} {:>12} {:>7}   {:<24} {}",
-            row.label,
-            fmt_value(h, row.decimals),
-            fmt_value(v, row.decimals),
-            if ratio.is_finite() {
-                format!("{ratio:.2}")
-            } else {
-                "-".to_owned()
-            },
-            target,
-            verdict
-        );
+        println!("{line}   {target:<24} {verdict}");
     }
     for (kind, figures) in results {
         for (i, f) in figures.iter().enumerate() {
@@ -1213,12 +1398,115 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
                     t.client_wait_pct
                 );
             }
+            match &f.full.syscalls {
+                Some(Ok(counted)) => println!(
+                    "   {:<8} run {}: full speed: {}",
+                    kind.name(),
+                    i + 1,
+                    syscalls_per_delivery(counted, f.full.delivered)
+                ),
+                Some(Err(e)) => println!(
+                    "   {:<8} run {}: full speed: syscalls not counted: {e}",
+                    kind.name(),
+                    i + 1
+                ),
+                None => {}
+            }
         }
+    }
+    if args.syscalls {
+        print_syscall_medians(results);
     }
     println!(
         "   (targets are stated for 5,000 clients; CPU rows use /proc/<pid>/task/*/schedstat (ns) unless marked utime+stime; load average now {})",
         proc_stats::load_average()
     );
+}
+
+/// How many syscalls of the kinds that tell a fan-out's story are printed
+/// per server, besides the total.
+const SYSCALLS_SHOWN: usize = 8;
+/// Syscalls per delivery below this print as nothing (they are the odd
+/// accept or timer, not the fan-out).
+const SYSCALLS_NEGLIGIBLE: f64 = 0.000_05;
+
+/// `per delivery: 0.031 syscalls (write 0.016, epoll_wait 0.004, ...),
+/// 0.002 context switches`: the busiest syscalls of one phase.
+fn syscalls_per_delivery(counted: &SyscallFigures, delivered: u64) -> String {
+    let per = |count: u64| count as f64 / delivered.max(1) as f64;
+    let busiest: Vec<String> = counted
+        .by_name
+        .iter()
+        .take(SYSCALLS_SHOWN)
+        .filter(|(_, count)| per(*count) >= SYSCALLS_NEGLIGIBLE)
+        .map(|(name, count)| format!("{name} {:.4}", per(*count)))
+        .collect();
+    format!(
+        "per delivery: {:.4} syscalls ({}), {:.4} context switches; {} syscalls in all",
+        per(counted.total),
+        busiest.join(", "),
+        per(counted.context_switches),
+        counted.total
+    )
+}
+
+/// The median per delivery of each server's runs: the total, and each
+/// syscall any server made among its busiest.
+fn print_syscall_medians(results: &[(ServerKind, Vec<Figures>)]) {
+    let counted = |f: &Figures| match &f.full.syscalls {
+        Some(Ok(c)) if f.full.delivered > 0 => Some((c.clone(), f.full.delivered as f64)),
+        _ => None,
+    };
+    let mut names: Vec<String> = Vec::new();
+    for (_, figures) in results {
+        for (c, _) in figures.iter().filter_map(counted) {
+            for (name, _) in c.by_name.iter().take(SYSCALLS_SHOWN) {
+                if !names.contains(name) {
+                    names.push(name.clone());
+                }
+            }
+        }
+    }
+    println!("   syscalls per delivery over the full-speed phase (median of the runs, perf stat):");
+    let mut header = format!("   {:<20}", "syscall");
+    for (kind, _) in results {
+        header.push_str(&format!(" {:>10}", kind.name()));
+    }
+    println!("{header}");
+    let row = |label: &str, get: &dyn Fn(&SyscallFigures) -> u64| {
+        let values: Vec<f64> = results
+            .iter()
+            .map(|(_, figures)| {
+                median(
+                    figures
+                        .iter()
+                        .filter_map(counted)
+                        .map(|(c, delivered)| get(&c) as f64 / delivered),
+                )
+            })
+            .collect();
+        if values
+            .iter()
+            .all(|v| v.is_nan() || *v < SYSCALLS_NEGLIGIBLE)
+        {
+            return;
+        }
+        let mut line = format!("   {label:<20}");
+        for value in values {
+            line.push_str(&format!(" {:>10}", fmt_value(value, 4)));
+        }
+        println!("{line}");
+    };
+    row("all syscalls", &|c| c.total);
+    row("context switches", &|c| c.context_switches);
+    for name in &names {
+        row(name, &|c| {
+            c.by_name
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, count)| *count)
+        });
+    }
 }
 
 fn verdict(ok: bool, value: f64) -> &'static str {

@@ -8,14 +8,19 @@
 //! - [`histogram`]: a fixed-footprint latency histogram;
 //! - [`naive_hub`]: the baseline server, written as the actix chat example
 //!   writes one;
+//! - [`peers`]: where the peer servers (Bun, Node `ws`) in `examples/peers/`
+//!   are, and how to install them when they are not;
 //! - [`proc_stats`]: CPU time, memory and load from `/proc`;
+//! - [`syscalls`]: a process's system calls counted by `perf stat`;
 //! - [`median`]: how every benchmark reduces its repeated runs.
 
 pub mod histogram;
 pub mod load_clients;
 pub mod naive_hub;
 pub mod payload;
+pub mod peers;
 pub mod proc_stats;
+pub mod syscalls;
 
 /// The median of the figures that are numbers (a run that could not
 /// measure a figure reports NaN, and is left out); NaN if none is.
