@@ -138,6 +138,11 @@ impl DeliveryQueue {
     /// Queues `frame` and wakes the writer. `bounded` is false for a
     /// session whose body has not been polled yet (registered before its
     /// `101`): then only the byte budget bounds it, as the module docs say.
+    ///
+    /// The wake costs one task wake per burst, not per frame: the body's
+    /// waker is registered once per poll and `AtomicWaker::wake` takes it,
+    /// so the pushes after the first find none to wake until the body has
+    /// run.
     pub fn push(&self, frame: Frame, bounded: bool) -> Result<(), Refused> {
         {
             let mut q = lock(&self.queued);
@@ -483,6 +488,33 @@ mod tests {
         }
         assert_eq!(l.queue().close(), 100 * 100);
         assert_eq!(l.queue().capacity(), 0);
+    }
+
+    #[test]
+    fn a_burst_wakes_the_body_once_and_every_frame_is_taken() {
+        let l = link(4096);
+        let (_tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out: Body = Outbound::new(l.clone(), rx);
+        let wakes = Arc::new(Wakes::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let count = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        // Waiting, with nothing queued: the waker is registered.
+        assert!(one_pass(&mut out, &mut cx).is_empty());
+        for round in 0..3 {
+            let before = count();
+            for i in 0..10 {
+                l.queue()
+                    .push(frame(&format!("{round}-{i}")), true)
+                    .unwrap();
+            }
+            assert_eq!(count(), before + 1, "round {round}: one wake per burst");
+            let got = one_pass(&mut out, &mut cx);
+            let want: Vec<Bytes> = (0..10)
+                .map(|i| encode(&Payload::Text(format!("{round}-{i}").into())))
+                .collect();
+            assert_eq!(got, want, "round {round}: all of it, in order");
+        }
     }
 
     #[actix::test]
