@@ -588,7 +588,7 @@ impl HubShard {
         match frame {
             ClientFrame::Text(text) => self.send_to_senders_rooms(id, Payload::Text(text)),
             ClientFrame::Binary(bytes) => self.send_to_senders_rooms(id, Payload::Binary(bytes)),
-            ClientFrame::Join(room) => {
+            ClientFrame::Join { room, .. } => {
                 let reply = {
                     let mut table = lock(&self.node.rooms);
                     match table.join_from(id, &room, ip_key) {

@@ -39,6 +39,7 @@ pub mod delivery;
 pub mod frame_check;
 pub mod gcra;
 pub mod histogram;
+pub mod history;
 pub mod hub;
 pub mod limiter;
 pub mod liveness;
