@@ -59,6 +59,7 @@ pub use breaker::{
 };
 pub use frame_check::Violation;
 pub use histogram::Histogram;
+pub use history::{HistoryConfig, HistoryEntry, Position, Recover};
 pub use hub::{BroadcastHub, HubConfig, HubShard, HubShards};
 pub use limiter::{
     Acquire, GetLimiterStats, Grant, LimiterStats, RateLimited, RateLimiterActor, Reserve,
@@ -67,8 +68,8 @@ pub use liveness::ClosedBy;
 pub use messages::Payload;
 pub use messages::{
     Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused, Disconnect, Flush,
-    Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin, Relay,
-    RelayTarget, SetRelay, Shutdown, Target,
+    Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat, HistoryPage, HubStats,
+    Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
 };
 pub use protocol::ClientKind;
 pub use rooms::{RoomName, SessionId};
