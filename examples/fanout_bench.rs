@@ -32,6 +32,14 @@
 //! everything K times (fresh servers each time, alternating which server
 //! goes first) and prints medians. Run `--help` for all options.
 //!
+//! `--history` measures what room history costs instead: the same happynet
+//! server twice, `history` (`websocket.history` on, the default) against
+//! `no-history` (off), both broadcasting to the clients' room (`lobby`), so
+//! the one difference is stamping, keeping and the stamped frame (the
+//! clients are protocol clients: they receive
+//! `{"type":"message",…,"offset":…,"data":"<payload>"}`). The `naive`
+//! column holds `no-history` then, and the ratio is history / no history.
+//!
 //! Under each table, one line per server and phase says where the time went:
 //! the server's CPU by thread (the hub runs on the main thread, named
 //! `fanout_bench`; workers and the broadcast driver are `actix-rt|system`),
@@ -177,6 +185,10 @@ fn main() -> ExitCode {
 enum ServerKind {
     Happynet,
     Naive,
+    /// `--history`: room broadcasts, history on.
+    RoomHistory,
+    /// `--history`: room broadcasts, history off.
+    RoomNoHistory,
 }
 
 impl ServerKind {
@@ -184,6 +196,8 @@ impl ServerKind {
         match self {
             ServerKind::Happynet => "happynet",
             ServerKind::Naive => "naive",
+            ServerKind::RoomHistory => "history",
+            ServerKind::RoomNoHistory => "no-history",
         }
     }
 
@@ -191,6 +205,8 @@ impl ServerKind {
         match s {
             "happynet" => Some(ServerKind::Happynet),
             "naive" => Some(ServerKind::Naive),
+            "history" => Some(ServerKind::RoomHistory),
+            "no-history" => Some(ServerKind::RoomNoHistory),
             _ => None,
         }
     }
@@ -207,12 +223,14 @@ struct Args {
     churn: usize,
     concurrency: usize,
     servers: Vec<ServerKind>,
+    history: bool,
 }
 
 impl Args {
     const USAGE: &'static str = "\
 usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst 200]
                     [--repeat 1] [--churn 1] [--concurrency 256] [--servers happynet,naive]
+                    [--history]
 
   --clients      client counts to measure, comma-separated
   --seconds      length of the fixed-rate phase
@@ -222,7 +240,8 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
   --churn        disconnect/reconnect cycles before the after-churn RSS is read
                  (more than one tells a one-off high-water mark from a leak)
   --concurrency  handshakes the load generator keeps in flight while connecting
-  --servers      which servers to measure (ratios need both)";
+  --servers      which servers to measure (ratios need both)
+  --history      measure history on against off (room broadcasts) instead";
 
     /// Parses the command line; `Ok(None)` for `--help`.
     fn parse(argv: &[String]) -> Result<Option<Args>, String> {
@@ -235,11 +254,17 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
             churn: 1,
             concurrency: 256,
             servers: vec![ServerKind::Happynet, ServerKind::Naive],
+            history: false,
         };
         let mut it = argv.iter();
         while let Some(arg) = it.next() {
             if arg == "--help" || arg == "-h" {
                 return Ok(None);
+            }
+            if arg == "--history" {
+                args.history = true;
+                args.servers = vec![ServerKind::RoomHistory, ServerKind::RoomNoHistory];
+                continue;
             }
             let (name, inline) = match arg.split_once('=') {
                 Some((n, v)) => (n, Some(v.to_owned())),
@@ -311,6 +336,8 @@ fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
 enum Sink {
     Happynet(Addr<happynet::BroadcastHub>),
     Naive(Addr<naive::NaiveHub>),
+    /// `--history`: to the clients' room.
+    Room(Addr<happynet::BroadcastHub>, happynet::RoomName),
 }
 
 impl Sink {
@@ -320,6 +347,9 @@ impl Sink {
         match self {
             Sink::Happynet(hub) => hub.do_send(happynet::Broadcast::text(payload)),
             Sink::Naive(hub) => hub.do_send(naive::NaiveBroadcast(payload)),
+            Sink::Room(hub, room) => {
+                hub.do_send(happynet::Broadcast::to_room(room.clone(), payload))
+            }
         }
     }
 
@@ -327,7 +357,7 @@ impl Sink {
     /// resolves once the hub has handled it (and so everything before it).
     fn fence(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         match self {
-            Sink::Happynet(hub) => {
+            Sink::Happynet(hub) | Sink::Room(hub, _) => {
                 // A broadcast to a session that cannot exist (ids count up
                 // from 1): the cheapest round trip through the hub. GetHubStats
                 // would walk every session and charge that to happynet.
@@ -440,8 +470,10 @@ fn serve(kind: ServerKind) -> ExitCode {
     let result = actix_web::rt::System::new().block_on(async move {
         let driver = Arbiter::new();
         let result = match kind {
-            ServerKind::Happynet => serve_happynet(driver.handle()).await,
+            ServerKind::Happynet => serve_happynet(driver.handle(), None).await,
             ServerKind::Naive => serve_naive(driver.handle()).await,
+            ServerKind::RoomHistory => serve_happynet(driver.handle(), Some(true)).await,
+            ServerKind::RoomNoHistory => serve_happynet(driver.handle(), Some(false)).await,
         };
         driver.stop();
         result
@@ -464,13 +496,20 @@ fn announce(addrs: &[SocketAddr]) -> Result<(), String> {
         .map_err(|e| format!("cannot announce the port: {e}"))
 }
 
-async fn serve_happynet(driver: ArbiterHandle) -> Result<(), String> {
-    let config = happynet::Config::from_json_str(HAPPYNET_CONFIG).map_err(|e| e.to_string())?;
-    let net = happynet::Network::start(config).map_err(|e| e.to_string())?;
-    let control = web::Data::new(BenchControl {
-        sink: Sink::Happynet(net.hub()),
-        driver,
+/// `history`: `None` broadcasts to everyone (the default comparison);
+/// `Some(on)` to the clients' room, with `websocket.history` on or off.
+async fn serve_happynet(driver: ArbiterHandle, history: Option<bool>) -> Result<(), String> {
+    let mut config = happynet::Config::from_json_str(HAPPYNET_CONFIG).map_err(|e| e.to_string())?;
+    let room = history.map(|on| {
+        config.network.websocket.history.enabled = on;
+        config.network.websocket.default_room()
     });
+    let net = happynet::Network::start(config).map_err(|e| e.to_string())?;
+    let sink = match room {
+        None => Sink::Happynet(net.hub()),
+        Some(room) => Sink::Room(net.hub(), room),
+    };
+    let control = web::Data::new(BenchControl { sink, driver });
     let routes = net.configure();
     let server = HttpServer::new(move || {
         App::new()
@@ -1033,8 +1072,19 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
             .map(|(_, f)| f.as_slice())
             .unwrap_or_default()
     };
-    let happy = pick(ServerKind::Happynet);
-    let naive = pick(ServerKind::Naive);
+    let (happy, naive, columns) = if args.history {
+        (
+            pick(ServerKind::RoomHistory),
+            pick(ServerKind::RoomNoHistory),
+            ("history", "no-history", "h/o"),
+        )
+    } else {
+        (
+            pick(ServerKind::Happynet),
+            pick(ServerKind::Naive),
+            ("happynet", "naive", "h/n"),
+        )
+    };
     let runs = happy.len().max(naive.len());
     let rate = args.rate;
     let rows = [
@@ -1130,7 +1180,7 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
     );
     println!(
         "{:<38} {:>12} {:>12} {:>7}   {:<24} verdict",
-        "figure", "happynet", "naive", "h/n", "target (happynet)"
+        "figure", columns.0, columns.1, columns.2, "target (happynet)"
     );
     for row in &rows {
         let h = median(happy.iter().map(row.get));

@@ -11,7 +11,7 @@
 //! becomes one message per shard, not one per session, and each shard fans
 //! it out to its own members. A client's message to its rooms is delivered
 //! by its own shard at once and handed to the other shards as one message
-//! each. Order per sender holds: every path from one sender to one receiver
+//! each — unless history is on, when it goes through the router (below). Order per sender holds: every path from one sender to one receiver
 //! is a chain of FIFO mailboxes.
 //!
 //! **One node.** What must be counted once per node lives in [`NodeRooms`],
@@ -26,6 +26,31 @@
 //! header and payload, unmasked) and every member on it shares those bytes,
 //! so a broadcast to 5,000 sessions allocates one frame per shard, not
 //! 5,000.
+//!
+//! **History.** With `HubConfig::history` set, the router keeps every
+//! room's recent messages ([`crate::history`]) and is the one place room
+//! broadcasts get their offsets: [`BroadcastHub::stamp`] gives each of a
+//! broadcast's rooms its next offset and builds the frame protocol clients
+//! receive for it (`{"type":"message","room","offset","epoch","data"}`),
+//! once for every shard, and the `Fan` carries those stamps. A client's
+//! message to its rooms goes through the router then too (instead of being
+//! delivered by its own shard first), so each is stamped once, in the one
+//! order every member sees; a `Flush` takes the same way, so it still comes
+//! behind the session's echoes. Plain members get the data once, as before;
+//! protocol members get each of their rooms' stamped frame.
+//!
+//! **Recovery** (`/ws?since=`, a join with `since`, `recover=last`): the
+//! shard makes the session a member first, marks its seam for the room
+//! pending, and asks the router (`RecoverAsk`). The router answers with
+//! `Recovered` through the shard's mailbox with `do_send`, the way every
+//! `Fan` goes, so every broadcast stamped before the answer reaches the
+//! shard before it, and every later one after it. While pending, the
+//! room's live frames are held back from that member (all are at or below
+//! the answer's last offset, so the replay has them); then it gets
+//! `recovered`, the replay, and live frames from the next offset on — a
+//! live frame at or below the replayed position (same epoch) is skipped,
+//! so the seam has no gap and no duplicate. For `last`, live frames are
+//! not held back; if one arrived, it is the last message already.
 //!
 //! **Plain and protocol clients.** A session is one or the other for its
 //! whole life ([`ClientKind`]). A plain client receives only data: exactly

@@ -15,6 +15,10 @@
 //! Every message in that picture, and those between the hub and the cluster
 //! bridge, is in [`messages`], with its reply and how it is sent.
 //!
+//! With history on ([`history`]), the router also stamps every room
+//! broadcast with its offset, clients' room messages go through it, and
+//! recoveries are asked of it (see [`hub`]).
+//!
 //! Each actor is a thin shell around a state machine that takes `now` and does
 //! no I/O: [`rooms::RoomTable`] (who is in which room, with quotas per
 //! session and per address), [`presence`] (bounded presence frames),
