@@ -370,3 +370,33 @@ async fn history_stays_within_max_bytes_under_10000_rooms_times_size() {
     let page = server.net.history(room("room-0"), None, 100).await.unwrap();
     assert!(page.entries.is_empty() && page.last.is_none());
 }
+
+#[actix_web::test]
+async fn a_replay_the_clients_outbound_budget_cannot_hold_is_complete_false_not_an_eviction() {
+    // 4 × (1024 + 384) bytes of outbound budget; a replay may take half.
+    let server = start(config(
+        r#"{"network":{"websocket":{"max_message_bytes":1024,"max_outbound_bytes":5632,
+            "history":{"size":1000}}}}"#,
+    ))
+    .await;
+    for i in 0..200 {
+        broadcast(&server, "big", format!("{i:0>100}")).await;
+    }
+    let page = server.net.history(room("big"), None, 1).await.unwrap();
+    let epoch = page.last.unwrap().epoch;
+    let mut c = WsClient::connect_protocol(&server, &format!("?room=big&since={epoch}:0")).await;
+    let v = c.next_json().await;
+    assert_eq!(v, json!({"type":"recovered","room":"big","complete":false}));
+    // Still connected, and live from the next offset.
+    broadcast(&server, "big", "next".into()).await;
+    c.next_message("big", 201, json!("next")).await;
+    // A gap it can hold is replayed.
+    let mut d = WsClient::connect_protocol(&server, &format!("?room=big&since={epoch}:195")).await;
+    let v = d.next_json().await;
+    assert_eq!(
+        v,
+        json!({"type":"recovered","room":"big","complete":true,"replayed":6})
+    );
+    let health = server.health().await;
+    assert_eq!(health["hub"]["evicted_slow_consumer"], 0, "{health}");
+}
