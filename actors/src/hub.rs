@@ -993,8 +993,9 @@ impl Actor for HubShard {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
+        // The address before the capacity (see `BroadcastHub::started`).
         self.me = Some(ctx.address());
+        ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
         // An app that starts the network and then leaves its System before
         // the hub ever ran (a bind error, say) drops the hub outside the
         // runtime; actix still calls `started` then, and a timer there
@@ -1368,8 +1369,10 @@ impl Actor for BroadcastHub {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
+        // The address first: actix refuses (panics) to make a sender once
+        // the capacity is set beyond its own limit, and configs may say so.
         *lock(&self.node.router) = Some(ctx.address().downgrade());
+        ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
         // Expired history goes even from rooms nobody writes to (see
         // `HubShard::started` for why a timer needs a runtime here).
         if self.history.is_some() && tokio::runtime::Handle::try_current().is_ok() {
