@@ -41,6 +41,14 @@
 //! everything K times (fresh servers each time, alternating which server
 //! goes first) and prints medians. Run `--help` for all options.
 //!
+//! `--history` measures what room history costs instead: the same happynet
+//! server twice, `history` (`websocket.history` on, the default) against
+//! `no-history` (off), both broadcasting to the clients' room (`lobby`), so
+//! the one difference is stamping, keeping and the stamped frame (the
+//! clients are protocol clients: they receive
+//! `{"type":"message",…,"offset":…,"data":"<payload>"}`). The `naive`
+//! column holds `no-history` then, and the ratio is history / no history.
+//!
 //! Under each table, one line per server and phase says where the time went:
 //! the server's CPU by thread (the hub runs on the main thread, named
 //! `fanout_bench`; workers and the broadcast driver are `actix-rt|system`),
@@ -207,6 +215,10 @@ enum ServerKind {
     Naive,
     /// A JavaScript peer in `examples/peers/`.
     Peer(Peer),
+    /// `--history`: room broadcasts, history on.
+    RoomHistory,
+    /// `--history`: room broadcasts, history off.
+    RoomNoHistory,
 }
 
 impl ServerKind {
@@ -223,11 +235,16 @@ impl ServerKind {
             ServerKind::Happynet => "happynet",
             ServerKind::Naive => "naive",
             ServerKind::Peer(peer) => peer.name(),
+            ServerKind::RoomHistory => "history",
+            ServerKind::RoomNoHistory => "no-history",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == s)
+        Self::ALL
+            .into_iter()
+            .chain([ServerKind::RoomHistory, ServerKind::RoomNoHistory])
+            .find(|k| k.name() == s)
     }
 
     fn peer(self) -> Option<Peer> {
@@ -260,13 +277,14 @@ struct Args {
     concurrency: usize,
     servers: Vec<ServerKind>,
     syscalls: bool,
+    history: bool,
 }
 
 impl Args {
     const USAGE: &'static str = "\
 usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst 200]
                     [--repeat 1] [--churn 1] [--concurrency 256]
-                    [--servers happynet,naive,bun,node] [--syscalls]
+                    [--servers happynet,naive,bun,node] [--syscalls] [--history]
 
   --clients      client counts to measure, comma-separated
   --seconds      length of the fixed-rate phase
@@ -279,7 +297,8 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
   --servers      which servers to measure (ratios are against happynet; bun and node
                  need `cd examples/peers && npm ci` and are skipped with a note without)
   --syscalls     count each server's syscalls over the full-speed phase with
-                 `perf stat` (apt-get install linux-perf) and print them per delivery";
+                 `perf stat` (apt-get install linux-perf) and print them per delivery
+  --history      measure history on against off (room broadcasts, happynet only) instead";
 
     /// Parses the command line; `Ok(None)` for `--help`.
     fn parse(argv: &[String]) -> Result<Option<Args>, String> {
@@ -293,6 +312,7 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
             concurrency: 256,
             servers: ServerKind::ALL.to_vec(),
             syscalls: false,
+            history: false,
         };
         let mut it = argv.iter();
         while let Some(arg) = it.next() {
@@ -301,6 +321,11 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
             }
             if arg == "--syscalls" {
                 args.syscalls = true;
+                continue;
+            }
+            if arg == "--history" {
+                args.history = true;
+                args.servers = vec![ServerKind::RoomHistory, ServerKind::RoomNoHistory];
                 continue;
             }
             let (name, inline) = match arg.split_once('=') {
@@ -377,6 +402,8 @@ fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
 enum Sink {
     Happynet(Addr<happynet::BroadcastHub>),
     Naive(Addr<naive::NaiveHub>),
+    /// `--history`: to the clients' room.
+    Room(Addr<happynet::BroadcastHub>, happynet::RoomName),
 }
 
 impl Sink {
@@ -386,6 +413,9 @@ impl Sink {
         match self {
             Sink::Happynet(hub) => hub.do_send(happynet::Broadcast::text(payload)),
             Sink::Naive(hub) => hub.do_send(naive::NaiveBroadcast(payload)),
+            Sink::Room(hub, room) => {
+                hub.do_send(happynet::Broadcast::to_room(room.clone(), payload))
+            }
         }
     }
 
@@ -393,7 +423,7 @@ impl Sink {
     /// resolves once the hub has handled it (and so everything before it).
     fn fence(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         match self {
-            Sink::Happynet(hub) => {
+            Sink::Happynet(hub) | Sink::Room(hub, _) => {
                 // A broadcast to a session that cannot exist (ids count up
                 // from 1): the cheapest round trip through the hub. GetHubStats
                 // would walk every session and charge that to happynet.
@@ -506,10 +536,12 @@ fn serve(kind: ServerKind) -> ExitCode {
     let result = actix_web::rt::System::new().block_on(async move {
         let driver = Arbiter::new();
         let result = match kind {
-            ServerKind::Happynet => serve_happynet(driver.handle()).await,
+            ServerKind::Happynet => serve_happynet(driver.handle(), None).await,
             ServerKind::Naive => serve_naive(driver.handle()).await,
             // main() does not get here: peers are their runtimes' programs.
             ServerKind::Peer(peer) => Err(format!("{} is not served by this binary", peer.name())),
+            ServerKind::RoomHistory => serve_happynet(driver.handle(), Some(true)).await,
+            ServerKind::RoomNoHistory => serve_happynet(driver.handle(), Some(false)).await,
         };
         driver.stop();
         result
@@ -532,13 +564,20 @@ fn announce(addrs: &[SocketAddr]) -> Result<(), String> {
         .map_err(|e| format!("cannot announce the port: {e}"))
 }
 
-async fn serve_happynet(driver: ArbiterHandle) -> Result<(), String> {
-    let config = happynet::Config::from_json_str(HAPPYNET_CONFIG).map_err(|e| e.to_string())?;
-    let net = happynet::Network::start(config).map_err(|e| e.to_string())?;
-    let control = web::Data::new(BenchControl {
-        sink: Sink::Happynet(net.hub()),
-        driver,
+/// `history`: `None` broadcasts to everyone (the default comparison);
+/// `Some(on)` to the clients' room, with `websocket.history` on or off.
+async fn serve_happynet(driver: ArbiterHandle, history: Option<bool>) -> Result<(), String> {
+    let mut config = happynet::Config::from_json_str(HAPPYNET_CONFIG).map_err(|e| e.to_string())?;
+    let room = history.map(|on| {
+        config.network.websocket.history.enabled = on;
+        config.network.websocket.default_room()
     });
+    let net = happynet::Network::start(config).map_err(|e| e.to_string())?;
+    let sink = match room {
+        None => Sink::Happynet(net.hub()),
+        Some(room) => Sink::Room(net.hub(), room),
+    };
+    let control = web::Data::new(BenchControl { sink, driver });
     let routes = net.configure();
     let server = HttpServer::new(move || {
         App::new()
@@ -1204,12 +1243,20 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
             .map(|(_, f)| f.as_slice())
             .unwrap_or_default()
     };
-    let happy = pick(ServerKind::Happynet);
-    let naive = pick(ServerKind::Naive);
+    // The figures are judged on the reference server (happynet, or with
+    // `--history` happynet with history on) and its ratio to the baseline
+    // (the naive hub, or history off); every other server gets a ratio column.
+    let (reference, baseline) = if args.history {
+        (ServerKind::RoomHistory, ServerKind::RoomNoHistory)
+    } else {
+        (ServerKind::Happynet, ServerKind::Naive)
+    };
+    let happy = pick(reference);
+    let naive = pick(baseline);
     let others: Vec<ServerKind> = results
         .iter()
         .map(|(k, _)| *k)
-        .filter(|&k| k != ServerKind::Happynet)
+        .filter(|&k| k != reference)
         .collect();
     let runs = results.iter().map(|(_, f)| f.len()).max().unwrap_or(0);
     let rate = args.rate;
@@ -1317,10 +1364,16 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
     }
     if !happy.is_empty() {
         for kind in &others {
-            header.push_str(&format!(" {:>8}", format!("h/{}", kind.name())));
+            header.push_str(&format!(
+                " {:>8}",
+                format!("{}/{}", &reference.name()[..1], kind.name())
+            ));
         }
     }
-    println!("{header}   {:<24} verdict", "target (happynet)");
+    println!(
+        "{header}   {:<24} verdict",
+        format!("target ({})", reference.name())
+    );
     for row in &rows {
         let h = median(happy.iter().map(row.get));
         let v = median(naive.iter().map(row.get));

@@ -102,7 +102,9 @@ pub use realtime::cluster;
 
 pub use config::{Config, ConfigError};
 pub use happynet_actors as actors;
-pub use happynet_actors::{Broadcast, BroadcastHub, RoomName, SessionId, Target};
+pub use happynet_actors::{
+    Broadcast, BroadcastHub, HistoryEntry, HistoryPage, Position, RoomName, SessionId, Target,
+};
 pub use network::Network;
 pub use upstream::{ApiClient, HttpClient, HttpError, RequestBuilder, Response, StreamingResponse};
 

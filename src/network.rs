@@ -12,7 +12,8 @@
 //! own layer, never `Network`.
 //!
 //! Routes:
-//! - `GET /ws[?room=NAME][&presence=1]`, `POST /broadcast[?room=NAME]` and
+//! - `GET /ws[?room=NAME][&presence=1][&since=EPOCH:OFFSET]`,
+//!   `POST /broadcast[?room=NAME]`, `GET /rooms/{room}/history` and
 //!   `GET /health`: the real-time routes ([`crate::realtime::routes`]),
 //!   with a [`RealtimeState`];
 //! - `GET /ready`: readiness, and `GET /metrics`: Prometheus metrics
@@ -41,7 +42,7 @@ use crate::upstream::{ApiClient, HttpClient, Upstreams};
 use actix::prelude::*;
 use actix_web::dev::Extensions;
 use actix_web::web;
-use happynet_actors::BroadcastHub;
+use happynet_actors::{BroadcastHub, GetHistory, HistoryPage, Position, RoomName};
 use socket2::{SockRef, Socket};
 use std::any::Any;
 use std::os::fd::AsFd;
@@ -148,6 +149,24 @@ impl Network {
         };
         alerts.start(Arc::downgrade(&net.inner.ops.probes));
         Ok(net)
+    }
+
+    /// A page of `room`'s history: up to `limit` messages after `since`
+    /// (oldest first), or the last `limit` without one, each with its
+    /// offset and the frame protocol clients received for it. When
+    /// `complete` is false the history no longer covers `since` (or its
+    /// epoch is not the room's): reload the state instead. Errors when
+    /// the hub does not answer in time.
+    pub async fn history(
+        &self,
+        room: RoomName,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Result<HistoryPage, MailboxError> {
+        self.hub()
+            .send(GetHistory { room, since, limit })
+            .timeout(Duration::from_secs(5))
+            .await
     }
 
     /// The hub's address: `net.hub().do_send(Broadcast::text("Hello, clients!"))`.

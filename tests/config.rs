@@ -35,6 +35,11 @@ fn the_seed_config_loads_unchanged_with_its_meaning() {
     assert_eq!(n.websocket.max_message_bytes, 64 << 10);
     assert_eq!(n.websocket.default_room, "lobby");
     assert_eq!(n.websocket.max_rooms_per_ip, 256);
+    // History is on by default, with its documented limits.
+    let history = n.websocket.hub_config().history.expect("history on");
+    assert_eq!(history.size, 100);
+    assert_eq!(history.ttl, Duration::from_secs(300));
+    assert_eq!(history.max_bytes, 64 << 20);
 }
 
 #[test]
@@ -51,6 +56,25 @@ fn the_shared_seed_is_the_fixture_and_the_embedded_default() {
     }
     assert_eq!(happynet::config::EMBEDDED_DEFAULT, fixture);
     Config::from_json_str(fixture).expect("fixture loads");
+}
+
+#[test]
+fn history_can_be_turned_off_and_its_limits_set() {
+    let c = Config::from_json_str(
+        r#"{"network":{"websocket":{"history":{"size":1000,"ttl":1.5,"max_bytes":2097152}}}}"#,
+    )
+    .unwrap();
+    let h = c.network.websocket.hub_config().history.unwrap();
+    assert_eq!(
+        (h.size, h.ttl, h.max_bytes),
+        (1000, Duration::from_millis(1500), 2 << 20)
+    );
+    // Off, its limits are not judged.
+    let c = Config::from_json_str(
+        r#"{"network":{"websocket":{"history":{"enabled":false,"size":0}}}}"#,
+    )
+    .unwrap();
+    assert!(c.network.websocket.hub_config().history.is_none());
 }
 
 #[test]
@@ -112,6 +136,26 @@ fn bad_values_name_their_path() {
             r#"{"network":{"websocket":{"max_message_bytes":65536,"max_outbound_bytes":263679}}}"#,
             "network.websocket.max_outbound_bytes",
             "must be >= 263680",
+        ),
+        (
+            r#"{"network":{"websocket":{"history":{"size":0}}}}"#,
+            "network.websocket.history.size",
+            "must be between 1 and 100000",
+        ),
+        (
+            r#"{"network":{"websocket":{"history":{"ttl":0}}}}"#,
+            "network.websocket.history.ttl",
+            "must be > 0",
+        ),
+        (
+            r#"{"network":{"websocket":{"history":{"max_bytes":1000}}}}"#,
+            "network.websocket.history.max_bytes",
+            "must be >= 1048576",
+        ),
+        (
+            r#"{"network":{"websocket":{"history":{"sizes":10}}}}"#,
+            "network.websocket.history.sizes",
+            "unknown field `sizes`",
         ),
         (
             r#"{"network":{"http":{"timeout":0}}}"#,

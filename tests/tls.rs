@@ -147,7 +147,22 @@ async fn https_and_wss_work_with_a_certificate_loaded_from_pem() {
         .send(ws::Message::Text("over tls".into()))
         .await
         .unwrap();
-    assert_eq!(next_text(&mut framed).await, "over tls");
+    // Stamped with its offset in the lobby's history.
+    let echo: serde_json::Value = serde_json::from_str(&next_text(&mut framed).await).unwrap();
+    assert_eq!(
+        (&echo["type"], &echo["room"], &echo["offset"], &echo["data"]),
+        (
+            &serde_json::json!("message"),
+            &serde_json::json!("lobby"),
+            &serde_json::json!(1),
+            &serde_json::json!("over tls")
+        ),
+        "{echo}"
+    );
+    assert!(
+        echo["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+        "{echo}"
+    );
     assert_eq!(net.open_connections(), 1);
 
     // A client that does not trust the certificate is refused by TLS.

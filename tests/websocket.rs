@@ -26,20 +26,22 @@ async fn broadcast_reaches_every_member_of_a_room_and_nobody_outside_it() {
         .await
         .unwrap();
     assert_eq!(n, 2);
-    assert_eq!(a1.next_text().await, "to a");
-    assert_eq!(a2.next_text().await, "to a");
+    // Protocol clients get room data stamped with the room's offset and
+    // epoch (history is on by default); both see the same ones.
+    let epoch = a1.next_message("a", 1, json!("to a")).await;
+    assert_eq!(a2.next_message("a", 1, json!("to a")).await, epoch);
 
     // A client's plain text → its rooms, sender included.
     a2.send_text("hello from a2").await;
-    assert_eq!(a1.next_text().await, "hello from a2");
-    assert_eq!(a2.next_text().await, "hello from a2");
+    for c in [&mut a1, &mut a2] {
+        assert_eq!(c.next_message("a", 2, json!("hello from a2")).await, epoch);
+    }
 
-    // A publish → the room's members, wrapped.
+    // A publish → the room's members, its data as JSON, stamped.
     a1.send_text(r#"{"type":"publish","room":"a","data":{"n":1}}"#)
         .await;
     for c in [&mut a1, &mut a2] {
-        let v = c.next_json().await;
-        assert_eq!(v, json!({"type":"message","room":"a","data":{"n":1}}));
+        assert_eq!(c.next_message("a", 3, json!({"n":1})).await, epoch);
     }
 
     // Everyone → everyone, including b1, which has seen nothing until now.
@@ -69,8 +71,9 @@ async fn join_and_leave_change_what_a_client_receives() {
 
     c.join("news").await;
     other.send_text("headline").await;
+    // The plain client gets the data verbatim, the protocol client stamped.
     assert_eq!(other.next_text().await, "headline");
-    assert_eq!(c.next_text().await, "headline");
+    c.next_message("news", 1, json!("headline")).await;
 
     c.send_text(r#"{"type":"leave","room":"news"}"#).await;
     assert_eq!(c.next_of_type("left").await["room"], "news");
@@ -254,12 +257,23 @@ async fn malformed_control_frames_get_an_error_frame_and_the_connection_survives
     }
     // Binary is data for a protocol client too: back to its room, itself
     // included.
+    // Stamped, it arrives as base64 with `"binary":true`.
     c.send(Message::Binary("bin".into())).await;
-    assert_eq!(c.next_binary().await, b"bin");
+    let v = c.next_json().await;
+    assert_eq!(v["binary"], true, "{v}");
+    assert_eq!(
+        (&v["room"], &v["offset"], &v["data"]),
+        (&json!("lobby"), &json!(1), &json!("Ymlu")),
+        "{v}"
+    );
     // Still connected and working.
     c.join("after-errors").await;
     c.send_text("still fine").await;
-    assert_eq!(c.next_text().await, "still fine");
+    // In both its rooms, each with its own offset.
+    let mut got = [c.next_json().await, c.next_json().await];
+    got.sort_by_key(|v| v["room"].as_str().map(str::to_owned));
+    support::assert_message(&got[0], "after-errors", 1, json!("still fine"));
+    support::assert_message(&got[1], "lobby", 2, json!("still fine"));
 }
 
 #[actix_web::test]
@@ -440,18 +454,23 @@ async fn a_broadcast_sent_right_after_the_101_is_never_missed_1000_times() {
             .await
             .unwrap();
         let recipients = hub
-            .send(Broadcast::to_room(room, format!("m{i}")))
+            .send(Broadcast::to_room(room.clone(), format!("m{i}")))
             .await
             .unwrap();
         assert_eq!(
             recipients, 1,
             "connection {i}: the session was not registered"
         );
-        let mut first = c.next_text().await;
-        if first.starts_with(r#"{"type":"welcome""#) {
-            first = c.next_text().await;
+        let first = c.next_text().await;
+        if i % 2 == 1 {
+            assert!(first.starts_with(r#"{"type":"welcome""#), "{first}");
+            // A protocol client: the broadcast comes stamped, the room's
+            // first message.
+            let v: Value = serde_json::from_str(&c.next_text().await).unwrap();
+            support::assert_message(&v, room.as_str(), 1, json!(format!("m{i}")));
+        } else {
+            assert_eq!(first, format!("m{i}"), "connection {i}");
         }
-        assert_eq!(first, format!("m{i}"), "connection {i}");
         c.send(Message::Close(None)).await;
     }
     let health = server.health().await;

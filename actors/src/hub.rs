@@ -11,7 +11,7 @@
 //! becomes one message per shard, not one per session, and each shard fans
 //! it out to its own members. A client's message to its rooms is delivered
 //! by its own shard at once and handed to the other shards as one message
-//! each. Order per sender holds: every path from one sender to one receiver
+//! each — unless history is on, when it goes through the router (below). Order per sender holds: every path from one sender to one receiver
 //! is a chain of FIFO mailboxes.
 //!
 //! **One node.** What must be counted once per node lives in [`NodeRooms`],
@@ -26,6 +26,31 @@
 //! header and payload, unmasked) and every member on it shares those bytes,
 //! so a broadcast to 5,000 sessions allocates one frame per shard, not
 //! 5,000.
+//!
+//! **History.** With `HubConfig::history` set, the router keeps every
+//! room's recent messages ([`crate::history`]) and is the one place room
+//! broadcasts get their offsets: [`BroadcastHub::stamp`] gives each of a
+//! broadcast's rooms its next offset and builds the frame protocol clients
+//! receive for it (`{"type":"message","room","offset","epoch","data"}`),
+//! once for every shard, and the `Fan` carries those stamps. A client's
+//! message to its rooms goes through the router then too (instead of being
+//! delivered by its own shard first), so each is stamped once, in the one
+//! order every member sees; a `Flush` takes the same way, so it still comes
+//! behind the session's echoes. Plain members get the data once, as before;
+//! protocol members get each of their rooms' stamped frame.
+//!
+//! **Recovery** (`/ws?since=`, a join with `since`, `recover=last`): the
+//! shard makes the session a member first, marks its seam for the room
+//! pending, and asks the router (`RecoverAsk`). The router answers with
+//! `Recovered` through the shard's mailbox with `do_send`, the way every
+//! `Fan` goes, so every broadcast stamped before the answer reaches the
+//! shard before it, and every later one after it. While pending, the
+//! room's live frames are held back from that member (all are at or below
+//! the answer's last offset, so the replay has them); then it gets
+//! `recovered`, the replay, and live frames from the next offset on — a
+//! live frame at or below the replayed position (same epoch) is skipped,
+//! so the seam has no gap and no duplicate. For `last`, live frames are
+//! not held back; if one arrived, it is the last message already.
 //!
 //! **Plain and protocol clients.** A session is one or the other for its
 //! whole life ([`ClientKind`]). A plain client receives only data: exactly
@@ -76,18 +101,20 @@
 
 use crate::capacity;
 use crate::delivery::{self, Frame, Refused};
+use crate::history::{History, HistoryConfig, Position, Recover, Since};
 use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::messages::Payload;
 use crate::messages::{
     queued_broadcasts, Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Disconnect,
-    Flush, Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin,
-    Relay, RelayTarget, SetRelay, Shutdown, Target,
+    Flush, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat, HistoryPage,
+    HubStats, Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
 };
 use crate::presence::{self, PresenceLimits};
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
 use crate::session::WsSessionActor;
 use actix::prelude::*;
+use actix::WeakAddr;
 use actix_web_actors::ws::CloseCode;
 use bytestring::ByteString;
 use socket2::Socket;
@@ -126,6 +153,9 @@ pub struct HubConfig {
     pub mailbox_capacity: usize,
     /// The room a session joins when it does not name one.
     pub default_room: RoomName,
+    /// The rooms' history (offsets, recovery); `None` turns it off, and
+    /// with it the stamped frames protocol clients receive.
+    pub history: Option<HistoryConfig>,
 }
 
 /// Why a session left the hub.
@@ -143,6 +173,70 @@ struct Member {
     socket: Option<Arc<Socket>>,
     ip_key: Option<IpAddr>,
     kind: ClientKind,
+    /// The rooms this session is recovering or has recovered, where live
+    /// frames meet the replay (see [`Seam`]); empty for nearly everyone.
+    seams: Vec<Seam>,
+}
+
+/// Where a recovering session's replay meets the live frames of one room.
+struct Seam {
+    room: RoomName,
+    state: SeamState,
+}
+
+enum SeamState {
+    /// Asked the router (`ask` numbers the question, so an answer to a
+    /// superseded one is ignored). For a `since`, live frames are held
+    /// back: every one that reaches the shard before the answer is at or
+    /// below the room's position in the answer, so the replay has it. For
+    /// `last`, they are delivered, and `seen` says one was.
+    Pending {
+        ask: u64,
+        hold_live: bool,
+        seen: bool,
+    },
+    /// Replayed through this position: a live frame at or below it (same
+    /// epoch) is a duplicate.
+    Through(Position),
+}
+
+impl Member {
+    /// Whether the stamped frame at `at` in `room` is not for this member
+    /// now (held back during its recovery, or already replayed).
+    fn skips(&mut self, room: &RoomName, at: &Position) -> bool {
+        if self.seams.is_empty() {
+            return false;
+        }
+        let Some(i) = self.seams.iter().position(|s| s.room == *room) else {
+            return false;
+        };
+        match &mut self.seams[i].state {
+            SeamState::Pending {
+                hold_live, seen, ..
+            } => {
+                *seen = true;
+                *hold_live
+            }
+            SeamState::Through(p) => {
+                if p.epoch == at.epoch && at.offset <= p.offset {
+                    true
+                } else {
+                    // Past the seam: nothing more to compare.
+                    self.seams.swap_remove(i);
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// One room's stamp on a broadcast: its position in the room's history and
+/// the frame protocol clients receive (built once, by the router).
+#[derive(Debug)]
+pub(crate) struct Stamp {
+    room: RoomName,
+    at: Position,
+    frame: ByteString,
 }
 
 /// Ends a connection at once: `SO_LINGER` 0, so the last close of the socket
@@ -195,6 +289,10 @@ pub struct NodeRooms {
     shards: Mutex<Vec<(ThreadId, Addr<HubShard>)>>,
     /// Set by [`Shutdown`]: no new shard starts.
     shutting_down: AtomicBool,
+    /// The router, once started: with history on, clients' room messages
+    /// go through it to be stamped, and recoveries are asked of it. Weak:
+    /// the router holds this struct.
+    router: Mutex<Option<WeakAddr<BroadcastHub>>>,
 }
 
 /// A lock that a panic elsewhere does not make unusable: every value behind
@@ -210,6 +308,14 @@ impl NodeRooms {
 
     fn relay(&self) -> Option<Recipient<Relay>> {
         lock(&self.relay).clone()
+    }
+
+    fn history_on(&self) -> bool {
+        self.config.history.is_some()
+    }
+
+    fn router(&self) -> Option<Addr<BroadcastHub>> {
+        lock(&self.router).as_ref().and_then(WeakAddr::upgrade)
     }
 
     /// Every shard in the directory.
@@ -285,6 +391,8 @@ pub struct HubShard {
     /// Set by [`Shutdown`]: the sessions still to close, and who to tell
     /// when none are left.
     shutting_down: Option<Draining>,
+    /// Numbers this shard's recovery questions to the router.
+    asks: u64,
 }
 
 struct Draining {
@@ -303,6 +411,7 @@ impl HubShard {
             closing: HashMap::new(),
             stats: HubStats::default(),
             shutting_down: None,
+            asks: 0,
         }
     }
 
@@ -544,14 +653,32 @@ impl HubShard {
         self.fan_out(to, &Payload::Text(frame));
     }
 
-    /// A client's message to `rooms`: to this shard's members at once, then
-    /// to the other shards (one message each) and to the other nodes.
-    fn publish_from_client(&mut self, rooms: Vec<RoomName>, payload: Payload) {
+    /// A client's message to `rooms`. With history on, through the router,
+    /// which stamps it (so every room message gets its offset once, in
+    /// order) and relays it; a full router mailbox drops it and tells the
+    /// sender. Without, to this shard's members at once, then to the other
+    /// shards (one message each) and to the other nodes.
+    fn publish_from_client(&mut self, from: SessionId, rooms: Vec<RoomName>, payload: Payload) {
+        if self.node.history_on() {
+            let Some(router) = self.node.router() else {
+                return;
+            };
+            // `try_send`: a flood of clients meets the router's bounded
+            // mailbox; a dropped message is not retried, so none is
+            // reordered.
+            if let Err(SendError::Full(_)) =
+                router.try_send(Broadcast::new(Target::Rooms(rooms), payload))
+            {
+                self.refuse_busy(from);
+            }
+            return;
+        }
         self.stats.broadcasts += 1;
         for shard in self.node.shard_addrs() {
             if shard.connected() && !self.is_me(&shard) {
                 shard.do_send(Fan {
                     broadcast: Broadcast::new(Target::Rooms(rooms.clone()), payload.clone()),
+                    stamps: None,
                     done: None,
                 });
             }
@@ -564,6 +691,181 @@ impl HubShard {
             });
         }
         self.fan_out_rooms(&rooms, &payload);
+    }
+
+    /// Tells a client its message was dropped because the hub is
+    /// overloaded: an error frame, or for a plain client the close code.
+    fn refuse_busy(&mut self, id: SessionId) {
+        let Some(member) = self.sessions.get(&id) else {
+            return;
+        };
+        match member.kind {
+            ClientKind::Protocol => {
+                self.send_to(
+                    id,
+                    protocol::error_frame(
+                        "busy",
+                        "the server is overloaded; your message was dropped",
+                    ),
+                );
+            }
+            ClientKind::Plain => {
+                let _ = member.addr.try_send(Close {
+                    code: CloseCode::Again,
+                    reason: "server overloaded".into(),
+                });
+            }
+        }
+    }
+
+    /// A stamped room broadcast ([`Stamp`]): plain members get the data
+    /// once, as today; protocol members get each of their rooms' stamped
+    /// frame, encoded once per shard per room, except where their recovery
+    /// holds it back or already replayed it ([`Member::skips`]).
+    fn fan_out_stamped(&mut self, payload: &Payload, stamps: &[Stamp]) -> usize {
+        let members: Vec<Vec<SessionId>> = {
+            let table = lock(&self.node.rooms);
+            stamps
+                .iter()
+                .map(|s| table.members(&s.room).collect())
+                .collect()
+        };
+        let several = stamps.len() > 1;
+        let mut plain_seen = HashSet::new();
+        let mut raw: Option<Frame> = None;
+        let mut evict = Vec::new();
+        let mut sent = 0;
+        let policy = &self.node.config.eviction;
+        let stats = &mut self.stats;
+        let sessions = &mut self.sessions;
+        for (stamp, ids) in stamps.iter().zip(members) {
+            let mut stamped: Option<Frame> = None;
+            for id in ids {
+                let Some(member) = sessions.get_mut(&id) else {
+                    continue;
+                };
+                let frame = match member.kind {
+                    ClientKind::Plain => {
+                        if several && !plain_seen.insert(id) {
+                            continue;
+                        }
+                        &*raw.get_or_insert_with(|| {
+                            Frame::new(
+                                delivery::encode(payload),
+                                EvictionPolicy::cost_of(payload.len()),
+                            )
+                        })
+                    }
+                    ClientKind::Protocol => {
+                        if member.skips(&stamp.room, &stamp.at) {
+                            continue;
+                        }
+                        &*stamped.get_or_insert_with(|| text_frame(&stamp.frame))
+                    }
+                };
+                if Self::deliver(policy, stats, id, member, frame, &mut evict) {
+                    sent += 1;
+                }
+            }
+        }
+        for id in evict {
+            self.evict(id, Eviction::SlowConsumer);
+        }
+        sent
+    }
+
+    /// Starts `id`'s recovery of `room` (it is a member already: live
+    /// frames reach it from now on, and its seam sorts them out). The
+    /// router answers with [`Recovered`] through this shard's mailbox,
+    /// behind every broadcast it stamped before.
+    fn begin_recovery(&mut self, id: SessionId, room: RoomName, recover: Recover) {
+        let router = self.node.router().filter(|_| self.node.history_on());
+        let (Some(router), Some(me)) = (router, self.me.clone()) else {
+            self.stats.recoveries_incomplete += 1;
+            self.send_to(id, protocol::recovered_frame(&room, None));
+            return;
+        };
+        let Some(member) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        self.asks += 1;
+        let ask = self.asks;
+        member.seams.retain(|s| s.room != room);
+        member.seams.push(Seam {
+            room: room.clone(),
+            state: SeamState::Pending {
+                ask,
+                hold_live: matches!(recover, Recover::Since(_)),
+                seen: false,
+            },
+        });
+        // `do_send`: one per join, and joins are rate limited per client.
+        router.do_send(RecoverAsk {
+            shard: me,
+            session: id,
+            room,
+            recover,
+            ask,
+        });
+    }
+
+    /// The router's answer to a recovery: the `recovered` frame, the
+    /// replayed messages, and the seam moved to where live frames resume.
+    fn end_recovery(&mut self, msg: Recovered) {
+        let Some(member) = self.sessions.get_mut(&msg.session) else {
+            return;
+        };
+        let Some(i) = member.seams.iter().position(|s| {
+            s.room == msg.room
+                && matches!(s.state, SeamState::Pending { ask, .. } if ask == msg.ask)
+        }) else {
+            // Superseded by a later join, or the room was left.
+            return;
+        };
+        let seen = matches!(member.seams[i].state, SeamState::Pending { seen: true, .. });
+        let (entries, last) = match msg.answer {
+            // A `last` whose message the session already got live.
+            Since::Complete { last, .. } if msg.last_only && seen => (Some(Vec::new()), last),
+            Since::Complete { entries, last } => {
+                // A replay its outbound budget cannot hold would evict it
+                // as a slow consumer: it is told to reload instead.
+                let cost: usize = entries
+                    .iter()
+                    .map(|e| EvictionPolicy::cost_of(e.frame.len()))
+                    .sum();
+                if cost > self.node.config.eviction.max_outbound_bytes / 2 {
+                    (None, last)
+                } else {
+                    (Some(entries), last)
+                }
+            }
+            Since::Incomplete { last } => (None, last),
+        };
+        match last {
+            Some(p) => member.seams[i].state = SeamState::Through(p),
+            None => {
+                member.seams.swap_remove(i);
+            }
+        }
+        let room = msg.room;
+        match entries {
+            Some(entries) => {
+                self.send_to(
+                    msg.session,
+                    protocol::recovered_frame(&room, Some(entries.len())),
+                );
+                self.stats.replayed += entries.len() as u64;
+                for entry in entries {
+                    if self.send_to(msg.session, entry.frame) == 0 {
+                        break;
+                    }
+                }
+            }
+            None => {
+                self.stats.recoveries_incomplete += 1;
+                self.send_to(msg.session, protocol::recovered_frame(&room, None));
+            }
+        }
     }
 
     fn is_me(&self, shard: &Addr<HubShard>) -> bool {
@@ -593,23 +895,34 @@ impl HubShard {
         match frame {
             ClientFrame::Text(text) => self.send_to_senders_rooms(id, Payload::Text(text)),
             ClientFrame::Binary(bytes) => self.send_to_senders_rooms(id, Payload::Binary(bytes)),
-            ClientFrame::Join(room) => {
-                let reply = {
+            ClientFrame::Join { room, recover } => {
+                let (reply, joined) = {
                     let mut table = lock(&self.node.rooms);
                     match table.join_from(id, &room, ip_key) {
                         Ok(Joined::Added) => {
                             self.node.touch_presence();
-                            protocol::joined_frame(&room, table.member_count(&room))
+                            (
+                                protocol::joined_frame(&room, table.member_count(&room)),
+                                true,
+                            )
                         }
-                        Ok(Joined::AlreadyMember) => {
-                            protocol::joined_frame(&room, table.member_count(&room))
-                        }
-                        Err(e) => join_error_frame(&e),
+                        Ok(Joined::AlreadyMember) => (
+                            protocol::joined_frame(&room, table.member_count(&room)),
+                            true,
+                        ),
+                        Err(e) => (join_error_frame(&e), false),
                     }
                 };
                 self.send_to(id, reply);
+                // A member first, then the history: nothing falls between.
+                if let (true, Some(recover)) = (joined, recover) {
+                    self.begin_recovery(id, room, recover);
+                }
             }
             ClientFrame::Leave(room) => {
+                if let Some(member) = self.sessions.get_mut(&id) {
+                    member.seams.retain(|s| s.room != room);
+                }
                 let left = lock(&self.node.rooms).leave(id, &room);
                 let reply = if left {
                     self.node.touch_presence();
@@ -632,7 +945,7 @@ impl HubShard {
                     return;
                 }
                 let payload = Payload::Text(protocol::message_frame(Some(&room), &data));
-                self.publish_from_client(vec![room], payload);
+                self.publish_from_client(id, vec![room], payload);
             }
         }
     }
@@ -664,7 +977,7 @@ impl HubShard {
             }
             return;
         }
-        self.publish_from_client(rooms, payload);
+        self.publish_from_client(id, rooms, payload);
     }
 
     /// This shard's share of a broadcast.
@@ -685,8 +998,9 @@ impl Actor for HubShard {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
+        // The address before the capacity (see `BroadcastHub::started`).
         self.me = Some(ctx.address());
+        ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
         // An app that starts the network and then leaves its System before
         // the hub ever ran (a bind error, say) drops the hub outside the
         // runtime; actix still calls `started` then, and a timer there
@@ -748,6 +1062,7 @@ impl Handler<Connect> for HubShard {
                 socket: msg.socket,
                 ip_key: msg.ip_key,
                 kind: msg.kind,
+                seams: Vec::new(),
             },
         );
         if msg.presence && msg.kind == ClientKind::Protocol {
@@ -757,8 +1072,13 @@ impl Handler<Connect> for HubShard {
         if msg.kind == ClientKind::Protocol {
             let welcome = protocol::welcome_frame(id, &rooms_of);
             self.send_to(id, welcome);
-            if let Some(e) = join_error {
-                self.send_to(id, join_error_frame(&e));
+            match (join_error, msg.recover) {
+                (Some(e), _) => {
+                    self.send_to(id, join_error_frame(&e));
+                }
+                // Registered and a member: now the history.
+                (None, Some(recover)) => self.begin_recovery(id, msg.room, recover),
+                (None, None) => {}
             }
         }
         Ok(())
@@ -769,9 +1089,82 @@ impl Handler<Flush> for HubShard {
     type Result = ();
 
     fn handle(&mut self, msg: Flush, _: &mut Self::Context) {
+        // With history on, the session's messages went through the router,
+        // which sends their frames back to this shard: the answer takes
+        // the same way, so it comes behind them.
+        if self.node.history_on() {
+            if let (Some(router), Some(me)) = (self.node.router(), self.me.clone()) {
+                router.do_send(FlushVia {
+                    shard: me,
+                    reply_to: msg.reply_to,
+                });
+                return;
+            }
+        }
         // `do_send`: the answer must not be refused by a full mailbox, and
         // there is one per closing session.
         msg.reply_to.do_send(Flushed);
+    }
+}
+
+/// A [`Flush`] on its way through the router and back to the shard.
+struct FlushVia {
+    shard: Addr<HubShard>,
+    reply_to: Recipient<Flushed>,
+}
+
+impl Message for FlushVia {
+    type Result = ();
+}
+
+/// A [`Flush`] back from the router: everything the router stamped before
+/// has been fanned out by this shard.
+struct FlushBack(Recipient<Flushed>);
+
+impl Message for FlushBack {
+    type Result = ();
+}
+
+impl Handler<FlushBack> for HubShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: FlushBack, _: &mut Self::Context) {
+        msg.0.do_send(Flushed);
+    }
+}
+
+/// A shard asks the router for `room`'s history on behalf of `session`.
+struct RecoverAsk {
+    shard: Addr<HubShard>,
+    session: SessionId,
+    room: RoomName,
+    recover: Recover,
+    ask: u64,
+}
+
+impl Message for RecoverAsk {
+    type Result = ();
+}
+
+/// The router's answer, sent to the shard with `do_send` after every
+/// broadcast it stamped before (see [`SeamState::Pending`]).
+struct Recovered {
+    session: SessionId,
+    room: RoomName,
+    ask: u64,
+    last_only: bool,
+    answer: Since,
+}
+
+impl Message for Recovered {
+    type Result = ();
+}
+
+impl Handler<Recovered> for HubShard {
+    type Result = ();
+
+    fn handle(&mut self, msg: Recovered, _: &mut Self::Context) {
+        self.end_recovery(msg);
     }
 }
 
@@ -811,6 +1204,8 @@ impl Handler<FromClient> for HubShard {
 /// queued for.
 struct Fan {
     broadcast: Broadcast,
+    /// Its rooms' stamps, when the router stamped it (history on).
+    stamps: Option<Arc<[Stamp]>>,
     done: Option<tokio::sync::oneshot::Sender<usize>>,
 }
 
@@ -822,7 +1217,10 @@ impl Handler<Fan> for HubShard {
     type Result = ();
 
     fn handle(&mut self, msg: Fan, _: &mut Self::Context) {
-        let sent = self.fan_out_target(&msg.broadcast.target, &msg.broadcast.payload);
+        let sent = match &msg.stamps {
+            Some(stamps) => self.fan_out_stamped(&msg.broadcast.payload, stamps),
+            None => self.fan_out_target(&msg.broadcast.target, &msg.broadcast.payload),
+        };
         if let Some(done) = msg.done {
             let _ = done.send(sent);
         }
@@ -896,6 +1294,9 @@ pub struct BroadcastHub {
     /// cluster, and their fan-out latency (until every shard has queued
     /// it). The shards' are added in `GetHubStats`.
     stats: HubStats,
+    /// Every room's history, when on: the router sees every room message,
+    /// in one order, so it is where offsets are given.
+    history: Option<History>,
 }
 
 impl BroadcastHub {
@@ -903,6 +1304,7 @@ impl BroadcastHub {
     /// shards' directory ([`BroadcastHub::shards`]) for the upgrade route
     /// first.
     pub fn new(config: HubConfig) -> Self {
+        let config_history = config.history.clone();
         let rooms = RoomTable::new(config.max_rooms_per_session, config.max_rooms)
             .with_max_rooms_per_ip(config.max_rooms_per_ip);
         BroadcastHub {
@@ -916,8 +1318,10 @@ impl BroadcastHub {
                 relay: Mutex::new(None),
                 shards: Mutex::new(Vec::new()),
                 shutting_down: AtomicBool::new(false),
+                router: Mutex::new(None),
             }),
             stats: HubStats::default(),
+            history: config_history.map(History::new),
         }
     }
 
@@ -932,13 +1336,132 @@ impl BroadcastHub {
             node: self.node.clone(),
         }
     }
+
+    /// Gives a room broadcast its offset in each of its rooms' history and
+    /// builds the frame protocol clients receive for it, once for every
+    /// shard. `None` when history is off or the target is not rooms.
+    fn stamp(&mut self, target: &Target, payload: &Payload) -> Option<Arc<[Stamp]>> {
+        let history = self.history.as_mut()?;
+        let rooms = match target {
+            Target::Room(room) => std::slice::from_ref(room),
+            Target::Rooms(rooms) => rooms.as_slice(),
+            Target::All | Target::Session(_) => return None,
+        };
+        let now = Instant::now();
+        Some(
+            rooms
+                .iter()
+                .map(|room| {
+                    let (at, frame) =
+                        history.append(room, now, |at| protocol::stamped_frame(room, at, payload));
+                    Stamp {
+                        room: room.clone(),
+                        at,
+                        frame,
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+/// A text frame for one of the hub's own JSON frames.
+fn text_frame(text: &ByteString) -> Frame {
+    Frame::new(
+        delivery::encode(&Payload::Text(text.clone())),
+        EvictionPolicy::cost_of(text.len()),
+    )
 }
 
 impl Actor for BroadcastHub {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // The address first: actix refuses (panics) to make a sender once
+        // the capacity is set beyond its own limit, and configs may say so.
+        *lock(&self.node.router) = Some(ctx.address().downgrade());
         ctx.set_mailbox_capacity(self.node.config.mailbox_capacity);
+        // Expired history goes even from rooms nobody writes to (see
+        // `HubShard::started` for why a timer needs a runtime here).
+        if self.history.is_some() && tokio::runtime::Handle::try_current().is_ok() {
+            ctx.run_interval(Duration::from_secs(1), |hub, _| {
+                if let Some(history) = &mut hub.history {
+                    history.expire(Instant::now());
+                }
+            });
+        }
+    }
+}
+
+impl Handler<RecoverAsk> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: RecoverAsk, _: &mut Self::Context) {
+        let last_only = msg.recover == Recover::Last;
+        let answer = match &mut self.history {
+            None => Since::Incomplete { last: None },
+            Some(history) => {
+                history.expire(Instant::now());
+                match &msg.recover {
+                    Recover::Since(since) => {
+                        let limit = history.config().size;
+                        history.since(&msg.room, since, limit)
+                    }
+                    Recover::Last => {
+                        let (entries, last) = history.last(&msg.room, 1);
+                        Since::Complete { entries, last }
+                    }
+                }
+            }
+        };
+        // `do_send`, like every Fan: behind every broadcast stamped before.
+        msg.shard.do_send(Recovered {
+            session: msg.session,
+            room: msg.room,
+            ask: msg.ask,
+            last_only,
+            answer,
+        });
+    }
+}
+
+impl Handler<FlushVia> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: FlushVia, _: &mut Self::Context) {
+        msg.shard.do_send(FlushBack(msg.reply_to));
+    }
+}
+
+impl Handler<GetHistory> for BroadcastHub {
+    type Result = MessageResult<GetHistory>;
+
+    fn handle(&mut self, msg: GetHistory, _: &mut Self::Context) -> Self::Result {
+        let Some(history) = &mut self.history else {
+            return MessageResult(HistoryPage::default());
+        };
+        history.expire(Instant::now());
+        let page = match &msg.since {
+            Some(since) => {
+                let page = history.page(&msg.room, since, msg.limit);
+                HistoryPage {
+                    enabled: true,
+                    complete: page.complete,
+                    entries: page.entries,
+                    last: page.last,
+                }
+            }
+            None => {
+                let (entries, last) = history.last(&msg.room, msg.limit);
+                HistoryPage {
+                    enabled: true,
+                    complete: true,
+                    entries,
+                    last,
+                }
+            }
+        };
+        MessageResult(page)
     }
 }
 
@@ -969,6 +1492,7 @@ impl Handler<Broadcast> for BroadcastHub {
             }
         }
         let created = msg.created;
+        let stamps = self.stamp(&msg.target, &msg.payload);
         let shards = self.node.shard_addrs();
         let mut counts = Vec::with_capacity(shards.len());
         let mut msg = Some(msg);
@@ -984,6 +1508,7 @@ impl Handler<Broadcast> for BroadcastHub {
             if let Some(broadcast) = broadcast {
                 shard.do_send(Fan {
                     broadcast,
+                    stamps: stamps.clone(),
                     done: Some(done),
                 });
                 counts.push(count);
@@ -1062,6 +1587,10 @@ impl Handler<GetHubStats> for BroadcastHub {
                     stats.queued_broadcasts = queued_broadcasts();
                     stats.sessions = hub.node.sessions.load(Ordering::Relaxed);
                     stats.rooms = lock(&hub.node.rooms).room_count();
+                    if let Some(history) = &hub.history {
+                        stats.history_rooms = history.rooms();
+                        stats.history_bytes = history.bytes();
+                    }
                     stats
                 }),
         )

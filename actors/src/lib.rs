@@ -15,6 +15,10 @@
 //! Every message in that picture, and those between the hub and the cluster
 //! bridge, is in [`messages`], with its reply and how it is sent.
 //!
+//! With history on ([`history`]), the router also stamps every room
+//! broadcast with its offset, clients' room messages go through it, and
+//! recoveries are asked of it (see [`hub`]).
+//!
 //! Each actor is a thin shell around a state machine that takes `now` and does
 //! no I/O: [`rooms::RoomTable`] (who is in which room, with quotas per
 //! session and per address), [`presence`] (bounded presence frames),
@@ -40,6 +44,7 @@ pub mod delivery;
 pub mod frame_check;
 pub mod gcra;
 pub mod histogram;
+pub mod history;
 pub mod hub;
 pub mod limiter;
 pub mod liveness;
@@ -59,6 +64,7 @@ pub use breaker::{
 };
 pub use frame_check::Violation;
 pub use histogram::Histogram;
+pub use history::{HistoryConfig, HistoryEntry, Position, Recover};
 pub use hub::{BroadcastHub, HubConfig, HubShard, HubShards};
 pub use limiter::{
     Acquire, GetLimiterStats, Grant, LimiterStats, RateLimited, RateLimiterActor, Reserve,
@@ -67,8 +73,8 @@ pub use liveness::ClosedBy;
 pub use messages::Payload;
 pub use messages::{
     Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused, Disconnect, Flush,
-    Flushed, FromClient, GetHubStats, GetOccupancy, Heartbeat, HubStats, Occupancy, Origin, Relay,
-    RelayTarget, SetRelay, Shutdown, Target,
+    Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat, HistoryPage, HubStats,
+    Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
 };
 pub use protocol::ClientKind;
 pub use rooms::{RoomName, SessionId};

@@ -9,7 +9,8 @@
 //!   travel as a message but as encoded frames in the session's delivery
 //!   queue ([`crate::delivery`]);
 //! - **app code and routes → hub**: [`Broadcast`] (to a [`Target`]),
-//!   [`GetHubStats`] (answered with the hub's [`HubStats`]), [`Shutdown`];
+//!   [`GetHubStats`] (answered with the hub's [`HubStats`]), [`GetHistory`]
+//!   (answered with a [`HistoryPage`]), [`Shutdown`];
 //! - **hub ↔ cluster bridge**: the hub hands local broadcasts to its relay
 //!   ([`Relay`], installed with [`SetRelay`]); the bridge asks for
 //!   [`GetOccupancy`] and sends back the other nodes' [`ClusterPresence`];
@@ -22,6 +23,7 @@
 //! interval).
 
 use crate::histogram::Histogram;
+use crate::history::{HistoryEntry, Position, Recover};
 use crate::liveness::{ClosedBy, SessionLink};
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::{RoomName, SessionId};
@@ -149,6 +151,10 @@ pub struct Connect {
     /// rooms it creates are charged to; `None` for an exempt or unknown
     /// address, whose rooms are not counted per address.
     pub ip_key: Option<IpAddr>,
+    /// What to replay from `room`'s history once registered (`/ws?since=`
+    /// or `recover=last`; protocol clients only): the shard answers with a
+    /// `recovered` frame, then the messages, then live ones.
+    pub recover: Option<Recover>,
 }
 
 /// Why the hub refused a [`Connect`].
@@ -347,6 +353,34 @@ impl Broadcast {
     }
 }
 
+/// Asks the hub for a page of a room's history (`Network::history`,
+/// `GET /rooms/{room}/history`): a request, sent with a timeout.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "HistoryPage")]
+pub struct GetHistory {
+    /// The room.
+    pub room: RoomName,
+    /// The messages after this position; `None`: the last `limit`.
+    pub since: Option<Position>,
+    /// The most messages in the page.
+    pub limit: usize,
+}
+
+/// The reply to [`GetHistory`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// False when the hub keeps no history (`websocket.history` off).
+    pub enabled: bool,
+    /// Whether the history covers everything after `since` (always true
+    /// without one). When false, `entries` is empty: the app must reload.
+    pub complete: bool,
+    /// Up to `limit` messages, oldest first, each with its offset and the
+    /// frame protocol clients receive for it.
+    pub entries: Vec<HistoryEntry>,
+    /// The room's last position (`None`: it has no history).
+    pub last: Option<Position>,
+}
+
 /// Broadcasts built and not yet handled (or dropped), in this process.
 static QUEUED_BROADCASTS: AtomicUsize = AtomicUsize::new(0);
 
@@ -435,6 +469,14 @@ pub struct HubStats {
     /// order: it follows `shard_sessions` back down after churn (see
     /// [`crate::capacity`]).
     pub shard_session_capacity: Vec<usize>,
+    /// Messages replayed to clients from the rooms' history.
+    pub replayed: u64,
+    /// Recoveries answered `complete:false`.
+    pub recoveries_incomplete: u64,
+    /// Rooms with a history now.
+    pub history_rooms: usize,
+    /// Bytes the history counts against `websocket.history.max_bytes`.
+    pub history_bytes: usize,
 }
 
 impl HubStats {
@@ -457,6 +499,8 @@ impl HubStats {
         self.broadcast_latency.merge(&shard.broadcast_latency);
         self.relayed += shard.relayed;
         self.from_cluster += shard.from_cluster;
+        self.replayed += shard.replayed;
+        self.recoveries_incomplete += shard.recoveries_incomplete;
     }
 }
 

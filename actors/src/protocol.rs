@@ -14,6 +14,7 @@
 //! [`ProtocolError`] that the session turns into an error frame, never a
 //! panic.
 
+use crate::history::{Position, Recover};
 use crate::rooms::{RoomName, SessionId};
 use actix_web::web::Bytes;
 use bytestring::ByteString;
@@ -58,8 +59,14 @@ pub enum ClientFrame {
     /// Binary data: broadcast verbatim, as binary, to every room the sender
     /// is in.
     Binary(Bytes),
-    /// `{"type":"join","room":"r"}`
-    Join(RoomName),
+    /// `{"type":"join","room":"r"}`, with `"since":"epoch:offset"` or
+    /// `"recover":"last"` to be replayed what the room's history holds.
+    Join {
+        /// The room to join.
+        room: RoomName,
+        /// What to recover from the room's history once joined.
+        recover: Option<Recover>,
+    },
     /// `{"type":"leave","room":"r"}`
     Leave(RoomName),
     /// `{"type":"publish","room":"r","data":…}`: `data` is kept as the exact
@@ -77,7 +84,16 @@ impl PartialEq for ClientFrame {
         match (self, other) {
             (ClientFrame::Text(a), ClientFrame::Text(b)) => a == b,
             (ClientFrame::Binary(a), ClientFrame::Binary(b)) => a == b,
-            (ClientFrame::Join(a), ClientFrame::Join(b)) => a == b,
+            (
+                ClientFrame::Join {
+                    room: ra,
+                    recover: xa,
+                },
+                ClientFrame::Join {
+                    room: rb,
+                    recover: xb,
+                },
+            ) => ra == rb && xa == xb,
             (ClientFrame::Leave(a), ClientFrame::Leave(b)) => a == b,
             (
                 ClientFrame::Publish { room: ra, data: da },
@@ -97,6 +113,8 @@ pub enum ProtocolError {
     Malformed(String),
     /// The room name was not acceptable.
     BadRoom(String),
+    /// A join's `since` or `recover` was not acceptable.
+    BadSince(String),
 }
 
 impl ProtocolError {
@@ -105,6 +123,7 @@ impl ProtocolError {
         match self {
             ProtocolError::Malformed(_) => "malformed",
             ProtocolError::BadRoom(_) => "bad_room",
+            ProtocolError::BadSince(_) => "bad_since",
         }
     }
 }
@@ -114,6 +133,7 @@ impl fmt::Display for ProtocolError {
         match self {
             ProtocolError::Malformed(why) => write!(f, "malformed control frame: {why}"),
             ProtocolError::BadRoom(why) => write!(f, "bad room: {why}"),
+            ProtocolError::BadSince(why) => write!(f, "bad since: {why}"),
         }
     }
 }
@@ -132,6 +152,33 @@ struct Control<'a> {
     room: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     data: Option<Box<RawValue>>,
+    /// `join` only: `epoch:offset` of the last message the client has.
+    #[serde(borrow, default)]
+    since: Option<std::borrow::Cow<'a, str>>,
+    /// `join` only: `"last"`, the room's last message.
+    #[serde(borrow, default)]
+    recover: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// What a join asks to recover, from its `since` and `recover` (the query
+/// of `/ws` takes the same two).
+pub fn recover_of(
+    since: Option<&str>,
+    recover: Option<&str>,
+) -> Result<Option<Recover>, ProtocolError> {
+    match (since, recover) {
+        (None, None) => Ok(None),
+        (Some(since), None) => Position::parse(since)
+            .map(|p| Some(Recover::Since(p)))
+            .map_err(|e| ProtocolError::BadSince(e.to_string())),
+        (None, Some("last")) => Ok(Some(Recover::Last)),
+        (None, Some(other)) => Err(ProtocolError::BadSince(format!(
+            "recover must be \"last\", got {other:?}"
+        ))),
+        (Some(_), Some(_)) => Err(ProtocolError::BadSince(
+            "give since or recover, not both".into(),
+        )),
+    }
 }
 
 fn room(name: &str) -> Result<RoomName, ProtocolError> {
@@ -150,8 +197,16 @@ pub fn parse_client_text(text: ByteString) -> Result<ClientFrame, ProtocolError>
         Some(r) => self::room(&r),
         None => Err(ProtocolError::Malformed("missing field `room`".into())),
     };
+    if control.kind != "join" && (control.since.is_some() || control.recover.is_some()) {
+        return Err(ProtocolError::Malformed(
+            "only `join` takes `since` or `recover`".into(),
+        ));
+    }
     match (&*control.kind, control.data) {
-        ("join", None) => Ok(ClientFrame::Join(need_room(control.room)?)),
+        ("join", None) => Ok(ClientFrame::Join {
+            room: need_room(control.room)?,
+            recover: recover_of(control.since.as_deref(), control.recover.as_deref())?,
+        }),
         ("leave", None) => Ok(ClientFrame::Leave(need_room(control.room)?)),
         ("publish", Some(data)) => Ok(ClientFrame::Publish {
             room: need_room(control.room)?,
@@ -181,6 +236,84 @@ pub fn message_frame(room: Option<&RoomName>, data: &RawValue) -> ByteString {
         r#"{{"type":"message","room":{room},"data":{}}}"#,
         data.get()
     )
+    .into()
+}
+
+/// `{"type":"message","room":…,"offset":…,"epoch":…,"data":…}`: what
+/// protocol clients receive for a room's message once history is on
+/// ([`crate::history`]). `data` is the message: a publish's (or
+/// [`message_frame`]'s) JSON value itself, spliced, when `payload` is this
+/// room's message frame; any other text as a JSON string; binary as base64
+/// with `"binary":true`.
+pub fn stamped_frame(
+    room: &RoomName,
+    at: &Position,
+    payload: &crate::messages::Payload,
+) -> ByteString {
+    use crate::messages::Payload;
+    let room_json = json_string(room.as_str());
+    let head = format!(
+        r#"{{"type":"message","room":{room_json},"offset":{},"epoch":{}"#,
+        at.offset,
+        json_string(&at.epoch)
+    );
+    match payload {
+        Payload::Text(text) => match message_data(&room_json, text) {
+            Some(data) => format!(r#"{head},"data":{data}}}"#),
+            None => format!(r#"{head},"data":{}}}"#, json_string(text)),
+        },
+        Payload::Binary(bytes) => {
+            format!(r#"{head},"binary":true,"data":"{}"}}"#, base64(bytes))
+        }
+    }
+    .into()
+}
+
+/// The `data` of `text` when it is exactly [`message_frame`]'s output for
+/// the room whose JSON name is `room_json`, and that data is valid JSON (a
+/// plain client may send text that only looks like one).
+fn message_data<'t>(room_json: &str, text: &'t str) -> Option<&'t str> {
+    let rest = text.strip_prefix(r#"{"type":"message","room":"#)?;
+    let rest = rest.strip_prefix(room_json)?;
+    let data = rest.strip_prefix(r#","data":"#)?.strip_suffix('}')?;
+    serde_json::from_str::<&RawValue>(data).ok()?;
+    Some(data)
+}
+
+/// Standard base64 with padding (RFC 4648 §4), for binary data in a JSON
+/// frame.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `{"type":"recovered","room":…,"complete":true,"replayed":n}` before the
+/// `n` replayed messages, or `{"type":"recovered","room":…,"complete":false}`
+/// when the history did not cover what the client missed (it should reload).
+pub fn recovered_frame(room: &RoomName, replayed: Option<usize>) -> ByteString {
+    let room = json_string(room.as_str());
+    match replayed {
+        Some(n) => {
+            format!(r#"{{"type":"recovered","room":{room},"complete":true,"replayed":{n}}}"#)
+        }
+        None => format!(r#"{{"type":"recovered","room":{room},"complete":false}}"#),
+    }
     .into()
 }
 
@@ -273,7 +406,10 @@ mod tests {
     fn control_frames_parse() {
         assert_eq!(
             parse(r#"{"type":"join","room":"r1"}"#),
-            Ok(ClientFrame::Join(RoomName::new("r1").unwrap()))
+            Ok(ClientFrame::Join {
+                room: RoomName::new("r1").unwrap(),
+                recover: None
+            })
         );
         assert_eq!(
             parse(r#" {"room":"r1","type":"leave"}"#),
@@ -309,6 +445,98 @@ mod tests {
             parse(r#"{"type":"join","room":""}"#),
             Err(ProtocolError::BadRoom(_))
         ));
+    }
+
+    #[test]
+    fn joins_take_since_or_recover_last() {
+        match parse(r#"{"type":"join","room":"r","since":"e-1:41"}"#) {
+            Ok(ClientFrame::Join {
+                recover: Some(Recover::Since(p)),
+                ..
+            }) => assert_eq!((&*p.epoch, p.offset), ("e-1", 41)),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse(r#"{"type":"join","room":"r","recover":"last"}"#),
+            Ok(ClientFrame::Join {
+                recover: Some(Recover::Last),
+                ..
+            })
+        ));
+        for bad in [
+            r#"{"type":"join","room":"r","since":"nope"}"#,
+            r#"{"type":"join","room":"r","recover":"all"}"#,
+            r#"{"type":"join","room":"r","since":"e:1","recover":"last"}"#,
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ProtocolError::BadSince(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse(r#"{"type":"leave","room":"r","since":"e:1"}"#),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn stamped_frames_carry_the_data_as_json() {
+        use crate::messages::Payload;
+        let r = RoomName::new("r \"q\"").unwrap();
+        let at = Position {
+            epoch: "e-1".into(),
+            offset: 7,
+        };
+        let v: Value =
+            serde_json::from_str(&stamped_frame(&r, &at, &Payload::Text("hi \"x\"".into())))
+                .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"message","room":"r \"q\"","offset":7,"epoch":"e-1","data":"hi \"x\""})
+        );
+        // This room's message frame: its data spliced, not quoted.
+        let data = RawValue::from_string(r#"{"n":[1,2]}"#.into()).unwrap();
+        let framed = Payload::Text(message_frame(Some(&r), &data));
+        let v: Value = serde_json::from_str(&stamped_frame(&r, &at, &framed)).unwrap();
+        assert_eq!(v["data"], serde_json::json!({"n":[1,2]}));
+        // Another room's, or one that only looks like it: a string.
+        let other = RoomName::new("o").unwrap();
+        let v: Value = serde_json::from_str(&stamped_frame(&other, &at, &framed)).unwrap();
+        assert_eq!(v["data"], framed_text(&framed));
+        let fake = Payload::Text(r#"{"type":"message","room":"o","data":1,"x":}"#.into());
+        let v: Value = serde_json::from_str(&stamped_frame(&other, &at, &fake)).unwrap();
+        assert_eq!(v["data"], framed_text(&fake));
+        // Binary: base64.
+        for (bytes, b64) in [
+            (&b""[..], ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"\x00\xff\xfe\x01", "AP/+AQ=="),
+        ] {
+            let v: Value = serde_json::from_str(&stamped_frame(
+                &r,
+                &at,
+                &Payload::Binary(Bytes::copy_from_slice(bytes)),
+            ))
+            .unwrap();
+            assert_eq!(v["binary"], true);
+            assert_eq!(v["data"], b64);
+        }
+        let v: Value = serde_json::from_str(&recovered_frame(&r, Some(3))).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"recovered","room":"r \"q\"","complete":true,"replayed":3})
+        );
+        let v: Value = serde_json::from_str(&recovered_frame(&r, None)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"recovered","room":"r \"q\"","complete":false})
+        );
+    }
+
+    fn framed_text(p: &crate::messages::Payload) -> String {
+        String::from_utf8(p.as_bytes().to_vec()).unwrap()
     }
 
     #[test]

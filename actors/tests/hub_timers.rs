@@ -79,6 +79,7 @@ fn unstarted_session_of(
         kind,
         socket: None,
         ip_key: None,
+        recover: None,
     };
     let session = DrivenSession {
         input,

@@ -2,8 +2,9 @@
 //! and rooms, and each session's limits — and the actors' settings built
 //! from it ([`WebSocketConfig::hub_config`], [`WebSocketConfig::session_config`]).
 
-use super::checks::{at_least_one, positive, validate_quota, ConfigError, Seconds};
+use super::checks::{at_least_one, policy_error, positive, validate_quota, ConfigError, Seconds};
 use happynet_actors::gcra::Quota;
+use happynet_actors::history::HistoryConfig;
 use happynet_actors::liveness::{
     EvictionPolicy, MAX_ENVELOPE_BYTES, OUTBOUND_HEADROOM_MESSAGES, PER_MESSAGE_OVERHEAD,
 };
@@ -74,6 +75,49 @@ pub struct WebSocketConfig {
     /// Messages queued for one session before it counts as a slow consumer
     /// (in addition to `max_outbound_bytes`). Default 8192.
     pub session_mailbox_capacity: usize,
+    /// `network.websocket.history`: each room's recent messages, so that a
+    /// client that reconnects is replayed what it missed. On by default.
+    pub history: HistorySettings,
+}
+
+/// `network.websocket.history`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistorySettings {
+    /// Keep a history at all. Without it, protocol clients receive room
+    /// data verbatim (no offsets) and every recovery is `complete:false`.
+    /// Default true.
+    pub enabled: bool,
+    /// Messages kept per room. Default 100.
+    pub size: usize,
+    /// How long a message is kept, seconds. Default 300.
+    pub ttl: Seconds,
+    /// Bytes kept for the whole node: each message's frame plus 96, and
+    /// 160 per room. Default 64 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        let d = HistoryConfig::default();
+        HistorySettings {
+            enabled: true,
+            size: d.size,
+            ttl: Seconds(d.ttl),
+            max_bytes: d.max_bytes,
+        }
+    }
+}
+
+impl HistorySettings {
+    /// The hub's history settings, `None` when it is off.
+    pub fn history_config(&self) -> Option<HistoryConfig> {
+        self.enabled.then_some(HistoryConfig {
+            size: self.size,
+            ttl: self.ttl.0,
+            max_bytes: self.max_bytes,
+        })
+    }
 }
 
 impl Default for WebSocketConfig {
@@ -96,6 +140,7 @@ impl Default for WebSocketConfig {
             socket_send_buffer: 0,
             hub_mailbox_capacity: 65_536,
             session_mailbox_capacity: 8192,
+            history: HistorySettings::default(),
         }
     }
 }
@@ -123,6 +168,7 @@ impl WebSocketConfig {
             shutdown_timeout: self.shutdown_timeout.0,
             mailbox_capacity: self.hub_mailbox_capacity,
             default_room: self.default_room(),
+            history: self.history.history_config(),
         }
     }
 
@@ -199,6 +245,13 @@ impl WebSocketConfig {
         at_least_one(
             "network.websocket.session_mailbox_capacity",
             self.session_mailbox_capacity,
-        )
+        )?;
+        // The history's own judge, its errors under this section's keys.
+        if let Some(history) = self.history.history_config() {
+            history.validate().map_err(|e| {
+                policy_error("network.websocket.history", e.field(), e.requirement(), &[])
+            })?;
+        }
+        Ok(())
     }
 }

@@ -313,6 +313,27 @@ impl Exposition {
             "Broadcasts built and not yet handled by the hub (its mailbox depth for broadcasts).",
             gauge_value(hub.queued_broadcasts),
         );
+        self.counter(
+            "happynet_ws_replayed",
+            "Messages replayed to reconnecting clients from the rooms' history.",
+            hub.replayed,
+        );
+        self.counter(
+            "happynet_ws_recoveries_incomplete",
+            "Recoveries answered complete:false (the history did not cover the gap, or the \
+             epoch differed).",
+            hub.recoveries_incomplete,
+        );
+        self.gauge(
+            "happynet_ws_history_rooms",
+            "Rooms with a history now.",
+            gauge_value(hub.history_rooms),
+        );
+        self.gauge(
+            "happynet_ws_history_bytes",
+            "Bytes the rooms' history counts against websocket.history.max_bytes.",
+            gauge_value(hub.history_bytes),
+        );
     }
 
     fn upstreams(&mut self, upstreams: &[UpstreamSnapshot]) {

@@ -8,7 +8,14 @@
 //! - `POST /broadcast[?room=NAME]`: `text/plain` (verbatim text),
 //!   `application/octet-stream` (verbatim binary) or JSON
 //!   `{"room": …, "data": …}`; answers `202 {"recipients": n}`;
+//! - `GET /rooms/{room}/history[?since=EPOCH:OFFSET][&limit=N]`: a page of
+//!   the room's history (`{"room","complete","last","messages":[…]}`),
+//!   behind the same token as `POST /broadcast`;
 //! - `GET /health`: liveness with the hub's counters.
+//!
+//! `/ws?since=EPOCH:OFFSET` (or `recover=last`) asks the hub to replay the
+//! room's history after that position once the session is registered;
+//! recovery frames are protocol frames, so a plain client asking is a 400.
 //!
 //! The flood and abuse guards of `network.security` ([`crate::security`])
 //! sit in front: `/ws` checks the upgrade rate, origin, token and
@@ -25,8 +32,9 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use happynet_actors::{
-    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, ConnectionGate, GetHubStats,
-    HubShards, RoomName, SessionConfig, Shutdown, WsSessionActor,
+    Broadcast, BroadcastHub, ClientKind, Connect, ConnectRefused, ConnectionGate, GetHistory,
+    GetHubStats, HistoryPage, HubShards, Position, RoomName, SessionConfig, Shutdown,
+    WsSessionActor,
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -137,6 +145,12 @@ pub(crate) fn configure(cfg: &mut web::ServiceConfig, state: &web::Data<Realtime
                 ))
                 .route(web::post().to(broadcast_route)),
         )
+        .service(
+            web::resource("/rooms/{room}/history")
+                .wrap(security.token_guard(TokenScope::Broadcast))
+                .wrap(security.api_guard())
+                .route(web::get().to(history_route)),
+        )
         .route("/health", web::get().to(health_route));
 }
 
@@ -158,6 +172,8 @@ fn retry_later(status: StatusCode, error: &str, message: &str) -> HttpResponse {
 struct WsQuery {
     room: Option<String>,
     presence: Option<String>,
+    since: Option<String>,
+    recover: Option<String>,
 }
 
 fn truthy(v: Option<&str>) -> bool {
@@ -190,6 +206,29 @@ async fn ws_route(
             "presence_needs_protocol",
             &format!(
                 "presence frames are protocol frames: offer the subprotocol {} to get them",
+                happynet_actors::protocol::SUBPROTOCOL
+            ),
+        ));
+    }
+    let recover = match happynet_actors::protocol::recover_of(
+        query.since.as_deref(),
+        query.recover.as_deref(),
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_since",
+                &e.to_string(),
+            ))
+        }
+    };
+    if recover.is_some() && kind == ClientKind::Plain {
+        return Ok(error_response(
+            StatusCode::BAD_REQUEST,
+            "recovery_needs_protocol",
+            &format!(
+                "recovered messages are protocol frames: offer the subprotocol {} to get them",
                 happynet_actors::protocol::SUBPROTOCOL
             ),
         ));
@@ -279,6 +318,7 @@ async fn ws_route(
         // The rooms this client creates count against its address (the
         // same key, and the same exemptions, as the per-IP guards).
         ip_key: room_quota_key(&state.security, &req),
+        recover,
     };
     match shard.send(connect).timeout(HUB_REPLY_TIMEOUT).await {
         Ok(Ok(())) => {}
@@ -398,6 +438,85 @@ async fn broadcast_route(
             StatusCode::SERVICE_UNAVAILABLE,
             "hub_unavailable",
             &format!("the broadcast hub did not accept the message: {e}"),
+        ),
+    }
+}
+
+/// The most messages one page of `GET /rooms/{room}/history` returns.
+pub const MAX_HISTORY_LIMIT: usize = 10_000;
+/// A page's size when the query names none.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The body of `GET /rooms/{room}/history`: the room, whether the history
+/// covers everything after `since`, the room's last position, and the
+/// messages (each the frame protocol clients receive, verbatim JSON).
+pub(crate) fn history_body(room: &RoomName, page: &HistoryPage) -> String {
+    let json_str = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
+    let last = page
+        .last
+        .as_ref()
+        .map_or_else(|| "null".to_owned(), |p| json_str(&p.to_string()));
+    let mut body = format!(
+        r#"{{"room":{},"enabled":{},"complete":{},"last":{last},"messages":["#,
+        json_str(room.as_str()),
+        page.enabled,
+        page.complete
+    );
+    for (i, entry) in page.entries.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&entry.frame);
+    }
+    body.push_str("]}");
+    body
+}
+
+async fn history_route(
+    req: HttpRequest,
+    room: web::Path<String>,
+    state: web::Data<RealtimeState>,
+) -> HttpResponse {
+    let query = match web::Query::<HistoryQuery>::from_query(req.query_string()) {
+        Ok(q) => q.into_inner(),
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_query", &e.to_string()),
+    };
+    let room = match RoomName::new(&room) {
+        Ok(r) => r,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_room", &e.to_string()),
+    };
+    let since = match query.since.as_deref().map(Position::parse).transpose() {
+        Ok(s) => s,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, "bad_since", &e.to_string()),
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
+    if !(1..=MAX_HISTORY_LIMIT).contains(&limit) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            &format!("limit must be between 1 and {MAX_HISTORY_LIMIT}"),
+        );
+    }
+    let ask = GetHistory {
+        room: room.clone(),
+        since,
+        limit,
+    };
+    match state.hub.send(ask).timeout(HUB_REPLY_TIMEOUT).await {
+        Ok(page) => HttpResponse::Ok()
+            .content_type(ContentType::json())
+            .body(history_body(&room, &page)),
+        Err(e) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "hub_unavailable",
+            &format!("the broadcast hub did not answer: {e}"),
         ),
     }
 }

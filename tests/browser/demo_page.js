@@ -23,7 +23,8 @@
 //  11. (spawned server only) SIGTERM: pages show close 1001 "server shutting
 //      down", then "retrying"; the server exits 0;
 //  12. (spawned server only) a server restarted on the same port: both pages
-//      reconnect by themselves and A is back in lobby and games, B in lobby;
+//      reconnect by themselves and A is back in lobby and games, B in lobby,
+//      and each says the lobby's history was lost (the restart's new epoch);
 //  13. (spawned server only) --tls-cert naming a missing file: exit status 2
 //      and a message naming the file.
 // A second screenshot, *-closed.png, shows a page after the shutdown, and
@@ -306,6 +307,13 @@ function waitExit(child, ms) {
         await waitText(a, "#presence-rooms", /#games\s*1/);
         if (await b.locator('#my-rooms li[data-room="games"]').count() !== 0) throw new Error("B rejoined games");
         await waitText(b, "#clients", /^2$/);
+      });
+
+      await check("restarted server: recovery says the history was lost (a new epoch)", async () => {
+        // Both saw lobby messages before the restart, so both asked to
+        // recover lobby; the restarted server's history is new.
+        await waitText(a, "#log", /History lost in #lobby, reloaded/);
+        await waitText(b, "#log", /History lost in #lobby, reloaded/);
       });
 
       await check("narrow layout screenshot", async () => {

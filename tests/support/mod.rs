@@ -285,6 +285,14 @@ impl WsClient {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
     }
 
+    /// The next frame, a room's stamped message (history on): asserts its
+    /// room, offset and data exactly and returns its epoch, which must be a
+    /// non-empty string.
+    pub async fn next_message(&mut self, room: &str, offset: u64, data: Value) -> String {
+        let v = self.next_json().await;
+        assert_message(&v, room, offset, data)
+    }
+
     /// Skips frames until one whose `type` is `kind` (e.g. presence frames).
     pub async fn next_of_type(&mut self, kind: &str) -> Value {
         loop {
@@ -342,4 +350,19 @@ pub async fn wait_for_hub(server: &TestServer, what: &str, pred: impl Fn(&Value)
 /// Resident set size of this process, in bytes (0 if `/proc` cannot tell).
 pub fn rss_bytes() -> usize {
     proc_stats::rss_kib(std::process::id()).map_or(0, |kib| kib as usize * 1024)
+}
+
+/// Asserts `v` is `{"type":"message","room":room,"offset":offset,"epoch":…,
+/// "data":data}` and nothing else; returns the epoch.
+pub fn assert_message(v: &Value, room: &str, offset: u64, data: Value) -> String {
+    let epoch = v["epoch"]
+        .as_str()
+        .filter(|e| !e.is_empty())
+        .unwrap_or_else(|| panic!("no epoch in {v}"))
+        .to_owned();
+    assert_eq!(
+        *v,
+        serde_json::json!({"type":"message","room":room,"offset":offset,"epoch":epoch,"data":data}),
+    );
+    epoch
 }

@@ -28,5 +28,6 @@ pub(crate) fn hub_config() -> HubConfig {
         shutdown_timeout: Duration::from_secs(5),
         mailbox_capacity: 1024,
         default_room: RoomName::new("lobby").unwrap(),
+        history: None,
     }
 }

@@ -13,6 +13,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub const PAYLOAD_BYTES: usize = 64;
 /// How every client recognises the first frame (both servers' welcome).
 pub const WELCOME_PREFIX: &[u8] = br#"{"type":"welcome""#;
+/// How a stamped room message starts, and the key before its data.
+const STAMPED_PREFIX: &[u8] = br#"{"type":"message""#;
+const DATA_KEY: &[u8] = br#","data":""#;
+
 /// Run numbers wrap at this (they take four digits in the payload).
 pub const RUN_MODULUS: u32 = 10_000;
 
@@ -37,8 +41,13 @@ fn digits(bytes: &[u8]) -> Option<u64> {
 }
 
 /// The run, sequence number and send time of a benchmark payload; `None` for
-/// any other frame.
+/// any other frame. A payload inside a stamped room message (happynet with
+/// history on: `{"type":"message",…,"data":"<payload>"}`) counts too.
 pub fn parse_payload(p: &[u8]) -> Option<(u32, u32, u64)> {
+    if p.starts_with(STAMPED_PREFIX) {
+        let at = p.windows(DATA_KEY.len()).position(|w| w == DATA_KEY)? + DATA_KEY.len();
+        return parse_payload(p.get(at..at + PAYLOAD_BYTES)?);
+    }
     if p.len() != PAYLOAD_BYTES || p[0] != b'B' || p[5] != b':' || p[15] != b':' {
         return None;
     }
@@ -51,6 +60,18 @@ pub fn parse_payload(p: &[u8]) -> Option<(u32, u32, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stamped_payload_parses_too() {
+        let p = bench_payload(7, 42, 1_700_000_000_123_456_789);
+        let stamped =
+            format!(r#"{{"type":"message","room":"lobby","offset":3,"epoch":"e-1","data":"{p}"}}"#);
+        assert_eq!(
+            parse_payload(stamped.as_bytes()),
+            Some((7, 42, 1_700_000_000_123_456_789))
+        );
+        assert_eq!(parse_payload(br#"{"type":"message","data":"B00"}"#), None);
+    }
 
     #[test]
     fn payload_is_64_bytes_and_parses_back() {
