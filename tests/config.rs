@@ -91,6 +91,16 @@ fn an_empty_object_takes_every_default() {
 fn bad_values_name_their_path() {
     let cases = [
         (
+            r#"{"network":{"websocket":{"hub_mailbox_capacity":4611686018427387904}}}"#,
+            "network.websocket.hub_mailbox_capacity",
+            "must be <= 16777216",
+        ),
+        (
+            r#"{"network":{"websocket":{"session_mailbox_capacity":16777217}}}"#,
+            "network.websocket.session_mailbox_capacity",
+            "must be <= 16777216, got 16777217",
+        ),
+        (
             r#"{"network":{"websocket":{"heartbeat_interval":0}}}"#,
             "network.websocket.heartbeat_interval",
             "must be > 0",

@@ -238,11 +238,11 @@ impl WebSocketConfig {
         RoomName::new(&self.default_room).map_err(|e| {
             ConfigError::invalid("network.websocket.default_room", format!("is invalid: {e}"))
         })?;
-        at_least_one(
+        mailbox_capacity(
             "network.websocket.hub_mailbox_capacity",
             self.hub_mailbox_capacity,
         )?;
-        at_least_one(
+        mailbox_capacity(
             "network.websocket.session_mailbox_capacity",
             self.session_mailbox_capacity,
         )?;
@@ -254,4 +254,23 @@ impl WebSocketConfig {
         }
         Ok(())
     }
+}
+
+/// The most messages a hub or session mailbox may hold. A bound a
+/// mailbox can fill is memory, so a limit far past any real load is a
+/// mistake in the config; and actix's channel panics when an address is
+/// cloned while its capacity is near its own limit (`usize::MAX >> 2`,
+/// actix 0.13 `address/channel.rs`), which a capacity this large can
+/// never approach.
+pub const MAX_MAILBOX_CAPACITY: usize = 1 << 24;
+
+fn mailbox_capacity(path: &str, value: usize) -> Result<(), ConfigError> {
+    at_least_one(path, value)?;
+    if value > MAX_MAILBOX_CAPACITY {
+        return Err(ConfigError::invalid(
+            path,
+            format!("must be <= {MAX_MAILBOX_CAPACITY}, got {value}"),
+        ));
+    }
+    Ok(())
 }
