@@ -151,8 +151,14 @@ impl SharedLimit {
         fallback: Fallback,
         timeout: Duration,
     ) -> Result<Self, redis::RedisError> {
+        // TCP_NODELAY (the redis crate turns it off): checks from many
+        // callers share one multiplexed connection, and a check written
+        // while another's bytes are not yet acknowledged must not wait for
+        // that ACK (Nagle) before it leaves; the cluster bridge does the same.
+        let info = redis::IntoConnectionInfo::into_connection_info(redis_url)?;
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
         Ok(SharedLimit {
-            client: redis::Client::open(redis_url)?,
+            client: redis::Client::open(info.set_tcp_settings(tcp))?,
             prefix: prefix.into(),
             fallback,
             timeout,
