@@ -29,7 +29,7 @@
 //!
 //! **History.** With `HubConfig::history` set, the router keeps every
 //! room's recent messages ([`crate::history`]) and is the one place room
-//! broadcasts get their offsets: [`BroadcastHub::stamp`] gives each of a
+//! broadcasts get their offsets: `BroadcastHub::stamp` gives each of a
 //! broadcast's rooms its next offset and builds the frame protocol clients
 //! receive for it (`{"type":"message","room","offset","epoch","data"}`),
 //! once for every shard, and the `Fan` carries those stamps. A client's
