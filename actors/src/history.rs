@@ -40,7 +40,13 @@
 //! the offset as the entry id (`0-{offset}`), so stream order is offset
 //! order on every node, `XTRIM MAXLEN ~ size` bounds it, and the epoch is
 //! kept in a key created with the room's counter (gone after a flush ⇒ a
-//! new epoch). That is the design left to build.
+//! new epoch). One more condition: a node's own clients must receive its
+//! room messages in that same order, that is, after the script has
+//! answered and in offset order with what the bridge brings in (delivered
+//! from the stream, not before it); otherwise a client could hold offset
+//! `n` without `n - 1` and a recovery `since n` would skip it. That makes
+//! local room delivery wait for Redis, which is why it is a design of its
+//! own and not a change to this state machine. It is left to build.
 
 use crate::rooms::RoomName;
 use bytestring::ByteString;
