@@ -50,6 +50,19 @@ enum Placement {
     Query(String),
 }
 
+impl Placement {
+    /// Whether `secret` can be sent this way: header placements need a
+    /// valid header value; a query parameter is percent-encoded, so any
+    /// value goes.
+    fn accepts(&self, secret: &str) -> bool {
+        match self {
+            Placement::Bearer => HeaderValue::try_from(format!("Bearer {secret}")).is_ok(),
+            Placement::Header(_) => HeaderValue::try_from(secret).is_ok(),
+            Placement::Query(_) => true,
+        }
+    }
+}
+
 /// One client's credential, resolved at start.
 #[derive(Debug, Clone)]
 pub struct Auth {
@@ -86,7 +99,7 @@ impl Auth {
             ),
             AuthConfig::Query { name: q, key_env } => (Placement::Query(q.clone()), key_env),
         };
-        let secret = std::env::var(key_env)
+        let mut secret = std::env::var(key_env)
             .ok()
             .filter(|v| !v.is_empty())
             .map(Secret);
@@ -94,6 +107,20 @@ impl Auth {
             log::warn!(
                 "api client {name}: environment variable {key_env} is not set; its calls will fail until it is"
             );
+        }
+        // A value that cannot go in a header (a newline, a control
+        // character) is the deployment's mistake, not the caller's: judged
+        // once here, never echoed, and its calls fail as with no credential
+        // (502, the next gateway client is tried) rather than as a bad
+        // request (400) from whoever happened to call.
+        if secret
+            .as_ref()
+            .is_some_and(|s| !placement.accepts(s.expose()))
+        {
+            log::warn!(
+                "api client {name}: the value of {key_env} is not a valid header value; its calls will fail until it is"
+            );
+            secret = None;
         }
         Ok(Auth {
             placement,
@@ -160,6 +187,26 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_that_cannot_be_a_header_value_is_refused_where_it_would_be_a_header() {
+        // `resolve` drops such a value at start (its calls then fail as
+        // MissingSecret, 502), so a caller never gets a 400 for it.
+        let bad = "sk-live\nX-Injected: 1";
+        assert!(!Placement::Bearer.accepts(bad));
+        assert!(!Placement::Header(HeaderName::from_static("x-api-key")).accepts(bad));
+        assert!(Placement::Query("k".into()).accepts(bad), "percent-encoded");
+        assert!(Placement::Bearer.accepts("sk-live-123"));
+        let unusable = Auth {
+            placement: Placement::Bearer,
+            key_env: "K".into(),
+            secret: None,
+        };
+        let err = unusable
+            .apply("u", &mut "/x".to_owned(), &mut Vec::new())
+            .unwrap_err();
+        assert!(matches!(err, HttpError::MissingSecret { .. }), "{err:?}");
+    }
 
     #[test]
     fn secrets_do_not_print() {

@@ -19,7 +19,7 @@
 //! | `TRACE`/`CONNECT` through `/proxy` | `gateway::proxy` | — | 405 | not asked | no | no | — |
 //! | body over the route's limit | actix `PayloadConfig` | — | 413 | not asked | no | no | — |
 //! | awc cannot build the request (URL, header, body) | `pool::send_error` → `PoolError::Invalid` | `InvalidRequest` | 400 | ignored | no | no | no |
-//! | credential variable unset | `Auth::apply` | `MissingSecret` | 502 | not asked | no | no | yes |
+//! | credential variable unset, or not a valid header value | `Auth::resolve`, `Auth::apply` | `MissingSecret` | 502 | not asked | no | no | yes |
 //! | our rate limit | `Upstream::pipeline` | `RateLimited` | 429 + `Retry-After` | not asked | no | no | yes |
 //! | breaker open | `Upstream::pipeline` | `BreakerOpen` | 503 + `Retry-After` | — | no | no | yes |
 //! | bulkhead full; deadline passed in the queue | `PoolActor::admit`, `prepare` | `Overloaded`; `Timeout` | 503; 504 | ignored | no | no | yes |
@@ -293,7 +293,7 @@ impl fmt::Display for HttpError {
             HttpError::InvalidRequest { reason } => write!(f, "invalid request: {reason}"),
             HttpError::MissingSecret { upstream, variable } => write!(
                 f,
-                "upstream {upstream}: no credential: environment variable {variable} is not set"
+                "upstream {upstream}: no credential: environment variable {variable} is not set, or not a valid header value"
             ),
             HttpError::Internal { upstream, message } => {
                 write!(f, "upstream {upstream}: {message}")
