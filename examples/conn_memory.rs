@@ -50,15 +50,16 @@ use actix_web::web::Bytes;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actix_web_actors::ws;
 use futures::StreamExt;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use testkit::bench::child::{http_request, number, ServerChild};
 use testkit::bench::{median, proc_stats};
 use testkit::ws::{self as rawws, RecvBuf};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 // The same allocator as fanout_bench's servers, so the figures compare.
@@ -246,18 +247,6 @@ usage: conn_memory [--clients 5000] [--churn 1] [--burst 16] [--repeat 3]
     }
 }
 
-fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
-    name: &str,
-    s: &str,
-    min: T,
-    max: T,
-) -> Result<T, String> {
-    match s.parse::<T>() {
-        Ok(v) if v >= min && v <= max => Ok(v),
-        _ => Err(format!("{name}: `{s}` is not a number from {min} to {max}")),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The server child
 // ---------------------------------------------------------------------------
@@ -427,90 +416,9 @@ async fn serve_kind(kind: ServerKind) -> Result<(), String> {
 // The parent: the server child, the clients
 // ---------------------------------------------------------------------------
 
-/// A running server child. Dropping it kills the child; if the parent dies
-/// outright, the child sees stdin close and exits.
-struct ServerChild {
-    child: Child,
-    pid: u32,
-    addr: SocketAddr,
-}
-
-impl ServerChild {
-    fn spawn(kind: ServerKind) -> Result<ServerChild, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let mut child = Command::new(exe)
-            .args(["--serve", kind.name()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start the {} server: {e}", kind.name()))?;
-        let stdout = child.stdout.take();
-        let mut guard = ServerChild {
-            pid: child.id(),
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        };
-        let stdout = stdout.ok_or("the child has no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let read = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(read.map(|_| line));
-        });
-        let line = match rx.recv_timeout(SERVER_START_TIMEOUT) {
-            Ok(Ok(line)) => line,
-            Ok(Err(e)) => return Err(format!("reading the server's port: {e}")),
-            Err(_) => return Err("the server did not print its port in time".into()),
-        };
-        let port: u16 = line
-            .trim()
-            .parse()
-            .map_err(|_| format!("the server printed `{}`, not a port", line.trim()))?;
-        guard.addr.set_port(port);
-        Ok(guard)
-    }
-
-    fn rss_kib(&self, what: &str) -> Result<u64, String> {
-        proc_stats::rss_kib(self.pid).map_err(|e| format!("server RSS ({what}): {e}"))
-    }
-}
-
-impl Drop for ServerChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One request with `Connection: close`; returns the status line's code
-/// and the body.
+/// One control request to the server (see `testkit::bench::child`).
 async fn control(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(BURST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("{method} {path}: no answer in time"))?
-        .map_err(|e| format!("{method} {path}: {e}"))?;
-    let text = String::from_utf8_lossy(&response);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{method} {path}: not an HTTP response"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    http_request(addr, method, path, BURST_TIMEOUT).await
 }
 
 /// Waits until the server holds `n` connections besides the control one.
@@ -779,14 +687,20 @@ struct Figures {
 
 /// Every figure for `kind` at `n` clients, from a fresh child.
 async fn measure(kind: ServerKind, n: usize, args: &Args) -> Result<Figures, String> {
-    let server = ServerChild::spawn(kind)?;
-    let addr = server.addr;
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let mut command = Command::new(exe);
+    command.args(["--serve", kind.name()]);
+    let server = ServerChild::spawn(command, kind.name(), SERVER_START_TIMEOUT)?;
+    let addr = server.addr();
+    let rss_kib = |what: &str| {
+        proc_stats::rss_kib(server.pid()).map_err(|e| format!("server RSS ({what}): {e}"))
+    };
     wait_open(addr, 0).await?;
     let (warm, _) = connect(kind, addr, WARMUP_CLIENTS, args.concurrency).await?;
     drop(warm);
     wait_open(addr, 0).await?;
     tokio::time::sleep(SETTLE).await;
-    let empty = server.rss_kib("no clients")?;
+    let empty = rss_kib("no clients")?;
     let per_conn = |kib: u64| (kib as f64 - empty as f64) / n as f64;
 
     let (mut clients, took) = connect(kind, addr, n, args.concurrency).await?;
@@ -794,7 +708,7 @@ async fn measure(kind: ServerKind, n: usize, args: &Args) -> Result<Figures, Str
     tokio::time::sleep(SETTLE).await;
     let mut figures = Figures {
         connect_ms: took.as_secs_f64() * 1e3,
-        idle: per_conn(server.rss_kib("idle")?),
+        idle: per_conn(rss_kib("idle")?),
         burst: f64::NAN,
         ..Figures::default()
     };
@@ -805,12 +719,12 @@ async fn measure(kind: ServerKind, n: usize, args: &Args) -> Result<Figures, Str
         clients = connect(kind, addr, n, args.concurrency).await?.0;
         wait_open(addr, n).await?;
         tokio::time::sleep(SETTLE).await;
-        figures.churn.push(per_conn(server.rss_kib("after churn")?));
+        figures.churn.push(per_conn(rss_kib("after churn")?));
     }
     if args.burst > 0 {
         burst(kind, addr, &mut clients, args.burst).await?;
         tokio::time::sleep(SETTLE).await;
-        figures.burst = per_conn(server.rss_kib("after burst")?);
+        figures.burst = per_conn(rss_kib("after burst")?);
     }
     drop(clients);
     Ok(figures)

@@ -95,14 +95,13 @@ use happynet::actors::GetHubStats;
 use serde::Deserialize;
 use serde_json::json;
 use std::cell::Cell;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
+use testkit::bench::child::{http_request, number, ServerChild};
 use testkit::bench::load_clients::{ClientPool, Shared};
 use testkit::bench::median;
 use testkit::bench::naive_hub as naive;
@@ -379,20 +378,6 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
     }
 }
 
-fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
-    name: &str,
-    text: &str,
-    min: T,
-    max: T,
-) -> Result<T, String> {
-    match text.parse::<T>() {
-        Ok(v) if v >= min && v <= max => Ok(v),
-        _ => Err(format!(
-            "{name}: `{text}` is not a number from {min} to {max}"
-        )),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // The server child
 // ---------------------------------------------------------------------------
@@ -628,98 +613,25 @@ async fn serve_naive(driver: ArbiterHandle) -> Result<(), String> {
 // The parent: server processes and control requests
 // ---------------------------------------------------------------------------
 
-/// A running server child. Dropping it kills the child, also when the parent
-/// panics; if the parent dies outright, the child sees stdin close and exits.
-struct ServerChild {
-    child: Child,
-    pid: u32,
-    port: u16,
-}
-
-impl ServerChild {
-    /// Starts `kind`: this binary with `--serve`, or the peer's runtime on
-    /// its script (`peer`, which the caller located).
-    fn spawn(kind: ServerKind, peer: Option<&PeerCommand>) -> Result<ServerChild, String> {
-        let mut command = match peer {
-            Some(peer) => peer.command(),
-            None => {
-                let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-                let mut command = Command::new(exe);
-                command.args(["--serve", kind.name()]);
-                command
-            }
-        };
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start the {} server: {e}", kind.name()))?;
-        let stdout = child.stdout.take();
-        let mut guard = ServerChild {
-            pid: child.id(),
-            child,
-            port: 0,
-        };
-        let stdout = stdout.ok_or("the child has no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let read = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(read.map(|_| line));
-        });
-        let line = match rx.recv_timeout(SERVER_START_TIMEOUT) {
-            Ok(Ok(line)) => line,
-            Ok(Err(e)) => return Err(format!("reading the server's port: {e}")),
-            Err(_) => return Err("the server did not print its port in time".into()),
-        };
-        guard.port = line
-            .trim()
-            .parse()
-            .map_err(|_| format!("the server printed `{}`, not a port", line.trim()))?;
-        Ok(guard)
-    }
-
-    fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-}
-
-impl Drop for ServerChild {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One HTTP/1.1 request with `Connection: close`; returns the status and
-/// body.
-async fn http_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
+/// Starts `kind` as a child (`testkit::bench::child`): this binary with
+/// `--serve`, or the peer's runtime on its script (`peer`, which the caller
+/// located).
+fn spawn_server(kind: ServerKind, peer: Option<&PeerCommand>) -> Result<ServerChild, String> {
+    let command = match peer {
+        Some(peer) => peer.command(),
+        None => {
+            let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+            let mut command = Command::new(exe);
+            command.args(["--serve", kind.name()]);
+            command
+        }
     };
-    let response = tokio::time::timeout(CONTROL_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("{method} {path}: no answer within {CONTROL_TIMEOUT:?}"))?
-        .map_err(|e| format!("{method} {path}: {e}"))?;
-    let text = String::from_utf8_lossy(&response);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{method} {path}: not an HTTP response"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
+    ServerChild::spawn(command, kind.name(), SERVER_START_TIMEOUT)
+}
+
+/// One control request to a server child.
+async fn control(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String), String> {
+    http_request(addr, method, path, CONTROL_TIMEOUT).await
 }
 
 /// What `/bench/stats` says.
@@ -732,7 +644,7 @@ struct ServerStats {
 }
 
 async fn server_stats(addr: SocketAddr) -> Result<ServerStats, String> {
-    let (status, body) = http_request(addr, "GET", STATS_PATH).await?;
+    let (status, body) = control(addr, "GET", STATS_PATH).await?;
     if status != 200 {
         return Err(format!("{STATS_PATH}: HTTP {status}: {body}"));
     }
@@ -864,7 +776,7 @@ impl Bench<'_> {
             std::process::id()
         ));
         let counter = if count_syscalls {
-            let counter = SyscallCount::attach(server.pid, &perf_output);
+            let counter = SyscallCount::attach(server.pid(), &perf_output);
             if counter.is_ok() {
                 tokio::time::sleep(syscalls::ATTACH_SETTLE).await;
             }
@@ -872,8 +784,8 @@ impl Bench<'_> {
         } else {
             None
         };
-        let cpu_before = self.cpu(server.pid)?;
-        let threads_before = proc_stats::thread_cpu(server.pid);
+        let cpu_before = self.cpu(server.pid())?;
+        let threads_before = proc_stats::thread_cpu(server.pid());
         let client_before = self.cpu(std::process::id())?;
         let client_threads_before = proc_stats::thread_cpu(std::process::id());
         let start = Instant::now();
@@ -881,7 +793,7 @@ impl Bench<'_> {
             "{RUN_PATH}?run={}&count={count}&rate={rate}",
             run % RUN_MODULUS
         );
-        let (status, body) = http_request(server.addr(), "POST", &path).await?;
+        let (status, body) = control(server.addr(), "POST", &path).await?;
         if status != 202 {
             return Err(format!("{RUN_PATH}: HTTP {status}: {body}"));
         }
@@ -905,12 +817,12 @@ impl Bench<'_> {
             }
             tokio::time::sleep(POLL).await;
         };
-        let cpu_after = self.cpu(server.pid)?;
+        let cpu_after = self.cpu(server.pid())?;
         let client_after = self.cpu(std::process::id())?;
         let wall_ns = start.elapsed().as_nanos() as u64;
         let syscalls = counter.map(|counter| counter.and_then(SyscallCount::finish));
         let _ = std::fs::remove_file(&perf_output);
-        let threads_after = proc_stats::thread_cpu(server.pid);
+        let threads_after = proc_stats::thread_cpu(server.pid());
         let server_threads = proc_stats::thread_cpu_delta(&threads_before, &threads_after, wall_ns);
         let wait_pct = |ns: u64| ns as f64 * 100.0 / wall_ns.max(1) as f64;
         let server_wait_pct = wait_pct(proc_stats::wait_delta(&threads_before, &threads_after));
@@ -981,10 +893,10 @@ impl Bench<'_> {
             ),
             None => None,
         };
-        let server = ServerChild::spawn(kind, peer)?;
+        let server = spawn_server(kind, peer)?;
         let addr = server.addr();
         let rss = |what: &str| {
-            proc_stats::rss_kib(server.pid).map_err(|e| format!("server RSS ({what}): {e}"))
+            proc_stats::rss_kib(server.pid()).map_err(|e| format!("server RSS ({what}): {e}"))
         };
         let shared = Rc::new(Shared::new());
         let mut pool = ClientPool::new(addr, shared.clone(), self.args.concurrency);
@@ -1027,7 +939,7 @@ impl Bench<'_> {
             .await?;
         let stats = server_stats(addr).await?;
         let peak =
-            proc_stats::peak_rss_kib(server.pid).map_err(|e| format!("server VmHWM: {e}"))?;
+            proc_stats::peak_rss_kib(server.pid()).map_err(|e| format!("server VmHWM: {e}"))?;
 
         for (name, t) in [("fixed rate", &fixed), ("full speed", &full)] {
             if !t.lossless() {

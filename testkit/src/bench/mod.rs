@@ -2,6 +2,8 @@
 //! `examples/`), not tests: these modules print nothing and decide nothing,
 //! they measure.
 //!
+//! - [`child`]: a server in a child process, the control requests to it,
+//!   and the command line's numbers;
 //! - [`load_clients`]: N minimal WebSocket clients on one thread, with the
 //!   counters they share (the fan-out benchmark's load);
 //! - [`payload`]: the fan-out benchmark's 64-byte broadcast and its parser;
@@ -14,6 +16,7 @@
 //! - [`syscalls`]: a process's system calls counted by `perf stat`;
 //! - [`median`]: how every benchmark reduces its repeated runs.
 
+pub mod child;
 pub mod histogram;
 pub mod load_clients;
 pub mod naive_hub;
