@@ -239,6 +239,15 @@ struct Entry {
     frame: ByteString,
 }
 
+impl Entry {
+    fn to_history(&self) -> HistoryEntry {
+        HistoryEntry {
+            offset: self.offset,
+            frame: self.frame.clone(),
+        }
+    }
+}
+
 struct Room {
     /// Unique per record, so a recreated room's epoch differs.
     generation: u64,
@@ -249,6 +258,21 @@ struct Room {
 }
 
 impl Room {
+    /// The entries after `since`, oldest first, if this record covers
+    /// everything after it: the same epoch, a position it has issued, and
+    /// nothing after it trimmed away. `None` otherwise: all or nothing.
+    fn after(&self, since: &Position) -> Option<impl Iterator<Item = HistoryEntry> + '_> {
+        let oldest = self.ring.front().map_or(self.next, |e| e.offset);
+        if *self.epoch != *since.epoch
+            || since.offset >= self.next
+            || oldest > since.offset.saturating_add(1)
+        {
+            return None;
+        }
+        let skip = (since.offset + 1 - oldest) as usize;
+        Some(self.ring.iter().skip(skip).map(Entry::to_history))
+    }
+
     fn last(&self) -> Option<Position> {
         (self.next > 1).then(|| Position {
             epoch: self.epoch.clone(),
@@ -462,27 +486,14 @@ impl History {
             return Since::Incomplete { last: None };
         };
         let last = record.last();
-        if *record.epoch != *since.epoch || since.offset >= record.next {
+        let Some(after) = record.after(since) else {
             return Since::Incomplete { last };
-        }
-        let oldest = record.ring.front().map_or(record.next, |e| e.offset);
-        if oldest > since.offset.saturating_add(1) {
-            return Since::Incomplete { last };
-        }
+        };
         let missed = record.next - 1 - since.offset;
         if missed > limit as u64 {
             return Since::Incomplete { last };
         }
-        let skip = (since.offset + 1 - oldest) as usize;
-        let entries = record
-            .ring
-            .iter()
-            .skip(skip)
-            .map(|e| HistoryEntry {
-                offset: e.offset,
-                frame: e.frame.clone(),
-            })
-            .collect();
+        let entries = after.collect();
         Since::Complete { entries, last }
     }
 
@@ -496,10 +507,7 @@ impl History {
             .ring
             .iter()
             .skip(skip)
-            .map(|e| HistoryEntry {
-                offset: e.offset,
-                frame: e.frame.clone(),
-            })
+            .map(Entry::to_history)
             .collect();
         (entries, record.last())
     }
@@ -513,28 +521,14 @@ impl History {
             return Page::default();
         };
         let last = record.last();
-        let oldest = record.ring.front().map_or(record.next, |e| e.offset);
-        if *record.epoch != *since.epoch
-            || since.offset >= record.next
-            || oldest > since.offset.saturating_add(1)
-        {
+        let Some(after) = record.after(since) else {
             return Page {
                 complete: false,
                 entries: Vec::new(),
                 last,
             };
-        }
-        let skip = (since.offset + 1 - oldest) as usize;
-        let entries = record
-            .ring
-            .iter()
-            .skip(skip)
-            .take(limit)
-            .map(|e| HistoryEntry {
-                offset: e.offset,
-                frame: e.frame.clone(),
-            })
-            .collect();
+        };
+        let entries = after.take(limit).collect();
         Page {
             complete: true,
             entries,
