@@ -693,26 +693,22 @@ impl HubShard {
         self.fan_out_rooms(&rooms, &payload);
     }
 
-    /// Tells a client its message was dropped because the hub is
-    /// overloaded: an error frame, or for a plain client the close code.
+    /// Tells a client its message was dropped because the router is
+    /// overloaded, as its session does when the shard's mailbox is full
+    /// (`WsSessionActor::forward`): an error frame, or for a plain client
+    /// the close code.
     fn refuse_busy(&mut self, id: SessionId) {
         let Some(member) = self.sessions.get(&id) else {
             return;
         };
         match member.kind {
             ClientKind::Protocol => {
-                self.send_to(
-                    id,
-                    protocol::error_frame(
-                        "busy",
-                        "the server is overloaded; your message was dropped",
-                    ),
-                );
+                self.send_to(id, protocol::busy_frame());
             }
             ClientKind::Plain => {
                 let _ = member.addr.try_send(Close {
                     code: CloseCode::Again,
-                    reason: "server overloaded".into(),
+                    reason: protocol::BUSY_CLOSE_REASON.into(),
                 });
             }
         }

@@ -354,6 +354,16 @@ pub fn error_frame(code: &str, message: &str) -> ByteString {
     .into()
 }
 
+/// What a protocol client is told when its message met a full mailbox (the
+/// session's to the hub, or a shard's to the router) and was dropped.
+pub fn busy_frame() -> ByteString {
+    error_frame("busy", "the server is overloaded; your message was dropped")
+}
+
+/// The close reason (with 1013) that tells a plain client the same: it
+/// cannot be told in a frame.
+pub const BUSY_CLOSE_REASON: &str = "server overloaded";
+
 /// `{"type":"presence","clients":n,"rooms":{"lobby":n,…}}`, sent to sessions
 /// that asked for presence (`/ws?presence=1`).
 pub fn presence_frame<'a>(

@@ -285,10 +285,7 @@ impl WsSessionActor {
         match self.hub.try_send(FromClient { id: self.id, frame }) {
             Ok(()) => self.forwarded = true,
             Err(SendError::Full(_)) => match self.kind {
-                ClientKind::Protocol => ctx.text(protocol::error_frame(
-                    "busy",
-                    "the server is overloaded; your message was dropped",
-                )),
+                ClientKind::Protocol => ctx.text(protocol::busy_frame()),
                 // A plain client cannot be told in a frame that its message
                 // was dropped; the close code says it.
                 ClientKind::Plain => {
@@ -296,7 +293,7 @@ impl WsSessionActor {
                         "session {}: closed (1013), the hub's mailbox is full",
                         self.id
                     );
-                    self.close(ctx, CloseCode::Again, "server overloaded");
+                    self.close(ctx, CloseCode::Again, protocol::BUSY_CLOSE_REASON);
                 }
             },
             Err(SendError::Closed(_)) => self.close(ctx, CloseCode::Away, "server shutting down"),
