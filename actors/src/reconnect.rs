@@ -46,8 +46,7 @@ impl Moment for tokio::time::Instant {
 /// The reconnect policy of one link; see the module docs.
 #[derive(Debug, Clone)]
 pub struct Reconnect<I = std::time::Instant> {
-    min: Duration,
-    max: Duration,
+    /// `base` is the shortest wait, `max` the longest.
     backoff: Backoff,
     /// Failures since the link last proved healthy: the backoff's exponent.
     attempt: u32,
@@ -110,33 +109,27 @@ impl<I: Moment> Reconnect<I> {
     /// loop) and `max` at least `min`; the backoff's own constructor judges
     /// both.
     pub fn try_new(min: Duration, max: Duration) -> Result<Self, ReconnectError> {
-        let backoff = Backoff::try_new(min, max).map_err(ReconnectError)?;
-        Ok(Reconnect {
-            min,
-            max,
-            backoff,
-            attempt: 0,
-            down_since: None,
-        })
+        Backoff::try_new(min, max)
+            .map(Self::with)
+            .map_err(ReconnectError)
     }
 
     /// Waits `gap` after every failure; a zero gap is taken as 1 ms, so
     /// that even a fixed policy never spins.
     pub fn fixed(gap: Duration) -> Self {
         let gap = gap.max(Duration::from_millis(1));
-        match Self::try_new(gap, gap) {
-            Ok(policy) => policy,
-            // Unreachable: gap > 0 and max == min.
-            Err(_) => Reconnect {
-                min: gap,
-                max: gap,
-                backoff: Backoff {
-                    base: gap,
-                    max: gap,
-                },
-                attempt: 0,
-                down_since: None,
-            },
+        // Above zero with `max == base`: what `try_new` would accept.
+        Self::with(Backoff {
+            base: gap,
+            max: gap,
+        })
+    }
+
+    fn with(backoff: Backoff) -> Self {
+        Reconnect {
+            backoff,
+            attempt: 0,
+            down_since: None,
         }
     }
 
@@ -148,9 +141,10 @@ impl<I: Moment> Reconnect<I> {
             self.down_since = Some(now);
         }
         let wait = self
-            .min
+            .backoff
+            .base
             .saturating_add(self.backoff.delay(self.attempt, unit))
-            .min(self.max);
+            .min(self.backoff.max);
         self.attempt = self.attempt.saturating_add(1);
         Retry { wait, outage_began }
     }
