@@ -43,10 +43,19 @@ const MAX_MESSAGE: usize = 4096;
 
 /// Frame types a protocol client may receive (README, "Server → protocol
 /// client"), and the error codes an error frame may carry.
-const PROTOCOL_TYPES: &[&str] = &["welcome", "joined", "left", "message", "presence", "error"];
+const PROTOCOL_TYPES: &[&str] = &[
+    "welcome",
+    "joined",
+    "left",
+    "message",
+    "presence",
+    "recovered",
+    "error",
+];
 const ERROR_CODES: &[&str] = &[
     "malformed",
     "bad_room",
+    "bad_since",
     "not_member",
     "too_many_rooms",
     "server_full",
