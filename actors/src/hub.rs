@@ -107,8 +107,10 @@ use crate::messages::Payload;
 use crate::messages::{
     queued_broadcasts, Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Disconnect,
     Flush, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat, HistoryPage,
-    HubStats, Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
+    HubStats, Occupancy, Origin, Relay, RelayTarget, Sequence, Sequenced, SetRelay, SetSequencer,
+    Shutdown, Target, BACKFILL_WAIT,
 };
+use crate::messages::{Backfill, Backfilled};
 use crate::presence::{self, PresenceLimits};
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
@@ -118,7 +120,7 @@ use actix::WeakAddr;
 use actix_web_actors::ws::CloseCode;
 use bytestring::ByteString;
 use socket2::Socket;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Shutdown as SocketShutdown};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -1293,7 +1295,23 @@ pub struct BroadcastHub {
     /// Every room's history, when on: the router sees every room message,
     /// in one order, so it is where offsets are given.
     history: Option<History>,
+    /// With history on in a cluster: where local room broadcasts go to be
+    /// positioned cluster-wide, instead of being stamped here.
+    sequencer: Option<Recipient<Sequence>>,
+    /// Recoveries asked while the sequencer's backfill has not arrived yet.
+    backfill: Option<BackfillWait>,
 }
+
+/// Recoveries waiting for the sequencer's backfill (see [`Backfill`]):
+/// answered when it is done, or at `until`, whichever comes first.
+struct BackfillWait {
+    until: Instant,
+    asks: VecDeque<RecoverAsk>,
+}
+
+/// The most recoveries that wait for a backfill; more are answered at once
+/// from the history there is.
+const MAX_BACKFILL_ASKS: usize = 4096;
 
 impl BroadcastHub {
     /// A hub with `config`; start it with `Actor::start`, and get its
@@ -1318,6 +1336,8 @@ impl BroadcastHub {
             }),
             stats: HubStats::default(),
             history: config_history.map(History::new),
+            sequencer: None,
+            backfill: None,
         }
     }
 
@@ -1361,6 +1381,117 @@ impl BroadcastHub {
     }
 }
 
+impl BroadcastHub {
+    /// Keeps a broadcast the sequencer positioned in each of its rooms'
+    /// history and builds the stamps for the shards: a room where the
+    /// position is a repeat gets none (it was delivered already).
+    fn insert_stamps(
+        history: &mut History,
+        rooms: &[(RoomName, Position)],
+        payload: &Payload,
+        now: Instant,
+    ) -> Vec<Stamp> {
+        rooms
+            .iter()
+            .filter_map(|(room, at)| {
+                let frame = history.insert(room, at, now, |at| {
+                    protocol::stamped_frame(room, at, payload)
+                })?;
+                Some(Stamp {
+                    room: room.clone(),
+                    at: at.clone(),
+                    frame,
+                })
+            })
+            .collect()
+    }
+
+    /// Hands `broadcast` (and its stamps, if any) to every shard; the
+    /// future says how many sessions it was queued for.
+    fn fan(
+        &mut self,
+        broadcast: Broadcast,
+        stamps: Option<Arc<[Stamp]>>,
+    ) -> ResponseActFuture<Self, usize> {
+        let created = broadcast.created;
+        let shards = self.node.shard_addrs();
+        let mut counts = Vec::with_capacity(shards.len());
+        let mut msg = Some(broadcast);
+        for (i, shard) in shards.iter().enumerate() {
+            let (done, count) = tokio::sync::oneshot::channel();
+            // The last shard takes the message itself; the others a copy
+            // (refcounts, not bytes).
+            let broadcast = if i + 1 == shards.len() {
+                msg.take()
+            } else {
+                msg.clone()
+            };
+            if let Some(broadcast) = broadcast {
+                shard.do_send(Fan {
+                    broadcast,
+                    stamps: stamps.clone(),
+                    done: Some(done),
+                });
+                counts.push(count);
+            }
+        }
+        Box::pin(
+            async move {
+                let mut sent = 0;
+                for count in counts {
+                    // A shard that stopped meanwhile queued nothing.
+                    sent += count.await.unwrap_or(0);
+                }
+                sent
+            }
+            .into_actor(self)
+            .map(move |sent, hub, _| {
+                hub.stats.broadcast_latency.observe(created.elapsed());
+                sent
+            }),
+        )
+    }
+
+    /// Answers a recovery from the history there is now.
+    fn answer(&mut self, msg: RecoverAsk) {
+        let last_only = msg.recover == Recover::Last;
+        let answer = match &mut self.history {
+            None => Since::Incomplete { last: None },
+            Some(history) => {
+                history.expire(Instant::now());
+                match &msg.recover {
+                    Recover::Since(since) => {
+                        let limit = history.config().size;
+                        history.since(&msg.room, since, limit)
+                    }
+                    Recover::Last => {
+                        let (entries, last) = history.last(&msg.room, 1);
+                        Since::Complete { entries, last }
+                    }
+                }
+            }
+        };
+        // `do_send`, like every Fan: behind every broadcast stamped before.
+        msg.shard.do_send(Recovered {
+            session: msg.session,
+            room: msg.room,
+            ask: msg.ask,
+            last_only,
+            answer,
+        });
+    }
+
+    /// The backfill is done (or waited for long enough): the recoveries
+    /// that waited for it are answered, in the order they were asked.
+    fn end_backfill(&mut self) {
+        if let Some(wait) = self.backfill.take() {
+            for ask in wait.asks {
+                self.answer(ask);
+            }
+        }
+    }
+}
+
 /// A text frame for one of the hub's own JSON frames.
 fn text_frame(text: &ByteString) -> Frame {
     Frame::new(
@@ -1393,31 +1524,81 @@ impl Handler<RecoverAsk> for BroadcastHub {
     type Result = ();
 
     fn handle(&mut self, msg: RecoverAsk, _: &mut Self::Context) {
-        let last_only = msg.recover == Recover::Last;
-        let answer = match &mut self.history {
-            None => Since::Incomplete { last: None },
-            Some(history) => {
-                history.expire(Instant::now());
-                match &msg.recover {
-                    Recover::Since(since) => {
-                        let limit = history.config().size;
-                        history.since(&msg.room, since, limit)
-                    }
-                    Recover::Last => {
-                        let (entries, last) = history.last(&msg.room, 1);
-                        Since::Complete { entries, last }
-                    }
-                }
+        if let Some(wait) = &mut self.backfill {
+            if Instant::now() < wait.until && wait.asks.len() < MAX_BACKFILL_ASKS {
+                // The session is a member already: live frames held back
+                // meanwhile are all in the history when this is answered.
+                wait.asks.push_back(msg);
+                return;
             }
+            self.end_backfill();
+        }
+        self.answer(msg);
+    }
+}
+
+impl Handler<SetSequencer> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetSequencer, ctx: &mut Self::Context) {
+        self.sequencer = msg.0.filter(|_| self.history.is_some());
+        if self.sequencer.is_some() {
+            self.backfill = Some(BackfillWait {
+                until: Instant::now() + BACKFILL_WAIT,
+                asks: VecDeque::new(),
+            });
+            ctx.run_later(BACKFILL_WAIT, |hub, _| hub.end_backfill());
+        } else {
+            self.end_backfill();
+        }
+    }
+}
+
+impl Handler<Backfill> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Backfill, _: &mut Self::Context) {
+        if let Some(history) = &mut self.history {
+            let now = Instant::now();
+            for Backfilled {
+                rooms,
+                payload,
+                age,
+            } in &msg.entries
+            {
+                // Kept for what is left of its ttl, not a whole new one.
+                let Some(at) = now.checked_sub(*age) else {
+                    continue;
+                };
+                Self::insert_stamps(history, rooms, payload, at);
+            }
+        }
+        if msg.done {
+            self.end_backfill();
+        }
+    }
+}
+
+impl Handler<Sequenced> for BroadcastHub {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, msg: Sequenced, _: &mut Self::Context) -> Self::Result {
+        self.stats.broadcasts += 1;
+        let Some(history) = &mut self.history else {
+            // History went off (it cannot): deliver as any room broadcast.
+            let rooms = msg.rooms.into_iter().map(|(room, _)| room).collect();
+            return self.fan(
+                Broadcast::from_cluster(Target::Rooms(rooms), msg.payload),
+                None,
+            );
         };
-        // `do_send`, like every Fan: behind every broadcast stamped before.
-        msg.shard.do_send(Recovered {
-            session: msg.session,
-            room: msg.room,
-            ask: msg.ask,
-            last_only,
-            answer,
-        });
+        let stamps = Self::insert_stamps(history, &msg.rooms, &msg.payload, Instant::now());
+        if stamps.is_empty() {
+            return Box::pin(actix::fut::ready(0));
+        }
+        let rooms = stamps.iter().map(|s| s.room.clone()).collect();
+        let broadcast = Broadcast::from_cluster(Target::Rooms(rooms), msg.payload);
+        self.fan(broadcast, Some(stamps.into()))
     }
 }
 
@@ -1472,6 +1653,36 @@ impl Handler<Broadcast> for BroadcastHub {
             (Origin::Cluster, _) => self.stats.from_cluster += 1,
             // Session ids are per node.
             (Origin::Local, Target::Session(_)) => {}
+            // History in a cluster: positioned by the sequencer, and
+            // delivered here when it hands the broadcast back, in the
+            // order every node delivers it.
+            (Origin::Local, Target::Room(_) | Target::Rooms(_)) if self.sequencer.is_some() => {
+                let rooms = match msg.target {
+                    Target::Room(room) => vec![room],
+                    Target::Rooms(rooms) => rooms,
+                    _ => unreachable!("matched above"),
+                };
+                if rooms.is_empty() {
+                    return Box::pin(actix::fut::ready(0));
+                }
+                // Who it will reach here, as far as can be told now.
+                let members = {
+                    let table = lock(&self.node.rooms);
+                    let mut ids: HashSet<SessionId> = HashSet::new();
+                    for room in &rooms {
+                        ids.extend(table.members(room));
+                    }
+                    ids.len()
+                };
+                self.stats.relayed += 1;
+                if let Some(sequencer) = &self.sequencer {
+                    sequencer.do_send(Sequence {
+                        rooms,
+                        payload: msg.payload,
+                    });
+                }
+                return Box::pin(actix::fut::ready(members));
+            }
             (Origin::Local, target) => {
                 if let Some(relay) = self.node.relay() {
                     let target = match target {
@@ -1487,44 +1698,8 @@ impl Handler<Broadcast> for BroadcastHub {
                 }
             }
         }
-        let created = msg.created;
         let stamps = self.stamp(&msg.target, &msg.payload);
-        let shards = self.node.shard_addrs();
-        let mut counts = Vec::with_capacity(shards.len());
-        let mut msg = Some(msg);
-        for (i, shard) in shards.iter().enumerate() {
-            let (done, count) = tokio::sync::oneshot::channel();
-            // The last shard takes the message itself; the others a copy
-            // (refcounts, not bytes).
-            let broadcast = if i + 1 == shards.len() {
-                msg.take()
-            } else {
-                msg.clone()
-            };
-            if let Some(broadcast) = broadcast {
-                shard.do_send(Fan {
-                    broadcast,
-                    stamps: stamps.clone(),
-                    done: Some(done),
-                });
-                counts.push(count);
-            }
-        }
-        Box::pin(
-            async move {
-                let mut sent = 0;
-                for count in counts {
-                    // A shard that stopped meanwhile queued nothing.
-                    sent += count.await.unwrap_or(0);
-                }
-                sent
-            }
-            .into_actor(self)
-            .map(move |sent, hub, _| {
-                hub.stats.broadcast_latency.observe(created.elapsed());
-                sent
-            }),
-        )
+        self.fan(msg, stamps)
     }
 }
 

@@ -77,12 +77,13 @@ pub mod link;
 pub mod outbox;
 pub mod presence;
 pub mod sequence;
+pub mod sequencer;
 pub mod wire;
 
 pub use bridge::{
-    short_error, ClusterBridge, ClusterStats, GetClusterStats, Leave, COMMAND_TIMEOUT,
-    CONNECT_TIMEOUT, LEAVE_TIMEOUT, MAX_ERROR_CHARS, PUBLISH_BATCH, READ_BLOCK, READ_GRACE,
-    SETUP_TIMEOUT,
+    short_error, ClusterBridge, ClusterStats, GetClusterStats, Leave, BACKFILL_PAGE,
+    COMMAND_TIMEOUT, CONNECT_TIMEOUT, LEAVE_TIMEOUT, MAX_ERROR_CHARS, PUBLISH_BATCH, READ_BLOCK,
+    READ_GRACE, SETUP_TIMEOUT,
 };
 pub use link::LinkState;
 pub use outbox::{OutEntry, Outbox, Pushed};
@@ -90,7 +91,11 @@ pub use presence::{
     presence_fields, sum_presence, MAX_PRESENCE_COUNT, MAX_PRESENCE_NODES, PRESENCE_TTL_INTERVALS,
 };
 pub use sequence::{Seen, SeqTracker, MAX_ORIGINS, ORIGIN_TTL};
+pub use sequencer::{
+    candidate_epoch, record_ttl, room_key, script_call, ScriptCall, ScriptContext, Unconfirmed,
+    RECORD_TTL_FLOOR, SCRIPT,
+};
 pub use wire::{
-    add_xadd, decode_entry, decode_read_reply, decode_target, decode_top_id, encode_target,
-    InEntry, StreamId, KIND_BINARY,
+    add_xadd, decode_entry, decode_positions, decode_read_reply, decode_target, decode_top_id,
+    encode_positions, encode_target, InEntry, StreamId, KIND_BINARY,
 };
