@@ -1185,3 +1185,301 @@ async fn redis_work_stays_constant_from_10_to_3000_websockets() {
     assert!(large.3 <= small.3 + 0.5, "{small:?} vs {large:?}");
     drop(clients);
 }
+
+// ---------------------------------------------------------------------------
+// History across nodes: Redis positions every room broadcast
+// ---------------------------------------------------------------------------
+
+/// A node with history on (`size` messages per room), presence frames
+/// rare enough not to matter.
+fn history_node_config(redis: &RedisServer, size: usize) -> Config {
+    config(&format!(
+        r#"{{"network":{{
+            "websocket":{{"max_connections":4000,"history":{{"size":{size}}}}},
+            "cluster":{{"redis_url":"{}","reconnect_min_ms":20,"reconnect_max_ms":200,
+                        "presence_interval_ms":1000}}}}}}"#,
+        redis.url()
+    ))
+}
+
+async fn start_history_nodes(redis: &RedisServer, n: usize, size: usize) -> Vec<Node> {
+    let nodes: Vec<Node> = (0..n)
+        .map(|_| Node::start(history_node_config(redis, size)))
+        .collect();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    nodes
+}
+
+fn feed() -> happynet::RoomName {
+    happynet::RoomName::new("feed").unwrap()
+}
+
+/// The next frame that is not a presence frame, as JSON.
+async fn next_frame(c: &mut WsClient) -> serde_json::Value {
+    loop {
+        let v = c.next_json().await;
+        if v["type"] != "presence" {
+            return v;
+        }
+    }
+}
+
+/// Reads `feed`'s messages after `after` through `through`, each exactly
+/// the next offset of `epoch`; returns their data.
+async fn read_feed(c: &mut WsClient, epoch: &str, after: u64, through: u64) -> Vec<String> {
+    let mut got = Vec::new();
+    for offset in after + 1..=through {
+        let v = next_frame(c).await;
+        assert_eq!(v["type"], "message", "{v}");
+        assert_eq!(v["room"], "feed", "{v}");
+        assert_eq!(v["epoch"], epoch, "one epoch, cluster-wide: {v}");
+        assert_eq!(v["offset"], offset, "no gap, no repeat: {v}");
+        got.push(v["data"].as_str().unwrap().to_owned());
+    }
+    got
+}
+
+/// `m{from}`..`m{to}` to `feed`: even ones by app code on `node`, odd ones
+/// through its `POST /broadcast`.
+async fn feed_burst(node: &Node, from: u64, to: u64) {
+    let hub = node.net.hub();
+    for i in from..to {
+        if i % 2 == 0 {
+            hub.do_send(happynet::Broadcast::to_room(feed(), format!("m{i}")));
+        } else {
+            assert_eq!(node.broadcast(Some("feed"), &format!("m{i}")).await, 202);
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_client_that_drops_on_one_node_recovers_all_1000_on_another_once_in_order() {
+    init_logs();
+    const TOTAL: u64 = 1000;
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 1000).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut c = WsClient::connect_protocol(a, "?room=feed").await;
+    // Published on node B (app code and POST /broadcast), and by node A's
+    // own app code: all of it positioned by Redis.
+    feed_burst(b, 0, 400).await;
+    let first = next_frame(&mut c).await;
+    let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
+    let mut have = vec!["m0".to_owned()];
+    have.extend(read_feed(&mut c, &epoch, 1, 250).await);
+    // Drops in the middle (no close frame): what was on its way is lost
+    // with the connection. It reconnects to node B while the rest is being
+    // published, partly on node A.
+    drop(c);
+    let query = format!("?room=feed&since={epoch}:250");
+    let (client, (), ()) = futures::join!(
+        WsClient::connect_protocol(b, &query),
+        feed_burst(b, 400, 700),
+        feed_burst(a, 700, TOTAL),
+    );
+    let mut c = client;
+    let recovered = next_frame(&mut c).await;
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    have.extend(read_feed(&mut c, &epoch, 250, TOTAL).await);
+    let mut want: Vec<String> = (0..TOTAL).map(|i| format!("m{i}")).collect();
+    // Two publishers at once: the order is the stream's, the same for
+    // everyone; compare as sets of once-each, and the order by offset
+    // (read_feed checked every offset follows the last).
+    let mut sorted = have.clone();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want, "all 1,000, once each");
+    // Live continues at the seam: the next one is offset 1001, once.
+    feed_burst(a, TOTAL, TOTAL + 1).await;
+    let next = next_frame(&mut c).await;
+    support::assert_message(
+        &next,
+        "feed",
+        TOTAL + 1,
+        serde_json::json!(format!("m{TOTAL}")),
+    );
+    c.expect_silence(Duration::from_millis(100)).await;
+
+    // What recovering 1,000 on another node costs: connect to `recovered`
+    // and to the last replayed message.
+    let started = Instant::now();
+    let mut late = WsClient::connect_protocol(b, &format!("?room=feed&since={epoch}:1")).await;
+    let recovered = next_frame(&mut late).await;
+    let to_frame = started.elapsed();
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    assert_eq!(recovered["replayed"], TOTAL, "{recovered}");
+    read_feed(&mut late, &epoch, 1, TOTAL + 1).await;
+    eprintln!(
+        "recovering {TOTAL} across nodes: {to_frame:?} to the recovered frame, {:?} to the last message",
+        started.elapsed()
+    );
+}
+
+#[actix_web::test]
+async fn the_same_message_has_the_same_epoch_and_offset_on_every_node() {
+    init_logs();
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 3, 100).await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(WsClient::connect_protocol(node, "?room=feed").await);
+    }
+    // Every node publishes at once: the stream decides one order.
+    futures::join!(
+        feed_burst(&nodes[0], 0, 30),
+        feed_burst(&nodes[1], 30, 60),
+        feed_burst(&nodes[2], 60, 90),
+    );
+    let mut frames = Vec::new();
+    for c in &mut clients {
+        let mut got = Vec::new();
+        for _ in 0..90 {
+            let v = next_frame(c).await;
+            assert_eq!(v["type"], "message", "{v}");
+            got.push(v);
+        }
+        frames.push(got);
+    }
+    assert_eq!(
+        frames[0], frames[1],
+        "node 0 and node 1 agree frame by frame"
+    );
+    assert_eq!(
+        frames[0], frames[2],
+        "node 0 and node 2 agree frame by frame"
+    );
+    let offsets: Vec<u64> = frames[0]
+        .iter()
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, (1..=90).collect::<Vec<_>>());
+    for node in &nodes {
+        let s = node.stats().await;
+        assert_eq!((s.positioned_own, s.received), (30, 60), "{s:?}");
+        assert_eq!((s.unpositioned, s.duplicates, s.malformed), (0, 0, 0));
+    }
+}
+
+#[actix_web::test]
+async fn a_restarted_node_backfills_from_the_stream_and_recovers_complete() {
+    init_logs();
+    let redis = RedisServer::start();
+    let mut nodes = start_history_nodes(&redis, 2, 100).await;
+    let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
+    feed_burst(&nodes[0], 0, 10).await;
+    let first = next_frame(&mut c).await;
+    let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
+    read_feed(&mut c, &epoch, 1, 10).await;
+    // Node A dies (no goodbye); meanwhile B publishes 20 more.
+    nodes[0].kill();
+    drop(c);
+    feed_burst(&nodes[1], 10, 30).await;
+    nodes[1]
+        .wait_stats("B's published", |s| s.positioned_own == 20)
+        .await;
+    // A new process on the same Redis: its history is read back from the
+    // stream, so the client that comes back with its position has it all.
+    nodes[0] = Node::start(history_node_config(&redis, 100));
+    nodes[0].wait_ready(200).await;
+    let mut c =
+        WsClient::connect_protocol(&nodes[0], &format!("?room=feed&since={epoch}:10")).await;
+    let recovered = next_frame(&mut c).await;
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    assert_eq!(recovered["replayed"], 20, "{recovered}");
+    let got = read_feed(&mut c, &epoch, 10, 30).await;
+    assert_eq!(got, (10..30).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // And live on from there, on the new process.
+    feed_burst(&nodes[1], 30, 31).await;
+    support::assert_message(
+        &next_frame(&mut c).await,
+        "feed",
+        31,
+        serde_json::json!("m30"),
+    );
+    let s = nodes[0].stats().await;
+    assert_eq!(s.backfilled, 30, "{s:?}");
+}
+
+#[actix_web::test]
+async fn a_flushed_redis_starts_a_new_epoch_and_recovery_says_complete_false() {
+    init_logs();
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 100).await;
+    let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
+    feed_burst(&nodes[1], 0, 5).await;
+    let first = next_frame(&mut c).await;
+    let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
+    read_feed(&mut c, &epoch, 1, 5).await;
+    drop(c);
+    let _: () = redis::cmd("FLUSHALL").query(&mut redis.conn()).unwrap();
+    feed_burst(&nodes[1], 5, 8).await;
+    // The room's record is gone: offsets start again, in a new epoch.
+    let mut live = WsClient::connect_protocol(&nodes[1], "?room=feed").await;
+    feed_burst(&nodes[1], 8, 9).await;
+    let v = next_frame(&mut live).await;
+    assert_eq!(v["offset"], 4, "{v}");
+    assert_ne!(v["epoch"], epoch.as_str(), "{v}");
+    for node in &nodes {
+        let mut c = WsClient::connect_protocol(node, &format!("?room=feed&since={epoch}:5")).await;
+        let recovered = next_frame(&mut c).await;
+        assert_eq!(recovered["type"], "recovered", "{recovered}");
+        assert_eq!(recovered["complete"], false, "{recovered}");
+        c.expect_silence(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn with_redis_down_room_delivery_goes_on_and_recovery_across_it_is_complete_false() {
+    init_logs();
+    let mut redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 100).await;
+    let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
+    feed_burst(&nodes[0], 0, 5).await;
+    let first = next_frame(&mut c).await;
+    let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
+    read_feed(&mut c, &epoch, 1, 5).await;
+
+    redis.kill();
+    nodes[0].wait_ready(503).await;
+    // Delivered here at once, numbered by the node itself in an epoch of
+    // its own: no client can take them for offsets 6.. of Redis's epoch.
+    feed_burst(&nodes[0], 5, 10).await;
+    let v = next_frame(&mut c).await;
+    assert_eq!(v["data"], "m5", "{v}");
+    let local = v["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(local, epoch, "{v}");
+    read_feed_in(&mut c, &local, v["offset"].as_u64().unwrap(), 4).await;
+    assert!(nodes[0].stats().await.unpositioned >= 5);
+
+    // A client that left before the outage cannot be told a complete
+    // story: complete:false, nothing replayed.
+    let mut back =
+        WsClient::connect_protocol(&nodes[0], &format!("?room=feed&since={epoch}:5")).await;
+    let recovered = next_frame(&mut back).await;
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["complete"], false, "{recovered}");
+    back.expect_silence(Duration::from_millis(100)).await;
+
+    // Redis back (empty): the outage's messages reach node B, relayed
+    // plain, and room messages are positioned by Redis again.
+    redis.restart();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    let mut b = WsClient::connect_protocol(&nodes[1], "?room=feed").await;
+    feed_burst(&nodes[0], 10, 11).await;
+    let on_a = next_frame(&mut c).await;
+    let on_b = next_frame(&mut b).await;
+    assert_eq!(on_a["data"], "m10");
+    assert_eq!(on_a, on_b, "one position, cluster-wide, again");
+    assert_ne!(on_a["epoch"], local.as_str());
+}
+
+/// Reads `n` more messages of `feed` in `epoch` after `after`.
+async fn read_feed_in(c: &mut WsClient, epoch: &str, after: u64, n: u64) {
+    read_feed(c, epoch, after, after + n).await;
+}
