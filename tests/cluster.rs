@@ -1213,7 +1213,7 @@ async fn start_history_nodes(redis: &RedisServer, n: usize, size: usize) -> Vec<
 }
 
 fn feed() -> happynet::RoomName {
-    happynet::RoomName::new("feed").unwrap()
+    happynet::RoomName::new("feed").expect("a room name")
 }
 
 /// The next frame that is not a presence frame, as JSON.
@@ -1236,7 +1236,7 @@ async fn read_feed(c: &mut WsClient, epoch: &str, after: u64, through: u64) -> V
         assert_eq!(v["room"], "feed", "{v}");
         assert_eq!(v["epoch"], epoch, "one epoch, cluster-wide: {v}");
         assert_eq!(v["offset"], offset, "no gap, no repeat: {v}");
-        got.push(v["data"].as_str().unwrap().to_owned());
+        got.push(v["data"].as_str().expect("text data").to_owned());
     }
     got
 }
@@ -1353,7 +1353,7 @@ async fn the_same_message_has_the_same_epoch_and_offset_on_every_node() {
     );
     let offsets: Vec<u64> = frames[0]
         .iter()
-        .map(|v| v["offset"].as_u64().unwrap())
+        .map(|v| v["offset"].as_u64().expect("an offset"))
         .collect();
     assert_eq!(offsets, (1..=90).collect::<Vec<_>>());
     for node in &nodes {
@@ -1415,7 +1415,9 @@ async fn a_flushed_redis_starts_a_new_epoch_and_recovery_says_complete_false() {
     let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
     read_feed(&mut c, &epoch, 1, 5).await;
     drop(c);
-    let _: () = redis::cmd("FLUSHALL").query(&mut redis.conn()).unwrap();
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut redis.conn())
+        .expect("FLUSHALL");
     feed_burst(&nodes[1], 5, 8).await;
     // The room's record is gone: offsets start again, in a new epoch.
     let mut live = WsClient::connect_protocol(&nodes[1], "?room=feed").await;
@@ -1450,9 +1452,9 @@ async fn with_redis_down_room_delivery_goes_on_and_recovery_across_it_is_complet
     feed_burst(&nodes[0], 5, 10).await;
     let v = next_frame(&mut c).await;
     assert_eq!(v["data"], "m5", "{v}");
-    let local = v["epoch"].as_str().unwrap().to_owned();
+    let local = v["epoch"].as_str().expect("an epoch").to_owned();
     assert_ne!(local, epoch, "{v}");
-    read_feed_in(&mut c, &local, v["offset"].as_u64().unwrap(), 4).await;
+    read_feed_in(&mut c, &local, v["offset"].as_u64().expect("an offset"), 4).await;
     assert!(nodes[0].stats().await.unpositioned >= 5);
 
     // A client that left before the outage cannot be told a complete
