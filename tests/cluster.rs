@@ -1191,20 +1191,27 @@ async fn redis_work_stays_constant_from_10_to_3000_websockets() {
 // ---------------------------------------------------------------------------
 
 /// A node with history on (`size` messages per room), presence frames
-/// rare enough not to matter.
-fn history_node_config(redis: &RedisServer, size: usize) -> Config {
+/// rare enough not to matter. `prefix` is the test's own: a Redis killed
+/// by one test frees its port for another test's Redis, which a node
+/// reconnecting must not take for its cluster.
+fn history_node_config(redis: &RedisServer, size: usize, prefix: &str) -> Config {
     config(&format!(
         r#"{{"network":{{
             "websocket":{{"max_connections":4000,"history":{{"size":{size}}}}},
             "cluster":{{"redis_url":"{}","reconnect_min_ms":20,"reconnect_max_ms":200,
-                        "presence_interval_ms":1000}}}}}}"#,
+                        "presence_interval_ms":1000,"prefix":"{prefix}"}}}}}}"#,
         redis.url()
     ))
 }
 
-async fn start_history_nodes(redis: &RedisServer, n: usize, size: usize) -> Vec<Node> {
+async fn start_history_nodes(
+    redis: &RedisServer,
+    n: usize,
+    size: usize,
+    prefix: &str,
+) -> Vec<Node> {
     let nodes: Vec<Node> = (0..n)
-        .map(|_| Node::start(history_node_config(redis, size)))
+        .map(|_| Node::start(history_node_config(redis, size, prefix)))
         .collect();
     for node in &nodes {
         node.wait_ready(200).await;
@@ -1259,7 +1266,7 @@ async fn a_client_that_drops_on_one_node_recovers_all_1000_on_another_once_in_or
     init_logs();
     const TOTAL: u64 = 1000;
     let redis = RedisServer::start();
-    let nodes = start_history_nodes(&redis, 2, 1000).await;
+    let nodes = start_history_nodes(&redis, 2, 1000, "across").await;
     let (a, b) = (&nodes[0], &nodes[1]);
     let mut c = WsClient::connect_protocol(a, "?room=feed").await;
     // Published on node B (app code and POST /broadcast), and by node A's
@@ -1322,7 +1329,7 @@ async fn a_client_that_drops_on_one_node_recovers_all_1000_on_another_once_in_or
 async fn the_same_message_has_the_same_epoch_and_offset_on_every_node() {
     init_logs();
     let redis = RedisServer::start();
-    let nodes = start_history_nodes(&redis, 3, 100).await;
+    let nodes = start_history_nodes(&redis, 3, 100, "same").await;
     let mut clients = Vec::new();
     for node in &nodes {
         clients.push(WsClient::connect_protocol(node, "?room=feed").await);
@@ -1367,7 +1374,7 @@ async fn the_same_message_has_the_same_epoch_and_offset_on_every_node() {
 async fn a_restarted_node_backfills_from_the_stream_and_recovers_complete() {
     init_logs();
     let redis = RedisServer::start();
-    let mut nodes = start_history_nodes(&redis, 2, 100).await;
+    let mut nodes = start_history_nodes(&redis, 2, 100, "restart").await;
     let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
     feed_burst(&nodes[0], 0, 10).await;
     let first = next_frame(&mut c).await;
@@ -1382,7 +1389,7 @@ async fn a_restarted_node_backfills_from_the_stream_and_recovers_complete() {
         .await;
     // A new process on the same Redis: its history is read back from the
     // stream, so the client that comes back with its position has it all.
-    nodes[0] = Node::start(history_node_config(&redis, 100));
+    nodes[0] = Node::start(history_node_config(&redis, 100, "restart"));
     nodes[0].wait_ready(200).await;
     let mut c =
         WsClient::connect_protocol(&nodes[0], &format!("?room=feed&since={epoch}:10")).await;
@@ -1408,7 +1415,7 @@ async fn a_restarted_node_backfills_from_the_stream_and_recovers_complete() {
 async fn a_flushed_redis_starts_a_new_epoch_and_recovery_says_complete_false() {
     init_logs();
     let redis = RedisServer::start();
-    let nodes = start_history_nodes(&redis, 2, 100).await;
+    let nodes = start_history_nodes(&redis, 2, 100, "flush").await;
     let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
     feed_burst(&nodes[1], 0, 5).await;
     let first = next_frame(&mut c).await;
@@ -1422,7 +1429,13 @@ async fn a_flushed_redis_starts_a_new_epoch_and_recovery_says_complete_false() {
     // The room's record is gone: offsets start again, in a new epoch.
     let mut live = WsClient::connect_protocol(&nodes[1], "?room=feed").await;
     feed_burst(&nodes[1], 8, 9).await;
-    let v = next_frame(&mut live).await;
+    // (m6 and m7 may still be on their way as it joins.)
+    let v = loop {
+        let v = next_frame(&mut live).await;
+        if v["data"] == "m8" {
+            break v;
+        }
+    };
     assert_eq!(v["offset"], 4, "{v}");
     assert_ne!(v["epoch"], epoch.as_str(), "{v}");
     for node in &nodes {
@@ -1438,7 +1451,7 @@ async fn a_flushed_redis_starts_a_new_epoch_and_recovery_says_complete_false() {
 async fn with_redis_down_room_delivery_goes_on_and_recovery_across_it_is_complete_false() {
     init_logs();
     let mut redis = RedisServer::start();
-    let nodes = start_history_nodes(&redis, 2, 100).await;
+    let nodes = start_history_nodes(&redis, 2, 100, "down").await;
     let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
     feed_burst(&nodes[0], 0, 5).await;
     let first = next_frame(&mut c).await;

@@ -31,22 +31,29 @@
 //! never evicted for bytes is the one just appended, so the bound is
 //! `max_bytes` plus at most one message.
 //!
-//! **Across nodes.** Each node stamps what it delivers (its own clients'
-//! messages and those the cluster bridge brings in) with its own epochs, so
-//! a client that reconnects to another node presents an epoch that node
-//! never issued and is told `complete:false` — safe, never wrong. Recovery
-//! on any node needs the history in Redis: one stream per room, appended by
-//! a Lua script that takes the room's next offset (`INCR`) and `XADD`s with
-//! the offset as the entry id (`0-{offset}`), so stream order is offset
-//! order on every node, `XTRIM MAXLEN ~ size` bounds it, and the epoch is
-//! kept in a key created with the room's counter (gone after a flush ⇒ a
-//! new epoch). One more condition: a node's own clients must receive its
-//! room messages in that same order, that is, after the script has
-//! answered and in offset order with what the bridge brings in (delivered
-//! from the stream, not before it); otherwise a client could hold offset
-//! `n` without `n - 1` and a recovery `since n` would skip it. That makes
-//! local room delivery wait for Redis, which is why it is a design of its
-//! own and not a change to this state machine. It is left to build.
+//! **Across nodes.** With history on in a cluster, Redis is the sequencer
+//! (the `happynet` crate's `realtime::cluster::sequencer`): a Lua script
+//! gives each room broadcast its room's next offset in the room's epoch
+//! (a record in Redis, created with a node's candidate epoch when missing,
+//! so a flush or an expiry is a new epoch) and appends it to the cluster's
+//! one stream in the same atomic step, so stream order is offset order
+//! for every room on every node. Every node, the origin too, delivers those
+//! messages from the stream, in stream order, and the router keeps each
+//! with [`History::insert`] at the position Redis gave it: the same
+//! message has the same `epoch:offset` on every node, and a client may
+//! recover on any of them. A node that starts reads the stream's
+//! positioned entries back into its history (not delivered) before it
+//! answers recoveries, so a restarted node recovers too.
+//!
+//! The guarantee: every position a client holds was issued once, by
+//! Redis, and every node that keeps it keeps the same message there. When
+//! the link to Redis is down, local delivery does not wait: the node
+//! stamps the broadcast itself ([`History::append`], in an epoch of its
+//! own, never continuing Redis's), so a recovery across the outage, on any
+//! node, is `complete:false` — never a wrong replay. Likewise, a node
+//! that missed some of a room's offsets (its link was down, the stream was
+//! trimmed) drops what it kept of the room before the gap
+//! ([`History::insert`]), so what it replays has no hole.
 
 use crate::rooms::RoomName;
 use bytestring::ByteString;

@@ -39,6 +39,21 @@
 //! behind the session's echoes. Plain members get the data once, as before;
 //! protocol members get each of their rooms' stamped frame.
 //!
+//! **History in a cluster.** When the cluster bridge installs itself as
+//! the sequencer (`SetSequencer`, history on), a local room broadcast (app
+//! code, `POST /broadcast`, a client's) is not stamped nor delivered here:
+//! the router hands it to the sequencer (`Sequence`) and answers with the
+//! rooms' member count now. It comes back positioned by Redis, in the
+//! stream's order, as `Sequenced`: the router keeps it at that position
+//! (`History::insert`; a repeat is not delivered again) and fans it out
+//! with its stamps like any other. When the sequencer cannot position it
+//! (its link is down) it comes back as a cluster `Broadcast` at once and
+//! is stamped here. Until the sequencer's `Backfill` is done (or for
+//! `BACKFILL_WAIT`), recoveries wait, so that a node that just started
+//! answers from the history read back from the stream. One ordering is
+//! looser then: a closing session's `Flush` does not wait for the echoes
+//! of room messages still on their way through Redis.
+//!
 //! **Recovery** (`/ws?since=`, a join with `since`, `recover=last`): the
 //! shard makes the session a member first, marks its seam for the room
 //! pending, and asks the router (`RecoverAsk`). The router answers with
@@ -1647,24 +1662,16 @@ impl Handler<Broadcast> for BroadcastHub {
 
     fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> Self::Result {
         self.stats.broadcasts += 1;
-        // Relay first: the other nodes' clients should not wait for this
-        // node's fan-out (a `do_send` and a refcount bump, not a copy).
-        match (&msg.origin, &msg.target) {
-            (Origin::Cluster, _) => self.stats.from_cluster += 1,
-            // Session ids are per node.
-            (Origin::Local, Target::Session(_)) => {}
-            // History in a cluster: positioned by the sequencer, and
-            // delivered here when it hands the broadcast back, in the
-            // order every node delivers it.
-            (Origin::Local, Target::Room(_) | Target::Rooms(_)) if self.sequencer.is_some() => {
-                let rooms = match msg.target {
-                    Target::Room(room) => vec![room],
-                    Target::Rooms(rooms) => rooms,
-                    _ => unreachable!("matched above"),
-                };
-                if rooms.is_empty() {
-                    return Box::pin(actix::fut::ready(0));
-                }
+        // History in a cluster: positioned by the sequencer, and delivered
+        // here when it hands the broadcast back, in the order every node
+        // delivers it.
+        if let (Origin::Local, Some(sequencer)) = (&msg.origin, &self.sequencer) {
+            let rooms = match &msg.target {
+                Target::Room(room) => Some(vec![room.clone()]),
+                Target::Rooms(rooms) => Some(rooms.clone()),
+                Target::All | Target::Session(_) => None,
+            };
+            if let Some(rooms) = rooms {
                 // Who it will reach here, as far as can be told now.
                 let members = {
                     let table = lock(&self.node.rooms);
@@ -1674,8 +1681,8 @@ impl Handler<Broadcast> for BroadcastHub {
                     }
                     ids.len()
                 };
-                self.stats.relayed += 1;
-                if let Some(sequencer) = &self.sequencer {
+                if !rooms.is_empty() {
+                    self.stats.relayed += 1;
                     sequencer.do_send(Sequence {
                         rooms,
                         payload: msg.payload,
@@ -1683,6 +1690,13 @@ impl Handler<Broadcast> for BroadcastHub {
                 }
                 return Box::pin(actix::fut::ready(members));
             }
+        }
+        // Relay first: the other nodes' clients should not wait for this
+        // node's fan-out (a `do_send` and a refcount bump, not a copy).
+        match (&msg.origin, &msg.target) {
+            (Origin::Cluster, _) => self.stats.from_cluster += 1,
+            // Session ids are per node.
+            (Origin::Local, Target::Session(_)) => {}
             (Origin::Local, target) => {
                 if let Some(relay) = self.node.relay() {
                     let target = match target {
