@@ -1026,12 +1026,12 @@ fn main() -> ExitCode {
     println!(
         "targets: cross-node p99 {:.2} ms <= 5 ms: {}; {} throughput {:.2} >= 0.80: {}",
         cross_p99,
+        if p99_ok { "met" } else { "MISSED" },
         if o.compare_history {
             "history on / history off"
         } else {
             "three nodes / one node"
         },
-        if p99_ok { "met" } else { "MISSED" },
         ratio,
         if ratio_ok { "met" } else { "MISSED" }
     );
