@@ -1367,6 +1367,13 @@ async fn the_same_message_has_the_same_epoch_and_offset_on_every_node() {
         let s = node.stats().await;
         assert_eq!((s.positioned_own, s.received), (30, 60), "{s:?}");
         assert_eq!((s.unpositioned, s.duplicates, s.malformed), (0, 0, 0));
+        // Each broadcast counted once by each hub, its own ones as relayed.
+        let hub = node.health().await["hub"].clone();
+        assert_eq!(
+            (&hub["broadcasts"], &hub["from_cluster"], &hub["relayed"]),
+            (&90.into(), &60.into(), &30.into()),
+            "{hub}"
+        );
     }
 }
 
@@ -1469,6 +1476,8 @@ async fn with_redis_down_room_delivery_goes_on_and_recovery_across_it_is_complet
     assert_ne!(local, epoch, "{v}");
     read_feed_in(&mut c, &local, v["offset"].as_u64().expect("an offset"), 4).await;
     assert!(nodes[0].stats().await.unpositioned >= 5);
+    let hub = nodes[0].health().await["hub"].clone();
+    assert_eq!(hub["broadcasts"], 10, "counted once each: {hub}");
 
     // A client that left before the outage cannot be told a complete
     // story: complete:false, nothing replayed.

@@ -1598,7 +1598,11 @@ impl Handler<Sequenced> for BroadcastHub {
     type Result = ResponseActFuture<Self, usize>;
 
     fn handle(&mut self, msg: Sequenced, _: &mut Self::Context) -> Self::Result {
-        self.stats.broadcasts += 1;
+        // An own broadcast was counted when it was handed to the sequencer.
+        if !msg.own {
+            self.stats.broadcasts += 1;
+            self.stats.from_cluster += 1;
+        }
         let Some(history) = &mut self.history else {
             // History went off (it cannot): deliver as any room broadcast.
             let rooms = msg.rooms.into_iter().map(|(room, _)| room).collect();
@@ -1661,7 +1665,11 @@ impl Handler<Broadcast> for BroadcastHub {
     type Result = ResponseActFuture<Self, usize>;
 
     fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> Self::Result {
-        self.stats.broadcasts += 1;
+        // An unsequenced one was counted when it was handed to the
+        // sequencer.
+        if msg.origin != Origin::Unsequenced {
+            self.stats.broadcasts += 1;
+        }
         // History in a cluster: positioned by the sequencer, and delivered
         // here when it hands the broadcast back, in the order every node
         // delivers it.
@@ -1695,6 +1703,7 @@ impl Handler<Broadcast> for BroadcastHub {
         // node's fan-out (a `do_send` and a refcount bump, not a copy).
         match (&msg.origin, &msg.target) {
             (Origin::Cluster, _) => self.stats.from_cluster += 1,
+            (Origin::Unsequenced, _) => {}
             // Session ids are per node.
             (Origin::Local, Target::Session(_)) => {}
             (Origin::Local, target) => {

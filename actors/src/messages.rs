@@ -271,6 +271,11 @@ pub enum Origin {
     Local,
     /// Another node, through the cluster bridge. Never relayed again.
     Cluster,
+    /// This node's own room broadcast, handed back by the sequencer
+    /// ([`Sequence`]) because it could not be positioned (its link is down):
+    /// stamped and delivered here, not relayed (the sequencer relays it) and
+    /// not counted again.
+    Unsequenced,
 }
 
 /// A message from app code (or `POST /broadcast`) to sessions.
@@ -313,6 +318,15 @@ impl Broadcast {
         Broadcast {
             origin: Origin::Cluster,
             ..Broadcast::new(target, payload)
+        }
+    }
+
+    /// A room broadcast of this node that the sequencer could not position,
+    /// as it hands it back ([`Origin::Unsequenced`]).
+    pub fn unsequenced(rooms: Vec<RoomName>, payload: impl Into<Payload>) -> Self {
+        Broadcast {
+            origin: Origin::Unsequenced,
+            ..Broadcast::new(Target::Rooms(rooms), payload)
         }
     }
 
@@ -589,7 +603,7 @@ pub struct SetRelay(pub Option<Recipient<Relay>>);
 /// delivered here. The sequencer gives it its position in each room
 /// cluster-wide and hands it back to be delivered in that order
 /// ([`Sequenced`]); when it cannot (its link is down), it hands it back at
-/// once as a [`Broadcast::from_cluster`], which the hub stamps locally.
+/// once as a [`Broadcast::unsequenced`], which the hub stamps locally.
 /// Sent with `do_send`; the sequencer keeps its own bounded outbox.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
@@ -623,6 +637,9 @@ pub struct Sequenced {
     pub rooms: Vec<(RoomName, Position)>,
     /// The frame's data.
     pub payload: Payload,
+    /// Published by this node (counted when it was handed to the
+    /// sequencer), rather than by another.
+    pub own: bool,
 }
 
 /// Messages the sequencer positioned before this node started, read back

@@ -362,8 +362,7 @@ impl ClusterBridge {
         self.seqs.delivered_own(seq);
         self.stats.unpositioned += 1;
         // One per local broadcast, as the hub's relay to this bridge is.
-        self.hub
-            .do_send(Broadcast::from_cluster(Target::Rooms(rooms), payload));
+        self.hub.do_send(Broadcast::unsequenced(rooms, payload));
     }
 
     /// This node's name.
@@ -1032,7 +1031,11 @@ impl ClusterBridge {
                 .positions
                 .and_then(|positions| positioned_rooms(target.clone(), positions));
             deliveries.push(match positioned {
-                Some(rooms) => ToHub::Positioned(Sequenced { rooms, payload }),
+                Some(rooms) => ToHub::Positioned(Sequenced {
+                    rooms,
+                    payload,
+                    own,
+                }),
                 None => ToHub::Plain(Broadcast::from_cluster(target, payload)),
             });
         }
