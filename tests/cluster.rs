@@ -1507,3 +1507,88 @@ async fn with_redis_down_room_delivery_goes_on_and_recovery_across_it_is_complet
 async fn read_feed_in(c: &mut WsClient, epoch: &str, after: u64, n: u64) {
     read_feed(c, epoch, after, after + n).await;
 }
+
+/// Blocks `redis` for `ms` with a busy Lua script on a thread of its own
+/// (every other client's command waits behind it); returns once Redis has
+/// stopped answering another connection's `PING`.
+fn block_redis(redis: &RedisServer, ms: u64) -> std::thread::JoinHandle<()> {
+    let mut busy = redis.conn();
+    // Connected first: a connection made while Redis is busy cannot say
+    // hello.
+    let mut probe = redis.conn();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let blocker = std::thread::spawn(move || {
+        let script = "local t0 = redis.call('TIME') \
+            local function ms(t) return t[1] * 1000 + math.floor(t[2] / 1000) end \
+            while ms(redis.call('TIME')) - ms(t0) < tonumber(ARGV[1]) do end return 1";
+        let _: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .arg(ms)
+            .query(&mut busy);
+    });
+    let deadline = Instant::now() + WAIT;
+    while redis::cmd("PING").query::<String>(&mut probe).is_ok() {
+        assert!(Instant::now() < deadline, "Redis never got busy");
+    }
+    blocker
+}
+
+#[actix_web::test]
+async fn a_script_whose_reply_was_lost_is_delivered_once_everywhere() {
+    init_logs();
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 100, "lost-reply").await;
+    let mut a = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
+    let mut b = WsClient::connect_protocol(&nodes[1], "?room=feed").await;
+    feed_burst(&nodes[0], 0, 1).await;
+    let epoch = support::assert_message(
+        &next_frame(&mut a).await,
+        "feed",
+        1,
+        serde_json::json!("m0"),
+    );
+    support::assert_message(
+        &next_frame(&mut b).await,
+        "feed",
+        1,
+        serde_json::json!("m0"),
+    );
+
+    // Redis is stuck for longer than node A waits for an answer: m1's
+    // script is sent, and its reply never comes in time. Node A delivers
+    // m1 itself at once; Redis runs the script when it is free again.
+    let blocker = block_redis(&redis, 3500);
+    feed_burst(&nodes[0], 1, 2).await;
+    let v = next_frame(&mut a).await;
+    assert_eq!(v["data"], "m1", "{v}");
+    assert_ne!(v["epoch"], epoch.as_str(), "numbered locally: {v}");
+    blocker.join().expect("the blocker");
+    for node in &nodes {
+        node.wait_stats("linked again", |s| s.link_up && s.reconnects >= 1)
+            .await;
+    }
+    feed_burst(&nodes[0], 2, 3).await;
+    // Node A: m2 next — the positioned copy of m1 it reads back is a
+    // repeat of what it delivered itself.
+    let v = next_frame(&mut a).await;
+    assert_eq!(v["data"], "m2", "m1 once on node A: {v}");
+    // Node B: m1 (positioned by the script that ran late, or plain), once,
+    // then m2.
+    let v = next_frame(&mut b).await;
+    assert_eq!(v["data"], "m1", "{v}");
+    let v = next_frame(&mut b).await;
+    assert_eq!(v["data"], "m2", "m1 once on node B: {v}");
+    a.expect_silence(Duration::from_millis(100)).await;
+    b.expect_silence(Duration::from_millis(100)).await;
+    // The race did happen: Redis ran the script it had received once it
+    // was free (a command already read is executed), so node A read back a
+    // positioned m1 and dropped it as a repeat of its own delivery, and
+    // node B dropped the plain copy relayed after the reconnect.
+    let s = nodes[0].stats().await;
+    assert_eq!((s.unpositioned, s.duplicates), (1, 1), "{s:?}");
+    let s = nodes[1].stats().await;
+    assert_eq!(s.duplicates, 1, "{s:?}");
+}

@@ -165,6 +165,9 @@ pub fn script_call(cx: &ScriptContext<'_>, candidate: &str, batch: &[OutEntry]) 
 pub struct Unconfirmed {
     max: usize,
     entries: VecDeque<OutEntry>,
+    /// The highest own `seq` read back: the stream may bring an entry back
+    /// before the script's reply says it was published.
+    read: u64,
 }
 
 impl Unconfirmed {
@@ -173,12 +176,15 @@ impl Unconfirmed {
         Unconfirmed {
             max: max.max(1),
             entries: VecDeque::new(),
+            read: 0,
         }
     }
 
-    /// `entries` were published; the positioned ones wait to be read back.
+    /// `entries` were published; the positioned ones wait to be read back
+    /// (unless they were already).
     pub fn published(&mut self, entries: impl IntoIterator<Item = OutEntry>) {
-        for entry in entries.into_iter().filter(|e| e.sequenced) {
+        let read = self.read;
+        for entry in entries.into_iter().filter(|e| e.sequenced && e.seq > read) {
             if self.entries.len() >= self.max {
                 self.entries.pop_front();
             }
@@ -189,6 +195,7 @@ impl Unconfirmed {
     /// Own entry `seq` was read back: it and every older one are confirmed
     /// (the stream is in publishing order).
     pub fn read_back(&mut self, seq: u64) {
+        self.read = self.read.max(seq);
         while self.entries.front().is_some_and(|e| e.seq <= seq) {
             self.entries.pop_front();
         }
@@ -300,6 +307,20 @@ mod tests {
         let p = happynet_actors::Position::parse(&format!("{c}:1")).unwrap();
         assert_eq!(&*p.epoch, c);
         assert_ne!(candidate_epoch(1, 2), candidate_epoch(1, 3));
+    }
+
+    #[test]
+    fn an_entry_read_back_before_its_reply_is_not_unconfirmed() {
+        let r = || RelayTarget::Rooms(vec![room("a")]);
+        let mut u = Unconfirmed::new(10);
+        // The reader got 1 and 2 before the script's reply was handled.
+        u.read_back(2);
+        u.published([
+            entry(1, r(), true),
+            entry(2, r(), true),
+            entry(3, r(), true),
+        ]);
+        assert_eq!(u.take().iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
     }
 
     #[test]
