@@ -355,11 +355,14 @@ impl ClusterBridge {
         self.history_ttl.is_some()
     }
 
-    /// Delivers `entry` (an own room broadcast that could not be
-    /// positioned) on this node now, stamped by the hub itself, and marks
-    /// its copy in the stream, if the script ran after all, a repeat.
+    /// Delivers own room broadcast `seq`, which could not be positioned
+    /// (or not read back), on this node now, stamped by the hub itself, and
+    /// marks its copy in the stream, if the script ran after all, a repeat;
+    /// unless that copy was read back and delivered already.
     fn deliver_unpositioned(&mut self, seq: u64, rooms: Vec<RoomName>, payload: Payload) {
-        self.seqs.delivered_own(seq);
+        if !self.seqs.claim_own(seq) {
+            return;
+        }
         self.stats.unpositioned += 1;
         // One per local broadcast, as the hub's relay to this bridge is.
         self.hub.do_send(Broadcast::unsequenced(rooms, payload));

@@ -72,8 +72,9 @@
 //! or published and unconfirmed ([`Unconfirmed`]) — is delivered here the
 //! same way, in order; a script that ran although its reply was lost left
 //! a positioned copy in the stream, which is then a repeat by `seq`
-//! ([`SeqTracker::delivered_own`]) on this node, and the plain copy a
-//! repeat on the others. Each message is therefore delivered once on every
+//! ([`SeqTracker::claim_own`]) on this node, and the plain copy a
+//! repeat on the others; one whose copy was read back (and delivered)
+//! before its reply came is not delivered again. Each message is therefore delivered once on every
 //! node, and a script call is never resent: a batch is one `EVALSHA`, all
 //! or nothing.
 //!

@@ -7,7 +7,7 @@
 //! node delivers them from the stream, like everyone's. Their repeats are
 //! dropped by the same rule, on this node's own sequence: the highest own
 //! `seq` delivered here, by the stream or by the fallback that delivers
-//! locally when the link is lost ([`SeqTracker::delivered_own`]), so an
+//! locally when the link is lost ([`SeqTracker::claim_own`]), so an
 //! entry delivered by the fallback and then found in the stream (the
 //! script ran, its reply was lost) is delivered once.
 
@@ -135,10 +135,17 @@ impl SeqTracker {
         Seen::New { lost: 0 }
     }
 
-    /// This node's own entry `seq` was delivered here by the fallback: its
-    /// copy in the stream (and every older one) is a repeat.
-    pub fn delivered_own(&mut self, seq: u64) {
-        self.own_delivered = self.own_delivered.max(seq);
+    /// Whether this node's own entry `seq` is still to be delivered here by
+    /// the fallback (its copy in the stream was not delivered already: the
+    /// script ran and the reader was faster than its reply). If so, it is
+    /// marked delivered: its copy in the stream (and every older one) is
+    /// then a repeat.
+    pub fn claim_own(&mut self, seq: u64) -> bool {
+        if seq <= self.own_delivered {
+            return false;
+        }
+        self.own_delivered = seq;
+        true
     }
 
     /// Forgets origins not heard from for [`ORIGIN_TTL`] of linked time;
@@ -188,12 +195,16 @@ mod tests {
         assert_eq!(t.observe_positioned("me", 1, t0), Seen::Duplicate);
         // The link was lost with 2 and 3 unconfirmed: delivered locally;
         // the script had run for 2, so it is in the stream too.
-        t.delivered_own(2);
-        t.delivered_own(3);
+        assert!(t.claim_own(2));
+        assert!(t.claim_own(3));
         assert_eq!(t.observe_positioned("me", 2, t0), Seen::Duplicate);
+        // Read back before the link was lost: not delivered again.
         assert_eq!(t.observe_positioned("me", 4, t0), Seen::New { lost: 0 });
+        assert!(!t.claim_own(4));
+        assert!(!t.claim_own(3));
+        assert_eq!(t.observe_positioned("me", 5, t0), Seen::New { lost: 0 });
         // Plain own entries are still skipped, others' tracked as before.
-        assert_eq!(t.observe("me", 5, t0), Seen::Own);
+        assert_eq!(t.observe("me", 6, t0), Seen::Own);
         assert_eq!(t.observe_positioned("a", 7, t0), Seen::New { lost: 0 });
         assert_eq!(t.observe("a", 7, t0), Seen::Duplicate);
         assert_eq!(t.len(), 1);

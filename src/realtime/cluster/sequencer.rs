@@ -156,7 +156,7 @@ pub fn script_call(cx: &ScriptContext<'_>, candidate: &str, batch: &[OutEntry]) 
 /// back from the stream, oldest first, at most `max` (the outbox's
 /// `outbox_max`). When the link is lost the bridge delivers them here
 /// itself (their copies in the stream are then repeats,
-/// [`super::SeqTracker::delivered_own`]). One dropped for room (a reader
+/// [`super::SeqTracker::claim_own`]). One dropped for room (a reader
 /// more than `max` entries behind) is still in the stream and delivered
 /// when it is read — unless the link is lost first: then it is not
 /// delivered on this node (the one loss of this design, and only behind
