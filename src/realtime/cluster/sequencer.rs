@@ -16,6 +16,9 @@
 //! `complete:false`, which is right. Room names are keys as they are:
 //! Redis keys are binary-safe, and a [`RoomName`] (no control characters,
 //! at most 64 bytes) under the `{prefix}:room:` prefix names nothing else.
+//! The script declares every key it touches, but touches the stream and
+//! several room records at once: it needs one Redis (or one shard), as
+//! the rest of the cluster's design does.
 //!
 //! A batch is one `EVALSHA` (the script is loaded when the link comes up,
 //! and sent whole if the server answers `NOSCRIPT`), so a failure runs
