@@ -1575,16 +1575,19 @@ impl Handler<Backfill> for BroadcastHub {
     fn handle(&mut self, msg: Backfill, _: &mut Self::Context) {
         if let Some(history) = &mut self.history {
             let now = Instant::now();
+            let ttl = history.config().ttl;
             for Backfilled {
                 rooms,
                 payload,
                 age,
             } in &msg.entries
             {
-                // Kept for what is left of its ttl, not a whole new one.
-                let Some(at) = now.checked_sub(*age) else {
+                if *age >= ttl {
                     continue;
-                };
+                }
+                // Kept for what is left of its ttl, not a whole new one (a
+                // clock that cannot go back that far keeps it a whole one).
+                let at = now.checked_sub(*age).unwrap_or(now);
                 Self::insert_stamps(history, rooms, payload, at);
             }
         }
