@@ -50,9 +50,12 @@
 //! (its link is down) it comes back as a cluster `Broadcast` at once and
 //! is stamped here. Until the sequencer's `Backfill` is done (or for
 //! `BACKFILL_WAIT`), recoveries wait, so that a node that just started
-//! answers from the history read back from the stream. One ordering is
+//! answers from the history read back from the stream. Two orderings are
 //! looser then: a closing session's `Flush` does not wait for the echoes
-//! of room messages still on their way through Redis.
+//! of room messages still on their way through Redis, and a sender's room
+//! message may arrive after its next broadcast to everyone (which is not
+//! numbered, so is delivered here at once); room messages keep one order,
+//! the stream's, everywhere.
 //!
 //! **Recovery** (`/ws?since=`, a join with `since`, `recover=last`): the
 //! shard makes the session a member first, marks its seam for the room
