@@ -1,4 +1,6 @@
 //! Run with: cargo run --release --example cluster_bench [-- --runs 3 --clients 1000 --rate 50 --seconds 5 --burst 500]
+//! or, for room broadcasts with history off against history on (three
+//! nodes each): `-- --room --compare-history`
 //!
 //! Scale-out: the same number of WebSocket clients served by one
 //! node, then by three nodes sharing broadcasts through Redis, alternating
@@ -46,6 +48,16 @@
 //! CPUs: the cluster figures are a floor, not what three machines would do.
 //! Every client must receive every broadcast exactly once; anything else is
 //! reported on a line starting with `!!` and the exit status is 1.
+//!
+//! With `--room`, every client is in the room `bench` and every broadcast
+//! goes to it (`POST /broadcast?room=bench`), as protocol clients receive
+//! room messages: stamped frames when history is on. History is on by
+//! default, and in a cluster a room broadcast is then positioned by Redis
+//! and delivered from the stream on its own node too, so *local* includes
+//! a round trip to Redis. `--compare-history` replaces the one-node column
+//! with three nodes whose history is off (room broadcasts delivered
+//! locally first, as before positioning existed), alternating with three
+//! nodes with history on, in one run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -91,6 +103,8 @@ struct Options {
     burst: usize,
     in_flight: usize,
     redis: Option<String>,
+    room: bool,
+    compare_history: bool,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -102,6 +116,8 @@ fn parse_args() -> Result<Options, String> {
         burst: 500,
         in_flight: 8,
         redis: None,
+        room: false,
+        compare_history: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -120,10 +136,12 @@ fn parse_args() -> Result<Options, String> {
             "--burst" => o.burst = number("--burst", value("--burst")?)? as usize,
             "--in-flight" => o.in_flight = number("--in-flight", value("--in-flight")?)? as usize,
             "--redis" => o.redis = Some(value("--redis")?),
+            "--room" => o.room = true,
+            "--compare-history" => o.compare_history = true,
             "--help" | "-h" => {
                 return Err(
                     "usage: cluster_bench [--runs N] [--clients N] [--rate R] [--seconds S] \
-                            [--burst N] [--in-flight N] [--redis URL]"
+                            [--burst N] [--in-flight N] [--redis URL] [--room] [--compare-history]"
                         .into(),
                 )
             }
@@ -142,8 +160,25 @@ fn payload(origin: usize, phase: u32, seq: u32, sent_ns: u64) -> String {
     format!("{head:.<width$}", width = PAYLOAD_BYTES)
 }
 
+/// The benchmark payload in a frame: the frame itself, or the `data` of a
+/// stamped room message (the payload needs no JSON escaping).
+fn frame_payload(p: &[u8]) -> &[u8] {
+    const DATA: &[u8] = br#""data":""#;
+    if !p.starts_with(br#"{"type":"message""#) {
+        return p;
+    }
+    let Some(at) = p.windows(DATA.len()).position(|w| w == DATA) else {
+        return p;
+    };
+    let rest = &p[at + DATA.len()..];
+    rest.iter()
+        .position(|b| *b == b'"')
+        .map_or(p, |end| &rest[..end])
+}
+
 /// `(origin, phase, seq, sent ns)` of a benchmark payload.
 fn parse_payload(p: &[u8]) -> Option<(usize, u32, u32, u64)> {
+    let p = frame_payload(p);
     if p.len() != PAYLOAD_BYTES || p.first() != Some(&b'C') {
         return None;
     }
@@ -161,10 +196,12 @@ fn parse_payload(p: &[u8]) -> Option<(usize, u32, u32, u64)> {
 // A node (child process)
 // ---------------------------------------------------------------------------
 
-/// `--serve <redis-url|none> <prefix>`: one node on 127.0.0.1:0; prints
-/// `LISTENING <addr>` and serves until its standard input closes.
-fn serve(redis: &str, prefix: &str) -> ExitCode {
-    let mut json = serde_json::json!({"network": {"websocket": {"max_connections": 20_000}}});
+/// `--serve <redis-url|none> <prefix> [history-off]`: one node on
+/// 127.0.0.1:0; prints `LISTENING <addr>` and serves until its standard
+/// input closes.
+fn serve(redis: &str, prefix: &str, history: bool) -> ExitCode {
+    let mut json = serde_json::json!({"network": {"websocket": {
+        "max_connections": 20_000, "history": {"enabled": history}}}});
     if redis != "none" {
         json["network"]["cluster"] = serde_json::json!({"redis_url": redis, "prefix": prefix});
     }
@@ -205,10 +242,11 @@ impl NodeProcess {
         self.child.id()
     }
 
-    fn spawn(redis: Option<&str>, prefix: &str) -> NodeProcess {
+    fn spawn(redis: Option<&str>, prefix: &str, history: bool) -> NodeProcess {
         let exe = std::env::current_exe().expect("own path");
+        let history = if history { "history-on" } else { "history-off" };
         let mut child = Command::new(exe)
-            .args(["--serve", redis.unwrap_or("none"), prefix])
+            .args(["--serve", redis.unwrap_or("none"), prefix, history])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -311,10 +349,11 @@ async fn client(
     addr: SocketAddr,
     seen: Rc<Seen>,
     gate: Rc<tokio::sync::Semaphore>,
+    room: bool,
 ) {
     let opened = {
         let _turn = gate.acquire().await;
-        ws::upgrade(addr).await
+        ws::upgrade_to(addr, if room { "/ws?room=bench" } else { "/ws" }).await
     };
     let (mut stream, mut buf) = match opened {
         Ok(o) => o,
@@ -526,8 +565,9 @@ fn cpu_now(nodes: &[u32], redis: Option<u32>, ticks: u64) -> [Option<u64>; 3] {
 // Broadcasts
 // ---------------------------------------------------------------------------
 
-async fn post(http: &awc::Client, addr: SocketAddr, body: String) -> bool {
-    http.post(format!("http://{addr}/broadcast"))
+async fn post(http: &awc::Client, addr: SocketAddr, body: String, room: bool) -> bool {
+    let query = if room { "?room=bench" } else { "" };
+    http.post(format!("http://{addr}/broadcast{query}"))
         .content_type("text/plain")
         .send_body(body)
         .await
@@ -612,12 +652,13 @@ async fn run_topology(
     o: &Options,
     nodes: usize,
     redis: Option<(&str, Option<u32>)>,
+    history: bool,
     ok: &mut bool,
 ) -> Result<Figures, String> {
     let prefix = format!("bench{}", unix_nanos() % 1_000_000_007);
     let redis = redis.filter(|_| nodes > 1);
     let procs: Vec<NodeProcess> = (0..nodes)
-        .map(|_| NodeProcess::spawn(redis.map(|r| r.0), &prefix))
+        .map(|_| NodeProcess::spawn(redis.map(|r| r.0), &prefix, history))
         .collect();
     let watch = match redis {
         Some((url, _)) => Some(Watch::start(url, &prefix)?),
@@ -660,6 +701,7 @@ async fn run_topology(
                 procs[node].addr,
                 seen.clone(),
                 gate.clone(),
+                o.room,
             ))
         })
         .collect();
@@ -694,6 +736,7 @@ async fn run_topology(
             &http,
             procs[origin].addr,
             payload(origin, 1, seq, unix_nanos()),
+            o.room,
         )
         .await
         {
@@ -742,6 +785,7 @@ async fn run_topology(
     seen.begin(2, o.clients);
     let next = Rc::new(Cell::new(0u32));
     let burst = o.burst as u32;
+    let room = o.room;
     let senders = (0..o.in_flight).map(|_| {
         let (next, http) = (next.clone(), http.clone());
         let addrs: Vec<SocketAddr> = procs.iter().map(|p| p.addr).collect();
@@ -753,7 +797,14 @@ async fn run_topology(
                 }
                 next.set(seq + 1);
                 let origin = seq as usize % addrs.len();
-                if !post(&http, addrs[origin], payload(origin, 2, seq, unix_nanos())).await {
+                if !post(
+                    &http,
+                    addrs[origin],
+                    payload(origin, 2, seq, unix_nanos()),
+                    room,
+                )
+                .await
+                {
                     return false;
                 }
             }
@@ -832,7 +883,8 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("--serve") {
         let redis = args.get(2).map_or("none", String::as_str);
         let prefix = args.get(3).map_or("bench", String::as_str);
-        return serve(redis, prefix);
+        let history = args.get(4).map(String::as_str) != Some("history-off");
+        return serve(redis, prefix, history);
     }
     let o = match parse_args() {
         Ok(o) => o,
@@ -855,13 +907,28 @@ fn main() -> ExitCode {
         for run in 0..o.runs {
             // Alternating, so that whatever else the machine does weighs on
             // both alike.
-            one.push(run_topology(&o, 1, None, &mut ok).await?);
-            three.push(run_topology(&o, 3, Some((&redis_url, redis_pid)), &mut ok).await?);
+            let linked = Some((&redis_url[..], redis_pid));
+            if o.compare_history {
+                one.push(run_topology(&o, 3, linked, false, &mut ok).await?);
+            } else {
+                one.push(run_topology(&o, 1, None, true, &mut ok).await?);
+            }
+            three.push(run_topology(&o, 3, linked, true, &mut ok).await?);
             eprintln!(
-                "run {}: cross-node p99 {:.2} ms, one node p99 {:.2} ms",
+                "run {}: cross-node p99 {:.2} ms, local p99 {:.2} ms; {} p99 {:.2} ms",
                 run + 1,
                 three[run].cross.p99,
-                one[run].local.p99
+                three[run].local.p99,
+                if o.compare_history {
+                    "history off: cross-node"
+                } else {
+                    "one node"
+                },
+                if o.compare_history {
+                    one[run].cross.p99
+                } else {
+                    one[run].local.p99
+                },
             );
         }
         Ok::<_, String>(())
@@ -871,8 +938,9 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!(
-        "cluster_bench: {} clients; {} broadcasts/s for {} s, then {} at full speed ({} in flight); medians of {} runs; load {}",
+        "cluster_bench: {} clients{}; {} broadcasts/s for {} s, then {} at full speed ({} in flight); medians of {} runs; load {}",
         o.clients,
+        if o.room { " in one room" } else { "" },
         o.rate,
         o.seconds,
         o.burst,
@@ -884,36 +952,52 @@ fn main() -> ExitCode {
         one: &one,
         three: &three,
     };
-    println!(
-        "{:<44} {:>22} {:>24}",
-        "", "one node", "three nodes + Redis"
-    );
-    t.row("cross-node p50/p99/max ms", None, &|f| lat(&f.cross));
+    let (left, right) = if o.compare_history {
+        ("3 nodes, history off", "3 nodes, history on")
+    } else {
+        ("one node", "three nodes + Redis")
+    };
+    println!("{:<44} {left:>22} {right:>24}", "");
+    // Comparing two clusters, every row has both columns.
+    let both = o.compare_history;
+    let cross: Pick<'_> = &|f| lat(&f.cross);
+    t.row("cross-node p50/p99/max ms", both.then_some(cross), cross);
     t.row(
         "local p50/p99/max ms (one node: alone)",
         Some(&|f| lat(&f.local)),
         &|f| lat(&f.local),
     );
-    t.row("cross − local p50/p99 ms", None, &|f| {
-        vec![f.cross.p50 - f.local.p50, f.cross.p99 - f.local.p99]
-    });
+    let gap: Pick<'_> = &|f| vec![f.cross.p50 - f.local.p50, f.cross.p99 - f.local.p99];
+    t.row("cross − local p50/p99 ms", both.then_some(gap), gap);
     t.row(
         "first receipt, local p50/p99/max ms",
         Some(&|f| lat(&f.first_local)),
         &|f| lat(&f.first_local),
     );
-    t.row("first receipt, cross p50/p99/max ms", None, &|f| {
-        lat(&f.first_cross)
-    });
-    t.row("  POST → XREAD (observer) p50/p99/max ms", None, &|f| {
-        lat(&f.to_stream)
-    });
-    t.row("  Redis hop XADD → XREAD p50/p99/max ms", None, &|f| {
-        lat(&f.redis_hop)
-    });
-    t.row("  receiving node p50/p99/max ms", None, &|f| {
-        lat(&f.receiving)
-    });
+    let first_cross: Pick<'_> = &|f| lat(&f.first_cross);
+    t.row(
+        "first receipt, cross p50/p99/max ms",
+        both.then_some(first_cross),
+        first_cross,
+    );
+    let to_stream: Pick<'_> = &|f| lat(&f.to_stream);
+    t.row(
+        "  POST → XREAD (observer) p50/p99/max ms",
+        both.then_some(to_stream),
+        to_stream,
+    );
+    let hop: Pick<'_> = &|f| lat(&f.redis_hop);
+    t.row(
+        "  Redis hop XADD → XREAD p50/p99/max ms",
+        both.then_some(hop),
+        hop,
+    );
+    let receiving: Pick<'_> = &|f| lat(&f.receiving);
+    t.row(
+        "  receiving node p50/p99/max ms",
+        both.then_some(receiving),
+        receiving,
+    );
     t.row(
         "fixed rate: deliveries/s",
         Some(&|f| vec![f.fixed_rate_deliveries]),
@@ -940,9 +1024,14 @@ fn main() -> ExitCode {
     let p99_ok = cross_p99 <= 5.0;
     let ratio_ok = ratio >= 0.8;
     println!(
-        "targets: cross-node p99 {:.2} ms <= 5 ms: {}; three nodes / one node throughput {:.2} >= 0.80: {}",
+        "targets: cross-node p99 {:.2} ms <= 5 ms: {}; {} throughput {:.2} >= 0.80: {}",
         cross_p99,
         if p99_ok { "met" } else { "MISSED" },
+        if o.compare_history {
+            "history on / history off"
+        } else {
+            "three nodes / one node"
+        },
         ratio,
         if ratio_ok { "met" } else { "MISSED" }
     );

@@ -102,7 +102,10 @@ impl Network {
             .network
             .cluster
             .as_ref()
-            .map(|c| ClusterBridge::start_for(c, node, hub.clone()))
+            .map(|c| {
+                let history_ttl = ws.history.history_config().map(|h| h.ttl);
+                ClusterBridge::start_for(c, node, hub.clone(), history_ttl)
+            })
             .transpose()?;
         let realtime = web::Data::new(RealtimeState::new(
             hub,

@@ -455,10 +455,11 @@ async fn a_broadcast_from_each_node_reaches_every_client_on_every_node_exactly_o
     }
     for node in &nodes {
         // 12 broadcasts in all, 4 from each node; own entries are read back
-        // and skipped.
+        // and skipped, or (room broadcasts with history on, positioned by
+        // the sequencer) delivered from the stream.
         let s = node
             .wait_stats("every entry read", |s| {
-                s.published == 4 && s.skipped_own == 4
+                s.published == 4 && s.skipped_own + s.positioned_own == 4
             })
             .await;
         assert_eq!(s.received, 8, "{s:?}");
@@ -504,11 +505,12 @@ async fn binary_broadcasts_cross_the_cluster_as_binary() {
     assert_eq!(b.next_binary().await, [0xc0, 0xaf]);
     assert_eq!(nodes[0].broadcast(None, "text after").await, 202);
     assert_eq!(b.next_text().await, "text after");
-    // Node 0 published three entries, node 1 one; each read all four.
+    // Node 0 published three entries, node 1 one; each read all four
+    // (its own room broadcasts are delivered from the stream: history on).
     for (node, own) in nodes.iter().zip([3, 1]) {
         let s = node
             .wait_stats("every entry read", |s| {
-                s.skipped_own == own && s.received == 4 - own
+                s.skipped_own + s.positioned_own == own && s.received == 4 - own
             })
             .await;
         assert_eq!(s.malformed, 0, "{s:?}");
@@ -1182,4 +1184,411 @@ async fn redis_work_stays_constant_from_10_to_3000_websockets() {
     assert!(small.2 <= 2.2 && large.2 <= 2.2, "{small:?} vs {large:?}");
     assert!(large.3 <= small.3 + 0.5, "{small:?} vs {large:?}");
     drop(clients);
+}
+
+// ---------------------------------------------------------------------------
+// History across nodes: Redis positions every room broadcast
+// ---------------------------------------------------------------------------
+
+/// A node with history on (`size` messages per room), presence frames
+/// rare enough not to matter. `prefix` is the test's own: a Redis killed
+/// by one test frees its port for another test's Redis, which a node
+/// reconnecting must not take for its cluster.
+fn history_node_config(redis: &RedisServer, size: usize, prefix: &str) -> Config {
+    config(&format!(
+        r#"{{"network":{{
+            "websocket":{{"max_connections":4000,"history":{{"size":{size}}}}},
+            "cluster":{{"redis_url":"{}","reconnect_min_ms":20,"reconnect_max_ms":200,
+                        "presence_interval_ms":1000,"prefix":"{prefix}"}}}}}}"#,
+        redis.url()
+    ))
+}
+
+async fn start_history_nodes(
+    redis: &RedisServer,
+    n: usize,
+    size: usize,
+    prefix: &str,
+) -> Vec<Node> {
+    let nodes: Vec<Node> = (0..n)
+        .map(|_| Node::start(history_node_config(redis, size, prefix)))
+        .collect();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    nodes
+}
+
+fn feed() -> happynet::RoomName {
+    happynet::RoomName::new("feed").expect("a room name")
+}
+
+/// The next frame that is not a presence frame, as JSON.
+async fn next_frame(c: &mut WsClient) -> serde_json::Value {
+    loop {
+        let v = c.next_json().await;
+        if v["type"] != "presence" {
+            return v;
+        }
+    }
+}
+
+/// Reads `feed`'s messages after `after` through `through`, each exactly
+/// the next offset of `epoch`; returns their data.
+async fn read_feed(c: &mut WsClient, epoch: &str, after: u64, through: u64) -> Vec<String> {
+    let mut got = Vec::new();
+    for offset in after + 1..=through {
+        let v = next_frame(c).await;
+        assert_eq!(v["type"], "message", "{v}");
+        assert_eq!(v["room"], "feed", "{v}");
+        assert_eq!(v["epoch"], epoch, "one epoch, cluster-wide: {v}");
+        assert_eq!(v["offset"], offset, "no gap, no repeat: {v}");
+        got.push(v["data"].as_str().expect("text data").to_owned());
+    }
+    got
+}
+
+/// `m{from}`..`m{to}` to `feed`: even ones by app code on `node`, odd ones
+/// through its `POST /broadcast`.
+async fn feed_burst(node: &Node, from: u64, to: u64) {
+    let hub = node.net.hub();
+    for i in from..to {
+        if i % 2 == 0 {
+            hub.do_send(happynet::Broadcast::to_room(feed(), format!("m{i}")));
+        } else {
+            assert_eq!(node.broadcast(Some("feed"), &format!("m{i}")).await, 202);
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_client_that_drops_on_one_node_recovers_all_1000_on_another_once_in_order() {
+    init_logs();
+    const TOTAL: u64 = 1000;
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 1000, "across").await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut c = WsClient::connect_protocol(a, "?room=feed").await;
+    // Published on node B (app code and POST /broadcast), and by node A's
+    // own app code: all of it positioned by Redis.
+    feed_burst(b, 0, 400).await;
+    let first = next_frame(&mut c).await;
+    let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
+    let mut have = vec!["m0".to_owned()];
+    have.extend(read_feed(&mut c, &epoch, 1, 250).await);
+    // Drops in the middle (no close frame): what was on its way is lost
+    // with the connection. It reconnects to node B while the rest is being
+    // published, partly on node A.
+    drop(c);
+    let query = format!("?room=feed&since={epoch}:250");
+    let (client, (), ()) = futures::join!(
+        WsClient::connect_protocol(b, &query),
+        feed_burst(b, 400, 700),
+        feed_burst(a, 700, TOTAL),
+    );
+    let mut c = client;
+    let recovered = next_frame(&mut c).await;
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    have.extend(read_feed(&mut c, &epoch, 250, TOTAL).await);
+    let mut want: Vec<String> = (0..TOTAL).map(|i| format!("m{i}")).collect();
+    // Two publishers at once: the order is the stream's, the same for
+    // everyone; compare as sets of once-each, and the order by offset
+    // (read_feed checked every offset follows the last).
+    let mut sorted = have.clone();
+    sorted.sort();
+    want.sort();
+    assert_eq!(sorted, want, "all 1,000, once each");
+    // Live continues at the seam: the next one is offset 1001, once.
+    feed_burst(a, TOTAL, TOTAL + 1).await;
+    let next = next_frame(&mut c).await;
+    support::assert_message(
+        &next,
+        "feed",
+        TOTAL + 1,
+        serde_json::json!(format!("m{TOTAL}")),
+    );
+    c.expect_silence(Duration::from_millis(100)).await;
+
+    // What recovering 1,000 on another node costs: connect to `recovered`
+    // and to the last replayed message.
+    let started = Instant::now();
+    let mut late = WsClient::connect_protocol(b, &format!("?room=feed&since={epoch}:1")).await;
+    let recovered = next_frame(&mut late).await;
+    let to_frame = started.elapsed();
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    assert_eq!(recovered["replayed"], TOTAL, "{recovered}");
+    read_feed(&mut late, &epoch, 1, TOTAL + 1).await;
+    eprintln!(
+        "recovering {TOTAL} across nodes: {to_frame:?} to the recovered frame, {:?} to the last message",
+        started.elapsed()
+    );
+}
+
+#[actix_web::test]
+async fn the_same_message_has_the_same_epoch_and_offset_on_every_node() {
+    init_logs();
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 3, 100, "same").await;
+    let mut clients = Vec::new();
+    for node in &nodes {
+        clients.push(WsClient::connect_protocol(node, "?room=feed").await);
+    }
+    // Every node publishes at once: the stream decides one order.
+    futures::join!(
+        feed_burst(&nodes[0], 0, 30),
+        feed_burst(&nodes[1], 30, 60),
+        feed_burst(&nodes[2], 60, 90),
+    );
+    let mut frames = Vec::new();
+    for c in &mut clients {
+        let mut got = Vec::new();
+        for _ in 0..90 {
+            let v = next_frame(c).await;
+            assert_eq!(v["type"], "message", "{v}");
+            got.push(v);
+        }
+        frames.push(got);
+    }
+    assert_eq!(
+        frames[0], frames[1],
+        "node 0 and node 1 agree frame by frame"
+    );
+    assert_eq!(
+        frames[0], frames[2],
+        "node 0 and node 2 agree frame by frame"
+    );
+    let offsets: Vec<u64> = frames[0]
+        .iter()
+        .map(|v| v["offset"].as_u64().expect("an offset"))
+        .collect();
+    assert_eq!(offsets, (1..=90).collect::<Vec<_>>());
+    for node in &nodes {
+        let s = node.stats().await;
+        assert_eq!((s.positioned_own, s.received), (30, 60), "{s:?}");
+        assert_eq!((s.unpositioned, s.duplicates, s.malformed), (0, 0, 0));
+        // Each broadcast counted once by each hub, its own ones as relayed.
+        let hub = node.health().await["hub"].clone();
+        assert_eq!(
+            (&hub["broadcasts"], &hub["from_cluster"], &hub["relayed"]),
+            (&90.into(), &60.into(), &30.into()),
+            "{hub}"
+        );
+    }
+}
+
+#[actix_web::test]
+async fn a_restarted_node_backfills_from_the_stream_and_recovers_complete() {
+    init_logs();
+    let redis = RedisServer::start();
+    let mut nodes = start_history_nodes(&redis, 2, 100, "restart").await;
+    let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
+    feed_burst(&nodes[0], 0, 10).await;
+    let first = next_frame(&mut c).await;
+    let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
+    read_feed(&mut c, &epoch, 1, 10).await;
+    // Node A dies (no goodbye); meanwhile B publishes 20 more.
+    nodes[0].kill();
+    drop(c);
+    feed_burst(&nodes[1], 10, 30).await;
+    nodes[1]
+        .wait_stats("B's published", |s| s.positioned_own == 20)
+        .await;
+    // A new process on the same Redis: its history is read back from the
+    // stream, so the client that comes back with its position has it all.
+    nodes[0] = Node::start(history_node_config(&redis, 100, "restart"));
+    nodes[0].wait_ready(200).await;
+    let mut c =
+        WsClient::connect_protocol(&nodes[0], &format!("?room=feed&since={epoch}:10")).await;
+    let recovered = next_frame(&mut c).await;
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["complete"], true, "{recovered}");
+    assert_eq!(recovered["replayed"], 20, "{recovered}");
+    let got = read_feed(&mut c, &epoch, 10, 30).await;
+    assert_eq!(got, (10..30).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    // And live on from there, on the new process.
+    feed_burst(&nodes[1], 30, 31).await;
+    support::assert_message(
+        &next_frame(&mut c).await,
+        "feed",
+        31,
+        serde_json::json!("m30"),
+    );
+    let s = nodes[0].stats().await;
+    assert_eq!(s.backfilled, 30, "{s:?}");
+}
+
+#[actix_web::test]
+async fn a_flushed_redis_starts_a_new_epoch_and_recovery_says_complete_false() {
+    init_logs();
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 100, "flush").await;
+    let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
+    feed_burst(&nodes[1], 0, 5).await;
+    let first = next_frame(&mut c).await;
+    let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
+    read_feed(&mut c, &epoch, 1, 5).await;
+    drop(c);
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut redis.conn())
+        .expect("FLUSHALL");
+    feed_burst(&nodes[1], 5, 8).await;
+    // The room's record is gone: offsets start again, in a new epoch.
+    let mut live = WsClient::connect_protocol(&nodes[1], "?room=feed").await;
+    feed_burst(&nodes[1], 8, 9).await;
+    // (m6 and m7 may still be on their way as it joins.)
+    let v = loop {
+        let v = next_frame(&mut live).await;
+        if v["data"] == "m8" {
+            break v;
+        }
+    };
+    assert_eq!(v["offset"], 4, "{v}");
+    assert_ne!(v["epoch"], epoch.as_str(), "{v}");
+    for node in &nodes {
+        let mut c = WsClient::connect_protocol(node, &format!("?room=feed&since={epoch}:5")).await;
+        let recovered = next_frame(&mut c).await;
+        assert_eq!(recovered["type"], "recovered", "{recovered}");
+        assert_eq!(recovered["complete"], false, "{recovered}");
+        c.expect_silence(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn with_redis_down_room_delivery_goes_on_and_recovery_across_it_is_complete_false() {
+    init_logs();
+    let mut redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 100, "down").await;
+    let mut c = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
+    feed_burst(&nodes[0], 0, 5).await;
+    let first = next_frame(&mut c).await;
+    let epoch = support::assert_message(&first, "feed", 1, serde_json::json!("m0"));
+    read_feed(&mut c, &epoch, 1, 5).await;
+
+    redis.kill();
+    nodes[0].wait_ready(503).await;
+    // Delivered here at once, numbered by the node itself in an epoch of
+    // its own: no client can take them for offsets 6.. of Redis's epoch.
+    feed_burst(&nodes[0], 5, 10).await;
+    let v = next_frame(&mut c).await;
+    assert_eq!(v["data"], "m5", "{v}");
+    let local = v["epoch"].as_str().expect("an epoch").to_owned();
+    assert_ne!(local, epoch, "{v}");
+    read_feed_in(&mut c, &local, v["offset"].as_u64().expect("an offset"), 4).await;
+    assert!(nodes[0].stats().await.unpositioned >= 5);
+    let hub = nodes[0].health().await["hub"].clone();
+    assert_eq!(hub["broadcasts"], 10, "counted once each: {hub}");
+
+    // A client that left before the outage cannot be told a complete
+    // story: complete:false, nothing replayed.
+    let mut back =
+        WsClient::connect_protocol(&nodes[0], &format!("?room=feed&since={epoch}:5")).await;
+    let recovered = next_frame(&mut back).await;
+    assert_eq!(recovered["type"], "recovered", "{recovered}");
+    assert_eq!(recovered["complete"], false, "{recovered}");
+    back.expect_silence(Duration::from_millis(100)).await;
+
+    // Redis back (empty): the outage's messages reach node B, relayed
+    // plain, and room messages are positioned by Redis again.
+    redis.restart();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    let mut b = WsClient::connect_protocol(&nodes[1], "?room=feed").await;
+    feed_burst(&nodes[0], 10, 11).await;
+    let on_a = next_frame(&mut c).await;
+    let on_b = next_frame(&mut b).await;
+    assert_eq!(on_a["data"], "m10");
+    assert_eq!(on_a, on_b, "one position, cluster-wide, again");
+    assert_ne!(on_a["epoch"], local.as_str());
+}
+
+/// Reads `n` more messages of `feed` in `epoch` after `after`.
+async fn read_feed_in(c: &mut WsClient, epoch: &str, after: u64, n: u64) {
+    read_feed(c, epoch, after, after + n).await;
+}
+
+/// Blocks `redis` for `ms` with a busy Lua script on a thread of its own
+/// (every other client's command waits behind it); returns once Redis has
+/// stopped answering another connection's `PING`.
+fn block_redis(redis: &RedisServer, ms: u64) -> std::thread::JoinHandle<()> {
+    let mut busy = redis.conn();
+    // Connected first: a connection made while Redis is busy cannot say
+    // hello.
+    let mut probe = redis.conn();
+    probe
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout");
+    let blocker = std::thread::spawn(move || {
+        let script = "local t0 = redis.call('TIME') \
+            local function ms(t) return t[1] * 1000 + math.floor(t[2] / 1000) end \
+            while ms(redis.call('TIME')) - ms(t0) < tonumber(ARGV[1]) do end return 1";
+        let _: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .arg(ms)
+            .query(&mut busy);
+    });
+    let deadline = Instant::now() + WAIT;
+    while redis::cmd("PING").query::<String>(&mut probe).is_ok() {
+        assert!(Instant::now() < deadline, "Redis never got busy");
+    }
+    blocker
+}
+
+#[actix_web::test]
+async fn a_script_whose_reply_was_lost_is_delivered_once_everywhere() {
+    init_logs();
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 100, "lost-reply").await;
+    let mut a = WsClient::connect_protocol(&nodes[0], "?room=feed").await;
+    let mut b = WsClient::connect_protocol(&nodes[1], "?room=feed").await;
+    feed_burst(&nodes[0], 0, 1).await;
+    let epoch = support::assert_message(
+        &next_frame(&mut a).await,
+        "feed",
+        1,
+        serde_json::json!("m0"),
+    );
+    support::assert_message(
+        &next_frame(&mut b).await,
+        "feed",
+        1,
+        serde_json::json!("m0"),
+    );
+
+    // Redis is stuck for longer than node A waits for an answer: m1's
+    // script is sent, and its reply never comes in time. Node A delivers
+    // m1 itself at once; Redis runs the script when it is free again.
+    let blocker = block_redis(&redis, 3500);
+    feed_burst(&nodes[0], 1, 2).await;
+    let v = next_frame(&mut a).await;
+    assert_eq!(v["data"], "m1", "{v}");
+    assert_ne!(v["epoch"], epoch.as_str(), "numbered locally: {v}");
+    blocker.join().expect("the blocker");
+    for node in &nodes {
+        node.wait_stats("linked again", |s| s.link_up && s.reconnects >= 1)
+            .await;
+    }
+    feed_burst(&nodes[0], 2, 3).await;
+    // Node A: m2 next — the positioned copy of m1 it reads back is a
+    // repeat of what it delivered itself.
+    let v = next_frame(&mut a).await;
+    assert_eq!(v["data"], "m2", "m1 once on node A: {v}");
+    // Node B: m1 (positioned by the script that ran late, or plain), once,
+    // then m2.
+    let v = next_frame(&mut b).await;
+    assert_eq!(v["data"], "m1", "{v}");
+    let v = next_frame(&mut b).await;
+    assert_eq!(v["data"], "m2", "m1 once on node B: {v}");
+    a.expect_silence(Duration::from_millis(100)).await;
+    b.expect_silence(Duration::from_millis(100)).await;
+    // The race did happen: Redis ran the script it had received once it
+    // was free (a command already read is executed), so node A read back a
+    // positioned m1 and dropped it as a repeat of its own delivery, and
+    // node B dropped the plain copy relayed after the reconnect.
+    let s = nodes[0].stats().await;
+    assert_eq!((s.unpositioned, s.duplicates), (1, 1), "{s:?}");
+    let s = nodes[1].stats().await;
+    assert_eq!(s.duplicates, 1, "{s:?}");
 }

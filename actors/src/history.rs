@@ -31,22 +31,29 @@
 //! never evicted for bytes is the one just appended, so the bound is
 //! `max_bytes` plus at most one message.
 //!
-//! **Across nodes.** Each node stamps what it delivers (its own clients'
-//! messages and those the cluster bridge brings in) with its own epochs, so
-//! a client that reconnects to another node presents an epoch that node
-//! never issued and is told `complete:false` — safe, never wrong. Recovery
-//! on any node needs the history in Redis: one stream per room, appended by
-//! a Lua script that takes the room's next offset (`INCR`) and `XADD`s with
-//! the offset as the entry id (`0-{offset}`), so stream order is offset
-//! order on every node, `XTRIM MAXLEN ~ size` bounds it, and the epoch is
-//! kept in a key created with the room's counter (gone after a flush ⇒ a
-//! new epoch). One more condition: a node's own clients must receive its
-//! room messages in that same order, that is, after the script has
-//! answered and in offset order with what the bridge brings in (delivered
-//! from the stream, not before it); otherwise a client could hold offset
-//! `n` without `n - 1` and a recovery `since n` would skip it. That makes
-//! local room delivery wait for Redis, which is why it is a design of its
-//! own and not a change to this state machine. It is left to build.
+//! **Across nodes.** With history on in a cluster, Redis is the sequencer
+//! (the `happynet` crate's `realtime::cluster::sequencer`): a Lua script
+//! gives each room broadcast its room's next offset in the room's epoch
+//! (a record in Redis, created with a node's candidate epoch when missing,
+//! so a flush or an expiry is a new epoch) and appends it to the cluster's
+//! one stream in the same atomic step, so stream order is offset order
+//! for every room on every node. Every node, the origin too, delivers those
+//! messages from the stream, in stream order, and the router keeps each
+//! with [`History::insert`] at the position Redis gave it: the same
+//! message has the same `epoch:offset` on every node, and a client may
+//! recover on any of them. A node that starts reads the stream's
+//! positioned entries back into its history (not delivered) before it
+//! answers recoveries, so a restarted node recovers too.
+//!
+//! The guarantee: every position a client holds was issued once, by
+//! Redis, and every node that keeps it keeps the same message there. When
+//! the link to Redis is down, local delivery does not wait: the node
+//! stamps the broadcast itself ([`History::append`], in an epoch of its
+//! own, never continuing Redis's), so a recovery across the outage, on any
+//! node, is `complete:false` — never a wrong replay. Likewise, a node
+//! that missed some of a room's offsets (its link was down, the stream was
+//! trimmed) drops what it kept of the room before the gap
+//! ([`History::insert`]), so what it replays has no hole.
 
 use crate::rooms::RoomName;
 use bytestring::ByteString;
@@ -252,6 +259,10 @@ struct Room {
     /// Unique per record, so a recreated room's epoch differs.
     generation: u64,
     epoch: Arc<str>,
+    /// Whether this history issued the epoch ([`History::append`]) or was
+    /// given it ([`History::insert`]): a local offset must never continue
+    /// an epoch someone else numbers.
+    local: bool,
     /// The offset the next message gets.
     next: u64,
     ring: VecDeque<Entry>,
@@ -368,40 +379,101 @@ impl History {
         frame_for: impl FnOnce(&Position) -> ByteString,
     ) -> (Position, ByteString) {
         self.expire(now);
+        if self.rooms.get(room).is_some_and(|r| !r.local) {
+            // Another epoch's numbering cannot be continued here.
+            self.forget(room);
+        }
         if !self.rooms.contains_key(room) {
             let generation = self.next_generation;
-            self.next_generation += 1;
-            self.rooms.insert(
-                room.clone(),
-                Room {
-                    generation,
-                    epoch: format!("{}-{generation}", self.run).into(),
-                    next: 1,
-                    ring: VecDeque::new(),
-                },
-            );
-            self.bytes += ROOM_OVERHEAD;
+            let epoch = format!("{}-{generation}", self.run).into();
+            self.new_record(room, epoch, 1, true);
         }
-        let size = self.config.size;
-        let Some(record) = self.rooms.get_mut(room) else {
+        let Some(record) = self.rooms.get(room) else {
             unreachable!("inserted above")
         };
         let position = Position {
             epoch: record.epoch.clone(),
             offset: record.next,
         };
-        record.next += 1;
         let frame = frame_for(&position);
+        self.keep(room, position.offset, frame.clone(), now);
+        (position, frame)
+    }
+
+    /// Keeps a message someone else positioned (the cluster's sequencer):
+    /// `at` in its room. Another epoch than the room's restarts the room in
+    /// that epoch; an offset past the next one leaves a gap the kept
+    /// entries cannot be replayed across, so they are dropped and the room
+    /// starts again from this one. Returns the frame `frame_for` built, or
+    /// `None` for a position the room has already (or has gone past): a
+    /// repeat, not to be delivered again.
+    pub fn insert(
+        &mut self,
+        room: &RoomName,
+        at: &Position,
+        now: Instant,
+        frame_for: impl FnOnce(&Position) -> ByteString,
+    ) -> Option<ByteString> {
+        self.expire(now);
+        if at.offset == 0 {
+            return None;
+        }
+        match self.rooms.get(room) {
+            Some(r) if r.epoch == at.epoch && at.offset < r.next => return None,
+            Some(r) if r.epoch == at.epoch && at.offset == r.next => {}
+            Some(_) => self.forget(room),
+            None => {}
+        }
+        if !self.rooms.contains_key(room) {
+            self.new_record(room, at.epoch.clone(), at.offset, false);
+        }
+        let frame = frame_for(at);
+        self.keep(room, at.offset, frame.clone(), now);
+        Some(frame)
+    }
+
+    /// A new, empty record for `room` in `epoch`, whose next offset is
+    /// `next`.
+    fn new_record(&mut self, room: &RoomName, epoch: Arc<str>, next: u64, local: bool) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        self.rooms.insert(
+            room.clone(),
+            Room {
+                generation,
+                epoch,
+                local,
+                next,
+                ring: VecDeque::new(),
+            },
+        );
+        self.bytes += ROOM_OVERHEAD;
+    }
+
+    /// Drops `room`'s record and entries (their slots in `aged` go stale).
+    fn forget(&mut self, room: &RoomName) {
+        if let Some(old) = self.rooms.remove(room) {
+            let freed: usize = old.ring.iter().map(|e| entry_cost(&e.frame)).sum();
+            self.bytes -= freed + ROOM_OVERHEAD;
+            self.entries -= old.ring.len();
+        }
+    }
+
+    /// Keeps `frame` as the message at `offset` of `room`'s record (which
+    /// exists, and whose next offset it is), then trims to the bounds.
+    fn keep(&mut self, room: &RoomName, offset: u64, frame: ByteString, now: Instant) {
+        let size = self.config.size;
+        let Some(record) = self.rooms.get_mut(room) else {
+            return;
+        };
+        record.next = offset + 1;
         self.bytes += entry_cost(&frame);
         self.entries += 1;
-        record.ring.push_back(Entry {
-            offset: position.offset,
-            frame: frame.clone(),
-        });
+        record.ring.push_back(Entry { offset, frame });
         self.aged.push_back(Aged {
             room: room.clone(),
             generation: record.generation,
-            offset: position.offset,
+            offset,
             at: now,
         });
         if record.ring.len() > size {
@@ -413,7 +485,6 @@ impl History {
         }
         while self.bytes > self.config.max_bytes && self.evict_oldest(1) {}
         self.compact();
-        (position, frame)
     }
 
     /// Drops every entry older than `ttl` (and the rooms left empty).
@@ -821,6 +892,110 @@ mod tests {
             vec![5, 6]
         );
         assert_eq!(pos.unwrap().offset, 6);
+    }
+
+    fn at(epoch: &str, offset: u64) -> Position {
+        Position {
+            epoch: epoch.into(),
+            offset,
+        }
+    }
+
+    fn insert(h: &mut History, r: &RoomName, p: &Position, text: &str) -> bool {
+        h.insert(r, p, Instant::now(), |_| ByteString::from(text.to_owned()))
+            .is_some()
+    }
+
+    #[test]
+    fn inserted_positions_are_kept_and_replayed_like_appended_ones() {
+        let mut h = History::new(config(10));
+        let r = room("a");
+        for offset in 41..=45 {
+            assert!(insert(&mut h, &r, &at("c1-1", offset), "m"));
+        }
+        assert_eq!(
+            offsets(&h.since(&r, &at("c1-1", 40), 100)),
+            Some(vec![41, 42, 43, 44, 45])
+        );
+        assert_eq!(offsets(&h.since(&r, &at("c1-1", 39), 100)), None);
+        assert_eq!(h.last(&r, 1).1, Some(at("c1-1", 45)));
+        // The frame builder sees the position it was given.
+        let frame = h.insert(&r, &at("c1-1", 46), Instant::now(), |p| {
+            format!("at {p}").into()
+        });
+        assert_eq!(frame.as_deref(), Some("at c1-1:46"));
+    }
+
+    #[test]
+    fn an_insert_at_a_position_the_room_has_is_a_repeat() {
+        let mut h = History::new(config(10));
+        let r = room("a");
+        assert!(insert(&mut h, &r, &at("c1-1", 1), "m1"));
+        assert!(insert(&mut h, &r, &at("c1-1", 2), "m2"));
+        assert!(!insert(&mut h, &r, &at("c1-1", 2), "again"));
+        assert!(!insert(&mut h, &r, &at("c1-1", 1), "older"));
+        assert!(!insert(&mut h, &r, &at("c1-1", 0), "no such offset"));
+        assert_eq!(h.entries(), 2);
+        assert_eq!(h.last(&r, 1).0[0].frame, "m2");
+    }
+
+    #[test]
+    fn another_epoch_restarts_the_room_in_it() {
+        let mut h = History::new(config(10));
+        let r = room("a");
+        insert(&mut h, &r, &at("c1-1", 1), "m1");
+        insert(&mut h, &r, &at("c1-1", 2), "m2");
+        assert!(insert(&mut h, &r, &at("c2-7", 1), "n1"));
+        assert_eq!(h.entries(), 1);
+        assert_eq!(h.bytes(), ROOM_OVERHEAD + 2 + ENTRY_OVERHEAD);
+        assert_eq!(offsets(&h.since(&r, &at("c1-1", 1), 100)), None);
+        assert_eq!(offsets(&h.since(&r, &at("c2-7", 0), 100)), Some(vec![1]));
+    }
+
+    #[test]
+    fn a_gap_in_the_offsets_drops_what_cannot_be_replayed_across_it() {
+        let mut h = History::new(config(10));
+        let r = room("a");
+        insert(&mut h, &r, &at("c1-1", 1), "m1");
+        insert(&mut h, &r, &at("c1-1", 2), "m2");
+        // Offset 3 never arrived here: nothing before 4 may be replayed.
+        assert!(insert(&mut h, &r, &at("c1-1", 4), "m4"));
+        assert_eq!(h.entries(), 1);
+        assert_eq!(offsets(&h.since(&r, &at("c1-1", 2), 100)), None);
+        assert_eq!(offsets(&h.since(&r, &at("c1-1", 3), 100)), Some(vec![4]));
+    }
+
+    #[test]
+    fn a_local_append_never_continues_an_inserted_epoch() {
+        let mut h = History::new(config(10));
+        let r = room("a");
+        insert(&mut h, &r, &at("c1-1", 7), "m7");
+        // The sequencer is out of reach: this node numbers on its own, in
+        // an epoch of its own, so no client mistakes it for offset 8.
+        let local = push(&mut h, &r, Instant::now(), "local");
+        assert_ne!(&*local.epoch, "c1-1");
+        assert_eq!(local.offset, 1);
+        assert_eq!(offsets(&h.since(&r, &at("c1-1", 7), 100)), None);
+        // And the sequencer's next message restarts the room in its epoch.
+        assert!(insert(&mut h, &r, &at("c1-1", 9), "m9"));
+        assert_eq!(offsets(&h.since(&r, &local, 100)), None);
+        assert_eq!(offsets(&h.since(&r, &at("c1-1", 8), 100)), Some(vec![9]));
+        // Bytes and entries agree with what is kept, after all of that.
+        assert_eq!(h.entries(), 1);
+        assert_eq!(h.bytes(), ROOM_OVERHEAD + 2 + ENTRY_OVERHEAD);
+    }
+
+    #[test]
+    fn inserted_entries_expire_and_are_bounded_like_appended_ones() {
+        let mut h = History::new(config(3));
+        let t0 = Instant::now();
+        let r = room("a");
+        for offset in 1..=5 {
+            h.insert(&r, &at("c1-1", offset), t0, |_| "m".into());
+        }
+        assert_eq!(h.entries(), 3);
+        h.expire(t0 + Duration::from_secs(60));
+        assert_eq!((h.rooms(), h.entries(), h.bytes()), (0, 0, 0));
     }
 
     #[test]

@@ -39,6 +39,24 @@
 //! behind the session's echoes. Plain members get the data once, as before;
 //! protocol members get each of their rooms' stamped frame.
 //!
+//! **History in a cluster.** When the cluster bridge installs itself as
+//! the sequencer (`SetSequencer`, history on), a local room broadcast (app
+//! code, `POST /broadcast`, a client's) is not stamped nor delivered here:
+//! the router hands it to the sequencer (`Sequence`) and answers with the
+//! rooms' member count now. It comes back positioned by Redis, in the
+//! stream's order, as `Sequenced`: the router keeps it at that position
+//! (`History::insert`; a repeat is not delivered again) and fans it out
+//! with its stamps like any other. When the sequencer cannot position it
+//! (its link is down) it comes back as a cluster `Broadcast` at once and
+//! is stamped here. Until the sequencer's `Backfill` is done (or for
+//! `BACKFILL_WAIT`), recoveries wait, so that a node that just started
+//! answers from the history read back from the stream. Two orderings are
+//! looser then: a closing session's `Flush` does not wait for the echoes
+//! of room messages still on their way through Redis, and a sender's room
+//! message may arrive after its next broadcast to everyone (which is not
+//! numbered, so is delivered here at once); room messages keep one order,
+//! the stream's, everywhere.
+//!
 //! **Recovery** (`/ws?since=`, a join with `since`, `recover=last`): the
 //! shard makes the session a member first, marks its seam for the room
 //! pending, and asks the router (`RecoverAsk`). The router answers with
@@ -107,8 +125,10 @@ use crate::messages::Payload;
 use crate::messages::{
     queued_broadcasts, Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Disconnect,
     Flush, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat, HistoryPage,
-    HubStats, Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
+    HubStats, Occupancy, Origin, Relay, RelayTarget, Sequence, Sequenced, SetRelay, SetSequencer,
+    Shutdown, Target, BACKFILL_WAIT,
 };
+use crate::messages::{Backfill, Backfilled};
 use crate::presence::{self, PresenceLimits};
 use crate::protocol::{self, ClientFrame, ClientKind};
 use crate::rooms::{JoinError, Joined, RoomName, RoomTable, SessionId};
@@ -118,7 +138,7 @@ use actix::WeakAddr;
 use actix_web_actors::ws::CloseCode;
 use bytestring::ByteString;
 use socket2::Socket;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Shutdown as SocketShutdown};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -1293,7 +1313,23 @@ pub struct BroadcastHub {
     /// Every room's history, when on: the router sees every room message,
     /// in one order, so it is where offsets are given.
     history: Option<History>,
+    /// With history on in a cluster: where local room broadcasts go to be
+    /// positioned cluster-wide, instead of being stamped here.
+    sequencer: Option<Recipient<Sequence>>,
+    /// Recoveries asked while the sequencer's backfill has not arrived yet.
+    backfill: Option<BackfillWait>,
 }
+
+/// Recoveries waiting for the sequencer's backfill (see [`Backfill`]):
+/// answered when it is done, or at `until`, whichever comes first.
+struct BackfillWait {
+    until: Instant,
+    asks: VecDeque<RecoverAsk>,
+}
+
+/// The most recoveries that wait for a backfill; more are answered at once
+/// from the history there is.
+const MAX_BACKFILL_ASKS: usize = 4096;
 
 impl BroadcastHub {
     /// A hub with `config`; start it with `Actor::start`, and get its
@@ -1318,6 +1354,8 @@ impl BroadcastHub {
             }),
             stats: HubStats::default(),
             history: config_history.map(History::new),
+            sequencer: None,
+            backfill: None,
         }
     }
 
@@ -1361,6 +1399,117 @@ impl BroadcastHub {
     }
 }
 
+impl BroadcastHub {
+    /// Keeps a broadcast the sequencer positioned in each of its rooms'
+    /// history and builds the stamps for the shards: a room where the
+    /// position is a repeat gets none (it was delivered already).
+    fn insert_stamps(
+        history: &mut History,
+        rooms: &[(RoomName, Position)],
+        payload: &Payload,
+        now: Instant,
+    ) -> Vec<Stamp> {
+        rooms
+            .iter()
+            .filter_map(|(room, at)| {
+                let frame = history.insert(room, at, now, |at| {
+                    protocol::stamped_frame(room, at, payload)
+                })?;
+                Some(Stamp {
+                    room: room.clone(),
+                    at: at.clone(),
+                    frame,
+                })
+            })
+            .collect()
+    }
+
+    /// Hands `broadcast` (and its stamps, if any) to every shard; the
+    /// future says how many sessions it was queued for.
+    fn fan(
+        &mut self,
+        broadcast: Broadcast,
+        stamps: Option<Arc<[Stamp]>>,
+    ) -> ResponseActFuture<Self, usize> {
+        let created = broadcast.created;
+        let shards = self.node.shard_addrs();
+        let mut counts = Vec::with_capacity(shards.len());
+        let mut msg = Some(broadcast);
+        for (i, shard) in shards.iter().enumerate() {
+            let (done, count) = tokio::sync::oneshot::channel();
+            // The last shard takes the message itself; the others a copy
+            // (refcounts, not bytes).
+            let broadcast = if i + 1 == shards.len() {
+                msg.take()
+            } else {
+                msg.clone()
+            };
+            if let Some(broadcast) = broadcast {
+                shard.do_send(Fan {
+                    broadcast,
+                    stamps: stamps.clone(),
+                    done: Some(done),
+                });
+                counts.push(count);
+            }
+        }
+        Box::pin(
+            async move {
+                let mut sent = 0;
+                for count in counts {
+                    // A shard that stopped meanwhile queued nothing.
+                    sent += count.await.unwrap_or(0);
+                }
+                sent
+            }
+            .into_actor(self)
+            .map(move |sent, hub, _| {
+                hub.stats.broadcast_latency.observe(created.elapsed());
+                sent
+            }),
+        )
+    }
+
+    /// Answers a recovery from the history there is now.
+    fn answer(&mut self, msg: RecoverAsk) {
+        let last_only = msg.recover == Recover::Last;
+        let answer = match &mut self.history {
+            None => Since::Incomplete { last: None },
+            Some(history) => {
+                history.expire(Instant::now());
+                match &msg.recover {
+                    Recover::Since(since) => {
+                        let limit = history.config().size;
+                        history.since(&msg.room, since, limit)
+                    }
+                    Recover::Last => {
+                        let (entries, last) = history.last(&msg.room, 1);
+                        Since::Complete { entries, last }
+                    }
+                }
+            }
+        };
+        // `do_send`, like every Fan: behind every broadcast stamped before.
+        msg.shard.do_send(Recovered {
+            session: msg.session,
+            room: msg.room,
+            ask: msg.ask,
+            last_only,
+            answer,
+        });
+    }
+
+    /// The backfill is done (or waited for long enough): the recoveries
+    /// that waited for it are answered, in the order they were asked.
+    fn end_backfill(&mut self) {
+        if let Some(wait) = self.backfill.take() {
+            for ask in wait.asks {
+                self.answer(ask);
+            }
+        }
+    }
+}
+
 /// A text frame for one of the hub's own JSON frames.
 fn text_frame(text: &ByteString) -> Frame {
     Frame::new(
@@ -1393,31 +1542,88 @@ impl Handler<RecoverAsk> for BroadcastHub {
     type Result = ();
 
     fn handle(&mut self, msg: RecoverAsk, _: &mut Self::Context) {
-        let last_only = msg.recover == Recover::Last;
-        let answer = match &mut self.history {
-            None => Since::Incomplete { last: None },
-            Some(history) => {
-                history.expire(Instant::now());
-                match &msg.recover {
-                    Recover::Since(since) => {
-                        let limit = history.config().size;
-                        history.since(&msg.room, since, limit)
-                    }
-                    Recover::Last => {
-                        let (entries, last) = history.last(&msg.room, 1);
-                        Since::Complete { entries, last }
-                    }
-                }
+        if let Some(wait) = &mut self.backfill {
+            if Instant::now() < wait.until && wait.asks.len() < MAX_BACKFILL_ASKS {
+                // The session is a member already: live frames held back
+                // meanwhile are all in the history when this is answered.
+                wait.asks.push_back(msg);
+                return;
             }
+            self.end_backfill();
+        }
+        self.answer(msg);
+    }
+}
+
+impl Handler<SetSequencer> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetSequencer, ctx: &mut Self::Context) {
+        self.sequencer = msg.0.filter(|_| self.history.is_some());
+        if self.sequencer.is_some() {
+            self.backfill = Some(BackfillWait {
+                until: Instant::now() + BACKFILL_WAIT,
+                asks: VecDeque::new(),
+            });
+            ctx.run_later(BACKFILL_WAIT, |hub, _| hub.end_backfill());
+        } else {
+            self.end_backfill();
+        }
+    }
+}
+
+impl Handler<Backfill> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: Backfill, _: &mut Self::Context) {
+        if let Some(history) = &mut self.history {
+            let now = Instant::now();
+            let ttl = history.config().ttl;
+            for Backfilled {
+                rooms,
+                payload,
+                age,
+            } in &msg.entries
+            {
+                if *age >= ttl {
+                    continue;
+                }
+                // Kept for what is left of its ttl, not a whole new one (a
+                // clock that cannot go back that far keeps it a whole one).
+                let at = now.checked_sub(*age).unwrap_or(now);
+                Self::insert_stamps(history, rooms, payload, at);
+            }
+        }
+        if msg.done {
+            self.end_backfill();
+        }
+    }
+}
+
+impl Handler<Sequenced> for BroadcastHub {
+    type Result = ResponseActFuture<Self, usize>;
+
+    fn handle(&mut self, msg: Sequenced, _: &mut Self::Context) -> Self::Result {
+        // An own broadcast was counted when it was handed to the sequencer.
+        if !msg.own {
+            self.stats.broadcasts += 1;
+            self.stats.from_cluster += 1;
+        }
+        let Some(history) = &mut self.history else {
+            // History went off (it cannot): deliver as any room broadcast.
+            let rooms = msg.rooms.into_iter().map(|(room, _)| room).collect();
+            return self.fan(
+                Broadcast::from_cluster(Target::Rooms(rooms), msg.payload),
+                None,
+            );
         };
-        // `do_send`, like every Fan: behind every broadcast stamped before.
-        msg.shard.do_send(Recovered {
-            session: msg.session,
-            room: msg.room,
-            ask: msg.ask,
-            last_only,
-            answer,
-        });
+        let stamps = Self::insert_stamps(history, &msg.rooms, &msg.payload, Instant::now());
+        if stamps.is_empty() {
+            return Box::pin(actix::fut::ready(0));
+        }
+        let rooms = stamps.iter().map(|s| s.room.clone()).collect();
+        let broadcast = Broadcast::from_cluster(Target::Rooms(rooms), msg.payload);
+        self.fan(broadcast, Some(stamps.into()))
     }
 }
 
@@ -1465,11 +1671,45 @@ impl Handler<Broadcast> for BroadcastHub {
     type Result = ResponseActFuture<Self, usize>;
 
     fn handle(&mut self, msg: Broadcast, _: &mut Self::Context) -> Self::Result {
-        self.stats.broadcasts += 1;
+        // An unsequenced one was counted when it was handed to the
+        // sequencer.
+        if msg.origin != Origin::Unsequenced {
+            self.stats.broadcasts += 1;
+        }
+        // History in a cluster: positioned by the sequencer, and delivered
+        // here when it hands the broadcast back, in the order every node
+        // delivers it.
+        if let (Origin::Local, Some(sequencer)) = (&msg.origin, &self.sequencer) {
+            let rooms = match &msg.target {
+                Target::Room(room) => Some(vec![room.clone()]),
+                Target::Rooms(rooms) => Some(rooms.clone()),
+                Target::All | Target::Session(_) => None,
+            };
+            if let Some(rooms) = rooms {
+                // Who it will reach here, as far as can be told now.
+                let members = {
+                    let table = lock(&self.node.rooms);
+                    let mut ids: HashSet<SessionId> = HashSet::new();
+                    for room in &rooms {
+                        ids.extend(table.members(room));
+                    }
+                    ids.len()
+                };
+                if !rooms.is_empty() {
+                    self.stats.relayed += 1;
+                    sequencer.do_send(Sequence {
+                        rooms,
+                        payload: msg.payload,
+                    });
+                }
+                return Box::pin(actix::fut::ready(members));
+            }
+        }
         // Relay first: the other nodes' clients should not wait for this
         // node's fan-out (a `do_send` and a refcount bump, not a copy).
         match (&msg.origin, &msg.target) {
             (Origin::Cluster, _) => self.stats.from_cluster += 1,
+            (Origin::Unsequenced, _) => {}
             // Session ids are per node.
             (Origin::Local, Target::Session(_)) => {}
             (Origin::Local, target) => {
@@ -1487,44 +1727,8 @@ impl Handler<Broadcast> for BroadcastHub {
                 }
             }
         }
-        let created = msg.created;
         let stamps = self.stamp(&msg.target, &msg.payload);
-        let shards = self.node.shard_addrs();
-        let mut counts = Vec::with_capacity(shards.len());
-        let mut msg = Some(msg);
-        for (i, shard) in shards.iter().enumerate() {
-            let (done, count) = tokio::sync::oneshot::channel();
-            // The last shard takes the message itself; the others a copy
-            // (refcounts, not bytes).
-            let broadcast = if i + 1 == shards.len() {
-                msg.take()
-            } else {
-                msg.clone()
-            };
-            if let Some(broadcast) = broadcast {
-                shard.do_send(Fan {
-                    broadcast,
-                    stamps: stamps.clone(),
-                    done: Some(done),
-                });
-                counts.push(count);
-            }
-        }
-        Box::pin(
-            async move {
-                let mut sent = 0;
-                for count in counts {
-                    // A shard that stopped meanwhile queued nothing.
-                    sent += count.await.unwrap_or(0);
-                }
-                sent
-            }
-            .into_actor(self)
-            .map(move |sent, hub, _| {
-                hub.stats.broadcast_latency.observe(created.elapsed());
-                sent
-            }),
-        )
+        self.fan(msg, stamps)
     }
 }
 

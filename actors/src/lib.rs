@@ -72,9 +72,10 @@ pub use limiter::{
 pub use liveness::ClosedBy;
 pub use messages::Payload;
 pub use messages::{
-    Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused, Disconnect, Flush,
-    Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat, HistoryPage, HubStats,
-    Occupancy, Origin, Relay, RelayTarget, SetRelay, Shutdown, Target,
+    Backfill, Backfilled, Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused,
+    Disconnect, Flush, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat,
+    HistoryPage, HubStats, Occupancy, Origin, Relay, RelayTarget, Sequence, Sequenced, SetRelay,
+    SetSequencer, Shutdown, Target, BACKFILL_WAIT,
 };
 pub use protocol::ClientKind;
 pub use rooms::{RoomName, SessionId};

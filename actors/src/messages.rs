@@ -38,6 +38,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::time::Instant;
 
 // ---------------------------------------------------------------------------
@@ -270,6 +271,11 @@ pub enum Origin {
     Local,
     /// Another node, through the cluster bridge. Never relayed again.
     Cluster,
+    /// This node's own room broadcast, handed back by the sequencer
+    /// ([`Sequence`]) because it could not be positioned (its link is down):
+    /// stamped and delivered here, not relayed (the sequencer relays it) and
+    /// not counted again.
+    Unsequenced,
 }
 
 /// A message from app code (or `POST /broadcast`) to sessions.
@@ -312,6 +318,15 @@ impl Broadcast {
         Broadcast {
             origin: Origin::Cluster,
             ..Broadcast::new(target, payload)
+        }
+    }
+
+    /// A room broadcast of this node that the sequencer could not position,
+    /// as it hands it back ([`Origin::Unsequenced`]).
+    pub fn unsequenced(rooms: Vec<RoomName>, payload: impl Into<Payload>) -> Self {
+        Broadcast {
+            origin: Origin::Unsequenced,
+            ..Broadcast::new(Target::Rooms(rooms), payload)
         }
     }
 
@@ -582,6 +597,74 @@ pub enum RelayTarget {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct SetRelay(pub Option<Recipient<Relay>>);
+
+/// What the hub hands its sequencer (the cluster bridge, when history is
+/// on): a room broadcast that originated on this node and has **not** been
+/// delivered here. The sequencer gives it its position in each room
+/// cluster-wide and hands it back to be delivered in that order
+/// ([`Sequenced`]); when it cannot (its link is down), it hands it back at
+/// once as a [`Broadcast::unsequenced`], which the hub stamps locally.
+/// Sent with `do_send`; the sequencer keeps its own bounded outbox.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Sequence {
+    /// The rooms, at least one.
+    pub rooms: Vec<RoomName>,
+    /// The frame's data, verbatim, text or binary.
+    pub payload: Payload,
+}
+
+/// Installs (or, with `None`, removes) the sequencer that local room
+/// broadcasts go to instead of being delivered at once (history on). A
+/// sequencer set also means its backfill is coming ([`Backfill`]):
+/// recoveries wait for it, up to [`BACKFILL_WAIT`].
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct SetSequencer(pub Option<Recipient<Sequence>>);
+
+/// How long recoveries wait for the sequencer's backfill before they are
+/// answered from whatever history there is.
+pub const BACKFILL_WAIT: Duration = Duration::from_secs(5);
+
+/// A room broadcast positioned by the cluster's sequencer, in the order
+/// the sequencer gave the positions (the stream's): the hub keeps it in
+/// each room's history at that position and delivers it. The result is how
+/// many sessions it was queued for.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "usize")]
+pub struct Sequenced {
+    /// Each room and the message's position in it.
+    pub rooms: Vec<(RoomName, Position)>,
+    /// The frame's data.
+    pub payload: Payload,
+    /// Published by this node (counted when it was handed to the
+    /// sequencer), rather than by another.
+    pub own: bool,
+}
+
+/// Messages the sequencer positioned before this node started, read back
+/// from the stream, oldest first: kept in the history, not delivered.
+/// `done` ends the backfill (recoveries waiting for it are answered).
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Backfill {
+    /// The messages, oldest first.
+    pub entries: Vec<Backfilled>,
+    /// The last page.
+    pub done: bool,
+}
+
+/// One message of a [`Backfill`].
+#[derive(Debug, Clone)]
+pub struct Backfilled {
+    /// Each room and the message's position in it.
+    pub rooms: Vec<(RoomName, Position)>,
+    /// The frame's data.
+    pub payload: Payload,
+    /// How long ago it was published: it expires from the history that
+    /// much sooner.
+    pub age: Duration,
+}
 
 /// Asks for this node's own room occupancy (not counting other nodes).
 #[derive(Debug, Message)]

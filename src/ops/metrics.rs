@@ -67,7 +67,7 @@
 //! | `happynet_alert_suppressed_total`, `happynet_alert_evaluations_total` | counter | |
 //! | `happynet_alert_webhook_posts_total` | counter | `outcome` = `sent`, `failed`, `dropped` |
 //! | `happynet_cluster_link_up`, `happynet_cluster_outbox`, `happynet_cluster_peers`, `happynet_cluster_remote_sessions` | gauge (only with `network.cluster`) | |
-//! | `happynet_cluster_published_total`, `_received_total`, `_replayed_total`, `_duplicates_total`, `_malformed_total`, `_reconnects_total` | counter (only with `network.cluster`) | |
+//! | `happynet_cluster_published_total`, `_received_total`, `_replayed_total`, `_duplicates_total`, `_malformed_total`, `_reconnects_total`, `_positioned_own_total`, `_unpositioned_total`, `_backfilled_total` | counter (only with `network.cluster`) | |
 //! | `happynet_cluster_lost_total` | counter (only with `network.cluster`) | `direction` = `outbound`, `inbound`, `dropped_inbound` |
 //!
 //! Only the configured API clients (`network.api_clients`) are exposed, not
@@ -700,6 +700,21 @@ impl Exposition {
                 "happynet_cluster_reconnects",
                 "Times the link to Redis came back.",
                 c.reconnects,
+            ),
+            (
+                "happynet_cluster_positioned_own",
+                "Own room broadcasts numbered by Redis and delivered here from the stream (history on).",
+                c.positioned_own,
+            ),
+            (
+                "happynet_cluster_unpositioned",
+                "Own room broadcasts delivered with this node's own numbers because the link was down (history on).",
+                c.unpositioned,
+            ),
+            (
+                "happynet_cluster_backfilled",
+                "Messages read back from the stream into the history at start-up (history on).",
+                c.backfilled,
             ),
         ] {
             self.counter(name, help, value);

@@ -58,7 +58,8 @@
 //!     "node": "a1b2…", "link_up": true, "link_down_ms": 0, "last_error": null,
 //!     "published": 10, "received": 20, "skipped_own": 10, "duplicates": 0,
 //!     "lost_outbound": 0, "lost_inbound": 0, "replayed": 0, "malformed": 0,
-//!     "dropped_inbound": 0, "reconnects": 0, "outbox": 0, "peers": 2,
+//!     "dropped_inbound": 0, "reconnects": 0, "positioned_own": 0,
+//!     "unpositioned": 0, "backfilled": 0, "outbox": 0, "peers": 2,
 //!     "remote_sessions": 7
 //!   }                                  // crate::realtime::cluster::ClusterStats
 //! }

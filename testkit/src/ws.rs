@@ -280,6 +280,11 @@ impl RecvBuf {
 /// sends its own), and reads the `101` response head. Returns the stream and
 /// a buffer holding whatever the server sent after the head.
 pub async fn upgrade(addr: SocketAddr) -> Result<(TcpStream, RecvBuf), String> {
+    upgrade_to(addr, "/ws").await
+}
+
+/// [`upgrade`] to `target` (a path with its query, e.g. `/ws?room=r`).
+pub async fn upgrade_to(addr: SocketAddr, target: &str) -> Result<(TcpStream, RecvBuf), String> {
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -287,7 +292,7 @@ pub async fn upgrade(addr: SocketAddr) -> Result<(TcpStream, RecvBuf), String> {
         .set_nodelay(true)
         .map_err(|e| format!("TCP_NODELAY: {e}"))?;
     stream
-        .write_all(upgrade_request(addr, "/ws", &[PROTOCOL_HEADER]).as_bytes())
+        .write_all(upgrade_request(addr, target, &[PROTOCOL_HEADER]).as_bytes())
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let mut buf = RecvBuf::new();

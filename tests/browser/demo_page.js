@@ -26,7 +26,13 @@
 //      reconnect by themselves and A is back in lobby and games, B in lobby,
 //      and each says the lobby's history was lost (the restart's new epoch);
 //  13. (spawned server only) --tls-cert naming a missing file: exit status 2
-//      and a message naming the file.
+//      and a message naming the file;
+//  14. (spawned server only) a cluster restart: two demo nodes on one
+//      redis-server child (a config file naming it), a page on node A gets
+//      lobby messages broadcast through node B; node A is killed (SIGKILL)
+//      and started again on the same port while node B broadcasts N more;
+//      the page reconnects and says "Recovered N messages in #lobby" (node
+//      A read its history back from the stream), and shows them.
 // A second screenshot, *-closed.png, shows a page after the shutdown, and
 // *-narrow.png the layout at phone width.
 //
@@ -39,6 +45,7 @@
 "use strict";
 const { chromium } = require("playwright-core");
 const { spawn } = require("child_process");
+const net = require("net");
 const fs = require("fs");
 const os = require("os");
 const path = require("path");
@@ -60,9 +67,10 @@ async function check(name, fn) {
   try { await fn(); ok(name); } catch (e) { fail(name, e); }
 }
 
-function startServer(bind = "127.0.0.1:0") {
+function startServer(bind = "127.0.0.1:0", config = null) {
   return new Promise((resolve, reject) => {
-    const child = spawn(BIN, ["--bind", bind], {
+    const args = config ? ["--bind", bind, "--config", config] : ["--bind", bind];
+    const child = spawn(BIN, args, {
       env: { ...process.env, RUST_LOG: "info", HAPPYNET_CONFIG: "" },
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -80,6 +88,46 @@ function startServer(bind = "127.0.0.1:0") {
   });
 }
 
+// A port nothing listens on now.
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.on("error", reject);
+    srv.listen(0, "127.0.0.1", () => { const { port } = srv.address(); srv.close(() => resolve(port)); });
+  });
+}
+
+// A redis-server child on a free port, without persistence; resolves once
+// it answers PING.
+async function startRedis() {
+  const port = await freePort();
+  const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", os.tmpdir()], {
+    stdio: ["ignore", "ignore", "ignore"],
+  });
+  const deadline = Date.now() + SERVER_START_TIMEOUT_MS;
+  for (;;) {
+    const pong = await new Promise((resolve) => {
+      const sock = net.connect(port, "127.0.0.1");
+      sock.on("connect", () => sock.write("PING\r\n"));
+      sock.on("data", (d) => { sock.destroy(); resolve(d.toString().startsWith("+PONG")); });
+      sock.on("error", () => resolve(false));
+    });
+    if (pong) return { child, port };
+    if (child.exitCode !== null || Date.now() > deadline) throw new Error("redis-server did not start (apt-get install redis-server)");
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+// Polls `fn` (an async predicate) until it holds, within `ms`.
+async function until(what, ms, fn) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    if (await fn().catch(() => false)) return;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
 function waitExit(child, ms) {
   return new Promise((resolve) => {
     if (child.exitCode !== null) return resolve(child.exitCode);
@@ -90,6 +138,10 @@ function waitExit(child, ms) {
 
 (async () => {
   let server = null;
+  let redis = null;
+  let nodeA = null;
+  let nodeB = null;
+  let clusterConfig = null;
   let url = process.env.DEMO_URL;
   if (!url) {
     server = await startServer();
@@ -342,9 +394,58 @@ function waitExit(child, ms) {
         if (!err.includes(missing)) throw new Error(`message does not name the file: ${err}`);
       });
     }
+
+    if (server) {
+      await check("cluster restart: the page recovers on the restarted node what node B broadcast meanwhile", async () => {
+        redis = await startRedis();
+        clusterConfig = path.join(os.tmpdir(), `happynet-demo-cluster-${process.pid}.json`);
+        fs.writeFileSync(clusterConfig, JSON.stringify({
+          network: { cluster: { redis_url: `redis://127.0.0.1:${redis.port}`, presence_interval_ms: 200 } },
+        }));
+        nodeA = await startServer("127.0.0.1:0", clusterConfig);
+        nodeB = await startServer("127.0.0.1:0", clusterConfig);
+        for (const n of [nodeA, nodeB]) n.child.removeAllListeners("exit");
+        const ready = (n) => until(`${n.url} ready (linked to Redis)`, SERVER_START_TIMEOUT_MS, async () => (await fetch(n.url + "ready")).status === 200);
+        await ready(nodeA);
+        await ready(nodeB);
+        const positionedOnB = async (n) => {
+          const s = await (await fetch(nodeB.url + "status")).json();
+          return s.cluster && s.cluster.positioned_own >= n;
+        };
+        const post = async (text) => {
+          const r = await fetch(nodeB.url + "broadcast?room=lobby", { method: "POST", headers: { "content-type": "text/plain" }, body: text });
+          if (r.status !== 202) throw new Error(`POST /broadcast on node B gave ${r.status}`);
+        };
+        const p = await context.newPage();
+        p.on("pageerror", (e) => pageErrors.push(e.message));
+        await p.goto(nodeA.url);
+        await waitText(p, "#status-text", /Connected · session #\d+/);
+        for (let i = 0; i < 3; i++) await post(`before ${i} ${stamp}`);
+        await p.locator("#log .msg .body", { hasText: `before 2 ${stamp}` }).waitFor();
+
+        nodeA.child.kill("SIGKILL");
+        await waitExit(nodeA.child, SERVER_EXIT_TIMEOUT_MS);
+        await waitText(p, "#status-text", /retrying in \d+s/);
+        const MISSED = 4;
+        for (let i = 0; i < MISSED; i++) await post(`meanwhile ${i} ${stamp}`);
+        // In the stream (node B reads its own back) before node A starts.
+        await until("node B's broadcasts positioned", STEP_TIMEOUT_MS, () => positionedOnB(3 + MISSED));
+        nodeA = await startServer(new URL(nodeA.url).host, clusterConfig);
+        nodeA.child.removeAllListeners("exit");
+        await p.waitForFunction(() => /Connected · session/.test(document.querySelector("#status-text").textContent), null, { timeout: 20000 });
+        await waitText(p, "#log", new RegExp(`Recovered ${MISSED} messages in #lobby`));
+        for (let i = 0; i < MISSED; i++) await p.locator("#log .msg .body", { hasText: `meanwhile ${i} ${stamp}` }).waitFor();
+        if (await p.locator("#log .note", { hasText: "History lost in #lobby" }).count() !== 0) throw new Error("the page was told the history was lost");
+        await p.screenshot({ path: SCREENSHOT.replace(/\.png$/, "-cluster.png") });
+        await p.close();
+      });
+    }
   } catch (e) {
     fail("unexpected", e);
   } finally {
+    for (const n of [nodeA, nodeB]) if (n && n.child.exitCode === null) n.child.kill("SIGKILL");
+    if (redis) redis.child.kill("SIGKILL");
+    if (clusterConfig) fs.rmSync(clusterConfig, { force: true });
     await context.close().catch(() => {});
     fs.rmSync(userDataDir, { recursive: true, force: true });
     if (server && server.child.exitCode === null) {

@@ -7,12 +7,18 @@ use super::link::LinkState;
 use super::outbox::{OutEntry, Outbox, Pushed};
 use super::presence::{presence_fields, sum_presence, MAX_PRESENCE_NODES, PRESENCE_TTL_INTERVALS};
 use super::sequence::{Seen, SeqTracker, MAX_ORIGINS, ORIGIN_TTL};
-use super::wire::{add_xadd, decode_read_reply, decode_top_id, InEntry, StreamId};
+use super::sequencer::{
+    candidate_epoch, record_ttl, script_call, ScriptContext, Unconfirmed, SCRIPT,
+};
+use super::wire::{add_xadd, decode_entry, decode_read_reply, decode_top_id, InEntry, StreamId};
 use crate::config::{ClusterConfig, ConfigError, NodeIdentity};
 use actix::prelude::*;
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use happynet_actors::backoff::Jitter;
 use happynet_actors::{
-    Broadcast, BroadcastHub, ClusterPresence, GetOccupancy, Relay, RelayTarget, SetRelay,
+    Backfill, Backfilled, Broadcast, BroadcastHub, ClusterPresence, GetOccupancy, Payload,
+    Position, Relay, RelayTarget, RoomName, Sequence, Sequenced, SetRelay, SetSequencer, Target,
 };
 use redis::aio::MultiplexedConnection;
 use redis::IntoConnectionInfo;
@@ -41,6 +47,9 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The most entries one publishing pipeline carries.
 pub const PUBLISH_BATCH: usize = 256;
+
+/// The most entries one read of a backfill returns.
+pub const BACKFILL_PAGE: usize = 1000;
 
 /// How long [`Leave`] waits to flush the outbox and remove this node's
 /// presence.
@@ -96,6 +105,15 @@ pub struct ClusterStats {
     pub dropped_inbound: u64,
     /// Times the link came back after being down.
     pub reconnects: u64,
+    /// This node's own positioned room broadcasts read back from the
+    /// stream and delivered here (history on).
+    pub positioned_own: u64,
+    /// Room broadcasts delivered here with this node's own stamps because
+    /// the link was down when they were to be positioned (history on).
+    pub unpositioned: u64,
+    /// Positioned messages read back into the history when the node
+    /// started (history on).
+    pub backfilled: u64,
     /// Broadcasts waiting in the outbox now.
     pub outbox: usize,
     /// Other nodes seen in the last presence round.
@@ -118,7 +136,33 @@ pub struct Leave;
 
 /// The hub's handling of a batch's last broadcast: done once the hub has
 /// handled the whole batch (its mailbox is FIFO).
-type Delivery = actix::dev::Request<BroadcastHub, Broadcast>;
+type Delivery = BoxFuture<'static, ()>;
+
+/// What the bridge hands the hub from the stream: a broadcast to deliver
+/// as it is (stamped locally if history is on), or one the sequencer
+/// positioned.
+enum ToHub {
+    Plain(Broadcast),
+    Positioned(Sequenced),
+}
+
+impl ToHub {
+    /// `try_send`: false if the hub's mailbox is full.
+    fn try_send(self, hub: &Addr<BroadcastHub>) -> bool {
+        match self {
+            ToHub::Plain(b) => hub.try_send(b).is_ok(),
+            ToHub::Positioned(p) => hub.try_send(p).is_ok(),
+        }
+    }
+
+    /// `send`: done once the hub has handled it.
+    fn send(self, hub: &Addr<BroadcastHub>) -> Delivery {
+        match self {
+            ToHub::Plain(b) => hub.send(b).map(|_| ()).boxed(),
+            ToHub::Positioned(p) => hub.send(p).map(|_| ()).boxed(),
+        }
+    }
+}
 
 /// A batch read from the stream, from the bridge's reader to the bridge.
 /// The reply is the batch's [`Delivery`] (none if nothing in it was for
@@ -131,6 +175,17 @@ type Delivery = actix::dev::Request<BroadcastHub, Broadcast>;
 struct Inbound {
     generation: u64,
     entries: Vec<InEntry>,
+}
+
+/// Each room of a positioned entry's target with its position (they were
+/// checked to be as many when decoded).
+fn positioned_rooms(target: Target, positions: Vec<Position>) -> Option<Vec<(RoomName, Position)>> {
+    let rooms = match target {
+        Target::Room(room) => vec![room],
+        Target::Rooms(rooms) => rooms,
+        Target::All | Target::Session(_) => return None,
+    };
+    (rooms.len() == positions.len()).then(|| rooms.into_iter().zip(positions).collect())
 }
 
 /// After a reconnect: entries up to `top` were in the stream before the
@@ -184,6 +239,17 @@ pub struct ClusterBridge {
     last_id: Option<StreamId>,
     catch_up: Option<CatchUp>,
     stats: ClusterStats,
+    /// With history on (`Some(ttl)`): the bridge is the hub's sequencer
+    /// (see [`super::sequencer`]).
+    history_ttl: Option<Duration>,
+    script: redis::Script,
+    /// Drawn once: the candidate epochs' `run`.
+    run: u64,
+    /// Script calls made: the candidate epochs' counter.
+    calls: u64,
+    unconfirmed: Unconfirmed,
+    /// Whether the history was read back from the stream (once per start).
+    backfilled: bool,
 }
 
 impl ClusterBridge {
@@ -191,10 +257,15 @@ impl ClusterBridge {
     /// node `node` ([`NodeIdentity::new`], decided once so that the alerts
     /// name the node as the bridge does). Start it with `Actor::start`, then
     /// install it as the hub's relay ([`ClusterBridge::start_for`] does both).
+    ///
+    /// With `history_ttl` (history is on, and that is its `ttl`), the
+    /// bridge also positions the node's room broadcasts (see
+    /// [`super::sequencer`]).
     pub fn new(
         config: &ClusterConfig,
         node: NodeIdentity,
         hub: Addr<BroadcastHub>,
+        history_ttl: Option<Duration>,
     ) -> Result<Self, ConfigError> {
         let invalid = |e: redis::RedisError| ConfigError::Invalid {
             path: "network.cluster.redis_url".into(),
@@ -211,7 +282,8 @@ impl ClusterBridge {
             .map_err(invalid)?;
         let tcp = info.tcp_settings().clone().set_nodelay(true);
         let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(invalid)?;
-        let jitter = Jitter::new();
+        let mut jitter = Jitter::new();
+        let run = jitter.next_u64();
         let prefix = config.prefix.clone();
         Ok(ClusterBridge {
             hub,
@@ -242,20 +314,58 @@ impl ClusterBridge {
                 ..ClusterStats::default()
             },
             node,
+            history_ttl,
+            script: redis::Script::new(SCRIPT),
+            run,
+            calls: 0,
+            unconfirmed: Unconfirmed::new(config.outbox_max),
+            backfilled: false,
         })
     }
 
     /// Starts a bridge for `config` on the current arbiter and installs it
-    /// as `hub`'s relay.
+    /// as `hub`'s relay (and, with `history_ttl`, its sequencer).
     pub fn start_for(
         config: &ClusterConfig,
         node: NodeIdentity,
         hub: Addr<BroadcastHub>,
+        history_ttl: Option<Duration>,
     ) -> Result<Addr<ClusterBridge>, ConfigError> {
-        let bridge = ClusterBridge::new(config, node, hub.clone())?.start();
-        // One message at start-up: do_send is bounded by design.
+        let bridge = ClusterBridge::new(config, node, hub.clone(), history_ttl)?.start();
+        // One message each at start-up: do_send is bounded by design.
         hub.do_send(SetRelay(Some(bridge.clone().recipient())));
+        if history_ttl.is_some() {
+            hub.do_send(SetSequencer(Some(bridge.clone().recipient())));
+        }
         Ok(bridge)
+    }
+
+    fn warn_if_full(&mut self, pushed: Pushed) {
+        if pushed != Pushed::Queued && !self.outbox_warned {
+            self.outbox_warned = true;
+            log::warn!(
+                "cluster: outbox full ({} broadcasts or {} bytes); dropping the oldest broadcasts meant for other nodes until the link catches up",
+                self.outbox.max(),
+                self.outbox.max_bytes()
+            );
+        }
+    }
+
+    fn sequencing(&self) -> bool {
+        self.history_ttl.is_some()
+    }
+
+    /// Delivers own room broadcast `seq`, which could not be positioned
+    /// (or not read back), on this node now, stamped by the hub itself, and
+    /// marks its copy in the stream, if the script ran after all, a repeat;
+    /// unless that copy was read back and delivered already.
+    fn deliver_unpositioned(&mut self, seq: u64, rooms: Vec<RoomName>, payload: Payload) {
+        if !self.seqs.claim_own(seq) {
+            return;
+        }
+        self.stats.unpositioned += 1;
+        // One per local broadcast, as the hub's relay to this bridge is.
+        self.hub.do_send(Broadcast::unsequenced(rooms, payload));
     }
 
     /// This node's name.
@@ -270,6 +380,7 @@ impl ClusterBridge {
         let client = self.client.clone();
         let stream = self.keys.stream.clone();
         let name = self.node.name.clone();
+        let script = self.sequencing().then(|| self.script.clone());
         let setup = async move {
             let config = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -313,6 +424,15 @@ impl ClusterBridge {
                 .await
                 .map_err(short_error)?;
             let top = decode_top_id(&newest)?;
+            // Loaded now, so that publishing is an EVALSHA (the whole
+            // script is sent again only if the server forgot it).
+            if let Some(script) = script {
+                script
+                    .prepare_invoke()
+                    .load_async(&mut publisher)
+                    .await
+                    .map_err(|e| short_error(format!("SCRIPT LOAD: {e}")))?;
+            }
             Ok::<_, String>((publisher, reader, top))
         };
         ctx.spawn(
@@ -388,9 +508,113 @@ impl ClusterBridge {
             ),
         }
         self.outbox_warned = false;
-        self.spawn_reader(ctx, reader, start);
+        if self.sequencing() && !self.backfilled {
+            // The reader starts where the backfill ends: nothing between.
+            self.spawn_backfill(ctx, reader, start);
+        } else {
+            self.spawn_reader(ctx, reader, start);
+        }
         self.flush(ctx);
         self.presence_round(ctx);
+    }
+
+    /// Reads the stream's positioned entries up to `top` into the hub's
+    /// history (not delivered), in pages, then starts the reader from
+    /// `top`. Once per start: later outages resume from the last id read.
+    fn spawn_backfill(
+        &mut self,
+        ctx: &mut Context<Self>,
+        reader: MultiplexedConnection,
+        top: StreamId,
+    ) {
+        let generation = self.generation;
+        let Some(mut conn) = self.publisher.clone() else {
+            return;
+        };
+        let stream = self.keys.stream.clone();
+        let hub = self.hub.clone();
+        let backfill = async move {
+            let mut from = "-".to_owned();
+            let mut total = 0u64;
+            if top != StreamId::default() {
+                loop {
+                    let page: redis::Value = redis::cmd("XRANGE")
+                        .arg(&stream)
+                        .arg(&from)
+                        .arg(top.to_string())
+                        .arg("COUNT")
+                        .arg(BACKFILL_PAGE)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(|e| short_error(format!("XRANGE: {e}")))?;
+                    let redis::Value::Array(raw) = page else {
+                        return Err("XRANGE: the reply is not an array".to_owned());
+                    };
+                    let entries: Vec<InEntry> = raw.iter().map(decode_entry).collect();
+                    let last = entries.iter().filter_map(|e| e.id).max();
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let page: Vec<Backfilled> = entries
+                        .into_iter()
+                        .filter_map(|e| {
+                            let age = Duration::from_millis(now_ms.saturating_sub(e.id?.ms));
+                            let (target, payload) = e.content.ok()?;
+                            let rooms = positioned_rooms(target, e.positions?)?;
+                            Some(Backfilled {
+                                rooms,
+                                payload,
+                                age,
+                            })
+                        })
+                        .collect();
+                    total += page.len() as u64;
+                    hub.send(Backfill {
+                        entries: page,
+                        done: false,
+                    })
+                    .await
+                    .map_err(|e| format!("hub: {e}"))?;
+                    match last {
+                        Some(last) if raw.len() >= BACKFILL_PAGE && last < top => {
+                            from = format!("({last}");
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            hub.send(Backfill {
+                entries: Vec::new(),
+                done: true,
+            })
+            .await
+            .map_err(|e| format!("hub: {e}"))?;
+            Ok::<_, String>(total)
+        };
+        let handle = ctx.spawn(backfill.into_actor(self).map(
+            move |result, bridge, ctx| {
+                if bridge.generation != generation {
+                    return;
+                }
+                match result {
+                    Ok(total) => {
+                        bridge.backfilled = true;
+                        bridge.stats.backfilled = total;
+                        log::info!(
+                            "cluster: node {} read {total} positioned messages back into its history, up to {top}",
+                            bridge.node.name
+                        );
+                        bridge.spawn_reader(ctx, reader, top);
+                    }
+                    Err(why) => {
+                        // Read again from the top on the next link.
+                        bridge.last_id = None;
+                        bridge.link_lost(ctx, format!("backfill: {why}"));
+                    }
+                }
+            },
+        ));
+        self.reader = Some(handle);
     }
 
     fn link_lost(&mut self, ctx: &mut Context<Self>, why: String) {
@@ -406,6 +630,16 @@ impl ClusterBridge {
         }
         self.publisher = None;
         self.catch_up = None;
+        // Own room broadcasts not read back yet (published or not) cannot
+        // wait for the stream: delivered here now, in order, and relayed
+        // plain later (those still in the outbox).
+        let mut pending = self.unconfirmed.take();
+        pending.extend(self.outbox.unsequence());
+        for entry in pending {
+            if let RelayTarget::Rooms(rooms) = entry.target {
+                self.deliver_unpositioned(entry.seq, rooms, entry.payload);
+            }
+        }
         log::warn!(
             "cluster: link to Redis down ({why}); local delivery continues, broadcasts for other nodes wait in the outbox (up to {}); reconnecting in {wait:?}",
             self.outbox.max()
@@ -508,7 +742,7 @@ impl ClusterBridge {
         if self.flushing || !self.link.is_up() {
             return;
         }
-        let Some(mut conn) = self.publisher.clone() else {
+        let Some(conn) = self.publisher.clone() else {
             return;
         };
         let batch = self.outbox.take(PUBLISH_BATCH);
@@ -517,42 +751,88 @@ impl ClusterBridge {
             return;
         }
         self.flushing = true;
-        let pipe = self.xadd_pipeline(&batch);
+        let publish = self.publish(&batch, conn);
         let generation = self.generation;
         ctx.spawn(
-            async move {
-                tokio::time::timeout(COMMAND_TIMEOUT, pipe.query_async::<()>(&mut conn)).await
-            }
-            .into_actor(self)
-            .map(move |result, bridge, ctx| {
-                bridge.flushing = false;
-                match result {
-                    Ok(Ok(())) => {
-                        bridge.stats.published += bridge.outbox.acked() as u64;
-                        bridge.flush(ctx);
-                    }
-                    Ok(Err(e)) => {
-                        bridge.outbox.failed();
-                        if bridge.generation == generation {
-                            bridge.link_lost(ctx, short_error(format!("XADD: {e}")));
-                        } else {
+            async move { tokio::time::timeout(COMMAND_TIMEOUT, publish).await }
+                .into_actor(self)
+                .map(move |result, bridge, ctx| {
+                    bridge.flushing = false;
+                    match result {
+                        Ok(Ok(())) => {
+                            bridge.stats.published += bridge.outbox.acked() as u64;
+                            // Positioned and not read back yet. A batch
+                            // from before the link was lost was delivered
+                            // here by then (link_lost).
+                            if bridge.generation == generation {
+                                bridge.unconfirmed.published(batch);
+                            }
                             bridge.flush(ctx);
                         }
-                    }
-                    Err(_) => {
-                        bridge.outbox.failed();
-                        if bridge.generation == generation {
-                            bridge.link_lost(
-                                ctx,
-                                format!("no answer to XADD within {COMMAND_TIMEOUT:?}"),
-                            );
-                        } else {
-                            bridge.flush(ctx);
+                        Ok(Err(e)) => {
+                            bridge.outbox.failed();
+                            if bridge.generation == generation {
+                                bridge.link_lost(ctx, short_error(format!("publish: {e}")));
+                            } else {
+                                bridge.flush(ctx);
+                            }
+                        }
+                        Err(_) => {
+                            bridge.outbox.failed();
+                            if bridge.generation == generation {
+                                bridge.link_lost(
+                                    ctx,
+                                    format!("no answer to publishing within {COMMAND_TIMEOUT:?}"),
+                                );
+                            } else {
+                                bridge.flush(ctx);
+                            }
                         }
                     }
-                }
-            }),
+                }),
         );
+    }
+
+    /// Publishes `batch` in order: one call of the sequencer's script
+    /// (history on), or an `XADD` pipeline.
+    fn publish(
+        &mut self,
+        batch: &[OutEntry],
+        mut conn: MultiplexedConnection,
+    ) -> BoxFuture<'static, redis::RedisResult<()>> {
+        let Some(ttl) = self.history_ttl else {
+            let pipe = self.xadd_pipeline(batch);
+            return async move { pipe.query_async::<()>(&mut conn).await }.boxed();
+        };
+        self.calls += 1;
+        let call = script_call(
+            &ScriptContext {
+                prefix: &self.keys.prefix,
+                stream: &self.keys.stream,
+                max_len: self.stream_max_len,
+                record_ttl: record_ttl(ttl),
+                origin: &self.node.origin,
+            },
+            &candidate_epoch(self.run, self.calls),
+            batch,
+        );
+        let script = self.script.clone();
+        async move {
+            let mut invocation = script.prepare_invoke();
+            for key in call.keys {
+                invocation.key(key);
+            }
+            for arg in call.args {
+                invocation.arg(arg);
+            }
+            // EVALSHA; the whole script again if the server answers
+            // NOSCRIPT (then nothing of the batch ran).
+            invocation
+                .invoke_async::<redis::Value>(&mut conn)
+                .await
+                .map(|_| ())
+        }
+        .boxed()
     }
 
     fn xadd_pipeline(&self, batch: &[OutEntry]) -> redis::Pipeline {
@@ -671,9 +951,9 @@ impl ClusterBridge {
     /// counts gaps, hands the rest to the hub. Returns the delivery of the
     /// batch's last broadcast, which completes once the hub has handled the
     /// whole batch (its mailbox is FIFO).
-    fn on_inbound(&mut self, entries: Vec<InEntry>) -> Option<Broadcast> {
+    fn on_inbound(&mut self, entries: Vec<InEntry>) -> Option<ToHub> {
         let now = Instant::now();
-        let mut deliveries: Vec<Broadcast> = Vec::new();
+        let mut deliveries: Vec<ToHub> = Vec::new();
         let mut newest = None;
         for entry in entries {
             if let Some(id) = entry.id {
@@ -682,10 +962,23 @@ impl ClusterBridge {
             }
             // The sequence is tracked even when the rest is malformed: the
             // entry was published, so it is not a gap.
-            let seen = entry
-                .sender
+            // Positioned entries are delivered from the stream, this
+            // node's own too (see the sequence module).
+            let positioned = entry.positions.is_some();
+            let seen = entry.sender.as_ref().map(|(origin, seq)| {
+                let seen = if positioned {
+                    if *origin == self.node.origin {
+                        self.unconfirmed.read_back(*seq);
+                    }
+                    self.seqs.observe_positioned(origin, *seq, now)
+                } else {
+                    self.seqs.observe(origin, *seq, now)
+                };
+                (origin, *seq, seen)
+            });
+            let own = seen
                 .as_ref()
-                .map(|(origin, seq)| (origin, *seq, self.seqs.observe(origin, *seq, now)));
+                .is_some_and(|(origin, _, _)| **origin == self.node.origin);
             if let Some((origin, seq, Seen::New { lost })) = seen {
                 if lost > 0 {
                     self.stats.lost_inbound = self.stats.lost_inbound.saturating_add(lost);
@@ -726,14 +1019,28 @@ impl ClusterBridge {
                     continue;
                 }
             };
-            self.stats.received += 1;
-            if let Some(c) = &mut self.catch_up {
-                if entry.id.is_some_and(|id| id <= c.top) {
-                    c.replayed += 1;
-                    self.stats.replayed += 1;
+            if own {
+                self.stats.positioned_own += 1;
+            } else {
+                self.stats.received += 1;
+                if let Some(c) = &mut self.catch_up {
+                    if entry.id.is_some_and(|id| id <= c.top) {
+                        c.replayed += 1;
+                        self.stats.replayed += 1;
+                    }
                 }
             }
-            deliveries.push(Broadcast::from_cluster(target, payload));
+            let positioned = entry
+                .positions
+                .and_then(|positions| positioned_rooms(target.clone(), positions));
+            deliveries.push(match positioned {
+                Some(rooms) => ToHub::Positioned(Sequenced {
+                    rooms,
+                    payload,
+                    own,
+                }),
+                None => ToHub::Plain(Broadcast::from_cluster(target, payload)),
+            });
         }
         if let Some(c) = self.catch_up {
             // Caught up once a read ends past the old top (or comes back
@@ -748,11 +1055,11 @@ impl ClusterBridge {
             }
         }
         let last = deliveries.pop();
-        for broadcast in deliveries {
+        for delivery in deliveries {
             // try_send: the hub's mailbox is bounded and a full one must be
             // noticed; the reader waits for each batch (below), so this
             // only fails if the hub is swamped by other senders.
-            if self.hub.try_send(broadcast).is_err() {
+            if !delivery.try_send(&self.hub) {
                 self.stats.dropped_inbound += 1;
             }
         }
@@ -801,19 +1108,34 @@ impl Handler<Relay> for ClusterBridge {
         if matches!(&msg.target, RelayTarget::Rooms(rooms) if rooms.is_empty()) {
             return;
         }
-        match self.outbox.push(msg.target, msg.payload) {
-            Pushed::Queued => {}
-            Pushed::DroppedOldest | Pushed::DroppedNew => {
-                if !self.outbox_warned {
-                    self.outbox_warned = true;
-                    log::warn!(
-                        "cluster: outbox full ({} broadcasts or {} bytes); dropping the oldest broadcasts meant for other nodes until the link catches up",
-                        self.outbox.max(),
-                        self.outbox.max_bytes()
-                    );
-                }
+        let pushed = self.outbox.push(msg.target, msg.payload);
+        self.warn_if_full(pushed);
+        self.flush(ctx);
+    }
+}
+
+impl Handler<Sequence> for ClusterBridge {
+    type Result = ();
+
+    fn handle(&mut self, msg: Sequence, ctx: &mut Self::Context) {
+        if msg.rooms.is_empty() {
+            return;
+        }
+        let up = self.link.is_up() && self.publisher.is_some();
+        // Positioned by the script, delivered here when read back; with
+        // the link down, delivered here now and relayed plain later.
+        let target = RelayTarget::Rooms(msg.rooms.clone());
+        let (pushed, seq, dropped) = self.outbox.push_numbered(target, msg.payload.clone(), up);
+        if !up {
+            self.deliver_unpositioned(seq, msg.rooms, msg.payload);
+        }
+        // A full outbox drops for the other nodes, never for this one.
+        for entry in dropped.into_iter().filter(|e| e.sequenced) {
+            if let RelayTarget::Rooms(rooms) = entry.target {
+                self.deliver_unpositioned(entry.seq, rooms, entry.payload);
             }
         }
+        self.warn_if_full(pushed);
         self.flush(ctx);
     }
 }
@@ -830,7 +1152,7 @@ impl Handler<Inbound> for ClusterBridge {
         let last = self.on_inbound(msg.entries);
         // send (not try_send) for the last one: the reader waits for its
         // answer before handing over the next batch (its back-pressure).
-        MessageResult(last.map(|last| self.hub.send(last)))
+        MessageResult(last.map(|last| last.send(&self.hub)))
     }
 }
 
@@ -851,13 +1173,28 @@ impl Handler<Leave> for ClusterBridge {
         // writes (one already written is ordered before the DEL below, on
         // the same connection).
         self.hub.do_send(SetRelay(None));
+        if self.sequencing() {
+            self.hub.do_send(SetSequencer(None));
+        }
         self.leaving = true;
         if let Some(round) = self.presence_round.take() {
             ctx.cancel_future(round);
         }
         let conn = self.publisher.clone().filter(|_| self.link.is_up());
         let waiting = self.outbox.drain_waiting();
-        let mut pipe = self.xadd_pipeline(&waiting);
+        // With history on, the waiting entries go through the script
+        // first (the other nodes get them positioned), then the rest.
+        let publish = match &conn {
+            Some(c) if self.sequencing() && !waiting.is_empty() => {
+                Some(self.publish(&waiting, c.clone()))
+            }
+            _ => None,
+        };
+        let mut pipe = if self.sequencing() {
+            redis::pipe()
+        } else {
+            self.xadd_pipeline(&waiting)
+        };
         pipe.del(self.keys.presence(&self.node.name))
             .ignore()
             .srem(&self.keys.nodes, &self.node.name)
@@ -871,7 +1208,13 @@ impl Handler<Leave> for ClusterBridge {
                 let Some(mut conn) = conn else {
                     return Err("the link is down".to_owned());
                 };
-                match tokio::time::timeout(LEAVE_TIMEOUT, pipe.query_async::<()>(&mut conn)).await {
+                let leave = async move {
+                    if let Some(publish) = publish {
+                        publish.await?;
+                    }
+                    pipe.query_async::<()>(&mut conn).await
+                };
+                match tokio::time::timeout(LEAVE_TIMEOUT, leave).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("no answer within {LEAVE_TIMEOUT:?}")),

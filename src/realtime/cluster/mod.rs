@@ -24,7 +24,8 @@
 //! last `seq` of every other origin ([`SeqTracker`]): a jump is a gap of
 //! exactly `seq - last - 1` lost messages, logged and counted, even when the
 //! stream was trimmed past what was missed. A repeated `seq` (an `XADD`
-//! retried after a lost reply) is dropped.
+//! retried after a lost reply) is dropped. (With history on, room
+//! broadcasts are the exception: see below.)
 //!
 //! **Failures.** Local delivery never depends on Redis: the hub delivers
 //! before it relays. Broadcasts for other nodes wait in a bounded
@@ -45,6 +46,38 @@
 //! before it dies leave no later entry to reveal the gap and are not
 //! counted.
 //!
+//! **History: Redis is the sequencer.** With `websocket.history` on, a
+//! room broadcast that originates here is not delivered here first: the
+//! hub hands it to the bridge ([`Sequence`](happynet_actors::Sequence)),
+//! whose outbox publishes it through the sequencer's Lua script
+//! ([`sequencer`]): per room, the room's record `{prefix}:room:{room}`
+//! (`epoch`, `offset`; created with this node's candidate epoch when
+//! missing, expiring after [`record_ttl`]) gives it its next offset, and
+//! the entry is `XADD`ed with a sixth field, `positions`, in the same
+//! atomic step. Every node, this one too, delivers positioned entries from
+//! the stream, in stream order: its own positioned entries are not
+//! skipped, and [`SeqTracker::observe_positioned`] drops their repeats. A
+//! node that starts reads the stream's positioned entries back into its
+//! history first ([`BACKFILL_PAGE`] at a time, up to the newest id at
+//! link-up, where the reader then starts: nothing between). The cost: local
+//! room delivery waits for one round trip to Redis and the reader's wake.
+//!
+//! **The link down, with history on.** Local delivery still does not
+//! wait: a room broadcast that cannot be published now is delivered here
+//! at once, stamped by the hub itself in a node-local epoch (recoveries
+//! across the outage are `complete:false`, never wrong), and waits in the
+//! outbox as a plain entry, relayed as before when the link is back (its
+//! receivers stamp it locally too). When the link is lost, every own room
+//! broadcast not yet read back from the stream — waiting, being published,
+//! or published and unconfirmed ([`Unconfirmed`]) — is delivered here the
+//! same way, in order; a script that ran although its reply was lost left
+//! a positioned copy in the stream, which is then a repeat by `seq`
+//! ([`SeqTracker::claim_own`]) on this node, and the plain copy a
+//! repeat on the others; one whose copy was read back (and delivered)
+//! before its reply came is not delivered again. Each message is therefore delivered once on every
+//! node, and a script call is never resent: a batch is one `EVALSHA`, all
+//! or nothing.
+//!
 //! **Presence.** Every `presence_interval_ms` the bridge writes this node's
 //! occupancy to the hash `{prefix}:presence:{node}` (expiring after three
 //! intervals, so a dead node drops out by itself), reads the other nodes'
@@ -64,6 +97,9 @@
 //!   nodes;
 //! - [`sequence`]: the last `seq` of every origin ([`SeqTracker`]): own
 //!   entries, repeats and gaps;
+//! - [`sequencer`]: the Lua script that positions room broadcasts and
+//!   publishes a batch, its arguments, and the own entries published but
+//!   not yet read back ([`Unconfirmed`]);
 //! - [`link`]: up or down, and when to reconnect ([`LinkState`]), on the
 //!   reconnect policy the shared rate limits use too
 //!   ([`happynet_actors::reconnect`]);
@@ -77,12 +113,13 @@ pub mod link;
 pub mod outbox;
 pub mod presence;
 pub mod sequence;
+pub mod sequencer;
 pub mod wire;
 
 pub use bridge::{
-    short_error, ClusterBridge, ClusterStats, GetClusterStats, Leave, COMMAND_TIMEOUT,
-    CONNECT_TIMEOUT, LEAVE_TIMEOUT, MAX_ERROR_CHARS, PUBLISH_BATCH, READ_BLOCK, READ_GRACE,
-    SETUP_TIMEOUT,
+    short_error, ClusterBridge, ClusterStats, GetClusterStats, Leave, BACKFILL_PAGE,
+    COMMAND_TIMEOUT, CONNECT_TIMEOUT, LEAVE_TIMEOUT, MAX_ERROR_CHARS, PUBLISH_BATCH, READ_BLOCK,
+    READ_GRACE, SETUP_TIMEOUT,
 };
 pub use link::LinkState;
 pub use outbox::{OutEntry, Outbox, Pushed};
@@ -90,7 +127,11 @@ pub use presence::{
     presence_fields, sum_presence, MAX_PRESENCE_COUNT, MAX_PRESENCE_NODES, PRESENCE_TTL_INTERVALS,
 };
 pub use sequence::{Seen, SeqTracker, MAX_ORIGINS, ORIGIN_TTL};
+pub use sequencer::{
+    candidate_epoch, record_ttl, room_key, script_call, ScriptCall, ScriptContext, Unconfirmed,
+    RECORD_TTL_FLOOR, SCRIPT,
+};
 pub use wire::{
-    add_xadd, decode_entry, decode_read_reply, decode_target, decode_top_id, encode_target,
-    InEntry, StreamId, KIND_BINARY,
+    add_xadd, decode_entry, decode_positions, decode_read_reply, decode_target, decode_top_id,
+    encode_positions, encode_target, InEntry, StreamId, KIND_BINARY,
 };

@@ -5,6 +5,14 @@
 //! comes back; a full outbox drops its oldest and counts them
 //! (`lost_outbound`). Each entry gets its sequence number when it is pushed,
 //! so one dropped here is a gap every receiver counts.
+//!
+//! With history on, a local room broadcast waits here *to be positioned*
+//! ([`OutEntry::sequenced`]): published by the sequencer's script, and
+//! delivered on this node only once it is read back from the stream. When
+//! the link is lost, [`Outbox::unsequence`] turns every such entry into a
+//! plain one (relayed later as before) and hands it to the bridge to be
+//! delivered here at once; one the full outbox drops is handed back too
+//! ([`Outbox::push_numbered`]), for the same reason.
 
 use happynet_actors::{Payload, RelayTarget};
 use std::collections::VecDeque;
@@ -18,6 +26,9 @@ pub struct OutEntry {
     pub target: RelayTarget,
     /// The frame's data.
     pub payload: Payload,
+    /// To be positioned by the sequencer (and delivered here only when it
+    /// is read back); a plain entry is delivered here before it is queued.
+    pub sequenced: bool,
 }
 
 /// The broadcasts waiting to be published, oldest first, at most `max`.
@@ -72,34 +83,52 @@ impl Outbox {
     /// its bytes. A broadcast that cannot fit beside what is being sent (or
     /// is larger than `max_bytes` on its own) is dropped itself.
     pub fn push(&mut self, target: RelayTarget, payload: Payload) -> Pushed {
+        self.push_numbered(target, payload, false).0
+    }
+
+    /// [`push`](Self::push), for an entry to be positioned by the sequencer
+    /// when `sequenced`; also returns its sequence number and every entry
+    /// dropped (the new one too, if it was), so that those to be positioned
+    /// can still be delivered on this node.
+    pub fn push_numbered(
+        &mut self,
+        target: RelayTarget,
+        payload: Payload,
+        sequenced: bool,
+    ) -> (Pushed, u64, Vec<OutEntry>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let size = payload.len();
+        let entry = OutEntry {
+            seq,
+            target,
+            payload,
+            sequenced,
+        };
+        let size = entry.payload.len();
         if size > self.max_bytes {
             // It could never fit: evict nothing for it.
             self.lost += 1;
-            return Pushed::DroppedNew;
+            return (Pushed::DroppedNew, seq, vec![entry]);
         }
         let mut pushed = Pushed::Queued;
+        let mut dropped = Vec::new();
         while self.queue.len() >= self.max || self.bytes.saturating_add(size) > self.max_bytes {
             if self.in_flight >= self.queue.len() {
                 // Only entries being sent are left: they stay.
                 self.lost += 1;
-                return Pushed::DroppedNew;
+                dropped.push(entry);
+                return (Pushed::DroppedNew, seq, dropped);
             }
             if let Some(old) = self.queue.remove(self.in_flight) {
                 self.bytes -= old.payload.len();
+                dropped.push(old);
             }
             self.lost += 1;
             pushed = Pushed::DroppedOldest;
         }
         self.bytes += size;
-        self.queue.push_back(OutEntry {
-            seq,
-            target,
-            payload,
-        });
-        pushed
+        self.queue.push_back(entry);
+        (pushed, seq, dropped)
     }
 
     /// Up to `n` of the oldest entries to publish now; none while a batch
@@ -132,6 +161,18 @@ impl Outbox {
         let waiting: Vec<OutEntry> = self.queue.drain(self.in_flight..).collect();
         self.bytes -= waiting.iter().map(|e| e.payload.len()).sum::<usize>();
         waiting
+    }
+
+    /// Turns every entry waiting to be positioned (being sent or not) into
+    /// a plain one, and returns them, oldest first: the link is lost, so
+    /// they are delivered here now and relayed plain later.
+    pub fn unsequence(&mut self) -> Vec<OutEntry> {
+        let mut turned = Vec::new();
+        for entry in self.queue.iter_mut().filter(|e| e.sequenced) {
+            entry.sequenced = false;
+            turned.push(entry.clone());
+        }
+        turned
     }
 
     /// Payload bytes held now.
@@ -236,6 +277,37 @@ mod tests {
         assert_eq!(o.bytes(), 4);
         assert_eq!(o.drain_waiting().len(), 1);
         assert_eq!(o.bytes(), 0);
+    }
+
+    #[test]
+    fn sequenced_entries_share_the_numbering_and_turn_plain_when_the_link_is_lost() {
+        let room = happynet_actors::RoomName::new("r").unwrap();
+        let mut o = Outbox::new(10, usize::MAX);
+        o.push(RelayTarget::All, text("all"));
+        let rooms = || RelayTarget::Rooms(vec![room.clone()]);
+        let (pushed, seq, dropped) = o.push_numbered(rooms(), text("a"), true);
+        assert_eq!((pushed, seq, dropped), (Pushed::Queued, 2, vec![]));
+        assert_eq!(o.take(2).iter().filter(|e| e.sequenced).count(), 1);
+        o.push_numbered(rooms(), text("b"), true);
+        // Lost: one in flight and one waiting come back, oldest first.
+        let turned = o.unsequence();
+        assert_eq!(turned.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert!(o.unsequence().is_empty(), "once");
+        o.failed();
+        assert!(o.take(10).iter().all(|e| !e.sequenced));
+    }
+
+    #[test]
+    fn what_a_full_outbox_drops_is_handed_back() {
+        let mut o = Outbox::new(1, usize::MAX);
+        o.push_numbered(RelayTarget::All, text("a"), true);
+        let (pushed, _, dropped) = o.push_numbered(RelayTarget::All, text("b"), true);
+        assert_eq!(pushed, Pushed::DroppedOldest);
+        assert_eq!(dropped.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(o.take(1).len(), 1);
+        let (pushed, seq, dropped) = o.push_numbered(RelayTarget::All, text("c"), true);
+        assert_eq!((pushed, seq), (Pushed::DroppedNew, 3));
+        assert_eq!(dropped.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3]);
     }
 
     #[test]

@@ -2,6 +2,14 @@
 //! a node skips its own entries, drops repeats (an `XADD` retried after a
 //! lost reply) and counts a jump as a gap of exactly `seq - last - 1` lost
 //! messages, even when the stream was trimmed past what was missed.
+//!
+//! This node's own *positioned* entries (history on) are not skipped: the
+//! node delivers them from the stream, like everyone's. Their repeats are
+//! dropped by the same rule, on this node's own sequence: the highest own
+//! `seq` delivered here, by the stream or by the fallback that delivers
+//! locally when the link is lost ([`SeqTracker::claim_own`]), so an
+//! entry delivered by the fallback and then found in the stream (the
+//! script ran, its reply was lost) is delivered once.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -43,6 +51,8 @@ pub struct SeqTracker {
     last: HashMap<String, (u64, Instant)>,
     max_origins: usize,
     paused_since: Option<Instant>,
+    /// The highest own `seq` delivered here (see the module docs).
+    own_delivered: u64,
 }
 
 impl SeqTracker {
@@ -53,6 +63,7 @@ impl SeqTracker {
             last: HashMap::new(),
             max_origins: max_origins.max(1),
             paused_since: None,
+            own_delivered: 0,
         }
     }
 
@@ -110,6 +121,33 @@ impl SeqTracker {
         Seen::New { lost: 0 }
     }
 
+    /// Classifies a positioned entry: as [`observe`](Self::observe), except
+    /// that this node's own are new unless one at or past `seq` was
+    /// delivered here already.
+    pub fn observe_positioned(&mut self, origin: &str, seq: u64, now: Instant) -> Seen {
+        if origin != self.own {
+            return self.observe(origin, seq, now);
+        }
+        if seq <= self.own_delivered {
+            return Seen::Duplicate;
+        }
+        self.own_delivered = seq;
+        Seen::New { lost: 0 }
+    }
+
+    /// Whether this node's own entry `seq` is still to be delivered here by
+    /// the fallback (its copy in the stream was not delivered already: the
+    /// script ran and the reader was faster than its reply). If so, it is
+    /// marked delivered: its copy in the stream (and every older one) is
+    /// then a repeat.
+    pub fn claim_own(&mut self, seq: u64) -> bool {
+        if seq <= self.own_delivered {
+            return false;
+        }
+        self.own_delivered = seq;
+        true
+    }
+
     /// Forgets origins not heard from for [`ORIGIN_TTL`] of linked time;
     /// does nothing while paused.
     pub fn sweep(&mut self, now: Instant) {
@@ -147,6 +185,29 @@ mod tests {
         assert_eq!(t.observe("a", 10, t0), Seen::New { lost: 3 });
         assert_eq!(t.observe("b", 1, t0), Seen::New { lost: 0 });
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn own_positioned_entries_are_delivered_once_whichever_way_comes_first() {
+        let t0 = Instant::now();
+        let mut t = SeqTracker::new("me", 10);
+        assert_eq!(t.observe_positioned("me", 1, t0), Seen::New { lost: 0 });
+        assert_eq!(t.observe_positioned("me", 1, t0), Seen::Duplicate);
+        // The link was lost with 2 and 3 unconfirmed: delivered locally;
+        // the script had run for 2, so it is in the stream too.
+        assert!(t.claim_own(2));
+        assert!(t.claim_own(3));
+        assert_eq!(t.observe_positioned("me", 2, t0), Seen::Duplicate);
+        // Read back before the link was lost: not delivered again.
+        assert_eq!(t.observe_positioned("me", 4, t0), Seen::New { lost: 0 });
+        assert!(!t.claim_own(4));
+        assert!(!t.claim_own(3));
+        assert_eq!(t.observe_positioned("me", 5, t0), Seen::New { lost: 0 });
+        // Plain own entries are still skipped, others' tracked as before.
+        assert_eq!(t.observe("me", 6, t0), Seen::Own);
+        assert_eq!(t.observe_positioned("a", 7, t0), Seen::New { lost: 0 });
+        assert_eq!(t.observe("a", 7, t0), Seen::Duplicate);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

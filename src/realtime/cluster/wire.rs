@@ -6,13 +6,17 @@
 //! `seq` (consecutive per origin), `target` (`all` or a JSON array of room
 //! names) and `payload` (the frame's data, verbatim); a binary broadcast has
 //! a fifth, `kind` = `binary` (without it an entry is text, so text entries
-//! read the same as before binary existed). Decoding never fails a whole
+//! read the same as before binary existed). A room broadcast positioned by
+//! the sequencer (history on, see [`super::sequencer`]) has one more,
+//! `positions`: `epoch:offset` of each target room, in the target's order,
+//! separated by spaces (epochs are printable ASCII without spaces or `:`).
+//! Decoding never fails a whole
 //! read for one bad entry, and its errors never quote a reply's content.
 
 use super::outbox::OutEntry;
 use actix_web::web::Bytes;
 use bytestring::ByteString;
-use happynet_actors::{Payload, RelayTarget, RoomName, Target};
+use happynet_actors::{Payload, Position, RelayTarget, RoomName, Target};
 use std::fmt;
 
 /// A Redis Stream entry id, `<milliseconds>-<sequence>`, ordered as Redis
@@ -87,6 +91,37 @@ pub struct InEntry {
     pub sender: Option<(String, u64)>,
     /// Who receives it and the frame's data, or why it is malformed.
     pub content: Result<(Target, Payload), String>,
+    /// Its position in each of its target rooms (in the target's order),
+    /// when the sequencer gave it some.
+    pub positions: Option<Vec<Position>>,
+}
+
+/// The `positions` field of a positioned entry: each room's `epoch:offset`,
+/// in the target's order.
+pub fn encode_positions(positions: &[Position]) -> String {
+    let texts: Vec<String> = positions.iter().map(Position::to_string).collect();
+    texts.join(" ")
+}
+
+/// Reads a `positions` field back, checking it has one position per room
+/// of `target`.
+pub fn decode_positions(text: &str, target: &Target) -> Result<Vec<Position>, String> {
+    let rooms = match target {
+        Target::Room(_) => 1,
+        Target::Rooms(rooms) => rooms.len(),
+        Target::All | Target::Session(_) => return Err("positions for no room".to_owned()),
+    };
+    let positions = text
+        .split(' ')
+        .map(|p| Position::parse(p).map_err(|e| format!("bad position: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    if positions.len() != rooms || positions.iter().any(|p| p.offset == 0) {
+        return Err(format!(
+            "{} positions for {rooms} rooms (or an offset 0)",
+            positions.len()
+        ));
+    }
+    Ok(positions)
 }
 
 /// The name of a reply's type, for error messages (never its content).
@@ -196,6 +231,7 @@ pub fn decode_entry(raw: &redis::Value) -> InEntry {
         id: None,
         sender: None,
         content: Err(String::new()),
+        positions: None,
     };
     let redis::Value::Array(parts) = raw else {
         entry.content = Err(format!("an entry is a {}", value_kind(raw)));
@@ -244,6 +280,13 @@ pub fn decode_entry(raw: &redis::Value) -> InEntry {
         }
         Err(e) => Err(e),
     };
+    let has_positions = fields.iter().any(|(n, _)| *n == b"positions");
+    if let (true, Ok((target, _))) = (has_positions, &entry.content) {
+        match field_text(&fields, "positions").and_then(|t| decode_positions(&t, target)) {
+            Ok(positions) => entry.positions = Some(positions),
+            Err(e) => entry.content = Err(e),
+        }
+    }
     entry
 }
 
@@ -467,6 +510,51 @@ mod tests {
         let secret = bulk(b"a private message");
         let err = decode_read_reply(&secret).expect_err("not a reply");
         assert!(!err.contains("private"), "{err}");
+    }
+
+    #[test]
+    fn positions_round_trip_and_must_match_the_rooms() {
+        let two = Target::Rooms(vec![room("a"), room("b")]);
+        let at = |e: &str, o| Position {
+            epoch: e.into(),
+            offset: o,
+        };
+        let text = encode_positions(&[at("c1-1", 3), at("c2-4", 9)]);
+        assert_eq!(text, "c1-1:3 c2-4:9");
+        assert_eq!(
+            decode_positions(&text, &two),
+            Ok(vec![at("c1-1", 3), at("c2-4", 9)])
+        );
+        assert!(decode_positions("c1-1:3", &two).is_err());
+        assert!(decode_positions("c1-1:3", &Target::All).is_err());
+        assert!(decode_positions("c1-1:0", &Target::Room(room("a"))).is_err());
+        assert!(decode_positions("c1-1", &Target::Room(room("a"))).is_err());
+        let entry = decode_entry(&raw_entry(
+            "7-0",
+            &[
+                (b"node", b"n1"),
+                (b"seq", b"1"),
+                (b"target", br#"["a","b"]"#),
+                (b"payload", b"x"),
+                (b"positions", b"c1-1:3 c2-4:9"),
+            ],
+        ));
+        assert_eq!(entry.positions, Some(vec![at("c1-1", 3), at("c2-4", 9)]));
+        assert!(entry.content.is_ok());
+        let bad = decode_entry(&raw_entry(
+            "7-1",
+            &[
+                (b"node", b"n1"),
+                (b"seq", b"2"),
+                (b"target", br#"["a"]"#),
+                (b"payload", b"x"),
+                (b"positions", b"c1-1:3 c2-4:9"),
+            ],
+        ));
+        assert!(bad.content.is_err() && bad.positions.is_none());
+        assert_eq!(bad.sender, Some(("n1".to_owned(), 2)), "still not a gap");
+        // Unpositioned entries read as before.
+        assert_eq!(decode_entry(&good("8-0", "n1", "3")).positions, None);
     }
 
     #[test]
