@@ -54,8 +54,9 @@ use futures::task::AtomicWaker;
 use futures::Stream;
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 
 /// The most [`Outbound`] hands the HTTP layer in one pass (from a poll to
 /// the `Pending` that ends it): actix-http's initial write buffer (8 KiB,
@@ -188,12 +189,45 @@ impl DeliveryQueue {
     }
 }
 
+/// The waker [`Outbound`] polls the session's context with: it notes that
+/// the context has something to do and wakes the body's task (through the
+/// delivery queue's waker, which the body registers on every poll).
+///
+/// Why not poll the context on every poll of the body: a frame delivered at
+/// a fixed rate costs the body two polls (the one that hands it over and
+/// the one that finds nothing more), and polling the actor's context (its
+/// mailbox, its inbound stream, its items) in both was a good part of what
+/// a delivery cost beyond the `write()`. The context's output only changes
+/// when something woke it, so the body polls it only then.
+#[derive(Debug)]
+struct ContextWake {
+    /// Set by a wake, cleared just before the context is polled (so a wake
+    /// during that poll is not lost). Starts set: the context has not been
+    /// polled yet.
+    woken: AtomicBool,
+    link: Arc<SessionLink>,
+}
+
+impl Wake for ContextWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.link.queue().waker.wake();
+    }
+}
+
 /// The upgrade response's body: the session's `WebsocketContext` output
 /// (`inner`) merged with its [`DeliveryQueue`], in the order the module
 /// docs give.
 pub struct Outbound<S, E> {
     inner: Option<S>,
     link: Arc<SessionLink>,
+    /// What `inner` is polled with (see [`ContextWake`]).
+    inner_wake: Arc<ContextWake>,
+    inner_waker: Waker,
     /// Taken from the queue, not yet handed over.
     ready: VecDeque<Frame>,
     /// The context's chunk, held behind `ready`.
@@ -208,9 +242,15 @@ impl<S, E> Outbound<S, E> {
     /// The body for a session whose link is `link` and whose context's
     /// output is `inner`.
     pub fn new(link: Arc<SessionLink>, inner: S) -> Self {
+        let inner_wake = Arc::new(ContextWake {
+            woken: AtomicBool::new(true),
+            link: link.clone(),
+        });
         Outbound {
             inner: Some(inner),
             link,
+            inner_waker: Waker::from(inner_wake.clone()),
+            inner_wake,
             ready: VecDeque::new(),
             held: None,
             ended: None,
@@ -245,9 +285,17 @@ where
             // Registered before taking, so a push after the take wakes us.
             this.link.queue().waker.register(cx.waker());
             this.link.queue().take_all(&mut this.ready);
-            if let Some(inner) = this.inner.as_mut() {
-                match Pin::new(inner).poll_next(cx) {
+            // Only if something woke the context since its last `Pending`
+            // (see `ContextWake`); cleared first, so a wake while it runs
+            // brings the body back.
+            let woken = this.inner_wake.woken.swap(false, Ordering::AcqRel);
+            if let (true, Some(inner)) = (woken, this.inner.as_mut()) {
+                let mut inner_cx = Context::from_waker(&this.inner_waker);
+                match Pin::new(inner).poll_next(&mut inner_cx) {
                     Poll::Ready(Some(Ok(chunk))) => {
+                        // A stream that yielded has registered no waker:
+                        // it is polled again next time.
+                        this.inner_wake.woken.store(true, Ordering::Release);
                         if this.link.is_closing() {
                             // The close frame is in this chunk or was
                             // before it: nothing may follow it.
@@ -397,7 +445,10 @@ mod tests {
     type Body = Outbound<futures::channel::mpsc::UnboundedReceiver<Result<Bytes, ()>>, ()>;
 
     /// Polls `out` until it is pending; returns what it handed over.
-    fn one_pass(out: &mut Body, cx: &mut Context<'_>) -> Vec<Bytes> {
+    fn one_pass<S>(out: &mut Outbound<S, ()>, cx: &mut Context<'_>) -> Vec<Bytes>
+    where
+        S: Stream<Item = Result<Bytes, ()>> + Unpin,
+    {
         let mut got = Vec::new();
         while let Poll::Ready(Some(Ok(piece))) = Pin::new(&mut *out).poll_next(cx) {
             got.push(piece);
@@ -515,6 +566,73 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "round {round}: all of it, in order");
         }
+    }
+
+    /// A context output that counts how often it is polled.
+    struct CountedPolls {
+        rx: futures::channel::mpsc::UnboundedReceiver<Result<Bytes, ()>>,
+        polls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Stream for CountedPolls {
+        type Item = Result<Bytes, ()>;
+
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            let this = self.get_mut();
+            this.polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Pin::new(&mut this.rx).poll_next(cx)
+        }
+    }
+
+    #[test]
+    fn queued_frames_do_not_poll_the_context_and_its_own_wake_does() {
+        let l = link(16);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut out = Outbound::new(
+            l.clone(),
+            CountedPolls {
+                rx,
+                polls: polls.clone(),
+            },
+        );
+        let wakes = Arc::new(Wakes::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let count =
+            |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+        // The first pass polls the context once, which then waits.
+        assert!(one_pass(&mut out, &mut cx).is_empty());
+        assert_eq!(count(&polls), 1);
+        for i in 0..5 {
+            l.queue().push(frame(&i.to_string()), true).unwrap();
+            let got = one_pass(&mut out, &mut cx);
+            assert_eq!(got, vec![encode(&Payload::Text(i.to_string().into()))]);
+        }
+        assert_eq!(
+            count(&polls),
+            1,
+            "the queue's frames left the context alone"
+        );
+        // The context's own output wakes the body and is polled for.
+        let before = count(&wakes.0);
+        tx.unbounded_send(Ok(Bytes::from_static(b"PING"))).unwrap();
+        assert_eq!(
+            count(&wakes.0),
+            before + 1,
+            "the context's wake reached the task"
+        );
+        l.queue().push(frame("after"), true).unwrap();
+        let got = one_pass(&mut out, &mut cx);
+        assert_eq!(
+            got,
+            vec![
+                encode(&Payload::Text("after".into())),
+                Bytes::from_static(b"PING")
+            ]
+        );
+        // Polled for the chunk, and once more (it yielded) to find it waiting.
+        assert_eq!(count(&polls), 3);
     }
 
     #[actix::test]
