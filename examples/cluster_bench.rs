@@ -32,7 +32,7 @@
 //! three nodes' full-speed throughput ≥ 80% of one node's.
 //!
 //! How to read it: every node is a child process (this binary re-executed
-//! with `--serve`), each with 2 HTTP workers; the single node runs without
+//! with `--serve`), each with 2 HTTP workers (`--workers`); the single node runs without
 //! Redis (the deployment it is compared with). Redis is a `redis-server`
 //! child on a free port, unless `--redis URL` names one (a fresh key prefix
 //! is used per run). Clients are minimal raw-socket WebSocket clients on this
@@ -91,6 +91,8 @@ struct Options {
     burst: usize,
     in_flight: usize,
     redis: Option<String>,
+    /// HTTP workers per node.
+    workers: usize,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -102,6 +104,7 @@ fn parse_args() -> Result<Options, String> {
         burst: 500,
         in_flight: 8,
         redis: None,
+        workers: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -120,10 +123,11 @@ fn parse_args() -> Result<Options, String> {
             "--burst" => o.burst = number("--burst", value("--burst")?)? as usize,
             "--in-flight" => o.in_flight = number("--in-flight", value("--in-flight")?)? as usize,
             "--redis" => o.redis = Some(value("--redis")?),
+            "--workers" => o.workers = number("--workers", value("--workers")?)? as usize,
             "--help" | "-h" => {
                 return Err(
                     "usage: cluster_bench [--runs N] [--clients N] [--rate R] [--seconds S] \
-                            [--burst N] [--in-flight N] [--redis URL]"
+                            [--burst N] [--in-flight N] [--redis URL] [--workers N]"
                         .into(),
                 )
             }
@@ -161,9 +165,9 @@ fn parse_payload(p: &[u8]) -> Option<(usize, u32, u32, u64)> {
 // A node (child process)
 // ---------------------------------------------------------------------------
 
-/// `--serve <redis-url|none> <prefix>`: one node on 127.0.0.1:0; prints
-/// `LISTENING <addr>` and serves until its standard input closes.
-fn serve(redis: &str, prefix: &str) -> ExitCode {
+/// `--serve <redis-url|none> <prefix> <workers>`: one node on 127.0.0.1:0;
+/// prints `LISTENING <addr>` and serves until its standard input closes.
+fn serve(redis: &str, prefix: &str, workers: usize) -> ExitCode {
     let mut json = serde_json::json!({"network": {"websocket": {"max_connections": 20_000}}});
     if redis != "none" {
         json["network"]["cluster"] = serde_json::json!({"redis_url": redis, "prefix": prefix});
@@ -173,7 +177,7 @@ fn serve(redis: &str, prefix: &str) -> ExitCode {
         let net = Network::start(config).expect("network starts");
         let routes = net.configure();
         let server = HttpServer::new(move || App::new().configure(routes.clone()))
-            .workers(2)
+            .workers(workers)
             .backlog(4096)
             .on_connect(net.on_connect())
             .disable_signals()
@@ -205,10 +209,11 @@ impl NodeProcess {
         self.child.id()
     }
 
-    fn spawn(redis: Option<&str>, prefix: &str) -> NodeProcess {
+    fn spawn(redis: Option<&str>, prefix: &str, workers: usize) -> NodeProcess {
         let exe = std::env::current_exe().expect("own path");
         let mut child = Command::new(exe)
             .args(["--serve", redis.unwrap_or("none"), prefix])
+            .arg(workers.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -617,7 +622,7 @@ async fn run_topology(
     let prefix = format!("bench{}", unix_nanos() % 1_000_000_007);
     let redis = redis.filter(|_| nodes > 1);
     let procs: Vec<NodeProcess> = (0..nodes)
-        .map(|_| NodeProcess::spawn(redis.map(|r| r.0), &prefix))
+        .map(|_| NodeProcess::spawn(redis.map(|r| r.0), &prefix, o.workers))
         .collect();
     let watch = match redis {
         Some((url, _)) => Some(Watch::start(url, &prefix)?),
@@ -832,7 +837,8 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("--serve") {
         let redis = args.get(2).map_or("none", String::as_str);
         let prefix = args.get(3).map_or("bench", String::as_str);
-        return serve(redis, prefix);
+        let workers = args.get(4).and_then(|w| w.parse().ok()).unwrap_or(2);
+        return serve(redis, prefix, workers);
     }
     let o = match parse_args() {
         Ok(o) => o,
