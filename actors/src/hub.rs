@@ -100,7 +100,7 @@
 //! one does on a graceful shutdown (1001), is never aborted.
 
 use crate::capacity;
-use crate::delivery::{self, Frame, Refused};
+use crate::delivery::{self, Frame, Pushed, Refused, WriteOutcome};
 use crate::history::{History, HistoryConfig, Position, Recover, Since};
 use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::messages::Payload;
@@ -393,6 +393,12 @@ pub struct HubShard {
     shutting_down: Option<Draining>,
     /// Numbers this shard's recovery questions to the router.
     asks: u64,
+    /// Sessions whose queues are written straight to their sockets and
+    /// have frames since the last [`FlushQueues`]: each at most once, so
+    /// bounded by the sessions.
+    to_flush: Vec<SessionId>,
+    /// A [`FlushQueues`] is in the mailbox.
+    flush_sent: bool,
 }
 
 struct Draining {
@@ -412,12 +418,15 @@ impl HubShard {
             stats: HubStats::default(),
             shutting_down: None,
             asks: 0,
+            to_flush: Vec::new(),
+            flush_sent: false,
         }
     }
 
     /// Queues `payload` for one session. Returns false if it was not queued;
     /// the caller collects slow consumers in `evict` and evicts them after
-    /// its loop.
+    /// its loop, and notes in `to_flush` the queues the shard is to write
+    /// ([`HubShard::schedule_flush`]).
     fn deliver(
         policy: &EvictionPolicy,
         stats: &mut HubStats,
@@ -425,6 +434,7 @@ impl HubShard {
         member: &mut Member,
         frame: &Frame,
         evict: &mut Vec<SessionId>,
+        to_flush: &mut Vec<SessionId>,
     ) -> bool {
         let cost = frame.cost();
         let link = &member.link;
@@ -439,7 +449,10 @@ impl HubShard {
         // Registered but not started (see the module docs): its body has
         // not been polled yet, so only the budget charged above bounds it.
         match link.queue().push(frame.clone(), link.is_started()) {
-            Ok(()) => {
+            Ok(pushed) => {
+                if pushed == Pushed::Flush {
+                    to_flush.push(id);
+                }
                 stats.deliveries += 1;
                 true
             }
@@ -478,8 +491,9 @@ impl HubShard {
         {
             let policy = &self.node.config.eviction;
             let stats = &mut self.stats;
+            let to_flush = &mut self.to_flush;
             let mut one = |id: SessionId, member: &mut Member| {
-                if Self::deliver(policy, stats, id, member, &frame, &mut evict) {
+                if Self::deliver(policy, stats, id, member, &frame, &mut evict, to_flush) {
                     sent += 1;
                 }
             };
@@ -488,7 +502,52 @@ impl HubShard {
         for id in evict {
             self.evict(id, Eviction::SlowConsumer);
         }
+        self.schedule_flush();
         sent
+    }
+
+    /// Asks for a [`FlushQueues`] behind whatever the mailbox holds now, if
+    /// a queue waits for one: the shard writes each session's frames once
+    /// its pass over those messages is over, so a burst of broadcasts goes
+    /// out in one `send` per session.
+    fn schedule_flush(&mut self) {
+        if self.to_flush.is_empty() || self.flush_sent {
+            return;
+        }
+        match &self.me {
+            Some(me) => {
+                me.do_send(FlushQueues);
+                self.flush_sent = true;
+            }
+            // Not started (a unit test driving the state directly).
+            None => self.flush_queues(),
+        }
+    }
+
+    /// Writes every queue that waits for it to its socket; a queue whose
+    /// socket is full (or gone) is its session's body's to finish.
+    fn flush_queues(&mut self) {
+        self.flush_sent = false;
+        let mut ids = std::mem::take(&mut self.to_flush);
+        for id in &ids {
+            let Some(member) = self.sessions.get(id) else {
+                continue; // gone since
+            };
+            let queue = member.link.queue();
+            let (released, outcome) = queue.write_direct(false);
+            if released > 0 {
+                member.link.release(released);
+            }
+            if matches!(outcome, WriteOutcome::Blocked | WriteOutcome::Failed(_)) {
+                queue.wake_writer();
+            }
+        }
+        ids.clear();
+        // Its room is bounded by the sessions; kept for the next pass.
+        self.to_flush = ids;
+        if let Some(to) = capacity::shrink_to(self.sessions.len(), self.to_flush.capacity()) {
+            self.to_flush.shrink_to(to);
+        }
     }
 
     fn fan_out<I: IntoIterator<Item = SessionId>>(&mut self, to: I, payload: &Payload) -> usize {
@@ -734,6 +793,7 @@ impl HubShard {
         let policy = &self.node.config.eviction;
         let stats = &mut self.stats;
         let sessions = &mut self.sessions;
+        let to_flush = &mut self.to_flush;
         for (stamp, ids) in stamps.iter().zip(members) {
             let mut stamped: Option<Frame> = None;
             for id in ids {
@@ -759,7 +819,7 @@ impl HubShard {
                         &*stamped.get_or_insert_with(|| text_frame(&stamp.frame))
                     }
                 };
-                if Self::deliver(policy, stats, id, member, frame, &mut evict) {
+                if Self::deliver(policy, stats, id, member, frame, &mut evict, to_flush) {
                     sent += 1;
                 }
             }
@@ -767,6 +827,7 @@ impl HubShard {
         for id in evict {
             self.evict(id, Eviction::SlowConsumer);
         }
+        self.schedule_flush();
         sent
     }
 
@@ -1192,6 +1253,22 @@ impl Handler<FromClient> for HubShard {
 
     fn handle(&mut self, msg: FromClient, _: &mut Self::Context) {
         self.on_client_frame(msg.id, msg.frame);
+    }
+}
+
+/// Sent by a shard to itself: write the queues [`HubShard::schedule_flush`]
+/// noted.
+struct FlushQueues;
+
+impl Message for FlushQueues {
+    type Result = ();
+}
+
+impl Handler<FlushQueues> for HubShard {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushQueues, _: &mut Self::Context) {
+        self.flush_queues();
     }
 }
 

@@ -112,8 +112,15 @@ pub(crate) fn upgrade_body(
     pass: UpgradePass,
 ) -> HttpResponse {
     response.map_body(|_, body| {
+        let out = Outbound::new(link, ContextOutput(body));
+        // Plain TCP: the frames are written straight to the socket (see
+        // `happynet_actors::delivery`); over TLS they go through actix-http.
+        let out = match &socket {
+            Some(socket) => out.with_direct(socket.clone()),
+            None => out,
+        };
         BoxBody::new(UpgradeBody {
-            out: Outbound::new(link, ContextOutput(body)),
+            out,
             socket,
             _pass: pass,
         })
