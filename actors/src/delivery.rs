@@ -52,11 +52,11 @@
 //!   for why that write is always whole) and holds no byte of the
 //!   connection, so the socket is the queue's to write;
 //! - the shard pushes frames without waking anyone ([`Pushed::Flush`] says
-//!   when a queue goes from empty to not), and once its pass over the
-//!   messages in its mailbox is over it writes each such queue with one
-//!   `send` (`writev` for several frames) from its own task
-//!   (`HubShard::flush_queues`, behind a message to itself): no task is
-//!   woken, and a burst of broadcasts is still one write per session;
+//!   when a queue goes from empty to not), and once it has handled every
+//!   message in its mailbox it writes each such queue with one `send`
+//!   (`writev` for several frames) from its own task
+//!   (`HubShard::flush_queues`): no session's task is woken, and a burst of
+//!   broadcasts is still one write per session;
 //! - a write that would block (the client reads slowly) leaves the rest to
 //!   the body: the queue is `blocked`, the shard only queues, and the body
 //!   waits for the socket to drain (a readiness registration of its own on

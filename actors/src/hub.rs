@@ -506,17 +506,19 @@ impl HubShard {
         sent
     }
 
-    /// Asks for a [`FlushQueues`] behind whatever the mailbox holds now, if
-    /// a queue waits for one: the shard writes each session's frames once
-    /// its pass over those messages is over, so a burst of broadcasts goes
-    /// out in one `send` per session.
+    /// Asks for a [`FlushQueues`] once the shard has handled everything its
+    /// mailbox holds, if a queue waits for one: a task of its own sends it
+    /// when it first runs, which is after the shard's task has drained its
+    /// mailbox and yielded, so a burst of broadcasts goes out in one `send`
+    /// per session, and a lone broadcast a few task hops after it came.
     fn schedule_flush(&mut self) {
         if self.to_flush.is_empty() || self.flush_sent {
             return;
         }
         match &self.me {
             Some(me) => {
-                me.do_send(FlushQueues);
+                let me = me.clone();
+                actix::spawn(async move { me.do_send(FlushQueues) });
                 self.flush_sent = true;
             }
             // Not started (a unit test driving the state directly).
