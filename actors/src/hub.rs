@@ -530,9 +530,13 @@ impl HubShard {
     /// socket is full (or gone) is its session's body's to finish.
     fn flush_queues(&mut self) {
         self.flush_sent = false;
-        let mut ids = std::mem::take(&mut self.to_flush);
-        for id in &ids {
-            let Some(member) = self.sessions.get(id) else {
+        // A pass writes at most FLUSH_CHUNK queues, then lets the mailbox
+        // in before the rest: a broadcast that came meanwhile is queued for
+        // the sessions not yet written, so when the shard is behind they
+        // take two frames in one write instead of two writes.
+        let chunk = self.to_flush.len().min(FLUSH_CHUNK);
+        for i in 0..chunk {
+            let Some(member) = self.sessions.get(&self.to_flush[i]) else {
                 continue; // gone since
             };
             let queue = member.link.queue();
@@ -544,11 +548,14 @@ impl HubShard {
                 queue.wake_writer();
             }
         }
-        ids.clear();
-        // Its room is bounded by the sessions; kept for the next pass.
-        self.to_flush = ids;
-        if let Some(to) = capacity::shrink_to(self.sessions.len(), self.to_flush.capacity()) {
-            self.to_flush.shrink_to(to);
+        self.to_flush.drain(..chunk);
+        if self.to_flush.is_empty() {
+            // Its room is bounded by the sessions; kept for the next pass.
+            if let Some(to) = capacity::shrink_to(self.sessions.len(), self.to_flush.capacity()) {
+                self.to_flush.shrink_to(to);
+            }
+        } else {
+            self.schedule_flush();
         }
     }
 
@@ -1257,6 +1264,10 @@ impl Handler<FromClient> for HubShard {
         self.on_client_frame(msg.id, msg.frame);
     }
 }
+
+/// The most queues one [`FlushQueues`] writes (about a millisecond of
+/// `send`s) before the shard looks at its mailbox again.
+const FLUSH_CHUNK: usize = 256;
 
 /// Sent by a shard to itself: write the queues [`HubShard::schedule_flush`]
 /// noted.
