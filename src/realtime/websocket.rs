@@ -40,7 +40,11 @@
 //! (`actix-web-4.18.1/src/server.rs` line 305) sets how full the write
 //! buffer may get before it is flushed (32 KiB by default,
 //! `DEFAULT_H1_WRITE_BUFFER_SIZE` in actix-http's `src/config.rs` line 54),
-//! not its size. What the dispatcher does with them:
+//! not its size. Over plain TCP the upgrade body hands the dispatcher no
+//! byte after the `101` (the frames are written to the socket's duplicate
+//! directly, see `happynet_actors::delivery`), so the write buffer stays as
+//! it was allocated and what follows about it holds for TLS connections
+//! only. What the dispatcher does with them:
 //! - it fills the write buffer from the body while the buffer holds less
 //!   than `h1_write_buffer_size`, copying each item whole
 //!   (`dispatcher.rs` lines 686-690), and a buffer that grew keeps its size
