@@ -34,7 +34,7 @@
 //! three nodes' full-speed throughput ≥ 80% of one node's.
 //!
 //! How to read it: every node is a child process (this binary re-executed
-//! with `--serve`), each with 2 HTTP workers; the single node runs without
+//! with `--serve`), each with 2 HTTP workers (`--workers`); the single node runs without
 //! Redis (the deployment it is compared with). Redis is a `redis-server`
 //! child on a free port, unless `--redis URL` names one (a fresh key prefix
 //! is used per run). Clients are minimal raw-socket WebSocket clients on this
@@ -105,6 +105,8 @@ struct Options {
     redis: Option<String>,
     room: bool,
     compare_history: bool,
+    /// HTTP workers per node.
+    workers: usize,
 }
 
 fn parse_args() -> Result<Options, String> {
@@ -118,6 +120,7 @@ fn parse_args() -> Result<Options, String> {
         redis: None,
         room: false,
         compare_history: false,
+        workers: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -138,10 +141,12 @@ fn parse_args() -> Result<Options, String> {
             "--redis" => o.redis = Some(value("--redis")?),
             "--room" => o.room = true,
             "--compare-history" => o.compare_history = true,
+            "--workers" => o.workers = number("--workers", value("--workers")?)? as usize,
             "--help" | "-h" => {
                 return Err(
                     "usage: cluster_bench [--runs N] [--clients N] [--rate R] [--seconds S] \
-                            [--burst N] [--in-flight N] [--redis URL] [--room] [--compare-history]"
+                            [--burst N] [--in-flight N] [--redis URL] [--room] [--compare-history] \
+                            [--workers N]"
                         .into(),
                 )
             }
@@ -196,10 +201,10 @@ fn parse_payload(p: &[u8]) -> Option<(usize, u32, u32, u64)> {
 // A node (child process)
 // ---------------------------------------------------------------------------
 
-/// `--serve <redis-url|none> <prefix> [history-off]`: one node on
-/// 127.0.0.1:0; prints `LISTENING <addr>` and serves until its standard
-/// input closes.
-fn serve(redis: &str, prefix: &str, history: bool) -> ExitCode {
+/// `--serve <redis-url|none> <prefix> <history-on|history-off> <workers>`:
+/// one node on 127.0.0.1:0; prints `LISTENING <addr>` and serves until its
+/// standard input closes.
+fn serve(redis: &str, prefix: &str, history: bool, workers: usize) -> ExitCode {
     let mut json = serde_json::json!({"network": {"websocket": {
         "max_connections": 20_000, "history": {"enabled": history}}}});
     if redis != "none" {
@@ -210,7 +215,7 @@ fn serve(redis: &str, prefix: &str, history: bool) -> ExitCode {
         let net = Network::start(config).expect("network starts");
         let routes = net.configure();
         let server = HttpServer::new(move || App::new().configure(routes.clone()))
-            .workers(2)
+            .workers(workers)
             .backlog(4096)
             .on_connect(net.on_connect())
             .disable_signals()
@@ -242,11 +247,12 @@ impl NodeProcess {
         self.child.id()
     }
 
-    fn spawn(redis: Option<&str>, prefix: &str, history: bool) -> NodeProcess {
+    fn spawn(redis: Option<&str>, prefix: &str, history: bool, workers: usize) -> NodeProcess {
         let exe = std::env::current_exe().expect("own path");
         let history = if history { "history-on" } else { "history-off" };
         let mut child = Command::new(exe)
             .args(["--serve", redis.unwrap_or("none"), prefix, history])
+            .arg(workers.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -658,7 +664,7 @@ async fn run_topology(
     let prefix = format!("bench{}", unix_nanos() % 1_000_000_007);
     let redis = redis.filter(|_| nodes > 1);
     let procs: Vec<NodeProcess> = (0..nodes)
-        .map(|_| NodeProcess::spawn(redis.map(|r| r.0), &prefix, history))
+        .map(|_| NodeProcess::spawn(redis.map(|r| r.0), &prefix, history, o.workers))
         .collect();
     let watch = match redis {
         Some((url, _)) => Some(Watch::start(url, &prefix)?),
@@ -884,7 +890,8 @@ fn main() -> ExitCode {
         let redis = args.get(2).map_or("none", String::as_str);
         let prefix = args.get(3).map_or("bench", String::as_str);
         let history = args.get(4).map(String::as_str) != Some("history-off");
-        return serve(redis, prefix, history);
+        let workers = args.get(5).and_then(|w| w.parse().ok()).unwrap_or(2);
+        return serve(redis, prefix, history, workers);
     }
     let o = match parse_args() {
         Ok(o) => o,

@@ -57,10 +57,16 @@
 //! load is competing and the latency figures describe the machine, not the
 //! server.
 //!
-//! `--syscalls` counts each server's system calls over the full-speed phase
-//! with `perf stat` on the syscall tracepoints (`testkit::bench::syscalls`)
-//! and prints them per delivery: writes, `epoll_wait`s, `futex`es. perf adds
-//! a little to every syscall, so use that run for the counts, not the times.
+//! `--syscalls` counts each server's system calls over the fixed-rate and
+//! the full-speed phase with `perf stat` on the syscall tracepoints
+//! (`testkit::bench::syscalls`) and prints them per delivery: writes,
+//! `epoll_wait`s, `futex`es. perf adds a little to every syscall, so use that
+//! run for the counts, not the times.
+//!
+//! `--baseline PATH` measures another build of this program's happynet
+//! server beside this one's, as the column `base`, in the same run and
+//! alternating with it: build the commit to compare with in a worktree of
+//! its own (its own `CARGO_TARGET_DIR`) and pass its `fanout_bench`.
 //!
 //! Choices worth knowing:
 //! - CPU per delivery comes from `/proc/<pid>/task/*/schedstat` (nanoseconds);
@@ -218,6 +224,10 @@ enum ServerKind {
     RoomHistory,
     /// `--history`: room broadcasts, history off.
     RoomNoHistory,
+    /// `--baseline PATH`: happynet as another build of this benchmark serves
+    /// it (`PATH --serve happynet`), e.g. the commit a change is measured
+    /// against, in the same run and alternating with this build's.
+    Baseline,
 }
 
 impl ServerKind {
@@ -236,6 +246,7 @@ impl ServerKind {
             ServerKind::Peer(peer) => peer.name(),
             ServerKind::RoomHistory => "history",
             ServerKind::RoomNoHistory => "no-history",
+            ServerKind::Baseline => "base",
         }
     }
 
@@ -258,7 +269,7 @@ impl ServerKind {
     /// connection whose session is frozen); the others hold just the socket.
     fn fds_per_connection(self) -> u64 {
         match self {
-            ServerKind::Happynet => 2,
+            ServerKind::Happynet | ServerKind::Baseline => 2,
             _ => 1,
         }
     }
@@ -277,6 +288,8 @@ struct Args {
     servers: Vec<ServerKind>,
     syscalls: bool,
     history: bool,
+    /// `--baseline`: the other build's binary.
+    baseline: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -284,6 +297,7 @@ impl Args {
 usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst 200]
                     [--repeat 1] [--churn 1] [--concurrency 256]
                     [--servers happynet,naive,bun,node] [--syscalls] [--history]
+                    [--baseline PATH]
 
   --clients      client counts to measure, comma-separated
   --seconds      length of the fixed-rate phase
@@ -295,9 +309,13 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
   --concurrency  handshakes the load generator keeps in flight while connecting
   --servers      which servers to measure (ratios are against happynet; bun and node
                  need `cd examples/peers && npm ci` and are skipped with a note without)
-  --syscalls     count each server's syscalls over the full-speed phase with
-                 `perf stat` (apt-get install linux-perf) and print them per delivery
-  --history      measure history on against off (room broadcasts, happynet only) instead";
+  --syscalls     count each server's syscalls over the fixed-rate and the full-speed
+                 phase with `perf stat` (apt-get install linux-perf) and print them
+                 per delivery
+  --history      measure history on against off (room broadcasts, happynet only) instead
+  --baseline     another build of fanout_bench (e.g. of the commit a change is measured
+                 against): its happynet server is measured too, as `base`, beside
+                 happynet (which must be among --servers)";
 
     /// Parses the command line; `Ok(None)` for `--help`.
     fn parse(argv: &[String]) -> Result<Option<Args>, String> {
@@ -312,6 +330,7 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
             servers: ServerKind::ALL.to_vec(),
             syscalls: false,
             history: false,
+            baseline: None,
         };
         let mut it = argv.iter();
         while let Some(arg) = it.next() {
@@ -350,6 +369,7 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
                 "--repeat" => args.repeat = number(name, &value()?, 1, 50)?,
                 "--churn" => args.churn = number(name, &value()?, 1, 50)?,
                 "--concurrency" => args.concurrency = number(name, &value()?, 1, 20_000)?,
+                "--baseline" => args.baseline = Some(value()?.into()),
                 "--servers" => {
                     args.servers = value()?
                         .split(',')
@@ -368,6 +388,15 @@ usage: fanout_bench [--clients 100,1000,5000] [--seconds 5] [--rate 50] [--burst
         }
         if args.clients.is_empty() || args.servers.is_empty() {
             return Err("--clients and --servers must not be empty".into());
+        }
+        if let Some(path) = &args.baseline {
+            let Some(at) = args.servers.iter().position(|&k| k == ServerKind::Happynet) else {
+                return Err("--baseline needs happynet among --servers".into());
+            };
+            if !path.is_file() {
+                return Err(format!("--baseline: no such file {}", path.display()));
+            }
+            args.servers.insert(at + 1, ServerKind::Baseline);
         }
         Ok(Some(args))
     }
@@ -527,6 +556,7 @@ fn serve(kind: ServerKind) -> ExitCode {
             ServerKind::Peer(peer) => Err(format!("{} is not served by this binary", peer.name())),
             ServerKind::RoomHistory => serve_happynet(driver.handle(), Some(true)).await,
             ServerKind::RoomNoHistory => serve_happynet(driver.handle(), Some(false)).await,
+            ServerKind::Baseline => Err("base is served by the --baseline binary".into()),
         };
         driver.stop();
         result
@@ -616,10 +646,19 @@ async fn serve_naive(driver: ArbiterHandle) -> Result<(), String> {
 /// Starts `kind` as a child (`testkit::bench::child`): this binary with
 /// `--serve`, or the peer's runtime on its script (`peer`, which the caller
 /// located).
-fn spawn_server(kind: ServerKind, peer: Option<&PeerCommand>) -> Result<ServerChild, String> {
-    let command = match peer {
-        Some(peer) => peer.command(),
-        None => {
+fn spawn_server(
+    kind: ServerKind,
+    peer: Option<&PeerCommand>,
+    baseline: Option<&std::path::Path>,
+) -> Result<ServerChild, String> {
+    let command = match (peer, kind, baseline) {
+        (Some(peer), _, _) => peer.command(),
+        (None, ServerKind::Baseline, Some(exe)) => {
+            let mut command = Command::new(exe);
+            command.args(["--serve", ServerKind::Happynet.name()]);
+            command
+        }
+        (None, ..) => {
             let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
             let mut command = Command::new(exe);
             command.args(["--serve", kind.name()]);
@@ -701,8 +740,8 @@ struct Traffic {
     server_wait_pct: f64,
     /// The same for the load generator.
     client_wait_pct: f64,
-    /// With `--syscalls`, the full-speed phase's: what perf counted, or
-    /// why it could not.
+    /// With `--syscalls`: what perf counted over the phase, or why it
+    /// could not.
     syscalls: Option<Result<SyscallFigures, String>>,
 }
 
@@ -893,7 +932,7 @@ impl Bench<'_> {
             ),
             None => None,
         };
-        let server = spawn_server(kind, peer)?;
+        let server = spawn_server(kind, peer, self.args.baseline.as_deref())?;
         let addr = server.addr();
         let rss = |what: &str| {
             proc_stats::rss_kib(server.pid()).map_err(|e| format!("server RSS ({what}): {e}"))
@@ -931,7 +970,7 @@ impl Bench<'_> {
                 &shared,
                 self.args.fixed_count(),
                 self.args.rate,
-                false,
+                self.args.syscalls,
             )
             .await?;
         let full = self
@@ -986,14 +1025,19 @@ async fn bench(mut args: Args) -> ExitCode {
     let mut peers = Vec::new();
     args.servers.retain(|&kind| {
         let Some(peer) = kind.peer() else {
-            println!(
-                "  {:<8} {}",
-                kind.name(),
-                match kind {
-                    ServerKind::Happynet => "this crate, 2 workers + the hub's thread",
-                    _ => "actix chat-example style: a String per session per broadcast, do_send",
-                }
-            );
+            let what = match kind {
+                ServerKind::Happynet => "this crate, 2 workers + the hub's thread".to_owned(),
+                ServerKind::Baseline => format!(
+                    "happynet as served by {}",
+                    args.baseline
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("?"))
+                        .display()
+                ),
+                _ => "actix chat-example style: a String per session per broadcast, do_send"
+                    .to_owned(),
+            };
+            println!("  {:<8} {what}", kind.name());
             return true;
         };
         match peer.locate(std::path::Path::new(PEERS_DIR)) {
@@ -1031,7 +1075,7 @@ async fn bench(mut args: Args) -> ExitCode {
     );
     if args.syscalls {
         println!(
-            "syscalls: counted by perf stat over each full-speed phase (perf slows every syscall a little: take times from a run without --syscalls)"
+            "syscalls: counted by perf stat over each fixed-rate and full-speed phase (perf slows every syscall a little: take times from a run without --syscalls)"
         );
     }
     let bench = Bench {
@@ -1363,24 +1407,27 @@ fn print_table(n: usize, args: &Args, results: &[(ServerKind, Vec<Figures>)]) {
                     t.client_wait_pct
                 );
             }
-            match &f.full.syscalls {
-                Some(Ok(counted)) => println!(
-                    "   {:<8} run {}: full speed: {}",
-                    kind.name(),
-                    i + 1,
-                    syscalls_per_delivery(counted, f.full.delivered)
-                ),
-                Some(Err(e)) => println!(
-                    "   {:<8} run {}: full speed: syscalls not counted: {e}",
-                    kind.name(),
-                    i + 1
-                ),
-                None => {}
+            for (phase, t) in [("fixed rate", &f.fixed), ("full speed", &f.full)] {
+                match &t.syscalls {
+                    Some(Ok(counted)) => println!(
+                        "   {:<8} run {}: {phase}: {}",
+                        kind.name(),
+                        i + 1,
+                        syscalls_per_delivery(counted, t.delivered)
+                    ),
+                    Some(Err(e)) => println!(
+                        "   {:<8} run {}: {phase}: syscalls not counted: {e}",
+                        kind.name(),
+                        i + 1
+                    ),
+                    None => {}
+                }
             }
         }
     }
     if args.syscalls {
-        print_syscall_medians(results);
+        print_syscall_medians(results, "fixed-rate", |f| &f.fixed);
+        print_syscall_medians(results, "full-speed", |f| &f.full);
     }
     println!(
         "   (targets are stated for 5,000 clients; CPU rows use /proc/<pid>/task/*/schedstat (ns) unless marked utime+stime; load average now {})",
@@ -1417,9 +1464,13 @@ fn syscalls_per_delivery(counted: &SyscallFigures, delivered: u64) -> String {
 
 /// The median per delivery of each server's runs: the total, and each
 /// syscall any server made among its busiest.
-fn print_syscall_medians(results: &[(ServerKind, Vec<Figures>)]) {
-    let counted = |f: &Figures| match &f.full.syscalls {
-        Some(Ok(c)) if f.full.delivered > 0 => Some((c.clone(), f.full.delivered as f64)),
+fn print_syscall_medians(
+    results: &[(ServerKind, Vec<Figures>)],
+    phase_name: &str,
+    phase: fn(&Figures) -> &Traffic,
+) {
+    let counted = |f: &Figures| match &phase(f).syscalls {
+        Some(Ok(c)) if phase(f).delivered > 0 => Some((c.clone(), phase(f).delivered as f64)),
         _ => None,
     };
     let mut names: Vec<String> = Vec::new();
@@ -1432,7 +1483,9 @@ fn print_syscall_medians(results: &[(ServerKind, Vec<Figures>)]) {
             }
         }
     }
-    println!("   syscalls per delivery over the full-speed phase (median of the runs, perf stat):");
+    println!(
+        "   syscalls per delivery over the {phase_name} phase (median of the runs, perf stat):"
+    );
     let mut header = format!("   {:<20}", "syscall");
     for (kind, _) in results {
         header.push_str(&format!(" {:>10}", kind.name()));

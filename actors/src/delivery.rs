@@ -39,6 +39,35 @@
 //! bound and the evidence.) And a drained queue gives its storage back
 //! ([`crate::capacity::release_drained`]): a burst's room is not kept.
 //!
+//! **Written straight to the socket (plain TCP).** Even so, each delivery
+//! at a fixed rate cost a wake of the session's connection task and a poll
+//! of actix-http's dispatcher, its service layers and this body, just to
+//! reach one `write()`: at 1,000 clients × 50/s, three quarters of the
+//! server's user-space time per delivery. The server's `on_connect` hook
+//! keeps a duplicate of every plain TCP socket, so a body built
+//! [`Outbound::with_direct`] hands actix-http nothing at all:
+//! - its first poll comes while actix-http still holds the `101` head; it
+//!   hands over nothing and asks to be polled again, and from its second
+//!   poll on, actix-http has written the head (see [`Outbound::with_direct`]
+//!   for why that write is always whole) and holds no byte of the
+//!   connection, so the socket is the queue's to write;
+//! - the shard pushes frames without waking anyone ([`Pushed::Flush`] says
+//!   when a queue goes from empty to not), and once it has handled every
+//!   message in its mailbox it writes each such queue with one `send`
+//!   (`writev` for several frames) from its own task
+//!   (`HubShard::flush_queues`): no session's task is woken, and a burst of
+//!   broadcasts is still one write per session;
+//! - a write that would block (the client reads slowly) leaves the rest to
+//!   the body: the queue is `blocked`, the shard only queues, and the body
+//!   waits for the socket to drain (a readiness registration of its own on
+//!   the duplicate, made the first time) and writes it all, in order; then
+//!   the shard writes again;
+//! - the session's own frames come out of its context into the same queue,
+//!   behind everything queued before them, and the body ends only once
+//!   the queue, the close frame last, is in the socket.
+//!
+//! Over TLS (or with no socket) the body hands frames over as above.
+//!
 //! Bounded as before: the shard charges each frame to the session's byte
 //! budget ([`crate::liveness::OutboundBudget`]) and the queue holds at most
 //! `max_frames`; either limit reached means a slow consumer. Since the
@@ -52,10 +81,15 @@ use actix_http::ws::{OpCode, Parser};
 use actix_web::web::{Bytes, BytesMut};
 use futures::task::AtomicWaker;
 use futures::Stream;
+use socket2::Socket;
 use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 /// The most [`Outbound`] hands the HTTP layer in one pass (from a poll to
 /// the `Pending` that ends it): actix-http's initial write buffer (8 KiB,
@@ -108,7 +142,58 @@ pub enum Refused {
 struct Queued {
     frames: VecDeque<Frame>,
     closed: bool,
+    writer: Writer,
 }
+
+/// Who writes a session's queued frames to its socket.
+#[derive(Debug, Default)]
+enum Writer {
+    /// Its response body hands them to actix-http, which writes them: over
+    /// TLS, without a socket, and until the body has seen the `101` out.
+    #[default]
+    Body,
+    /// They are written straight to the socket's duplicate (see
+    /// [`Outbound::with_direct`]): by the shard once per pass over its
+    /// mailbox, and, once a write would block (`blocked`), by the body,
+    /// when the socket is writable again.
+    Direct { socket: Arc<Socket>, blocked: bool },
+}
+
+/// What a push asks of the shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Nothing: the writer has it (the body was woken, or a flush is
+    /// pending already, or the body writes once the socket drains).
+    Queued,
+    /// The queue was empty and is written straight to the socket: the
+    /// shard is to flush it ([`DeliveryQueue::write_direct`]) once its
+    /// pass is over.
+    Flush,
+}
+
+/// How a direct write ended.
+#[derive(Debug)]
+pub enum WriteOutcome {
+    /// The queue is not written directly (or is the body's to write now).
+    NotMine,
+    /// Everything queued is in the socket.
+    Done,
+    /// The socket is full: the body writes the rest when it drains.
+    Blocked,
+    /// The write failed (the peer is gone): the body reports it.
+    Failed(io::Error),
+}
+
+/// The most frames one direct write gathers (well under `IOV_MAX`).
+const MAX_IOV: usize = 64;
+
+/// `send` flags for a direct write: never block (the duplicate shares the
+/// socket's non-blocking mode, but a direct write must not depend on it)
+/// and never raise `SIGPIPE` (an app may not ignore it; Rust binaries do).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SEND_FLAGS: i32 = 0x40 /* MSG_DONTWAIT */ | 0x4000 /* MSG_NOSIGNAL */;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const SEND_FLAGS: i32 = 0;
 
 /// The frames queued for one session's socket: pushed by its shard, taken
 /// by its response body ([`Outbound`]). Shared through the
@@ -143,7 +228,11 @@ impl DeliveryQueue {
     /// waker is registered once per poll and `AtomicWaker::wake` takes it,
     /// so the pushes after the first find none to wake until the body has
     /// run.
-    pub fn push(&self, frame: Frame, bounded: bool) -> Result<(), Refused> {
+    ///
+    /// When the queue is written directly, a push wakes nobody: it says
+    /// [`Pushed::Flush`] if the shard is to write it (see
+    /// [`Outbound::with_direct`]).
+    pub fn push(&self, frame: Frame, bounded: bool) -> Result<Pushed, Refused> {
         {
             let mut q = lock(&self.queued);
             if q.closed {
@@ -152,10 +241,117 @@ impl DeliveryQueue {
             if bounded && q.frames.len() >= self.max_frames {
                 return Err(Refused::Full);
             }
+            let was_empty = q.frames.is_empty();
             q.frames.push_back(frame);
+            match q.writer {
+                Writer::Direct { blocked: false, .. } if was_empty => return Ok(Pushed::Flush),
+                Writer::Direct { .. } => return Ok(Pushed::Queued),
+                Writer::Body => {}
+            }
         }
         self.waker.wake();
-        Ok(())
+        Ok(Pushed::Queued)
+    }
+
+    /// Wakes the body (after a direct write by the shard blocked or
+    /// failed: the body takes over).
+    pub fn wake_writer(&self) {
+        self.waker.wake();
+    }
+
+    /// Writes what is queued straight to the socket, as many frames per
+    /// `send` as it takes, and returns what the written frames were
+    /// charged and how it ended. `by_body`: the body may write while the
+    /// queue is blocked (it is the one waiting for the socket), the shard
+    /// may not.
+    pub fn write_direct(&self, by_body: bool) -> (usize, WriteOutcome) {
+        let mut q = lock(&self.queued);
+        let Queued { frames, writer, .. } = &mut *q;
+        let Writer::Direct { socket, blocked } = writer else {
+            return (0, WriteOutcome::NotMine);
+        };
+        if *blocked && !by_body {
+            return (0, WriteOutcome::NotMine);
+        }
+        let mut released = 0;
+        loop {
+            if frames.is_empty() {
+                *blocked = false;
+                release_drained(frames);
+                return (released, WriteOutcome::Done);
+            }
+            let (sent, asked) = if frames.len() == 1 {
+                let only = &frames[0].bytes;
+                (socket.send_with_flags(only, SEND_FLAGS), only.len())
+            } else {
+                let slices: Vec<IoSlice<'_>> = frames
+                    .iter()
+                    .take(MAX_IOV)
+                    .map(|f| IoSlice::new(&f.bytes))
+                    .collect();
+                let asked = slices.iter().map(|s| s.len()).sum();
+                (socket.send_vectored_with_flags(&slices, SEND_FLAGS), asked)
+            };
+            match sent {
+                Ok(mut n) => {
+                    let short = n < asked;
+                    while n > 0 {
+                        let Some(front) = frames.front_mut() else {
+                            break;
+                        };
+                        if front.bytes.len() <= n {
+                            n -= front.bytes.len();
+                            released += front.cost;
+                            frames.pop_front();
+                        } else {
+                            // Its cost is released once all of it is out.
+                            let _ = front.bytes.split_to(n);
+                            n = 0;
+                        }
+                    }
+                    if short {
+                        // The socket took less than offered: it is full.
+                        *blocked = true;
+                        return (released, WriteOutcome::Blocked);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    *blocked = true;
+                    return (released, WriteOutcome::Blocked);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    *blocked = true;
+                    return (released, WriteOutcome::Failed(e));
+                }
+            }
+        }
+    }
+
+    /// From now on the queue is written straight to `socket` (the body
+    /// writes first: it is blocked until the body's first write).
+    fn arm_direct(&self, socket: Arc<Socket>) {
+        lock(&self.queued).writer = Writer::Direct {
+            socket,
+            blocked: true,
+        };
+    }
+
+    /// Queues one of the session's own chunks (a ping, a pong, an error or
+    /// the close frame) behind every frame queued before it, in direct
+    /// mode: never refused for room (the session makes few), but nothing
+    /// follows the close.
+    fn push_own(&self, chunk: Bytes) {
+        let mut q = lock(&self.queued);
+        if !q.closed {
+            q.frames.push_back(Frame::new(chunk, 0));
+        }
+    }
+
+    /// Refuses every later push, keeping what is queued (direct mode: the
+    /// close frame is the last of it).
+    fn close_behind(&self) {
+        lock(&self.queued).closed = true;
     }
 
     /// Takes everything queued into `into` (an empty deque: a swap, which
@@ -188,12 +384,45 @@ impl DeliveryQueue {
     }
 }
 
+/// The waker [`Outbound`] polls the session's context with: it notes that
+/// the context has something to do and wakes the body's task (through the
+/// delivery queue's waker, which the body registers on every poll).
+///
+/// Why not poll the context on every poll of the body: a frame delivered at
+/// a fixed rate costs the body two polls (the one that hands it over and
+/// the one that finds nothing more), and polling the actor's context (its
+/// mailbox, its inbound stream, its items) in both was a good part of what
+/// a delivery cost beyond the `write()`. The context's output only changes
+/// when something woke it, so the body polls it only then.
+#[derive(Debug)]
+struct ContextWake {
+    /// Set by a wake, cleared just before the context is polled (so a wake
+    /// during that poll is not lost). Starts set: the context has not been
+    /// polled yet.
+    woken: AtomicBool,
+    link: Arc<SessionLink>,
+}
+
+impl Wake for ContextWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.link.queue().waker.wake();
+    }
+}
+
 /// The upgrade response's body: the session's `WebsocketContext` output
 /// (`inner`) merged with its [`DeliveryQueue`], in the order the module
 /// docs give.
 pub struct Outbound<S, E> {
     inner: Option<S>,
     link: Arc<SessionLink>,
+    /// What `inner` is polled with (see [`ContextWake`]).
+    inner_wake: Arc<ContextWake>,
+    inner_waker: Waker,
     /// Taken from the queue, not yet handed over.
     ready: VecDeque<Frame>,
     /// The context's chunk, held behind `ready`.
@@ -202,20 +431,71 @@ pub struct Outbound<S, E> {
     ended: Option<Option<E>>,
     /// Bytes handed over in this pass, at most [`PASS_BYTES`].
     this_pass: usize,
+    /// Plain TCP: the body writes to the socket itself ([`Outbound::with_direct`]).
+    direct: Option<Direct<E>>,
+}
+
+/// A body that writes straight to the socket: where it is.
+struct Direct<E> {
+    socket: Arc<Socket>,
+    /// Whether the first poll, which leaves actix-http to write the `101`,
+    /// is behind it.
+    armed: bool,
+    /// Whether the queue is written directly yet (from the second poll on).
+    writing: bool,
+    /// Registered with the runtime the first time a write blocks: how the
+    /// body learns that the socket drained.
+    writable: Option<AsyncFd<Arc<Socket>>>,
+    /// How a failed write becomes the body's error.
+    error: fn(io::Error) -> E,
 }
 
 impl<S, E> Outbound<S, E> {
     /// The body for a session whose link is `link` and whose context's
     /// output is `inner`.
     pub fn new(link: Arc<SessionLink>, inner: S) -> Self {
+        let inner_wake = Arc::new(ContextWake {
+            woken: AtomicBool::new(true),
+            link: link.clone(),
+        });
         Outbound {
             inner: Some(inner),
             link,
+            inner_waker: Waker::from(inner_wake.clone()),
+            inner_wake,
             ready: VecDeque::new(),
             held: None,
             ended: None,
             this_pass: 0,
+            direct: None,
         }
+    }
+
+    /// Writes to `socket` (a duplicate of the connection's plain TCP
+    /// socket) itself, instead of handing its frames to actix-http: see
+    /// the module docs. The shard then writes a session's frames with one
+    /// `send` per pass over its mailbox, and no task is woken for it.
+    ///
+    /// Why the socket is the body's from its second poll on: the first
+    /// comes before actix-http has written the `101` head it holds, and
+    /// asks for a second, which comes after actix-http's write of the head.
+    /// That write is whole: a few hundred bytes to a socket that has sent
+    /// nothing yet always fit (its send buffer is empty, and Linux charges
+    /// the first buffer of an empty socket even under memory pressure), so
+    /// actix-http holds none of the connection's bytes from then on, and
+    /// never gets any more.
+    pub fn with_direct(mut self, socket: Arc<Socket>) -> Self
+    where
+        E: From<io::Error>,
+    {
+        self.direct = Some(Direct {
+            socket,
+            armed: false,
+            writing: false,
+            writable: None,
+            error: E::from,
+        });
+        self
     }
 
     /// How many frames the body has room for, taken from the queue and
@@ -232,6 +512,130 @@ impl<S, E> Outbound<S, E> {
     }
 }
 
+impl<S, E> Outbound<S, E>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: Unpin,
+{
+    /// [`Stream::poll_next`] for a body that writes to the socket itself:
+    /// it hands actix-http nothing, and ends once everything queued,
+    /// the close frame last, is in the socket.
+    fn poll_direct(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, E>>> {
+        let Some(direct) = self.direct.as_mut() else {
+            return Poll::Pending;
+        };
+        if !direct.armed {
+            // Before actix-http's write of the `101` head: nothing may
+            // reach the socket ahead of it (see `with_direct`).
+            direct.armed = true;
+            self.link.queue().waker.register(cx.waker());
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        if !direct.writing {
+            direct.writing = true;
+            self.link.queue().arm_direct(direct.socket.clone());
+        }
+        loop {
+            self.link.queue().waker.register(cx.waker());
+            let woken = self.inner_wake.woken.swap(false, Ordering::AcqRel);
+            if let (true, Some(inner)) = (woken, self.inner.as_mut()) {
+                let mut inner_cx = Context::from_waker(&self.inner_waker);
+                match Pin::new(inner).poll_next(&mut inner_cx) {
+                    Poll::Ready(Some(Ok(chunk))) => {
+                        self.inner_wake.woken.store(true, Ordering::Release);
+                        self.link.queue().push_own(chunk);
+                        if self.link.is_closing() {
+                            // The close frame is queued: nothing may
+                            // follow it.
+                            self.link.queue().close_behind();
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => self.ended = Some(Some(e)),
+                    Poll::Ready(None) => self.ended = Some(None),
+                    Poll::Pending => {}
+                }
+                if self.ended.is_some() {
+                    self.inner = None;
+                    self.link.queue().close_behind();
+                }
+            }
+            let (released, outcome) = self.link.queue().write_direct(true);
+            if released > 0 {
+                self.link.release(released);
+            }
+            let Some(direct) = self.direct.as_mut() else {
+                return Poll::Pending;
+            };
+            match outcome {
+                WriteOutcome::Done | WriteOutcome::NotMine => {
+                    if self.inner.is_some() && self.inner_wake.woken.load(Ordering::Acquire) {
+                        // The context has more.
+                        continue;
+                    }
+                    return match self.ended.take() {
+                        Some(Some(e)) => {
+                            self.ended = Some(None);
+                            Poll::Ready(Some(Err(e)))
+                        }
+                        Some(None) => {
+                            self.ended = Some(None);
+                            Poll::Ready(None)
+                        }
+                        None => Poll::Pending,
+                    };
+                }
+                WriteOutcome::Blocked => {
+                    if direct.writable.is_none() {
+                        // Deprecated for a `T` whose `as_raw_fd` could
+                        // change or close under the registration; an
+                        // `Arc<Socket>` owns its descriptor, unchanged, for
+                        // as long as the registration holds it, which is
+                        // what the replacement's `unsafe` contract asks
+                        // (and this workspace forbids `unsafe`).
+                        #[allow(deprecated)]
+                        let registered =
+                            AsyncFd::with_interest(direct.socket.clone(), Interest::WRITABLE);
+                        match registered {
+                            Ok(fd) => direct.writable = Some(fd),
+                            Err(e) => {
+                                let error = direct.error;
+                                return self.fail(error(e));
+                            }
+                        }
+                    }
+                    let Some(fd) = direct.writable.as_ref() else {
+                        return Poll::Pending;
+                    };
+                    match fd.poll_write_ready(cx) {
+                        // Readiness may be stale: cleared, and the write
+                        // tried again, which registers for the next.
+                        Poll::Ready(Ok(mut guard)) => guard.clear_ready(),
+                        Poll::Ready(Err(e)) => {
+                            let error = direct.error;
+                            return self.fail(error(e));
+                        }
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                WriteOutcome::Failed(e) => {
+                    let error = direct.error;
+                    return self.fail(error(e));
+                }
+            }
+        }
+    }
+
+    /// Ends a direct body with `e`: what is queued is dropped, and nothing
+    /// more is.
+    fn fail(&mut self, e: E) -> Poll<Option<Result<Bytes, E>>> {
+        self.inner = None;
+        self.close_queue();
+        self.ended = Some(None);
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
 impl<S, E> Stream for Outbound<S, E>
 where
     S: Stream<Item = Result<Bytes, E>> + Unpin,
@@ -241,13 +645,24 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if this.direct.is_some() {
+            return this.poll_direct(cx);
+        }
         if this.ready.is_empty() && this.held.is_none() && this.ended.is_none() {
             // Registered before taking, so a push after the take wakes us.
             this.link.queue().waker.register(cx.waker());
             this.link.queue().take_all(&mut this.ready);
-            if let Some(inner) = this.inner.as_mut() {
-                match Pin::new(inner).poll_next(cx) {
+            // Only if something woke the context since its last `Pending`
+            // (see `ContextWake`); cleared first, so a wake while it runs
+            // brings the body back.
+            let woken = this.inner_wake.woken.swap(false, Ordering::AcqRel);
+            if let (true, Some(inner)) = (woken, this.inner.as_mut()) {
+                let mut inner_cx = Context::from_waker(&this.inner_waker);
+                match Pin::new(inner).poll_next(&mut inner_cx) {
                     Poll::Ready(Some(Ok(chunk))) => {
+                        // A stream that yielded has registered no waker:
+                        // it is polled again next time.
+                        this.inner_wake.woken.store(true, Ordering::Release);
                         if this.link.is_closing() {
                             // The close frame is in this chunk or was
                             // before it: nothing may follow it.
@@ -397,7 +812,10 @@ mod tests {
     type Body = Outbound<futures::channel::mpsc::UnboundedReceiver<Result<Bytes, ()>>, ()>;
 
     /// Polls `out` until it is pending; returns what it handed over.
-    fn one_pass(out: &mut Body, cx: &mut Context<'_>) -> Vec<Bytes> {
+    fn one_pass<S>(out: &mut Outbound<S, ()>, cx: &mut Context<'_>) -> Vec<Bytes>
+    where
+        S: Stream<Item = Result<Bytes, ()>> + Unpin,
+    {
         let mut got = Vec::new();
         while let Poll::Ready(Some(Ok(piece))) = Pin::new(&mut *out).poll_next(cx) {
             got.push(piece);
@@ -515,6 +933,172 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "round {round}: all of it, in order");
         }
+    }
+
+    /// A context output that counts how often it is polled.
+    struct CountedPolls {
+        rx: futures::channel::mpsc::UnboundedReceiver<Result<Bytes, ()>>,
+        polls: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Stream for CountedPolls {
+        type Item = Result<Bytes, ()>;
+
+        fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            let this = self.get_mut();
+            this.polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Pin::new(&mut this.rx).poll_next(cx)
+        }
+    }
+
+    #[test]
+    fn queued_frames_do_not_poll_the_context_and_its_own_wake_does() {
+        let l = link(16);
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut out = Outbound::new(
+            l.clone(),
+            CountedPolls {
+                rx,
+                polls: polls.clone(),
+            },
+        );
+        let wakes = Arc::new(Wakes::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let count =
+            |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+        // The first pass polls the context once, which then waits.
+        assert!(one_pass(&mut out, &mut cx).is_empty());
+        assert_eq!(count(&polls), 1);
+        for i in 0..5 {
+            l.queue().push(frame(&i.to_string()), true).unwrap();
+            let got = one_pass(&mut out, &mut cx);
+            assert_eq!(got, vec![encode(&Payload::Text(i.to_string().into()))]);
+        }
+        assert_eq!(
+            count(&polls),
+            1,
+            "the queue's frames left the context alone"
+        );
+        // The context's own output wakes the body and is polled for.
+        let before = count(&wakes.0);
+        tx.unbounded_send(Ok(Bytes::from_static(b"PING"))).unwrap();
+        assert_eq!(
+            count(&wakes.0),
+            before + 1,
+            "the context's wake reached the task"
+        );
+        l.queue().push(frame("after"), true).unwrap();
+        let got = one_pass(&mut out, &mut cx);
+        assert_eq!(
+            got,
+            vec![
+                encode(&Payload::Text("after".into())),
+                Bytes::from_static(b"PING")
+            ]
+        );
+        // Polled for the chunk, and once more (it yielded) to find it waiting.
+        assert_eq!(count(&polls), 3);
+    }
+
+    /// A connected pair on loopback: the server's end as the duplicate a
+    /// direct body writes to (non-blocking, like actix's), and the client's.
+    fn socket_pair() -> (Arc<Socket>, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (Arc::new(Socket::from(server)), client)
+    }
+
+    type DirectBody =
+        Outbound<futures::channel::mpsc::UnboundedReceiver<Result<Bytes, io::Error>>, io::Error>;
+
+    #[actix::test]
+    async fn a_direct_queue_is_written_by_the_shards_flush_with_no_wake() {
+        let l = link(16);
+        let (socket, mut client) = socket_pair();
+        let (_tx, rx) = futures::channel::mpsc::unbounded();
+        let mut out: DirectBody = Outbound::new(l.clone(), rx).with_direct(socket);
+        let wakes = Arc::new(Wakes::default());
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let count = || wakes.0.load(std::sync::atomic::Ordering::SeqCst);
+        // The first poll leaves the socket to actix-http's `101` and asks
+        // for another; the second takes the queue over.
+        assert!(Pin::new(&mut out).poll_next(&mut cx).is_pending());
+        assert_eq!(count(), 1);
+        assert!(Pin::new(&mut out).poll_next(&mut cx).is_pending());
+        let before = count();
+        assert_eq!(l.queue().push(frame("one"), true), Ok(Pushed::Flush));
+        assert_eq!(l.queue().push(frame("two"), true), Ok(Pushed::Queued));
+        assert_eq!(count(), before, "a direct push wakes nobody");
+        let (released, outcome) = l.queue().write_direct(false);
+        assert!(matches!(outcome, WriteOutcome::Done), "{outcome:?}");
+        assert_eq!(released, 200);
+        l.release(released);
+        let mut want = encode(&Payload::Text("one".into())).to_vec();
+        want.extend_from_slice(&encode(&Payload::Text("two".into())));
+        let mut got = vec![0u8; want.len()];
+        std::io::Read::read_exact(&mut client, &mut got).unwrap();
+        assert_eq!(got, want, "both frames, in order, in one write");
+        assert_eq!(l.released(), 200);
+    }
+
+    #[actix::test]
+    async fn a_full_socket_leaves_the_rest_to_the_body_which_ends_with_the_close() {
+        let l = link(4096);
+        let (socket, client) = socket_pair();
+        socket.set_send_buffer_size(4096).unwrap();
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let out: DirectBody = Outbound::new(l.clone(), rx).with_direct(socket);
+        let mut want = Vec::new();
+        let body = actix::spawn(async move {
+            let mut out = out;
+            // A direct body hands actix-http nothing: it only ends.
+            out.next().await.map(|r| r.map(|b| b.len()))
+        });
+        // Let the body take the queue over (its first two polls).
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        let mut blocked = false;
+        for i in 0..400u32 {
+            let bytes = encode(&Payload::Binary(Bytes::from(vec![(i % 251) as u8; 1000])));
+            want.extend_from_slice(&bytes);
+            let pushed = l.queue().push(Frame::new(bytes, 10), true).unwrap();
+            if pushed == Pushed::Flush {
+                let (released, outcome) = l.queue().write_direct(false);
+                l.release(released);
+                if matches!(outcome, WriteOutcome::Blocked) {
+                    blocked = true;
+                    l.queue().wake_writer();
+                }
+            }
+        }
+        assert!(blocked, "400 KB should not fit a 4 KiB send buffer unread");
+        // The session closes: its close frame goes behind everything queued.
+        l.mark_closing();
+        tx.unbounded_send(Ok(Bytes::from_static(b"CLOSE"))).unwrap();
+        drop(tx);
+        want.extend_from_slice(b"CLOSE");
+        let expected = want.len();
+        let reader = std::thread::spawn(move || {
+            let mut client = client;
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut client, &mut got).map(|_| got)
+        });
+        assert!(body.await.unwrap().is_none(), "the body ends, no error");
+        assert_eq!(l.queue().push(frame("late"), true), Err(Refused::Closed));
+        // The server's end closes once the test drops it; read what came.
+        drop(l);
+        let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), expected);
+        assert!(got == want, "every byte, in order, the close last");
     }
 
     #[actix::test]

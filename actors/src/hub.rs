@@ -118,7 +118,7 @@
 //! one does on a graceful shutdown (1001), is never aborted.
 
 use crate::capacity;
-use crate::delivery::{self, Frame, Refused};
+use crate::delivery::{self, Frame, Pushed, Refused, WriteOutcome};
 use crate::history::{History, HistoryConfig, Position, Recover, Since};
 use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::messages::Payload;
@@ -413,6 +413,12 @@ pub struct HubShard {
     shutting_down: Option<Draining>,
     /// Numbers this shard's recovery questions to the router.
     asks: u64,
+    /// Sessions whose queues are written straight to their sockets and
+    /// have frames since the last [`FlushQueues`]: each at most once, so
+    /// bounded by the sessions.
+    to_flush: Vec<SessionId>,
+    /// A [`FlushQueues`] is in the mailbox.
+    flush_sent: bool,
 }
 
 struct Draining {
@@ -432,12 +438,15 @@ impl HubShard {
             stats: HubStats::default(),
             shutting_down: None,
             asks: 0,
+            to_flush: Vec::new(),
+            flush_sent: false,
         }
     }
 
     /// Queues `payload` for one session. Returns false if it was not queued;
     /// the caller collects slow consumers in `evict` and evicts them after
-    /// its loop.
+    /// its loop, and notes in `to_flush` the queues the shard is to write
+    /// ([`HubShard::schedule_flush`]).
     fn deliver(
         policy: &EvictionPolicy,
         stats: &mut HubStats,
@@ -445,6 +454,7 @@ impl HubShard {
         member: &mut Member,
         frame: &Frame,
         evict: &mut Vec<SessionId>,
+        to_flush: &mut Vec<SessionId>,
     ) -> bool {
         let cost = frame.cost();
         let link = &member.link;
@@ -459,7 +469,10 @@ impl HubShard {
         // Registered but not started (see the module docs): its body has
         // not been polled yet, so only the budget charged above bounds it.
         match link.queue().push(frame.clone(), link.is_started()) {
-            Ok(()) => {
+            Ok(pushed) => {
+                if pushed == Pushed::Flush {
+                    to_flush.push(id);
+                }
                 stats.deliveries += 1;
                 true
             }
@@ -498,8 +511,9 @@ impl HubShard {
         {
             let policy = &self.node.config.eviction;
             let stats = &mut self.stats;
+            let to_flush = &mut self.to_flush;
             let mut one = |id: SessionId, member: &mut Member| {
-                if Self::deliver(policy, stats, id, member, &frame, &mut evict) {
+                if Self::deliver(policy, stats, id, member, &frame, &mut evict, to_flush) {
                     sent += 1;
                 }
             };
@@ -508,7 +522,61 @@ impl HubShard {
         for id in evict {
             self.evict(id, Eviction::SlowConsumer);
         }
+        self.schedule_flush();
         sent
+    }
+
+    /// Asks for a [`FlushQueues`] once the shard has handled everything its
+    /// mailbox holds, if a queue waits for one: a task of its own sends it
+    /// when it first runs, which is after the shard's task has drained its
+    /// mailbox and yielded, so a burst of broadcasts goes out in one `send`
+    /// per session, and a lone broadcast a few task hops after it came.
+    fn schedule_flush(&mut self) {
+        if self.to_flush.is_empty() || self.flush_sent {
+            return;
+        }
+        match &self.me {
+            Some(me) => {
+                let me = me.clone();
+                actix::spawn(async move { me.do_send(FlushQueues) });
+                self.flush_sent = true;
+            }
+            // Not started (a unit test driving the state directly).
+            None => self.flush_queues(),
+        }
+    }
+
+    /// Writes every queue that waits for it to its socket; a queue whose
+    /// socket is full (or gone) is its session's body's to finish.
+    fn flush_queues(&mut self) {
+        self.flush_sent = false;
+        // A pass writes at most FLUSH_CHUNK queues, then lets the mailbox
+        // in before the rest: a broadcast that came meanwhile is queued for
+        // the sessions not yet written, so when the shard is behind they
+        // take two frames in one write instead of two writes.
+        let chunk = self.to_flush.len().min(FLUSH_CHUNK);
+        for i in 0..chunk {
+            let Some(member) = self.sessions.get(&self.to_flush[i]) else {
+                continue; // gone since
+            };
+            let queue = member.link.queue();
+            let (released, outcome) = queue.write_direct(false);
+            if released > 0 {
+                member.link.release(released);
+            }
+            if matches!(outcome, WriteOutcome::Blocked | WriteOutcome::Failed(_)) {
+                queue.wake_writer();
+            }
+        }
+        self.to_flush.drain(..chunk);
+        if self.to_flush.is_empty() {
+            // Its room is bounded by the sessions; kept for the next pass.
+            if let Some(to) = capacity::shrink_to(self.sessions.len(), self.to_flush.capacity()) {
+                self.to_flush.shrink_to(to);
+            }
+        } else {
+            self.schedule_flush();
+        }
     }
 
     fn fan_out<I: IntoIterator<Item = SessionId>>(&mut self, to: I, payload: &Payload) -> usize {
@@ -754,6 +822,7 @@ impl HubShard {
         let policy = &self.node.config.eviction;
         let stats = &mut self.stats;
         let sessions = &mut self.sessions;
+        let to_flush = &mut self.to_flush;
         for (stamp, ids) in stamps.iter().zip(members) {
             let mut stamped: Option<Frame> = None;
             for id in ids {
@@ -779,7 +848,7 @@ impl HubShard {
                         &*stamped.get_or_insert_with(|| text_frame(&stamp.frame))
                     }
                 };
-                if Self::deliver(policy, stats, id, member, frame, &mut evict) {
+                if Self::deliver(policy, stats, id, member, frame, &mut evict, to_flush) {
                     sent += 1;
                 }
             }
@@ -787,6 +856,7 @@ impl HubShard {
         for id in evict {
             self.evict(id, Eviction::SlowConsumer);
         }
+        self.schedule_flush();
         sent
     }
 
@@ -1212,6 +1282,26 @@ impl Handler<FromClient> for HubShard {
 
     fn handle(&mut self, msg: FromClient, _: &mut Self::Context) {
         self.on_client_frame(msg.id, msg.frame);
+    }
+}
+
+/// The most queues one [`FlushQueues`] writes (about a millisecond of
+/// `send`s) before the shard looks at its mailbox again.
+const FLUSH_CHUNK: usize = 256;
+
+/// Sent by a shard to itself: write the queues [`HubShard::schedule_flush`]
+/// noted.
+struct FlushQueues;
+
+impl Message for FlushQueues {
+    type Result = ();
+}
+
+impl Handler<FlushQueues> for HubShard {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushQueues, _: &mut Self::Context) {
+        self.flush_queues();
     }
 }
 

@@ -40,7 +40,11 @@
 //! (`actix-web-4.18.1/src/server.rs` line 305) sets how full the write
 //! buffer may get before it is flushed (32 KiB by default,
 //! `DEFAULT_H1_WRITE_BUFFER_SIZE` in actix-http's `src/config.rs` line 54),
-//! not its size. What the dispatcher does with them:
+//! not its size. Over plain TCP the upgrade body hands the dispatcher no
+//! byte after the `101` (the frames are written to the socket's duplicate
+//! directly, see `happynet_actors::delivery`), so the write buffer stays as
+//! it was allocated and what follows about it holds for TLS connections
+//! only. What the dispatcher does with them:
 //! - it fills the write buffer from the body while the buffer holds less
 //!   than `h1_write_buffer_size`, copying each item whole
 //!   (`dispatcher.rs` lines 686-690), and a buffer that grew keeps its size
@@ -112,8 +116,15 @@ pub(crate) fn upgrade_body(
     pass: UpgradePass,
 ) -> HttpResponse {
     response.map_body(|_, body| {
+        let out = Outbound::new(link, ContextOutput(body));
+        // Plain TCP: the frames are written straight to the socket (see
+        // `happynet_actors::delivery`); over TLS they go through actix-http.
+        let out = match &socket {
+            Some(socket) => out.with_direct(socket.clone()),
+            None => out,
+        };
         BoxBody::new(UpgradeBody {
-            out: Outbound::new(link, ContextOutput(body)),
+            out,
             socket,
             _pass: pass,
         })
