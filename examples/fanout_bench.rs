@@ -1034,6 +1034,12 @@ async fn bench(mut args: Args) -> ExitCode {
                         .unwrap_or(std::path::Path::new("?"))
                         .display()
                 ),
+                ServerKind::RoomHistory => {
+                    "happynet, room broadcasts, websocket.history on (stamped frames)".to_owned()
+                }
+                ServerKind::RoomNoHistory => {
+                    "happynet, room broadcasts, websocket.history off".to_owned()
+                }
                 _ => "actix chat-example style: a String per session per broadcast, do_send"
                     .to_owned(),
             };
