@@ -124,9 +124,9 @@ use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::messages::Payload;
 use crate::messages::{
     queued_broadcasts, Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Disconnect,
-    Flush, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat, HistoryPage,
-    HubStats, Occupancy, Origin, Relay, RelayTarget, Sequence, Sequenced, SetRelay, SetSequencer,
-    Shutdown, Target, BACKFILL_WAIT,
+    Flush, FlushBehind, FlushToken, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy,
+    Heartbeat, HistoryPage, HubStats, Occupancy, Origin, Relay, RelayTarget, Sequence, Sequenced,
+    SetRelay, SetSequencer, Shutdown, Target, BACKFILL_WAIT,
 };
 use crate::messages::{Backfill, Backfilled};
 use crate::presence::{self, PresenceLimits};
@@ -1123,8 +1123,11 @@ impl Handler<Flush> for HubShard {
     }
 }
 
-/// A [`Flush`] on its way through the router and back to the shard.
-struct FlushVia {
+/// A [`Flush`] on its way through the router (and, in a cluster with
+/// history, the sequencer: [`crate::messages::FlushToken`]) and back to
+/// the shard.
+#[derive(Clone)]
+pub(crate) struct FlushVia {
     shard: Addr<HubShard>,
     reply_to: Recipient<Flushed>,
 }
@@ -1631,7 +1634,22 @@ impl Handler<FlushVia> for BroadcastHub {
     type Result = ();
 
     fn handle(&mut self, msg: FlushVia, _: &mut Self::Context) {
-        msg.shard.do_send(FlushBack(msg.reply_to));
+        // In a cluster the session's broadcasts are still on their way
+        // through the sequencer: the flush goes behind them.
+        match &self.sequencer {
+            Some(sequencer) => sequencer.do_send(Sequence::Flush(FlushToken(msg))),
+            None => msg.shard.do_send(FlushBack(msg.reply_to)),
+        }
+    }
+}
+
+impl Handler<FlushBehind> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: FlushBehind, _: &mut Self::Context) {
+        // Behind the Fans of everything the sequencer handed back before.
+        let FlushVia { shard, reply_to } = (msg.0).0;
+        shard.do_send(FlushBack(reply_to));
     }
 }
 
@@ -1676,34 +1694,37 @@ impl Handler<Broadcast> for BroadcastHub {
         if msg.origin != Origin::Unsequenced {
             self.stats.broadcasts += 1;
         }
-        // History in a cluster: positioned by the sequencer, and delivered
-        // here when it hands the broadcast back, in the order every node
-        // delivers it.
+        // History in a cluster: every local broadcast goes through the
+        // sequencer, in this order, and is delivered here when it hands it
+        // back, in the order every node delivers it.
         if let (Origin::Local, Some(sequencer)) = (&msg.origin, &self.sequencer) {
-            let rooms = match &msg.target {
-                Target::Room(room) => Some(vec![room.clone()]),
-                Target::Rooms(rooms) => Some(rooms.clone()),
-                Target::All | Target::Session(_) => None,
-            };
-            if let Some(rooms) = rooms {
-                // Who it will reach here, as far as can be told now.
-                let members = {
+            // Who it will reach here, as far as can be told now.
+            let members = match &msg.target {
+                Target::All => self.node.sessions.load(Ordering::Relaxed),
+                Target::Session(_) => 1,
+                Target::Room(room) => lock(&self.node.rooms).members(room).count(),
+                Target::Rooms(rooms) => {
                     let table = lock(&self.node.rooms);
                     let mut ids: HashSet<SessionId> = HashSet::new();
-                    for room in &rooms {
+                    for room in rooms {
                         ids.extend(table.members(room));
                     }
                     ids.len()
-                };
-                if !rooms.is_empty() {
-                    self.stats.relayed += 1;
-                    sequencer.do_send(Sequence {
-                        rooms,
-                        payload: msg.payload,
-                    });
                 }
-                return Box::pin(actix::fut::ready(members));
+            };
+            if matches!(&msg.target, Target::Rooms(rooms) if rooms.is_empty()) {
+                return Box::pin(actix::fut::ready(0));
             }
+            // Session ids are per node: not relayed (the sequencer only
+            // keeps it in its turn).
+            if !matches!(msg.target, Target::Session(_)) {
+                self.stats.relayed += 1;
+            }
+            sequencer.do_send(Sequence::Broadcast {
+                target: msg.target,
+                payload: msg.payload,
+            });
+            return Box::pin(actix::fut::ready(members));
         }
         // Relay first: the other nodes' clients should not wait for this
         // node's fan-out (a `do_send` and a refcount bump, not a copy).

@@ -128,8 +128,8 @@ pub use presence::{
 };
 pub use sequence::{Seen, SeqTracker, MAX_ORIGINS, ORIGIN_TTL};
 pub use sequencer::{
-    candidate_epoch, record_ttl, room_key, script_call, ScriptCall, ScriptContext, Unconfirmed,
-    RECORD_TTL_FLOOR, SCRIPT,
+    candidate_epoch, record_ttl, room_key, script_call, Held, ScriptCall, ScriptContext,
+    Unconfirmed, RECORD_TTL_FLOOR, SCRIPT,
 };
 pub use wire::{
     add_xadd, decode_entry, decode_positions, decode_read_reply, decode_target, decode_top_id,

@@ -175,6 +175,12 @@ impl Outbox {
         turned
     }
 
+    /// The sequence number of the newest entry pushed (0 before the
+    /// first).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
     /// Payload bytes held now.
     pub fn bytes(&self) -> usize {
         self.bytes

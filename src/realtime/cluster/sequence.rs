@@ -148,6 +148,11 @@ impl SeqTracker {
         true
     }
 
+    /// The highest own `seq` delivered here, by the stream or the fallback.
+    pub fn own_delivered(&self) -> u64 {
+        self.own_delivered
+    }
+
     /// Forgets origins not heard from for [`ORIGIN_TTL`] of linked time;
     /// does nothing while paused.
     pub fn sweep(&mut self, now: Instant) {
