@@ -1728,3 +1728,54 @@ async fn a_client_that_sends_room_messages_and_closes_at_once_reaches_every_memb
         member.expect_silence(Duration::from_millis(100)).await;
     }
 }
+
+#[actix_web::test]
+async fn with_redis_down_a_senders_messages_keep_their_order_and_arrive_once_everywhere() {
+    init_logs();
+    let mut redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 100, "down-order").await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut ra = WsClient::connect_protocol(a, "?room=feed").await;
+    let mut rb = WsClient::connect_protocol(b, "?room=feed").await;
+    let hub = a.net.hub();
+    let ra_session = ra.session;
+    // To the room, to everyone, to `ra` alone, in turn.
+    let burst = |from: usize, to: usize| {
+        let mut everyone = Vec::new();
+        let mut to_ra = Vec::new();
+        for i in from..to {
+            let m = format!("a{i}");
+            match i % 3 {
+                0 => hub.do_send(happynet::Broadcast::to_room(feed(), m.clone())),
+                1 => hub.do_send(happynet::Broadcast::text(m.clone())),
+                _ => hub.do_send(happynet::Broadcast::to_session(ra_session, m.clone())),
+            }
+            if i % 3 != 2 {
+                everyone.push(m.clone());
+            }
+            to_ra.push(m);
+        }
+        (everyone, to_ra)
+    };
+
+    redis.kill();
+    a.wait_ready(503).await;
+    // Delivered on node A at once, in order.
+    let (everyone, to_ra) = burst(0, 30);
+    assert_eq!(read_data(&mut ra, to_ra.len()).await, to_ra);
+    ra.expect_silence(Duration::from_millis(100)).await;
+
+    // Redis back: node B gets them relayed plain, in order; node A does
+    // not deliver the copies it reads back again.
+    redis.restart();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    assert_eq!(read_data(&mut rb, everyone.len()).await, everyone);
+    // And through the stream again, in order on both.
+    let (everyone, to_ra) = burst(30, 60);
+    assert_eq!(read_data(&mut ra, to_ra.len()).await, to_ra);
+    assert_eq!(read_data(&mut rb, everyone.len()).await, everyone);
+    ra.expect_silence(Duration::from_millis(100)).await;
+    rb.expect_silence(Duration::from_millis(100)).await;
+}

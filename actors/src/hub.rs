@@ -11,8 +11,10 @@
 //! becomes one message per shard, not one per session, and each shard fans
 //! it out to its own members. A client's message to its rooms is delivered
 //! by its own shard at once and handed to the other shards as one message
-//! each — unless history is on, when it goes through the router (below). Order per sender holds: every path from one sender to one receiver
-//! is a chain of FIFO mailboxes.
+//! each — unless history is on, when it goes through the router (below).
+//! Order per sender holds: every path from one sender to one receiver is a
+//! chain of FIFO mailboxes (in a cluster with history, through Redis's
+//! stream: below).
 //!
 //! **One node.** What must be counted once per node lives in [`NodeRooms`],
 //! shared by every shard and the router: the room table (so
@@ -40,22 +42,27 @@
 //! protocol members get each of their rooms' stamped frame.
 //!
 //! **History in a cluster.** When the cluster bridge installs itself as
-//! the sequencer (`SetSequencer`, history on), a local room broadcast (app
-//! code, `POST /broadcast`, a client's) is not stamped nor delivered here:
-//! the router hands it to the sequencer (`Sequence`) and answers with the
-//! rooms' member count now. It comes back positioned by Redis, in the
-//! stream's order, as `Sequenced`: the router keeps it at that position
-//! (`History::insert`; a repeat is not delivered again) and fans it out
-//! with its stamps like any other. When the sequencer cannot position it
-//! (its link is down) it comes back as a cluster `Broadcast` at once and
-//! is stamped here. Until the sequencer's `Backfill` is done (or for
+//! the sequencer (`SetSequencer`, history on), no local broadcast (app
+//! code, `POST /broadcast`, a client's; to rooms, to everyone or to one
+//! session) is stamped nor delivered here: the router hands each to the
+//! sequencer (`Sequence::Broadcast`), in its own order, and answers with
+//! the member count now. The sequencer publishes them in that order (room
+//! broadcasts positioned by Redis, the rest plain; one to a session is not
+//! published but held in its turn) and hands each back in the stream's
+//! order: a room broadcast as `Sequenced`, which the router keeps at that
+//! position (`History::insert`; a repeat is not delivered again) and fans
+//! out with its stamps like any other, the rest as a
+//! `Broadcast::unsequenced`. When the link is down they come back at once
+//! as `Broadcast::unsequenced`, room ones stamped here. Order per sender
+//! therefore holds across targets, the stream being the one order of this
+//! node's broadcasts; the price is a Redis round trip before local
+//! delivery of every broadcast, to everyone too. A closing session's
+//! `Flush` goes the same way (`Sequence::Flush`) and comes back
+//! (`FlushBehind`) once everything handed over before it was delivered
+//! here, or after `FLUSH_WAIT`, so it still comes behind the session's
+//! echoes. Until the sequencer's `Backfill` is done (or for
 //! `BACKFILL_WAIT`), recoveries wait, so that a node that just started
-//! answers from the history read back from the stream. Two orderings are
-//! looser then: a closing session's `Flush` does not wait for the echoes
-//! of room messages still on their way through Redis, and a sender's room
-//! message may arrive after its next broadcast to everyone (which is not
-//! numbered, so is delivered here at once); room messages keep one order,
-//! the stream's, everywhere.
+//! answers from the history read back from the stream.
 //!
 //! **Recovery** (`/ws?since=`, a join with `since`, `recover=last`): the
 //! shard makes the session a member first, marks its seam for the room

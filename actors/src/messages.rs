@@ -652,8 +652,9 @@ pub struct FlushBehind(pub FlushToken);
 /// `CLOSE_FLUSH_TIMEOUT`, is shorter still).
 pub const FLUSH_WAIT: Duration = Duration::from_secs(2);
 
-/// Installs (or, with `None`, removes) the sequencer that local room
-/// broadcasts go to instead of being delivered at once (history on). A
+/// Installs (or, with `None`, removes) the sequencer that local
+/// broadcasts (and flushes) go to instead of being delivered at once
+/// (history on). A
 /// sequencer set also means its backfill is coming ([`Backfill`]):
 /// recoveries wait for it, up to [`BACKFILL_WAIT`].
 #[derive(Debug, Message)]

@@ -106,11 +106,12 @@ pub struct ClusterStats {
     pub dropped_inbound: u64,
     /// Times the link came back after being down.
     pub reconnects: u64,
-    /// This node's own positioned room broadcasts read back from the
-    /// stream and delivered here (history on).
+    /// This node's own broadcasts read back from the stream and delivered
+    /// here (history on).
     pub positioned_own: u64,
-    /// Room broadcasts delivered here with this node's own stamps because
-    /// the link was down when they were to be positioned (history on).
+    /// Own broadcasts delivered here at once because the link was down
+    /// when they were to be published (room ones with this node's own
+    /// stamps; history on).
     pub unpositioned: u64,
     /// Positioned messages read back into the history when the node
     /// started (history on).

@@ -10,7 +10,8 @@
 //! `HINCRBY offset 1`, and refreshes its expiry ([`record_ttl`]); then it
 //! `XADD`s one entry (`MAXLEN ~`) with the usual fields plus `positions`.
 //! Plain entries (broadcasts to everyone, and room broadcasts that were
-//! delivered locally while the link was down) are `XADD`ed as they are. A
+//! delivered locally while the link was down) are `XADD`ed as they are,
+//! in their turn, so the stream keeps the node's one order. A
 //! record that expired or was flushed is created again with a new
 //! candidate: a new epoch, and recoveries from the old one say
 //! `complete:false`, which is right. Room names are keys as they are:
@@ -25,7 +26,7 @@
 //! either none of it or, reply lost, all of it: never half. Besides the
 //! script this file has [`Unconfirmed`], the published entries not yet read
 //! back, which the bridge delivers itself when the link is lost before
-//! they come back from the stream.
+//! they come back from the stream, and [`Held`], what waits behind them.
 
 use super::outbox::OutEntry;
 use super::wire::{encode_target, KIND_BINARY};
@@ -156,8 +157,8 @@ pub fn script_call(cx: &ScriptContext<'_>, candidate: &str, batch: &[OutEntry]) 
     ScriptCall { keys, args }
 }
 
-/// This node's positioned entries that were published and not yet read
-/// back from the stream, oldest first, at most `max` (the outbox's
+/// This node's sequenced entries (room broadcasts and broadcasts to
+/// everyone) that were published and not yet read back from the stream, oldest first, at most `max` (the outbox's
 /// `outbox_max`). When the link is lost the bridge delivers them here
 /// itself (their copies in the stream are then repeats,
 /// [`super::SeqTracker::claim_own`]). One dropped for room (a reader
@@ -184,7 +185,7 @@ impl Unconfirmed {
         }
     }
 
-    /// `entries` were published; the positioned ones wait to be read back
+    /// `entries` were published; the sequenced ones wait to be read back
     /// (unless they were already).
     pub fn published(&mut self, entries: impl IntoIterator<Item = OutEntry>) {
         let read = self.read;
