@@ -1195,9 +1195,20 @@ async fn redis_work_stays_constant_from_10_to_3000_websockets() {
 /// by one test frees its port for another test's Redis, which a node
 /// reconnecting must not take for its cluster.
 fn history_node_config(redis: &RedisServer, size: usize, prefix: &str) -> Config {
+    history_node_config_with(redis, size, prefix, "")
+}
+
+/// [`history_node_config`] with `websocket` extra keys (with a leading
+/// comma) for `network.websocket`.
+fn history_node_config_with(
+    redis: &RedisServer,
+    size: usize,
+    prefix: &str,
+    websocket: &str,
+) -> Config {
     config(&format!(
         r#"{{"network":{{
-            "websocket":{{"max_connections":4000,"history":{{"size":{size}}}}},
+            "websocket":{{"max_connections":4000,"history":{{"size":{size}}}{websocket}}},
             "cluster":{{"redis_url":"{}","reconnect_min_ms":20,"reconnect_max_ms":200,
                         "presence_interval_ms":1000,"prefix":"{prefix}"}}}}}}"#,
         redis.url()
@@ -1210,8 +1221,18 @@ async fn start_history_nodes(
     size: usize,
     prefix: &str,
 ) -> Vec<Node> {
+    start_history_nodes_with(redis, n, size, prefix, "").await
+}
+
+async fn start_history_nodes_with(
+    redis: &RedisServer,
+    n: usize,
+    size: usize,
+    prefix: &str,
+    websocket: &str,
+) -> Vec<Node> {
     let nodes: Vec<Node> = (0..n)
-        .map(|_| Node::start(history_node_config(redis, size, prefix)))
+        .map(|_| Node::start(history_node_config_with(redis, size, prefix, websocket)))
         .collect();
     for node in &nodes {
         node.wait_ready(200).await;
@@ -1591,4 +1612,170 @@ async fn a_script_whose_reply_was_lost_is_delivered_once_everywhere() {
     assert_eq!((s.unpositioned, s.duplicates), (1, 1), "{s:?}");
     let s = nodes[1].stats().await;
     assert_eq!(s.duplicates, 1, "{s:?}");
+}
+
+/// What a protocol client reads, in order, until it has `n` data frames:
+/// a room message's data, or a broadcast's text as it is (the hub's own
+/// frames, presence among them, are skipped).
+async fn read_data(c: &mut WsClient, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let text = c.next_text().await;
+        if let Some(data) = data_of(&text) {
+            got.push(data);
+        }
+    }
+    got
+}
+
+/// The data a frame carries (see [`read_data`]); `None` for the hub's own.
+fn data_of(text: &str) -> Option<String> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(v) if v["type"] == "message" => Some(v["data"].as_str().expect("text data").to_owned()),
+        Ok(v) if v.get("type").is_some() => None,
+        _ => Some(text.to_owned()),
+    }
+}
+
+/// A client may send its messages as fast as it can (not closed with 1008).
+const CLIENTS_MAY_FLOOD: &str = r#","max_messages_per_second":100000,"message_burst":10000"#;
+
+fn publish(room: &str, data: &str) -> String {
+    format!(r#"{{"type":"publish","room":"{room}","data":"{data}"}}"#)
+}
+
+#[actix_web::test]
+async fn a_senders_room_messages_and_broadcasts_to_everyone_keep_their_order_on_every_node() {
+    init_logs();
+    const N: usize = 200;
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes_with(&redis, 2, 1000, "order", CLIENTS_MAY_FLOOD).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut ra = WsClient::connect_protocol(a, "?room=feed").await;
+    let mut rb = WsClient::connect_protocol(b, "?room=feed").await;
+    let mut talker = WsClient::connect_protocol(a, "?room=feed").await;
+    // One sender on node A (app code and POST /broadcast, one after the
+    // other) in turn to the room, to everyone, and to `ra` alone; and a
+    // client there publishing to the room meanwhile.
+    let hub = a.net.hub();
+    let mut to_all_members = Vec::new();
+    let mut to_ra = Vec::new();
+    let mut from_talker = Vec::new();
+    for i in 0..N {
+        let m = format!("a{i}");
+        match i % 5 {
+            0 => hub.do_send(happynet::Broadcast::to_room(feed(), m.clone())),
+            1 => hub.do_send(happynet::Broadcast::text(m.clone())),
+            2 => assert_eq!(a.broadcast(Some("feed"), &m).await, 202),
+            3 => assert_eq!(a.broadcast(None, &m).await, 202),
+            _ => hub.do_send(happynet::Broadcast::to_session(ra.session, m.clone())),
+        }
+        if i % 5 != 4 {
+            to_all_members.push(m.clone());
+        }
+        to_ra.push(m);
+        let c = format!("c{i}");
+        talker.send_text(&publish("feed", &c)).await;
+        from_talker.push(c);
+    }
+    // Every receiver sees each sender's messages in send order, each once.
+    let only = |got: &[String], prefix: char| -> Vec<String> {
+        got.iter()
+            .filter(|m| m.starts_with(prefix))
+            .cloned()
+            .collect()
+    };
+    for (who, client, from_a) in [
+        ("a member on node A", &mut ra, &to_ra),
+        ("a member on node B", &mut rb, &to_all_members),
+        ("the talker", &mut talker, &to_all_members),
+    ] {
+        let got = read_data(client, from_a.len() + N).await;
+        assert_eq!(&only(&got, 'a'), from_a, "{who}: node A's sender in order");
+        assert_eq!(only(&got, 'c'), from_talker, "{who}: the talker in order");
+        client.expect_silence(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_client_that_sends_room_messages_and_closes_at_once_reaches_every_member() {
+    init_logs();
+    const N: usize = 50;
+    let redis = RedisServer::start();
+    let nodes = start_history_nodes_with(&redis, 2, 1000, "close", CLIENTS_MAY_FLOOD).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut ra = WsClient::connect_protocol(a, "?room=feed").await;
+    let mut rb = WsClient::connect_protocol(b, "?room=feed").await;
+    let mut talker = WsClient::connect_protocol(a, "?room=feed").await;
+    let sent: Vec<String> = (0..N).map(|i| format!("c{i}")).collect();
+    for c in &sent {
+        talker.send_text(&publish("feed", c)).await;
+    }
+    talker.send(awc::ws::Message::Close(None)).await;
+    // Its own echoes come before its close frame: the flush waited for
+    // them to come back from Redis.
+    let mut echoed = Vec::new();
+    loop {
+        match talker.recv().await {
+            support::Received::Text(t) => echoed.extend(data_of(&t)),
+            support::Received::Closed(_) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(echoed, sent, "every echo before the close");
+    for member in [&mut ra, &mut rb] {
+        assert_eq!(read_data(member, N).await, sent);
+        member.expect_silence(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn with_redis_down_a_senders_messages_keep_their_order_and_arrive_once_everywhere() {
+    init_logs();
+    let mut redis = RedisServer::start();
+    let nodes = start_history_nodes(&redis, 2, 100, "down-order").await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut ra = WsClient::connect_protocol(a, "?room=feed").await;
+    let mut rb = WsClient::connect_protocol(b, "?room=feed").await;
+    let hub = a.net.hub();
+    let ra_session = ra.session;
+    // To the room, to everyone, to `ra` alone, in turn.
+    let burst = |from: usize, to: usize| {
+        let mut everyone = Vec::new();
+        let mut to_ra = Vec::new();
+        for i in from..to {
+            let m = format!("a{i}");
+            match i % 3 {
+                0 => hub.do_send(happynet::Broadcast::to_room(feed(), m.clone())),
+                1 => hub.do_send(happynet::Broadcast::text(m.clone())),
+                _ => hub.do_send(happynet::Broadcast::to_session(ra_session, m.clone())),
+            }
+            if i % 3 != 2 {
+                everyone.push(m.clone());
+            }
+            to_ra.push(m);
+        }
+        (everyone, to_ra)
+    };
+
+    redis.kill();
+    a.wait_ready(503).await;
+    // Delivered on node A at once, in order.
+    let (everyone, to_ra) = burst(0, 30);
+    assert_eq!(read_data(&mut ra, to_ra.len()).await, to_ra);
+    ra.expect_silence(Duration::from_millis(100)).await;
+
+    // Redis back: node B gets them relayed plain, in order; node A does
+    // not deliver the copies it reads back again.
+    redis.restart();
+    for node in &nodes {
+        node.wait_ready(200).await;
+    }
+    assert_eq!(read_data(&mut rb, everyone.len()).await, everyone);
+    // And through the stream again, in order on both.
+    let (everyone, to_ra) = burst(30, 60);
+    assert_eq!(read_data(&mut ra, to_ra.len()).await, to_ra);
+    assert_eq!(read_data(&mut rb, everyone.len()).await, everyone);
+    ra.expect_silence(Duration::from_millis(100)).await;
+    rb.expect_silence(Duration::from_millis(100)).await;
 }

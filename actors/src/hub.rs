@@ -11,8 +11,10 @@
 //! becomes one message per shard, not one per session, and each shard fans
 //! it out to its own members. A client's message to its rooms is delivered
 //! by its own shard at once and handed to the other shards as one message
-//! each — unless history is on, when it goes through the router (below). Order per sender holds: every path from one sender to one receiver
-//! is a chain of FIFO mailboxes.
+//! each — unless history is on, when it goes through the router (below).
+//! Order per sender holds: every path from one sender to one receiver is a
+//! chain of FIFO mailboxes (in a cluster with history, through Redis's
+//! stream: below).
 //!
 //! **One node.** What must be counted once per node lives in [`NodeRooms`],
 //! shared by every shard and the router: the room table (so
@@ -40,22 +42,27 @@
 //! protocol members get each of their rooms' stamped frame.
 //!
 //! **History in a cluster.** When the cluster bridge installs itself as
-//! the sequencer (`SetSequencer`, history on), a local room broadcast (app
-//! code, `POST /broadcast`, a client's) is not stamped nor delivered here:
-//! the router hands it to the sequencer (`Sequence`) and answers with the
-//! rooms' member count now. It comes back positioned by Redis, in the
-//! stream's order, as `Sequenced`: the router keeps it at that position
-//! (`History::insert`; a repeat is not delivered again) and fans it out
-//! with its stamps like any other. When the sequencer cannot position it
-//! (its link is down) it comes back as a cluster `Broadcast` at once and
-//! is stamped here. Until the sequencer's `Backfill` is done (or for
+//! the sequencer (`SetSequencer`, history on), no local broadcast (app
+//! code, `POST /broadcast`, a client's; to rooms, to everyone or to one
+//! session) is stamped nor delivered here: the router hands each to the
+//! sequencer (`Sequence::Broadcast`), in its own order, and answers with
+//! the member count now. The sequencer publishes them in that order (room
+//! broadcasts positioned by Redis, the rest plain; one to a session is not
+//! published but held in its turn) and hands each back in the stream's
+//! order: a room broadcast as `Sequenced`, which the router keeps at that
+//! position (`History::insert`; a repeat is not delivered again) and fans
+//! out with its stamps like any other, the rest as a
+//! `Broadcast::unsequenced`. When the link is down they come back at once
+//! as `Broadcast::unsequenced`, room ones stamped here. Order per sender
+//! therefore holds across targets, the stream being the one order of this
+//! node's broadcasts; the price is a Redis round trip before local
+//! delivery of every broadcast, to everyone too. A closing session's
+//! `Flush` goes the same way (`Sequence::Flush`) and comes back
+//! (`FlushBehind`) once everything handed over before it was delivered
+//! here, or after `FLUSH_WAIT`, so it still comes behind the session's
+//! echoes. Until the sequencer's `Backfill` is done (or for
 //! `BACKFILL_WAIT`), recoveries wait, so that a node that just started
-//! answers from the history read back from the stream. Two orderings are
-//! looser then: a closing session's `Flush` does not wait for the echoes
-//! of room messages still on their way through Redis, and a sender's room
-//! message may arrive after its next broadcast to everyone (which is not
-//! numbered, so is delivered here at once); room messages keep one order,
-//! the stream's, everywhere.
+//! answers from the history read back from the stream.
 //!
 //! **Recovery** (`/ws?since=`, a join with `since`, `recover=last`): the
 //! shard makes the session a member first, marks its seam for the room
@@ -124,9 +131,9 @@ use crate::liveness::{EvictionPolicy, OutboundBudget, SessionLink, Verdict};
 use crate::messages::Payload;
 use crate::messages::{
     queued_broadcasts, Broadcast, Close, ClusterPresence, Connect, ConnectRefused, Disconnect,
-    Flush, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat, HistoryPage,
-    HubStats, Occupancy, Origin, Relay, RelayTarget, Sequence, Sequenced, SetRelay, SetSequencer,
-    Shutdown, Target, BACKFILL_WAIT,
+    Flush, FlushBehind, FlushToken, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy,
+    Heartbeat, HistoryPage, HubStats, Occupancy, Origin, Relay, RelayTarget, Sequence, Sequenced,
+    SetRelay, SetSequencer, Shutdown, Target, BACKFILL_WAIT,
 };
 use crate::messages::{Backfill, Backfilled};
 use crate::presence::{self, PresenceLimits};
@@ -1193,8 +1200,11 @@ impl Handler<Flush> for HubShard {
     }
 }
 
-/// A [`Flush`] on its way through the router and back to the shard.
-struct FlushVia {
+/// A [`Flush`] on its way through the router (and, in a cluster with
+/// history, the sequencer: [`crate::messages::FlushToken`]) and back to
+/// the shard.
+#[derive(Clone)]
+pub(crate) struct FlushVia {
     shard: Addr<HubShard>,
     reply_to: Recipient<Flushed>,
 }
@@ -1721,7 +1731,22 @@ impl Handler<FlushVia> for BroadcastHub {
     type Result = ();
 
     fn handle(&mut self, msg: FlushVia, _: &mut Self::Context) {
-        msg.shard.do_send(FlushBack(msg.reply_to));
+        // In a cluster the session's broadcasts are still on their way
+        // through the sequencer: the flush goes behind them.
+        match &self.sequencer {
+            Some(sequencer) => sequencer.do_send(Sequence::Flush(FlushToken(msg))),
+            None => msg.shard.do_send(FlushBack(msg.reply_to)),
+        }
+    }
+}
+
+impl Handler<FlushBehind> for BroadcastHub {
+    type Result = ();
+
+    fn handle(&mut self, msg: FlushBehind, _: &mut Self::Context) {
+        // Behind the Fans of everything the sequencer handed back before.
+        let FlushVia { shard, reply_to } = (msg.0).0;
+        shard.do_send(FlushBack(reply_to));
     }
 }
 
@@ -1766,34 +1791,37 @@ impl Handler<Broadcast> for BroadcastHub {
         if msg.origin != Origin::Unsequenced {
             self.stats.broadcasts += 1;
         }
-        // History in a cluster: positioned by the sequencer, and delivered
-        // here when it hands the broadcast back, in the order every node
-        // delivers it.
+        // History in a cluster: every local broadcast goes through the
+        // sequencer, in this order, and is delivered here when it hands it
+        // back, in the order every node delivers it.
         if let (Origin::Local, Some(sequencer)) = (&msg.origin, &self.sequencer) {
-            let rooms = match &msg.target {
-                Target::Room(room) => Some(vec![room.clone()]),
-                Target::Rooms(rooms) => Some(rooms.clone()),
-                Target::All | Target::Session(_) => None,
-            };
-            if let Some(rooms) = rooms {
-                // Who it will reach here, as far as can be told now.
-                let members = {
+            // Who it will reach here, as far as can be told now.
+            let members = match &msg.target {
+                Target::All => self.node.sessions.load(Ordering::Relaxed),
+                Target::Session(_) => 1,
+                Target::Room(room) => lock(&self.node.rooms).members(room).count(),
+                Target::Rooms(rooms) => {
                     let table = lock(&self.node.rooms);
                     let mut ids: HashSet<SessionId> = HashSet::new();
-                    for room in &rooms {
+                    for room in rooms {
                         ids.extend(table.members(room));
                     }
                     ids.len()
-                };
-                if !rooms.is_empty() {
-                    self.stats.relayed += 1;
-                    sequencer.do_send(Sequence {
-                        rooms,
-                        payload: msg.payload,
-                    });
                 }
-                return Box::pin(actix::fut::ready(members));
+            };
+            if matches!(&msg.target, Target::Rooms(rooms) if rooms.is_empty()) {
+                return Box::pin(actix::fut::ready(0));
             }
+            // Session ids are per node: not relayed (the sequencer only
+            // keeps it in its turn).
+            if !matches!(msg.target, Target::Session(_)) {
+                self.stats.relayed += 1;
+            }
+            sequencer.do_send(Sequence::Broadcast {
+                target: msg.target,
+                payload: msg.payload,
+            });
+            return Box::pin(actix::fut::ready(members));
         }
         // Relay first: the other nodes' clients should not wait for this
         // node's fan-out (a `do_send` and a refcount bump, not a copy).

@@ -73,9 +73,9 @@ pub use liveness::ClosedBy;
 pub use messages::Payload;
 pub use messages::{
     Backfill, Backfilled, Broadcast, Close, ClosedCounts, ClusterPresence, Connect, ConnectRefused,
-    Disconnect, Flush, Flushed, FromClient, GetHistory, GetHubStats, GetOccupancy, Heartbeat,
-    HistoryPage, HubStats, Occupancy, Origin, Relay, RelayTarget, Sequence, Sequenced, SetRelay,
-    SetSequencer, Shutdown, Target, BACKFILL_WAIT,
+    Disconnect, Flush, FlushBehind, FlushToken, Flushed, FromClient, GetHistory, GetHubStats,
+    GetOccupancy, Heartbeat, HistoryPage, HubStats, Occupancy, Origin, Relay, RelayTarget,
+    Sequence, Sequenced, SetRelay, SetSequencer, Shutdown, Target, BACKFILL_WAIT, FLUSH_WAIT,
 };
 pub use protocol::ClientKind;
 pub use rooms::{RoomName, SessionId};

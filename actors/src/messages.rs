@@ -271,10 +271,11 @@ pub enum Origin {
     Local,
     /// Another node, through the cluster bridge. Never relayed again.
     Cluster,
-    /// This node's own room broadcast, handed back by the sequencer
-    /// ([`Sequence`]) because it could not be positioned (its link is down):
-    /// stamped and delivered here, not relayed (the sequencer relays it) and
-    /// not counted again.
+    /// This node's own broadcast, handed back by the sequencer
+    /// ([`Sequence`]) unpositioned: one to everyone or to a session, in its
+    /// turn, or a room broadcast it could not position (its link is down).
+    /// Delivered here (a room broadcast stamped here), not relayed (the
+    /// sequencer relays it) and not counted again.
     Unsequenced,
 }
 
@@ -321,12 +322,12 @@ impl Broadcast {
         }
     }
 
-    /// A room broadcast of this node that the sequencer could not position,
-    /// as it hands it back ([`Origin::Unsequenced`]).
-    pub fn unsequenced(rooms: Vec<RoomName>, payload: impl Into<Payload>) -> Self {
+    /// A broadcast of this node that the sequencer hands back unpositioned
+    /// ([`Origin::Unsequenced`]).
+    pub fn unsequenced(target: Target, payload: impl Into<Payload>) -> Self {
         Broadcast {
             origin: Origin::Unsequenced,
-            ..Broadcast::new(Target::Rooms(rooms), payload)
+            ..Broadcast::new(target, payload)
         }
     }
 
@@ -599,23 +600,61 @@ pub enum RelayTarget {
 pub struct SetRelay(pub Option<Recipient<Relay>>);
 
 /// What the hub hands its sequencer (the cluster bridge, when history is
-/// on): a room broadcast that originated on this node and has **not** been
-/// delivered here. The sequencer gives it its position in each room
-/// cluster-wide and hands it back to be delivered in that order
-/// ([`Sequenced`]); when it cannot (its link is down), it hands it back at
-/// once as a [`Broadcast::unsequenced`], which the hub stamps locally.
-/// Sent with `do_send`; the sequencer keeps its own bounded outbox.
+/// on), in the router's order: every broadcast that originated on this
+/// node, **not** delivered here yet, and the flushes of closing sessions.
+/// The sequencer publishes the broadcasts in that order, positioning the
+/// room broadcasts cluster-wide (a broadcast to everyone is published
+/// plain), and hands each back to be delivered in the stream's order
+/// ([`Sequenced`], or a [`Broadcast::unsequenced`] for one that is not
+/// positioned); when it cannot (its link is down), it hands it back at
+/// once, and the hub stamps a room broadcast locally. A broadcast to one
+/// session of this node is not published (session ids are per node) but
+/// handed back once everything handed over before it is delivered here,
+/// so no path overtakes another. Sent with `do_send`; the sequencer keeps
+/// its own bounded outbox.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
-pub struct Sequence {
-    /// The rooms, at least one.
-    pub rooms: Vec<RoomName>,
-    /// The frame's data, verbatim, text or binary.
-    pub payload: Payload,
+pub enum Sequence {
+    /// A broadcast of this node.
+    Broadcast {
+        /// Who receives it (a room target names at least one room).
+        target: Target,
+        /// The frame's data, verbatim, text or binary.
+        payload: Payload,
+    },
+    /// A closing session's [`Flush`]: handed back ([`FlushBehind`]) once
+    /// every broadcast handed over before it was delivered here, or after
+    /// at most [`FLUSH_WAIT`].
+    Flush(FlushToken),
 }
 
-/// Installs (or, with `None`, removes) the sequencer that local room
-/// broadcasts go to instead of being delivered at once (history on). A
+/// A closing session's [`Flush`] on its way through the sequencer; opaque
+/// outside the hub.
+#[derive(Clone)]
+pub struct FlushToken(pub(crate) crate::hub::FlushVia);
+
+impl std::fmt::Debug for FlushToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlushToken")
+    }
+}
+
+/// The sequencer hands a [`FlushToken`] back to the hub: the broadcasts
+/// handed over before it were delivered here (or it waited
+/// [`FLUSH_WAIT`]). The hub answers the session behind their frames.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct FlushBehind(pub FlushToken);
+
+/// The longest the sequencer holds a [`Sequence::Flush`] (or a broadcast
+/// to one session) behind broadcasts not yet read back: a closing session
+/// never waits on a stalled Redis for longer (its own wait,
+/// `CLOSE_FLUSH_TIMEOUT`, is shorter still).
+pub const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Installs (or, with `None`, removes) the sequencer that local
+/// broadcasts (and flushes) go to instead of being delivered at once
+/// (history on). A
 /// sequencer set also means its backfill is coming ([`Backfill`]):
 /// recoveries wait for it, up to [`BACKFILL_WAIT`].
 #[derive(Debug, Message)]

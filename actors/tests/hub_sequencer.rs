@@ -2,8 +2,8 @@
 //! in for the sequencer (the cluster bridge): a local room broadcast goes to
 //! the sequencer instead of being stamped here, comes back positioned
 //! (`Sequenced`) and is kept at that position (a repeat is not delivered
-//! again), a backfill is kept without being delivered, and a broadcast to
-//! everyone still takes the relay as before.
+//! again), a backfill is kept without being delivered, and broadcasts to
+//! everyone and to one session take the sequencer too, in the same order.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -13,6 +13,7 @@ use actix::prelude::*;
 use happynet_actors::{
     Backfill, Backfilled, Broadcast, BroadcastHub, GetHistory, GetHubStats, HistoryConfig,
     HubConfig, Payload, Position, Relay, RoomName, Sequence, Sequenced, SetRelay, SetSequencer,
+    Target,
 };
 use std::time::Duration;
 
@@ -97,21 +98,33 @@ async fn room_broadcasts_go_through_the_sequencer_and_come_back_positioned() {
         .await
         .unwrap();
 
-    // A local room broadcast is handed to the sequencer, not kept here yet;
-    // one to everyone is relayed as before.
+    // Every local broadcast is handed to the sequencer, in order, and not
+    // delivered nor kept here yet: a room broadcast, one to everyone, one
+    // to a session (which the sequencer only keeps in its turn).
     hub.send(Broadcast::to_room(news.clone(), "n1"))
         .await
         .unwrap();
     hub.send(Broadcast::text("to all")).await.unwrap();
+    hub.send(Broadcast::new(Target::Session(7), "to one"))
+        .await
+        .unwrap();
     let (relayed, sequenced) = recorder.send(Take).await.unwrap();
+    assert!(relayed.is_empty(), "nothing takes the relay: {relayed:?}");
+    let handed: Vec<(Target, Payload)> = sequenced
+        .into_iter()
+        .map(|s| match s {
+            Sequence::Broadcast { target, payload } => (target, payload),
+            Sequence::Flush(_) => panic!("no session closed"),
+        })
+        .collect();
     assert_eq!(
-        relayed.len(),
-        1,
-        "only the broadcast to everyone is relayed"
+        handed,
+        vec![
+            (Target::Room(news.clone()), text("n1")),
+            (Target::All, text("to all")),
+            (Target::Session(7), text("to one")),
+        ]
     );
-    assert_eq!(sequenced.len(), 1);
-    assert_eq!(sequenced[0].rooms, vec![news.clone()]);
-    assert_eq!(sequenced[0].payload, text("n1"));
     assert!(offsets(&hub, &news).await.is_empty());
 
     // Back from Redis at its position: kept there; a repeat is not.
@@ -139,13 +152,16 @@ async fn room_broadcasts_go_through_the_sequencer_and_come_back_positioned() {
     // Counted once each: the own one when it was handed over, the other
     // node's when it arrived.
     let stats = hub.send(GetHubStats).await.unwrap();
-    assert_eq!((stats.broadcasts, stats.from_cluster), (3, 1), "{stats:?}");
+    assert_eq!((stats.broadcasts, stats.from_cluster), (4, 1), "{stats:?}");
 
     // Handed back unpositioned (the link was down): stamped here, in an
     // epoch of this node's own, and not handed to anyone again.
-    hub.send(Broadcast::unsequenced(vec![news.clone()], "n2"))
-        .await
-        .unwrap();
+    hub.send(Broadcast::unsequenced(
+        Target::Rooms(vec![news.clone()]),
+        "n2",
+    ))
+    .await
+    .unwrap();
     let page = hub
         .send(GetHistory {
             room: news.clone(),

@@ -8,7 +8,7 @@ use super::outbox::{OutEntry, Outbox, Pushed};
 use super::presence::{presence_fields, sum_presence, MAX_PRESENCE_NODES, PRESENCE_TTL_INTERVALS};
 use super::sequence::{Seen, SeqTracker, MAX_ORIGINS, ORIGIN_TTL};
 use super::sequencer::{
-    candidate_epoch, record_ttl, script_call, ScriptContext, Unconfirmed, SCRIPT,
+    candidate_epoch, record_ttl, script_call, Held, ScriptContext, Unconfirmed, SCRIPT,
 };
 use super::wire::{add_xadd, decode_entry, decode_read_reply, decode_top_id, InEntry, StreamId};
 use crate::config::{ClusterConfig, ConfigError, NodeIdentity};
@@ -17,8 +17,9 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use happynet_actors::backoff::Jitter;
 use happynet_actors::{
-    Backfill, Backfilled, Broadcast, BroadcastHub, ClusterPresence, GetOccupancy, Payload,
-    Position, Relay, RelayTarget, RoomName, Sequence, Sequenced, SetRelay, SetSequencer, Target,
+    Backfill, Backfilled, Broadcast, BroadcastHub, ClusterPresence, FlushBehind, FlushToken,
+    GetOccupancy, Origin, Payload, Position, Relay, RelayTarget, RoomName, Sequence, Sequenced,
+    SetRelay, SetSequencer, Target, FLUSH_WAIT,
 };
 use redis::aio::MultiplexedConnection;
 use redis::IntoConnectionInfo;
@@ -105,11 +106,12 @@ pub struct ClusterStats {
     pub dropped_inbound: u64,
     /// Times the link came back after being down.
     pub reconnects: u64,
-    /// This node's own positioned room broadcasts read back from the
-    /// stream and delivered here (history on).
+    /// This node's own broadcasts read back from the stream and delivered
+    /// here (history on).
     pub positioned_own: u64,
-    /// Room broadcasts delivered here with this node's own stamps because
-    /// the link was down when they were to be positioned (history on).
+    /// Own broadcasts delivered here at once because the link was down
+    /// when they were to be published (room ones with this node's own
+    /// stamps; history on).
     pub unpositioned: u64,
     /// Positioned messages read back into the history when the node
     /// started (history on).
@@ -140,18 +142,29 @@ type Delivery = BoxFuture<'static, ()>;
 
 /// What the bridge hands the hub from the stream: a broadcast to deliver
 /// as it is (stamped locally if history is on), or one the sequencer
-/// positioned.
+/// positioned; and, in their turn, a held flush ([`Held`]).
 enum ToHub {
     Plain(Broadcast),
     Positioned(Sequenced),
+    Flush(FlushToken),
 }
 
 impl ToHub {
-    /// `try_send`: false if the hub's mailbox is full.
+    /// `try_send`: false if the hub's mailbox is full. This node's own
+    /// broadcasts and flushes go with `do_send`: one was handed over for
+    /// each, and a flush refused would hold a closing session.
     fn try_send(self, hub: &Addr<BroadcastHub>) -> bool {
         match self {
+            ToHub::Plain(b) if b.origin == Origin::Unsequenced => {
+                hub.do_send(b);
+                true
+            }
             ToHub::Plain(b) => hub.try_send(b).is_ok(),
             ToHub::Positioned(p) => hub.try_send(p).is_ok(),
+            ToHub::Flush(token) => {
+                hub.do_send(FlushBehind(token));
+                true
+            }
         }
     }
 
@@ -160,6 +173,7 @@ impl ToHub {
         match self {
             ToHub::Plain(b) => hub.send(b).map(|_| ()).boxed(),
             ToHub::Positioned(p) => hub.send(p).map(|_| ()).boxed(),
+            ToHub::Flush(token) => hub.send(FlushBehind(token)).map(|_| ()).boxed(),
         }
     }
 }
@@ -248,6 +262,9 @@ pub struct ClusterBridge {
     /// Script calls made: the candidate epochs' counter.
     calls: u64,
     unconfirmed: Unconfirmed,
+    /// Broadcasts to one session and flushes, in their turn behind this
+    /// node's own broadcasts not delivered here yet.
+    held: Held<ToHub>,
     /// Whether the history was read back from the stream (once per start).
     backfilled: bool,
 }
@@ -319,6 +336,7 @@ impl ClusterBridge {
             run,
             calls: 0,
             unconfirmed: Unconfirmed::new(config.outbox_max),
+            held: Held::new(config.outbox_max, FLUSH_WAIT),
             backfilled: false,
         })
     }
@@ -355,17 +373,39 @@ impl ClusterBridge {
         self.history_ttl.is_some()
     }
 
-    /// Delivers own room broadcast `seq`, which could not be positioned
-    /// (or not read back), on this node now, stamped by the hub itself, and
-    /// marks its copy in the stream, if the script ran after all, a repeat;
-    /// unless that copy was read back and delivered already.
-    fn deliver_unpositioned(&mut self, seq: u64, rooms: Vec<RoomName>, payload: Payload) {
+    /// Delivers own broadcast `seq`, which could not be published (or not
+    /// read back), on this node now (a room broadcast stamped by the hub
+    /// itself), and marks its copy in the stream, if the script ran after
+    /// all, a repeat; unless that copy was read back and delivered already.
+    fn deliver_unpositioned(&mut self, seq: u64, target: RelayTarget, payload: Payload) {
         if !self.seqs.claim_own(seq) {
             return;
         }
         self.stats.unpositioned += 1;
+        let target = match target {
+            RelayTarget::Rooms(rooms) => Target::Rooms(rooms),
+            RelayTarget::All => Target::All,
+        };
         // One per local broadcast, as the hub's relay to this bridge is.
-        self.hub.do_send(Broadcast::unsequenced(rooms, payload));
+        self.hub.do_send(Broadcast::unsequenced(target, payload));
+    }
+
+    /// Holds `item` behind this node's own broadcasts not delivered here
+    /// yet, and hands the hub whatever is no longer behind anything.
+    fn hold(&mut self, item: ToHub) {
+        let behind = self.outbox.last_seq();
+        let delivered = self.seqs.own_delivered();
+        for item in self.held.hold(behind, delivered, Instant::now(), item) {
+            item.try_send(&self.hub);
+        }
+    }
+
+    /// Hands the hub the held items no longer behind anything (or held
+    /// for [`FLUSH_WAIT`]).
+    fn release_held(&mut self) {
+        for item in self.held.release(self.seqs.own_delivered(), Instant::now()) {
+            item.try_send(&self.hub);
+        }
     }
 
     /// This node's name.
@@ -636,10 +676,10 @@ impl ClusterBridge {
         let mut pending = self.unconfirmed.take();
         pending.extend(self.outbox.unsequence());
         for entry in pending {
-            if let RelayTarget::Rooms(rooms) = entry.target {
-                self.deliver_unpositioned(entry.seq, rooms, entry.payload);
-            }
+            self.deliver_unpositioned(entry.seq, entry.target, entry.payload);
         }
+        // Everything before them is delivered here now.
+        self.release_held();
         log::warn!(
             "cluster: link to Redis down ({why}); local delivery continues, broadcasts for other nodes wait in the outbox (up to {}); reconnecting in {wait:?}",
             self.outbox.max()
@@ -964,9 +1004,12 @@ impl ClusterBridge {
             // entry was published, so it is not a gap.
             // Positioned entries are delivered from the stream, this
             // node's own too (see the sequence module).
+            // With the sequencer, so are its own plain entries (broadcasts
+            // to everyone); the ones delivered by the fallback are repeats.
             let positioned = entry.positions.is_some();
+            let sequencing = self.sequencing();
             let seen = entry.sender.as_ref().map(|(origin, seq)| {
-                let seen = if positioned {
+                let seen = if positioned || sequencing {
                     if *origin == self.node.origin {
                         self.unconfirmed.read_back(*seq);
                     }
@@ -995,6 +1038,12 @@ impl ClusterBridge {
             let (target, payload) = match (seen.map(|(_, _, seen)| seen), entry.content) {
                 (Some(Seen::New { .. }), Ok(content)) => content,
                 (Some(Seen::Own), Ok(_)) => {
+                    self.stats.skipped_own += 1;
+                    continue;
+                }
+                // An own plain entry delivered here before it was published
+                // (the fallback) is skipped as own entries were before.
+                (Some(Seen::Duplicate), Ok(_)) if own && !positioned => {
                     self.stats.skipped_own += 1;
                     continue;
                 }
@@ -1039,9 +1088,16 @@ impl ClusterBridge {
                     payload,
                     own,
                 }),
+                None if own => ToHub::Plain(Broadcast::unsequenced(target, payload)),
                 None => ToHub::Plain(Broadcast::from_cluster(target, payload)),
             });
+            if own {
+                // Right behind it: what was held for it, before any newer
+                // own entry of this batch.
+                deliveries.extend(self.held.release(self.seqs.own_delivered(), now));
+            }
         }
+        deliveries.extend(self.held.release(self.seqs.own_delivered(), now));
         if let Some(c) = self.catch_up {
             // Caught up once a read ends past the old top (or comes back
             // empty: the block expired with nothing newer).
@@ -1096,6 +1152,10 @@ impl Actor for ClusterBridge {
         ctx.run_interval(ORIGIN_TTL / 4, |bridge, _| {
             bridge.seqs.sweep(Instant::now())
         });
+        if self.sequencing() {
+            // Held items never wait much past FLUSH_WAIT.
+            ctx.run_interval(FLUSH_WAIT / 8, |bridge, _| bridge.release_held());
+        }
     }
 }
 
@@ -1108,7 +1168,12 @@ impl Handler<Relay> for ClusterBridge {
         if matches!(&msg.target, RelayTarget::Rooms(rooms) if rooms.is_empty()) {
             return;
         }
-        let pushed = self.outbox.push(msg.target, msg.payload);
+        let (pushed, seq, _) = self.outbox.push_numbered(msg.target, msg.payload, false);
+        if self.sequencing() {
+            // Delivered here already (before the hub's sequencer was set):
+            // its copy in the stream is a repeat here.
+            self.seqs.claim_own(seq);
+        }
         self.warn_if_full(pushed);
         self.flush(ctx);
     }
@@ -1118,22 +1183,34 @@ impl Handler<Sequence> for ClusterBridge {
     type Result = ();
 
     fn handle(&mut self, msg: Sequence, ctx: &mut Self::Context) {
-        if msg.rooms.is_empty() {
-            return;
-        }
+        let (target, payload) = match msg {
+            Sequence::Flush(token) => return self.hold(ToHub::Flush(token)),
+            Sequence::Broadcast { target, payload } => (target, payload),
+        };
+        let target = match target {
+            // Not published (session ids are per node): delivered here in
+            // its turn.
+            Target::Session(_) => {
+                return self.hold(ToHub::Plain(Broadcast::unsequenced(target, payload)));
+            }
+            Target::All => RelayTarget::All,
+            Target::Room(room) => RelayTarget::Rooms(vec![room]),
+            Target::Rooms(rooms) if rooms.is_empty() => return,
+            Target::Rooms(rooms) => RelayTarget::Rooms(rooms),
+        };
         let up = self.link.is_up() && self.publisher.is_some();
-        // Positioned by the script, delivered here when read back; with
-        // the link down, delivered here now and relayed plain later.
-        let target = RelayTarget::Rooms(msg.rooms.clone());
-        let (pushed, seq, dropped) = self.outbox.push_numbered(target, msg.payload.clone(), up);
+        // Published by the script (room broadcasts positioned), delivered
+        // here when read back; with the link down, delivered here now and
+        // relayed plain later.
+        let (pushed, seq, dropped) = self
+            .outbox
+            .push_numbered(target.clone(), payload.clone(), up);
         if !up {
-            self.deliver_unpositioned(seq, msg.rooms, msg.payload);
+            self.deliver_unpositioned(seq, target, payload);
         }
         // A full outbox drops for the other nodes, never for this one.
         for entry in dropped.into_iter().filter(|e| e.sequenced) {
-            if let RelayTarget::Rooms(rooms) = entry.target {
-                self.deliver_unpositioned(entry.seq, rooms, entry.payload);
-            }
+            self.deliver_unpositioned(entry.seq, entry.target, entry.payload);
         }
         self.warn_if_full(pushed);
         self.flush(ctx);

@@ -24,11 +24,12 @@
 //! last `seq` of every other origin ([`SeqTracker`]): a jump is a gap of
 //! exactly `seq - last - 1` lost messages, logged and counted, even when the
 //! stream was trimmed past what was missed. A repeated `seq` (an `XADD`
-//! retried after a lost reply) is dropped. (With history on, room
-//! broadcasts are the exception: see below.)
+//! retried after a lost reply) is dropped. (With history on, a node's own
+//! entries are the exception: see below.)
 //!
 //! **Failures.** Local delivery never depends on Redis: the hub delivers
-//! before it relays. Broadcasts for other nodes wait in a bounded
+//! before it relays (with history on, the bridge delivers at once what it
+//! cannot publish: below). Broadcasts for other nodes wait in a bounded
 //! [`Outbox`] while the link is down and are flushed in order when it comes
 //! back; a full outbox drops its oldest and counts them (`lost_outbound`).
 //! The reader resumes `XREAD` from the last id it saw, so entries still in
@@ -46,29 +47,38 @@
 //! before it dies leave no later entry to reveal the gap and are not
 //! counted.
 //!
-//! **History: Redis is the sequencer.** With `websocket.history` on, a
-//! room broadcast that originates here is not delivered here first: the
-//! hub hands it to the bridge ([`Sequence`](happynet_actors::Sequence)),
-//! whose outbox publishes it through the sequencer's Lua script
-//! ([`sequencer`]): per room, the room's record `{prefix}:room:{room}`
-//! (`epoch`, `offset`; created with this node's candidate epoch when
-//! missing, expiring after [`record_ttl`]) gives it its next offset, and
-//! the entry is `XADD`ed with a sixth field, `positions`, in the same
-//! atomic step. Every node, this one too, delivers positioned entries from
-//! the stream, in stream order: its own positioned entries are not
-//! skipped, and [`SeqTracker::observe_positioned`] drops their repeats. A
+//! **History: Redis is the sequencer.** With `websocket.history` on, no
+//! broadcast that originates here is delivered here first: the hub hands
+//! each to the bridge ([`Sequence`](happynet_actors::Sequence)), in its
+//! order, whose outbox publishes them, in that order, through the
+//! sequencer's Lua script ([`sequencer`]): per room, the room's record
+//! `{prefix}:room:{room}` (`epoch`, `offset`; created with this node's
+//! candidate epoch when missing, expiring after [`record_ttl`]) gives a
+//! room broadcast its next offset, and the entry is `XADD`ed with a sixth
+//! field, `positions`, in the same atomic step; a broadcast to everyone
+//! is `XADD`ed plain by the same call. Every node, this one too, delivers
+//! them from the stream, in stream order: with history on a node's own
+//! entries are not skipped, and [`SeqTracker::observe_positioned`] drops
+//! their repeats. So the stream is one order of this node's broadcasts,
+//! whatever their targets, and every receiver sees each sender's in the
+//! order sent. A broadcast to one session (session ids are per node) is
+//! not published: the bridge holds it ([`Held`]) behind this node's own
+//! entries not delivered here yet and hands it to the hub in its turn; so
+//! does a closing session's flush, which therefore still comes behind the
+//! session's own messages (held at most [`FLUSH_WAIT`](happynet_actors::FLUSH_WAIT)). A
 //! node that starts reads the stream's positioned entries back into its
 //! history first ([`BACKFILL_PAGE`] at a time, up to the newest id at
-//! link-up, where the reader then starts: nothing between). The cost: local
-//! room delivery waits for one round trip to Redis and the reader's wake.
+//! link-up, where the reader then starts: nothing between). The cost:
+//! local delivery of every broadcast, to everyone too, waits for one round
+//! trip to Redis and the reader's wake.
 //!
 //! **The link down, with history on.** Local delivery still does not
-//! wait: a room broadcast that cannot be published now is delivered here
-//! at once, stamped by the hub itself in a node-local epoch (recoveries
-//! across the outage are `complete:false`, never wrong), and waits in the
-//! outbox as a plain entry, relayed as before when the link is back (its
-//! receivers stamp it locally too). When the link is lost, every own room
-//! broadcast not yet read back from the stream — waiting, being published,
+//! wait: a broadcast that cannot be published now is delivered here at
+//! once (a room broadcast stamped by the hub itself in a node-local epoch:
+//! recoveries across the outage are `complete:false`, never wrong), and
+//! waits in the outbox as a plain entry, relayed as before when the link is
+//! back (its receivers stamp room ones locally too). When the link is lost,
+//! every own broadcast not yet read back from the stream — waiting, being published,
 //! or published and unconfirmed ([`Unconfirmed`]) — is delivered here the
 //! same way, in order; a script that ran although its reply was lost left
 //! a positioned copy in the stream, which is then a repeat by `seq`
@@ -98,8 +108,9 @@
 //! - [`sequence`]: the last `seq` of every origin ([`SeqTracker`]): own
 //!   entries, repeats and gaps;
 //! - [`sequencer`]: the Lua script that positions room broadcasts and
-//!   publishes a batch, its arguments, and the own entries published but
-//!   not yet read back ([`Unconfirmed`]);
+//!   publishes a batch, its arguments, the own entries published but not
+//!   yet read back ([`Unconfirmed`]), and what waits behind them
+//!   ([`Held`]);
 //! - [`link`]: up or down, and when to reconnect ([`LinkState`]), on the
 //!   reconnect policy the shared rate limits use too
 //!   ([`happynet_actors::reconnect`]);
@@ -128,8 +139,8 @@ pub use presence::{
 };
 pub use sequence::{Seen, SeqTracker, MAX_ORIGINS, ORIGIN_TTL};
 pub use sequencer::{
-    candidate_epoch, record_ttl, room_key, script_call, ScriptCall, ScriptContext, Unconfirmed,
-    RECORD_TTL_FLOOR, SCRIPT,
+    candidate_epoch, record_ttl, room_key, script_call, Held, ScriptCall, ScriptContext,
+    Unconfirmed, RECORD_TTL_FLOOR, SCRIPT,
 };
 pub use wire::{
     add_xadd, decode_entry, decode_positions, decode_read_reply, decode_target, decode_top_id,

@@ -6,9 +6,10 @@
 //! (`lost_outbound`). Each entry gets its sequence number when it is pushed,
 //! so one dropped here is a gap every receiver counts.
 //!
-//! With history on, a local room broadcast waits here *to be positioned*
-//! ([`OutEntry::sequenced`]): published by the sequencer's script, and
-//! delivered on this node only once it is read back from the stream. When
+//! With history on, every local broadcast waits here *to be sequenced*
+//! ([`OutEntry::sequenced`]): published by the sequencer's script (room
+//! broadcasts positioned), and delivered on this node only once it is read
+//! back from the stream. When
 //! the link is lost, [`Outbox::unsequence`] turns every such entry into a
 //! plain one (relayed later as before) and hands it to the bridge to be
 //! delivered here at once; one the full outbox drops is handed back too
@@ -26,8 +27,9 @@ pub struct OutEntry {
     pub target: RelayTarget,
     /// The frame's data.
     pub payload: Payload,
-    /// To be positioned by the sequencer (and delivered here only when it
-    /// is read back); a plain entry is delivered here before it is queued.
+    /// To be published by the sequencer (room broadcasts positioned) and
+    /// delivered here only when it is read back; a plain entry is
+    /// delivered here before it is queued.
     pub sequenced: bool,
 }
 
@@ -173,6 +175,12 @@ impl Outbox {
             turned.push(entry.clone());
         }
         turned
+    }
+
+    /// The sequence number of the newest entry pushed (0 before the
+    /// first).
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
     }
 
     /// Payload bytes held now.

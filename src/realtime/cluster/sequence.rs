@@ -3,8 +3,8 @@
 //! lost reply) and counts a jump as a gap of exactly `seq - last - 1` lost
 //! messages, even when the stream was trimmed past what was missed.
 //!
-//! This node's own *positioned* entries (history on) are not skipped: the
-//! node delivers them from the stream, like everyone's. Their repeats are
+//! With history on, this node's own entries are not skipped: the node
+//! delivers them from the stream, like everyone's. Their repeats are
 //! dropped by the same rule, on this node's own sequence: the highest own
 //! `seq` delivered here, by the stream or by the fallback that delivers
 //! locally when the link is lost ([`SeqTracker::claim_own`]), so an
@@ -121,7 +121,8 @@ impl SeqTracker {
         Seen::New { lost: 0 }
     }
 
-    /// Classifies a positioned entry: as [`observe`](Self::observe), except
+    /// Classifies a positioned entry (with history on, any entry): as
+    /// [`observe`](Self::observe), except
     /// that this node's own are new unless one at or past `seq` was
     /// delivered here already.
     pub fn observe_positioned(&mut self, origin: &str, seq: u64, now: Instant) -> Seen {
@@ -146,6 +147,11 @@ impl SeqTracker {
         }
         self.own_delivered = seq;
         true
+    }
+
+    /// The highest own `seq` delivered here, by the stream or the fallback.
+    pub fn own_delivered(&self) -> u64 {
+        self.own_delivered
     }
 
     /// Forgets origins not heard from for [`ORIGIN_TTL`] of linked time;

@@ -10,7 +10,8 @@
 //! `HINCRBY offset 1`, and refreshes its expiry ([`record_ttl`]); then it
 //! `XADD`s one entry (`MAXLEN ~`) with the usual fields plus `positions`.
 //! Plain entries (broadcasts to everyone, and room broadcasts that were
-//! delivered locally while the link was down) are `XADD`ed as they are. A
+//! delivered locally while the link was down) are `XADD`ed as they are,
+//! in their turn, so the stream keeps the node's one order. A
 //! record that expired or was flushed is created again with a new
 //! candidate: a new epoch, and recoveries from the old one say
 //! `complete:false`, which is right. Room names are keys as they are:
@@ -25,13 +26,14 @@
 //! either none of it or, reply lost, all of it: never half. Besides the
 //! script this file has [`Unconfirmed`], the published entries not yet read
 //! back, which the bridge delivers itself when the link is lost before
-//! they come back from the stream.
+//! they come back from the stream, and [`Held`], what waits behind them.
 
 use super::outbox::OutEntry;
 use super::wire::{encode_target, KIND_BINARY};
 use happynet_actors::{RelayTarget, RoomName};
 use std::collections::VecDeque;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Publishes a batch; see the module docs. `KEYS[1]` is the stream, then
 /// the room records of every positioned entry, in order. `ARGV`: `MAXLEN`,
@@ -155,8 +157,8 @@ pub fn script_call(cx: &ScriptContext<'_>, candidate: &str, batch: &[OutEntry]) 
     ScriptCall { keys, args }
 }
 
-/// This node's positioned entries that were published and not yet read
-/// back from the stream, oldest first, at most `max` (the outbox's
+/// This node's sequenced entries (room broadcasts and broadcasts to
+/// everyone) that were published and not yet read back from the stream, oldest first, at most `max` (the outbox's
 /// `outbox_max`). When the link is lost the bridge delivers them here
 /// itself (their copies in the stream are then repeats,
 /// [`super::SeqTracker::claim_own`]). One dropped for room (a reader
@@ -183,7 +185,7 @@ impl Unconfirmed {
         }
     }
 
-    /// `entries` were published; the positioned ones wait to be read back
+    /// `entries` were published; the sequenced ones wait to be read back
     /// (unless they were already).
     pub fn published(&mut self, entries: impl IntoIterator<Item = OutEntry>) {
         let read = self.read;
@@ -217,6 +219,72 @@ impl Unconfirmed {
     /// True if none waits.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// What waits for this node's own earlier broadcasts to be delivered here
+/// (read back from the stream, or by the fallback): a broadcast to one
+/// session, which is never published, and a closing session's flush. Each
+/// is held behind the newest own `seq` numbered when it came, and released
+/// in order once that `seq` is delivered, or after `wait` (a stalled Redis
+/// must not hold a closing session), at most `max` at once (the oldest is
+/// released early for room).
+#[derive(Debug)]
+pub struct Held<T> {
+    max: usize,
+    wait: Duration,
+    /// `(behind, since, item)`, both keys non-decreasing.
+    items: VecDeque<(u64, Instant, T)>,
+}
+
+impl<T> Held<T> {
+    /// Empty, holding at most `max` (at least one) for at most `wait` each.
+    pub fn new(max: usize, wait: Duration) -> Self {
+        Held {
+            max: max.max(1),
+            wait,
+            items: VecDeque::new(),
+        }
+    }
+
+    /// Holds `item` behind own `seq` `behind` at `now`, unless the
+    /// newest own entry delivered, `delivered`, is there already: then it
+    /// is handed back at once (with nothing held before it), as is the
+    /// oldest held one when full.
+    pub fn hold(&mut self, behind: u64, delivered: u64, now: Instant, item: T) -> Vec<T> {
+        let mut out = self.release(delivered, now);
+        if self.items.is_empty() && behind <= delivered {
+            out.push(item);
+            return out;
+        }
+        if self.items.len() >= self.max {
+            out.extend(self.items.pop_front().map(|(_, _, item)| item));
+        }
+        self.items.push_back((behind, now, item));
+        out
+    }
+
+    /// The items, oldest first, that are no longer behind anything:
+    /// `delivered` reached them, or they waited long enough at `now`.
+    pub fn release(&mut self, delivered: u64, now: Instant) -> Vec<T> {
+        let mut out = Vec::new();
+        while let Some((behind, since, _)) = self.items.front() {
+            if *behind > delivered && now.saturating_duration_since(*since) < self.wait {
+                break;
+            }
+            out.extend(self.items.pop_front().map(|(_, _, item)| item));
+        }
+        out
+    }
+
+    /// Items held now.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True if none is held.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
     }
 }
 
@@ -339,5 +407,37 @@ mod tests {
         u.published((5..=9).map(|s| entry(s, r(), true)));
         assert_eq!(u.len(), 3, "the oldest make room: they are in the stream");
         assert_eq!(u.take()[0].seq, 7);
+    }
+
+    #[test]
+    fn held_items_wait_for_the_own_entries_before_them_in_order() {
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(2);
+        let mut h = Held::new(3, wait);
+        // Nothing undelivered before it: at once.
+        assert_eq!(h.hold(4, 4, t0, "a"), vec!["a"]);
+        assert_eq!(h.hold(6, 4, t0, "b"), Vec::<&str>::new());
+        // Behind b (and 7): waits even though 6 would release b alone.
+        assert!(h.hold(7, 4, t0, "c").is_empty());
+        assert!(h.release(5, t0).is_empty());
+        assert_eq!(h.release(6, t0), vec!["b"]);
+        // Not overtaking c although nothing is undelivered before it.
+        assert!(h.hold(6, 6, t0, "d").is_empty());
+        assert_eq!(h.release(7, t0), vec!["c", "d"]);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn held_items_are_bounded_in_time_and_count() {
+        let t0 = Instant::now();
+        let wait = Duration::from_secs(2);
+        let mut h = Held::new(2, wait);
+        assert!(h.hold(9, 0, t0, 1).is_empty());
+        assert!(h.hold(9, 0, t0 + Duration::from_secs(1), 2).is_empty());
+        // Full: the oldest goes early.
+        assert_eq!(h.hold(9, 0, t0 + Duration::from_secs(1), 3), vec![1]);
+        assert_eq!(h.len(), 2);
+        assert!(h.release(0, t0 + Duration::from_millis(2999)).is_empty());
+        assert_eq!(h.release(0, t0 + Duration::from_secs(3)), vec![2, 3]);
     }
 }
