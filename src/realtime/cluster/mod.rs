@@ -27,9 +27,10 @@
 //! retried after a lost reply) is dropped. (With history on, a node's own
 //! entries are the exception: see below.)
 //!
-//! **Failures.** Local delivery never depends on Redis: the hub delivers
-//! before it relays (with history on, the bridge delivers at once what it
-//! cannot publish: below). Broadcasts for other nodes wait in a bounded
+//! **Failures.** Local delivery never waits for a Redis that is down: the
+//! hub delivers before it relays (with history on, a node's own broadcasts
+//! take the stream while the link is up, and the bridge delivers at once
+//! what it cannot publish: below). Broadcasts for other nodes wait in a bounded
 //! [`Outbox`] while the link is down and are flushed in order when it comes
 //! back; a full outbox drops its oldest and counts them (`lost_outbound`).
 //! The reader resumes `XREAD` from the last id it saw, so entries still in
