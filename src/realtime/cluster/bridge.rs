@@ -1208,9 +1208,20 @@ impl Handler<Sequence> for ClusterBridge {
         if !up {
             self.deliver_unpositioned(seq, target, payload);
         }
-        // A full outbox drops for the other nodes, never for this one.
-        for entry in dropped.into_iter().filter(|e| e.sequenced) {
-            self.deliver_unpositioned(entry.seq, entry.target, entry.payload);
+        // A full outbox drops for the other nodes, never for this one. Once
+        // a dropped one is delivered here, every older own entry's copy in
+        // the stream is a repeat here (`claim_own`), so those not delivered
+        // here yet (published and not read back, or still to publish) are
+        // delivered first, in order.
+        let dropped: Vec<OutEntry> = dropped.into_iter().filter(|e| e.sequenced).collect();
+        if let Some(newest) = dropped.last().map(|e| e.seq) {
+            let mut older = self.unconfirmed.take();
+            older.extend(self.outbox.sequenced_before(newest));
+            older.sort_by_key(|e| e.seq);
+            older.dedup_by_key(|e| e.seq);
+            for entry in older.into_iter().chain(dropped) {
+                self.deliver_unpositioned(entry.seq, entry.target, entry.payload);
+            }
         }
         self.warn_if_full(pushed);
         self.flush(ctx);

@@ -165,6 +165,18 @@ impl Outbox {
         waiting
     }
 
+    /// Copies of the entries waiting to be positioned (being sent or not)
+    /// that are older than `seq`, oldest first. A full outbox dropped own
+    /// broadcast `seq`, which is delivered here at once: these must come
+    /// first, here too (their copies in the stream are then repeats).
+    pub fn sequenced_before(&self, seq: u64) -> Vec<OutEntry> {
+        self.queue
+            .iter()
+            .filter(|e| e.sequenced && e.seq < seq)
+            .cloned()
+            .collect()
+    }
+
     /// Turns every entry waiting to be positioned (being sent or not) into
     /// a plain one, and returns them, oldest first: the link is lost, so
     /// they are delivered here now and relayed plain later.
@@ -227,6 +239,36 @@ mod tests {
 
     fn text(s: &str) -> Payload {
         Payload::Text(ByteString::from(s.to_owned()))
+    }
+
+    #[test]
+    fn what_waits_to_be_positioned_before_a_dropped_entry_is_found_in_order() {
+        let mut o = Outbox::new(4, usize::MAX);
+        o.push_numbered(RelayTarget::All, text("1"), true);
+        o.push_numbered(RelayTarget::All, text("2"), false);
+        o.push_numbered(RelayTarget::All, text("3"), true);
+        // 1..=3 are being sent; 4 waits; 5 drops 4 (the oldest not in flight).
+        assert_eq!(o.take(3).len(), 3);
+        assert_eq!(
+            o.push_numbered(RelayTarget::All, text("4"), true).0,
+            Pushed::Queued
+        );
+        let (pushed, _, dropped) = o.push_numbered(RelayTarget::All, text("5"), true);
+        assert_eq!(pushed, Pushed::DroppedOldest);
+        assert_eq!(dropped.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4]);
+        let before: Vec<u64> = o.sequenced_before(4).iter().map(|e| e.seq).collect();
+        assert_eq!(before, vec![1, 3], "in flight and positioned, oldest first");
+        assert!(o.sequenced_before(1).is_empty());
+        // Only entries being sent left: the new one is dropped, and what
+        // is older is still found.
+        let mut o = Outbox::new(2, usize::MAX);
+        o.push_numbered(RelayTarget::All, text("1"), true);
+        o.push_numbered(RelayTarget::All, text("2"), true);
+        assert_eq!(o.take(2).len(), 2);
+        let (pushed, seq, dropped) = o.push_numbered(RelayTarget::All, text("3"), true);
+        assert_eq!((pushed, seq, dropped.len()), (Pushed::DroppedNew, 3, 1));
+        let before: Vec<u64> = o.sequenced_before(3).iter().map(|e| e.seq).collect();
+        assert_eq!(before, vec![1, 2]);
     }
 
     #[test]
