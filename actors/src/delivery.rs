@@ -450,6 +450,16 @@ struct Direct<E> {
     error: fn(io::Error) -> E,
 }
 
+/// What polling the session's context gave ([`Outbound::poll_context`]).
+enum Polled {
+    /// A chunk of its output (frames it wrote: pongs, the close frame).
+    Chunk(Bytes),
+    /// Its output ended (kept in `ended`).
+    Ended,
+    /// Nothing now, or it was not polled (nothing woke it).
+    Nothing,
+}
+
 impl<S, E> Outbound<S, E> {
     /// The body for a session whose link is `link` and whose context's
     /// output is `inner`.
@@ -538,27 +548,16 @@ where
         }
         loop {
             self.link.queue().waker.register(cx.waker());
-            let woken = self.inner_wake.woken.swap(false, Ordering::AcqRel);
-            if let (true, Some(inner)) = (woken, self.inner.as_mut()) {
-                let mut inner_cx = Context::from_waker(&self.inner_waker);
-                match Pin::new(inner).poll_next(&mut inner_cx) {
-                    Poll::Ready(Some(Ok(chunk))) => {
-                        self.inner_wake.woken.store(true, Ordering::Release);
-                        self.link.queue().push_own(chunk);
-                        if self.link.is_closing() {
-                            // The close frame is queued: nothing may
-                            // follow it.
-                            self.link.queue().close_behind();
-                        }
+            match self.poll_context() {
+                Polled::Chunk(chunk) => {
+                    self.link.queue().push_own(chunk);
+                    if self.link.is_closing() {
+                        // The close frame is queued: nothing may follow it.
+                        self.link.queue().close_behind();
                     }
-                    Poll::Ready(Some(Err(e))) => self.ended = Some(Some(e)),
-                    Poll::Ready(None) => self.ended = Some(None),
-                    Poll::Pending => {}
                 }
-                if self.ended.is_some() {
-                    self.inner = None;
-                    self.link.queue().close_behind();
-                }
+                Polled::Ended => self.link.queue().close_behind(),
+                Polled::Nothing => {}
             }
             let (released, outcome) = self.link.queue().write_direct(true);
             if released > 0 {
@@ -573,15 +572,8 @@ where
                         // The context has more.
                         continue;
                     }
-                    return match self.ended.take() {
-                        Some(Some(e)) => {
-                            self.ended = Some(None);
-                            Poll::Ready(Some(Err(e)))
-                        }
-                        Some(None) => {
-                            self.ended = Some(None);
-                            Poll::Ready(None)
-                        }
+                    return match self.take_end() {
+                        Some(end) => Poll::Ready(end),
                         None => Poll::Pending,
                     };
                 }
@@ -626,6 +618,43 @@ where
         }
     }
 
+    /// Polls the session's context, only if something woke it since its
+    /// last `Pending` (see [`ContextWake`]); the flag is cleared first, so
+    /// a wake while it runs brings the body back. An end is kept in
+    /// `ended` (reported by [`Outbound::take_end`]) and the context
+    /// dropped.
+    fn poll_context(&mut self) -> Polled
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+    {
+        let woken = self.inner_wake.woken.swap(false, Ordering::AcqRel);
+        let Some(inner) = self.inner.as_mut().filter(|_| woken) else {
+            return Polled::Nothing;
+        };
+        let mut inner_cx = Context::from_waker(&self.inner_waker);
+        match Pin::new(inner).poll_next(&mut inner_cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                // A stream that yielded has registered no waker: it is
+                // polled again next time.
+                self.inner_wake.woken.store(true, Ordering::Release);
+                return Polled::Chunk(chunk);
+            }
+            Poll::Ready(Some(Err(e))) => self.ended = Some(Some(e)),
+            Poll::Ready(None) => self.ended = Some(None),
+            Poll::Pending => return Polled::Nothing,
+        }
+        self.inner = None;
+        Polled::Ended
+    }
+
+    /// The body's end, once everything before it is handed over: an error
+    /// is reported once, then the body is over for good.
+    fn take_end(&mut self) -> Option<Option<Result<Bytes, E>>> {
+        let end = self.ended.take()?;
+        self.ended = Some(None);
+        Some(end.map(Err))
+    }
+
     /// Ends a direct body with `e`: what is queued is dropped, and nothing
     /// more is.
     fn fail(&mut self, e: E) -> Poll<Option<Result<Bytes, E>>> {
@@ -652,36 +681,17 @@ where
             // Registered before taking, so a push after the take wakes us.
             this.link.queue().waker.register(cx.waker());
             this.link.queue().take_all(&mut this.ready);
-            // Only if something woke the context since its last `Pending`
-            // (see `ContextWake`); cleared first, so a wake while it runs
-            // brings the body back.
-            let woken = this.inner_wake.woken.swap(false, Ordering::AcqRel);
-            if let (true, Some(inner)) = (woken, this.inner.as_mut()) {
-                let mut inner_cx = Context::from_waker(&this.inner_waker);
-                match Pin::new(inner).poll_next(&mut inner_cx) {
-                    Poll::Ready(Some(Ok(chunk))) => {
-                        // A stream that yielded has registered no waker:
-                        // it is polled again next time.
-                        this.inner_wake.woken.store(true, Ordering::Release);
-                        if this.link.is_closing() {
-                            // The close frame is in this chunk or was
-                            // before it: nothing may follow it.
-                            this.close_queue();
-                        }
-                        this.held = Some(chunk);
+            match this.poll_context() {
+                Polled::Chunk(chunk) => {
+                    if this.link.is_closing() {
+                        // The close frame is in this chunk or was before
+                        // it: nothing may follow it.
+                        this.close_queue();
                     }
-                    Poll::Ready(Some(Err(e))) => {
-                        this.ended = Some(Some(e));
-                    }
-                    Poll::Ready(None) => {
-                        this.ended = Some(None);
-                    }
-                    Poll::Pending => {}
+                    this.held = Some(chunk);
                 }
-            }
-            if this.ended.is_some() {
-                this.inner = None;
-                this.close_queue();
+                Polled::Ended => this.close_queue(),
+                Polled::Nothing => {}
             }
         }
         let room = PASS_BYTES - this.this_pass;
@@ -716,16 +726,8 @@ where
                 return Poll::Ready(Some(Ok(chunk)));
             }
         }
-        match this.ended.take() {
-            Some(Some(e)) => {
-                // Ended by an error: end after reporting it.
-                this.ended = Some(None);
-                Poll::Ready(Some(Err(e)))
-            }
-            Some(None) => {
-                this.ended = Some(None);
-                Poll::Ready(None)
-            }
+        match this.take_end() {
+            Some(end) => Poll::Ready(end),
             None => {
                 // Nothing more to hand over: the pass ends here.
                 this.this_pass = 0;
