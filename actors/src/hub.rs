@@ -1831,12 +1831,9 @@ impl Handler<Broadcast> for BroadcastHub {
             // Session ids are per node.
             (Origin::Local, Target::Session(_)) => {}
             (Origin::Local, target) => {
-                if let Some(relay) = self.node.relay() {
-                    let target = match target {
-                        Target::Room(room) => RelayTarget::Rooms(vec![room.clone()]),
-                        Target::Rooms(rooms) => RelayTarget::Rooms(rooms.clone()),
-                        _ => RelayTarget::All,
-                    };
+                if let (Some(relay), Ok(target)) =
+                    (self.node.relay(), RelayTarget::of(target.clone()))
+                {
                     self.stats.relayed += 1;
                     relay.do_send(Relay {
                         target,

@@ -593,6 +593,28 @@ pub enum RelayTarget {
     Rooms(Vec<RoomName>),
 }
 
+impl RelayTarget {
+    /// Where `target` reaches on the other nodes, or `target` back when it
+    /// is one session: session ids are per node, so it is never relayed.
+    pub fn of(target: Target) -> Result<RelayTarget, Target> {
+        match target {
+            Target::All => Ok(RelayTarget::All),
+            Target::Room(room) => Ok(RelayTarget::Rooms(vec![room])),
+            Target::Rooms(rooms) => Ok(RelayTarget::Rooms(rooms)),
+            Target::Session(_) => Err(target),
+        }
+    }
+}
+
+impl From<RelayTarget> for Target {
+    fn from(target: RelayTarget) -> Self {
+        match target {
+            RelayTarget::All => Target::All,
+            RelayTarget::Rooms(rooms) => Target::Rooms(rooms),
+        }
+    }
+}
+
 /// Installs (or, with `None`, removes) the relay that local broadcasts are
 /// handed to.
 #[derive(Debug, Message)]

@@ -382,12 +382,9 @@ impl ClusterBridge {
             return;
         }
         self.stats.unpositioned += 1;
-        let target = match target {
-            RelayTarget::Rooms(rooms) => Target::Rooms(rooms),
-            RelayTarget::All => Target::All,
-        };
         // One per local broadcast, as the hub's relay to this bridge is.
-        self.hub.do_send(Broadcast::unsequenced(target, payload));
+        self.hub
+            .do_send(Broadcast::unsequenced(target.into(), payload));
     }
 
     /// Holds `item` behind this node's own broadcasts not delivered here
@@ -1187,16 +1184,14 @@ impl Handler<Sequence> for ClusterBridge {
             Sequence::Flush(token) => return self.hold(ToHub::Flush(token)),
             Sequence::Broadcast { target, payload } => (target, payload),
         };
-        let target = match target {
+        let target = match RelayTarget::of(target) {
+            Ok(RelayTarget::Rooms(rooms)) if rooms.is_empty() => return,
+            Ok(target) => target,
             // Not published (session ids are per node): delivered here in
             // its turn.
-            Target::Session(_) => {
+            Err(target) => {
                 return self.hold(ToHub::Plain(Broadcast::unsequenced(target, payload)));
             }
-            Target::All => RelayTarget::All,
-            Target::Room(room) => RelayTarget::Rooms(vec![room]),
-            Target::Rooms(rooms) if rooms.is_empty() => return,
-            Target::Rooms(rooms) => RelayTarget::Rooms(rooms),
         };
         let up = self.link.is_up() && self.publisher.is_some();
         // Published by the script (room broadcasts positioned), delivered
